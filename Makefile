@@ -1,0 +1,61 @@
+# kvrouter: `make demo` runs the stack on simulated engines; `make test` runs every test tier.
+PYTHON ?= python3
+VENV ?= .venv
+CONFIG ?= etc/kvrouter.yaml
+OUT ?= etc
+KV := $(VENV)/bin/kvrouter
+PY := $(VENV)/bin/python
+SUPERVISORCTL := $(VENV)/bin/supervisorctl -c $(OUT)/supervisord.conf
+PYTEST_ARGS ?=
+
+.PHONY: install render demo demo-stop status test test-unit test-integration test-engine \
+        bench install-units clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	touch $@
+
+## render CONFIG into $(OUT)/ and make sure supervisord runs with it (start, or reread+update)
+render: install
+	$(KV) render $(CONFIG) --out $(OUT) --apply
+
+## the demo: simulated engines + router under supervisord, one chat request through the router
+demo: render
+	$(SUPERVISORCTL) start all >/dev/null || true
+	$(PY) -m kvrouter demo-check $(CONFIG)
+	@echo
+	@$(SUPERVISORCTL) status || true
+	@echo
+	@echo "Next: $(VENV)/bin/supervisorctl -c $(OUT)/supervisord.conf status | tail -f $(OUT)/logs/kvrouter.log"
+	@echo "      curl -s localhost:8080/v1/models ; curl -s localhost:8080/health/all ; see README.md"
+	@echo "      make demo-stop"
+
+demo-stop:
+	-$(SUPERVISORCTL) shutdown
+
+status:
+	$(SUPERVISORCTL) status
+
+test: install
+	$(PY) -m pytest -q tests/unit tests/integration $(PYTEST_ARGS)
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+test-integration: install
+	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
+
+## copy the rendered systemd user units and reload: then `systemctl --user start kvrouter`
+install-units: install
+	$(KV) render $(CONFIG) --out $(OUT)
+	mkdir -p $(HOME)/.config/systemd/user
+	cp $(OUT)/systemd/*.service $(OUT)/systemd/*.target $(HOME)/.config/systemd/user/
+	systemctl --user daemon-reload
+
+clean:
+	-$(SUPERVISORCTL) shutdown 2>/dev/null
+	rm -rf $(OUT)/supervisord.conf $(OUT)/systemd $(OUT)/logs $(OUT)/run $(OUT)/.kvrouter-render.json

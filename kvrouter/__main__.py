@@ -1,0 +1,3 @@
+from kvrouter.entry import main
+
+main()

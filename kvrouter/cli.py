@@ -1,0 +1,101 @@
+"""The ``kvrouter`` command line."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from kvrouter import __version__
+from kvrouter.errors import ConfigErrors, KvrouterError
+
+DEFAULT_CONFIG = "etc/kvrouter.yaml"
+
+
+def _fail(err: Exception) -> None:
+    if isinstance(err, ConfigErrors):
+        for e in err.errors:
+            click.echo(f"Error: {e}", err=True)
+    else:
+        click.echo(f"Error: {err}", err=True)
+    sys.exit(getattr(err, "exit_code", 2))
+
+
+def _load(path: str, strict: bool = False):
+    from kvrouter.config import load_config
+
+    cfg = load_config(path, strict=strict)
+    for w in cfg.warnings:
+        click.echo(f"Warning: {w}", err=True)
+    return cfg
+
+
+class _Group(click.Group):
+    """Turn user mistakes (KvrouterError) into one ``Error:`` line and exit 2, no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KvrouterError as err:
+            _fail(err)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kvrouter")
+def cli():
+    """One OpenAI-compatible endpoint in front of many LLM engines."""
+
+
+@cli.command()
+@click.argument("config", default=DEFAULT_CONFIG, type=click.Path(dir_okay=False))
+@click.option("--strict", is_flag=True, help="Treat warnings (missing venv_path) as errors.")
+def validate(config, strict):
+    """Check CONFIG and print a summary of its instances."""
+    cfg = _load(config, strict)
+    for inst in cfg.instances:
+        names = ", ".join(inst.route_names)
+        click.echo(f"{inst.name}: {inst.engine} {names} on {inst.base_url}")
+    click.echo(f"{config}: OK ({len(cfg.instances)} instances, "
+               f"{len(cfg.benchmark.clients)} benchmark clients)")
+
+
+@cli.command()
+@click.argument("config", default=DEFAULT_CONFIG, type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", default="etc", show_default=True,
+              help="Folder for supervisord.conf and systemd/.")
+@click.option("--strict", is_flag=True, help="Treat warnings as errors.")
+@click.option("--apply", is_flag=True,
+              help="Then start supervisord with the result, or reread+update a running one.")
+def render(config, out_dir, strict, apply):
+    """Render supervisord and systemd files for CONFIG into --out."""
+    from kvrouter.render import RenderOptions, compile_config, socket_path, write_files
+
+    cfg = _load(config, strict)
+    user = None
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        user = "root"
+    files = compile_config(cfg, RenderOptions(out_dir=out_dir, user=user))
+    out_abs = os.path.abspath(out_dir)
+    sock = socket_path(out_abs)
+    dirs = [os.path.join(out_abs, "run"), cfg.log_dir or os.path.join(out_abs, "logs"),
+            os.path.dirname(sock)]
+    report = write_files(out_dir, files, extra_dirs=dirs)
+    for rel in report["written"]:
+        click.echo(f"wrote {os.path.join(out_dir, rel)}")
+    for rel in report["removed"]:
+        click.echo(f"removed {os.path.join(out_dir, rel)}")
+    if report["unchanged"]:
+        click.echo(f"{len(report['unchanged'])} files unchanged in {out_dir}")
+    if apply:
+        from kvrouter.control.supervisor import ensure_supervisord
+
+        what = ensure_supervisord(os.path.join(out_abs, "supervisord.conf"), sock)
+        click.echo(f"supervisord {what} ({sock})")
+
+
+def main() -> None:
+    cli(prog_name="kvrouter")
+
+
+if __name__ == "__main__":
+    main()

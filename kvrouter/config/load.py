@@ -1,0 +1,398 @@
+"""Load and validate a kvrouter YAML file into immutable ``Config`` objects.
+
+Parsing text (``parse_config_text``) is separate from reading files
+(``load_config``). Every mistake is reported with file, line and key path,
+what was expected and what was found; all mistakes of one pass are reported
+together.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import typing
+from typing import Any, Optional
+
+from kvrouter.config import schema
+from kvrouter.config.engine_args import parse_engine_args
+from kvrouter.config.yamlsrc import LineDict, LineList, parse_yaml
+from kvrouter.errors import ConfigError, ConfigErrors
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {value!r}".replace("True", "true").replace("False", "false")
+    if isinstance(value, (int, float)):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+class _Ctx:
+    def __init__(self, source: str):
+        self.source = source
+        self.errors: list[ConfigError] = []
+
+    def error(self, path: str, message: str, line: Optional[int] = None) -> None:
+        self.errors.append(ConfigError(message, path=path, source=self.source, line=line))
+
+
+def _line_of(container: Any, key: Any) -> Optional[int]:
+    if isinstance(container, LineDict):
+        return container.lines.get(key, container.line)
+    if isinstance(container, LineList) and isinstance(key, int) and key < len(container.lines):
+        return container.lines[key]
+    return getattr(container, "line", None)
+
+
+def _join(path: str, key: Any) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+def _convert_scalar(tp, value, meta, path, line, ctx):
+    """Convert one YAML value to ``tp``; on mistakes record an error and return a sentinel."""
+    kind = meta.get("kind")
+    if kind == "gpus":
+        if isinstance(value, bool):
+            ctx.error(path, f"expected a GPU id, a list of ids or \"0,1\", found {_type_name(value)}",
+                      line)
+            return _BAD
+        if isinstance(value, int):
+            return str(value)
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                           for v in value):
+            return ",".join(str(v) for v in value)
+        if isinstance(value, str) and re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", value):
+            return ",".join(p.strip() for p in value.split(","))
+        ctx.error(path, f"expected a GPU id, a list of ids or \"0,1\", found {_type_name(value)}",
+                  line)
+        return _BAD
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        ctx.error(path, f"expected true or false, found {_type_name(value)}", line)
+        return _BAD
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            result = value
+        else:
+            ctx.error(path, f"expected an integer, found {_type_name(value)}", line)
+            return _BAD
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            result = float(value)
+        else:
+            ctx.error(path, f"expected a number, found {_type_name(value)}", line)
+            return _BAD
+    elif tp is str:
+        if isinstance(value, str):
+            result = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            result = str(value)
+        else:
+            ctx.error(path, f"expected a string, found {_type_name(value)}", line)
+            return _BAD
+    else:  # pragma: no cover - schema bug
+        raise TypeError(f"unsupported setting type {tp!r} at {path}")
+    lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
+    if choices is not None and result not in choices:
+        close = difflib.get_close_matches(str(result), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        ctx.error(path, f"expected one of {', '.join(map(str, choices))}, found "
+                  f"{_type_name(value)}{hint}", line)
+        return _BAD
+    if lo is not None and result < lo:
+        ctx.error(path, f"must be at least {lo:g}, found {value!r}", line)
+        return _BAD
+    if hi is not None and result > hi:
+        ctx.error(path, f"must be at most {hi:g}, found {value!r}", line)
+        return _BAD
+    return result
+
+
+class _Bad:
+    def __repr__(self):
+        return "<invalid>"
+
+
+_BAD = _Bad()
+
+
+def _convert(tp, value, meta, path, line, ctx):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        inner = [a for a in args if a is not type(None)][0]
+        if value is None:
+            return None
+        return _convert(inner, value, meta, path, line, ctx)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            return tp()
+        if not isinstance(value, dict):
+            ctx.error(path, f"expected a mapping, found {_type_name(value)}", line)
+            return _BAD
+        return _build(tp, value, path, ctx)
+    if origin is tuple:
+        item_tp = args[0]
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            ctx.error(path, f"expected a list, found {_type_name(value)}", line)
+            return _BAD
+        out = []
+        for i, item in enumerate(value):
+            item_meta = meta if not dataclasses.is_dataclass(item_tp) else {}
+            item_meta = {**item_meta, "choices": None} if item_meta else item_meta
+            v = _convert(item_tp, item, item_meta, _join(path, i), _line_of(value, i), ctx)
+            if meta.get("kind") == "keyvalue" and isinstance(v, str):
+                v = _check_keyvalue(v, _join(path, i), _line_of(value, i), ctx)
+            out.append(v)
+        return tuple(out)
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            ctx.error(path, f"expected a mapping, found {_type_name(value)}", line)
+            return _BAD
+        val_tp = args[1]
+        out = {}
+        for k, v in value.items():
+            kline = _line_of(value, k)
+            if val_tp is typing.Any:
+                if isinstance(v, (dict, list)):
+                    ctx.error(_join(path, str(k)), f"expected a scalar value, found {_type_name(v)}",
+                              kline)
+                    continue
+                out[str(k)] = v
+            else:
+                out[str(k)] = _convert(val_tp, v, {}, _join(path, str(k)), kline, ctx)
+        return out
+    if value is None:
+        if meta.get("required"):
+            ctx.error(path, "is required, found null", line)
+        return _BAD
+    return _convert_scalar(tp, value, meta, path, line, ctx)
+
+
+def _check_keyvalue(item: str, path: str, line, ctx) -> Any:
+    key, sep, _ = item.partition("=")
+    if not sep or not _ENV_KEY_RE.match(key.strip()):
+        ctx.error(path, f"expected KEY=VALUE with KEY a variable name, found {item!r}", line)
+        return _BAD
+    return item
+
+
+def _build(cls, data: dict, path: str, ctx: _Ctx):
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
+    names = [f.name for f in fields]
+    kwargs = {}
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            where = path or "top level"
+            ctx.error(_join(path, str(key)), f"unknown key{hint}; known keys in {where}: "
+                      f"{', '.join(names)}", _line_of(data, key))
+    for f in fields:
+        fpath = _join(path, f.name)
+        if f.name not in data:
+            if f.metadata.get("required"):
+                ctx.error(fpath, "is required", getattr(data, "line", None))
+            continue
+        value = _convert(hints[f.name], data[f.name], dict(f.metadata), fpath,
+                         _line_of(data, f.name), ctx)
+        if value is not _BAD:
+            kwargs[f.name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return _BAD  # required fields missing: already reported
+
+
+def _parse_env(items) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        key, _, value = item.partition("=")
+        out.append((key.strip(), value))
+    return out
+
+
+def _env_str(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _ipc_name(name: str) -> str:
+    return ("kvcached_" + re.sub(r"[^A-Za-z0-9_-]", "_", name))[:64]
+
+
+def _resolve_instance(cfg: schema.Config, inst: schema.Instance, index: int,
+                      ctx: _Ctx, data: Any) -> schema.Instance:
+    path = f"instances[{index}]"
+    line = _line_of(data, "engine_args") if isinstance(data, dict) else None
+    try:
+        args = parse_engine_args(inst.engine_args)
+    except ValueError as err:  # shlex: unbalanced quotes
+        ctx.error(f"{path}.engine_args", f"cannot split arguments: {err}", line)
+        return inst
+    port = 0
+    if args.port is None:
+        ctx.error(f"{path}.engine_args", "no --port (the router must know where the engine "
+                  "listens)", line)
+    else:
+        try:
+            port = int(args.port)
+            if not 1 <= port <= 65535:
+                raise ValueError
+        except ValueError:
+            ctx.error(f"{path}.engine_args", f"--port must be an integer from 1 to 65535, "
+                      f"found {args.port!r}", line)
+            port = 0
+    if inst.using_venv and not inst.venv_path:
+        ctx.error(f"{path}.venv_path", "is required when using_venv is true",
+                  _line_of(data, "using_venv"))
+    if inst.engine == "sglang" and len(args.served_model_names) > 1:
+        ctx.error(f"{path}.engine_args", "SGLang takes one --served-model-name; put aliases in "
+                  "served_model_names", line)
+    upstream = args.served_model_names[0] if args.served_model_names else inst.model
+    names = [inst.model, *args.served_model_names, *inst.served_model_names]
+    route_names = tuple(dict.fromkeys(names))
+
+    env: dict[str, str] = {}
+    for key, value in cfg.kvcached.items():
+        env[key.upper()] = _env_str(value)
+    for key, value in _parse_env(inst.kvcached_env):
+        env[key] = value
+    for key, value in _parse_env(inst.engine_env):
+        env[key] = value
+    if inst.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = inst.gpus
+    enabled = env.get("ENABLE_KVCACHED", "").strip().lower() in _TRUE
+    if enabled and "KVCACHED_IPC_NAME" not in env:
+        env["KVCACHED_IPC_NAME"] = _ipc_name(inst.name)
+    venv = inst.venv_path
+    if venv is not None:
+        venv = os.path.normpath(os.path.join(cfg.base_dir, os.path.expanduser(venv)))
+    return dataclasses.replace(
+        inst, host=args.host or "localhost", port=port, argv_args=args.argv,
+        upstream_model=upstream, route_names=route_names, env=tuple(env.items()),
+        kvcached_enabled=enabled, venv_path=venv)
+
+
+def _check_unique(ctx: _Ctx, items, what: str, key, paths, datas) -> None:
+    seen: dict = {}
+    for i, item in enumerate(items):
+        for value in key(item):
+            if value in seen and seen[value] != i:
+                ctx.error(paths(i), f"duplicate {what} {value!r} (also in {paths(seen[value])})",
+                          _line_of(datas, i))
+            seen.setdefault(value, i)
+
+
+def _semantics(cfg: schema.Config, raw: dict, ctx: _Ctx, strict: bool) -> schema.Config:
+    raw_instances = raw.get("instances") if isinstance(raw, dict) else None
+    if not cfg.instances and "instances" in raw and not ctx.errors:
+        ctx.error("instances", "needs at least one instance", _line_of(raw, "instances"))
+    instances = []
+    for i, inst in enumerate(cfg.instances):
+        data = raw_instances[i] if isinstance(raw_instances, list) else None
+        if not _NAME_RE.match(inst.name):
+            ctx.error(f"instances[{i}].name", "expected letters, digits, '.', '_' or '-', found "
+                      f"{inst.name!r}", _line_of(data, "name"))
+        instances.append(_resolve_instance(cfg, inst, i, ctx, data))
+    names = lambda i: f"instances[{i}]"  # noqa: E731
+    _check_unique(ctx, instances, "instance name", lambda x: [x.name], names, raw_instances)
+    _check_unique(ctx, instances, "model name", lambda x: x.route_names, names, raw_instances)
+    ports = {}
+    for i, inst in enumerate(instances):
+        if not inst.port:
+            continue
+        if inst.port in ports:
+            ctx.error(f"instances[{i}].engine_args", f"duplicate port {inst.port} (also in "
+                      f"instances[{ports[inst.port]}])", _line_of(raw_instances, i))
+        ports.setdefault(inst.port, i)
+    if cfg.router.enable_router and cfg.router.router_port in ports:
+        ctx.error("router.router_port", f"port {cfg.router.router_port} is also used by "
+                  f"instances[{ports[cfg.router.router_port]}]",
+                  _line_of(raw.get("router"), "router_port"))
+    clients = cfg.benchmark.clients
+    raw_bench = raw.get("benchmark") if isinstance(raw, dict) else None
+    raw_clients = raw_bench.get("clients") if isinstance(raw_bench, dict) else None
+    _check_unique(ctx, clients, "benchmark client name", lambda x: [x.name],
+                  lambda i: f"benchmark.clients[{i}]", raw_clients)
+    routable = {n for inst in instances for n in inst.route_names}
+    for i, client in enumerate(clients):
+        if client.model not in routable:
+            ctx.error(f"benchmark.clients[{i}].model", f"no instance serves {client.model!r}",
+                      _line_of(raw_clients[i], "model") if raw_clients else None)
+
+    warnings = []
+    for i, inst in enumerate(instances):
+        if inst.venv_path and not os.path.isdir(inst.venv_path):
+            msg = f"instances[{i}].venv_path: {inst.venv_path} does not exist on this machine"
+            if strict:
+                ctx.error(f"instances[{i}].venv_path", f"{inst.venv_path} does not exist on this "
+                          "machine", _line_of(raw_instances[i], "venv_path"))
+            else:
+                warnings.append(f"{ctx.source}: {msg}")
+    log_dir = cfg.log_dir
+    if log_dir is not None:
+        log_dir = os.path.normpath(os.path.join(cfg.base_dir, os.path.expanduser(log_dir)))
+    bench = dataclasses.replace(cfg.benchmark, results_dir=os.path.normpath(
+        os.path.join(cfg.base_dir, os.path.expanduser(cfg.benchmark.results_dir))))
+    return dataclasses.replace(cfg, instances=tuple(instances), warnings=tuple(warnings),
+                               log_dir=log_dir, benchmark=bench)
+
+
+def parse_config_text(text: str, source: str = "<config>", base_dir: str = ".",
+                      strict: bool = False) -> schema.Config:
+    """Validate YAML text; raise ConfigErrors listing every located mistake."""
+    ctx = _Ctx(source)
+    try:
+        raw = parse_yaml(text, source)
+    except ConfigError as err:
+        raise ConfigErrors([err]) from None
+    if raw is None:
+        raise ConfigErrors([ConfigError("the file is empty; expected a mapping with instances:",
+                                        source=source)])
+    if not isinstance(raw, dict):
+        raise ConfigErrors([ConfigError(f"expected a mapping at the top level, found "
+                                        f"{_type_name(raw)}", source=source)])
+    cfg = _build(schema.Config, raw, "", ctx)
+    if cfg is _BAD or ctx.errors:
+        raise ConfigErrors(ctx.errors)
+    cfg = dataclasses.replace(cfg, source=source, base_dir=os.path.abspath(base_dir))
+    cfg = _semantics(cfg, raw, ctx, strict)
+    if ctx.errors:
+        raise ConfigErrors(ctx.errors)
+    return cfg
+
+
+def load_config(path: str, strict: bool = False) -> schema.Config:
+    """Read and validate a config file. Relative paths in it resolve against its folder."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as err:
+        raise ConfigErrors([ConfigError(f"cannot read config: {err.strerror}", source=path)]) \
+            from None
+    base = os.path.dirname(os.path.abspath(path))
+    cfg = parse_config_text(text, source=path, base_dir=base, strict=strict)
+    return dataclasses.replace(cfg, source=os.path.abspath(path))

@@ -1,0 +1,205 @@
+"""Every configuration setting, declared once: type, default, limits and help.
+
+The loader (``load.py``) validates YAML against these dataclasses, ``kvrouter
+validate`` reports against them, and ``kvrouter config-reference`` prints them.
+Field types drive conversion: bool, int, float, str, ``Optional[...]``,
+``tuple[X, ...]`` (a YAML list), ``dict`` and nested dataclasses.
+
+Fields marked ``derived`` are not YAML keys: the loader computes them (engine
+port, host, environment, ...) so the rest of kvrouter never parses engine_args.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+ENGINES = ("vllm", "sglang", "sim")
+DIALECTS = ("vllm", "sglang")
+PROCESS_MANAGERS = ("supervisord", "systemd")
+BENCH_TOOLS = ("builtin", "vllm", "sglang", "guidellm")
+
+
+def setting(default: Any = None, help: str = "", *, required: bool = False,
+            min: float | None = None, max: float | None = None,
+            choices: tuple | None = None, kind: str | None = None,
+            factory: Any = None) -> Any:
+    """Declare one setting. ``kind`` names a special converter (``gpus``, ``keyvalue``, ``path``)."""
+    meta = {"help": help, "required": required, "min": min, "max": max,
+            "choices": choices, "kind": kind}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def derived(default: Any = None, factory: Any = None) -> Any:
+    meta = {"derived": True}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    enable_router: bool = setting(True, "Run the router (rendered as the `kvrouter` program/unit).")
+    router_host: str = setting("127.0.0.1", "Address the router listens on.")
+    router_port: int = setting(8080, "Port the router listens on.", min=1, max=65535)
+    api_keys: Tuple[str, ...] = setting(
+        (), "Bearer keys accepted on /v1/*; empty means no authentication.")
+    admin_token: Optional[str] = setting(
+        None, "Bearer token required by state-changing admin endpoints (sleep, wake).")
+    max_queue_per_model: int = setting(
+        256, "Requests that may wait for one model to become ready; more get 503.", min=0)
+    connect_timeout_seconds: float = setting(
+        5.0, "Timeout to open a connection to an engine.", min=0.01)
+    request_timeout_seconds: float = setting(
+        600.0, "Timeout for the engine's first response byte (prefill of long prompts is slow).",
+        min=0.01)
+    stream_idle_timeout_seconds: float = setting(
+        300.0, "Timeout between two chunks of a streamed response.", min=0.01)
+    ready_timeout_seconds: float = setting(
+        120.0, "How long a request waits for its engine to become ready before 503.", min=0)
+    max_body_mb: float = setting(32.0, "Largest request body accepted (413 above).", min=0.001)
+    log_level: str = setting("info", "Router log level.",
+                             choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class SleepPolicy:
+    idle_threshold_seconds: float = setting(
+        300.0, "Idle time (since the end of the last request) before a model is put to sleep.",
+        min=0)
+    check_interval_seconds: float = setting(60.0, "How often the controller checks for idle models.",
+                                            min=0.05)
+    auto_sleep_enabled: bool = setting(False, "Put idle models to sleep automatically.")
+    wakeup_on_request: bool = setting(True, "Wake a sleeping model when a request for it arrives.")
+    min_sleep_duration: float = setting(
+        60.0, "Minimum time a model stays asleep before a manual or policy wake "
+        "(never delays a request).", min=0)
+    level: int = setting(1, "vLLM sleep level (1: offload weights to CPU; 2: discard weights).",
+                         choices=(1, 2))
+    stop_after_seconds: Optional[float] = setting(
+        None, "Deep sleep: stop the engine process after this long asleep (none: never).", min=0)
+    wake_timeout_seconds: float = setting(120.0, "Longest a wake may take before it counts as failed.",
+                                          min=0.1)
+    gpu_memory_gb: Dict[str, float] = setting(
+        factory=dict, help="Memory budget per GPU id, e.g. {\"0\": 80}; empty means no budget.")
+
+
+@dataclass(frozen=True)
+class InstanceSleep:
+    level: Optional[int] = setting(None, "Overrides sleep_manager.level.", choices=(1, 2))
+    idle_threshold_seconds: Optional[float] = setting(
+        None, "Overrides sleep_manager.idle_threshold_seconds.", min=0)
+    pinned: bool = setting(False, "Never put this model to sleep or evict it.")
+    stop_after_seconds: Optional[float] = setting(
+        None, "Overrides sleep_manager.stop_after_seconds.", min=0)
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    dialect: str = setting("vllm", "Which engine the simulated engine imitates.", choices=DIALECTS)
+    ttft_ms: float = setting(30.0, "Base time to first token, in ms (grows with prompt length).",
+                             min=0)
+    itl_ms: float = setting(20.0, "Inter-token latency at batch size 1, in ms.", min=0)
+    startup_seconds: float = setting(1.0, "Simulated model load time before the engine is ready.",
+                                     min=0)
+    max_concurrency: int = setting(256, "Requests decoded at once; more wait in a queue.", min=1)
+
+
+@dataclass(frozen=True)
+class Instance:
+    name: str = setting(None, "Unique instance name; programs are named engine-<name>.",
+                        required=True)
+    model: str = setting(None, "Model id or path; clients route by this name.", required=True)
+    engine: str = setting(None, "Engine kind.", required=True, choices=ENGINES)
+    using_venv: bool = setting(False, "Run the engine with the python of venv_path.")
+    venv_path: Optional[str] = setting(None, "Virtual environment holding the engine.", kind="path")
+    kvcached_env: Tuple[str, ...] = setting((), "KEY=VALUE kvcached variables for this instance.",
+                                            kind="keyvalue")
+    engine_env: Tuple[str, ...] = setting((), "KEY=VALUE environment for the engine.",
+                                          kind="keyvalue")
+    engine_args: Tuple[str, ...] = setting(
+        (), "Engine command-line arguments; one item may hold several flags. Must give --port.")
+    served_model_names: Tuple[str, ...] = setting(
+        (), "More names (aliases) that route to this instance.")
+    gpus: Optional[str] = setting(None, "GPU ids for CUDA_VISIBLE_DEVICES: 0, \"0,1\" or [0, 1].",
+                                  kind="gpus")
+    weights_gb: Optional[float] = setting(None, "GPU memory the weights take, in GB.", min=0)
+    kv_cache_gb: Optional[float] = setting(None, "GPU memory budget for the KV cache, in GB.", min=0)
+    startup_timeout_seconds: float = setting(
+        600.0, "Longest the engine may take to become ready after a start.", min=1)
+    sleep: InstanceSleep = setting(factory=InstanceSleep, help="Per-instance sleep policy.")
+    sim: SimOptions = setting(factory=SimOptions, help="Options of engine: sim.")
+    # Derived by the loader from engine_args and the environment keys.
+    host: str = derived("localhost")
+    port: int = derived(0)
+    argv_args: Tuple[str, ...] = derived(())
+    upstream_model: str = derived("")
+    route_names: Tuple[str, ...] = derived(())
+    env: Tuple[Tuple[str, str], ...] = derived(())
+    kvcached_enabled: bool = derived(False)
+
+    @property
+    def base_url(self) -> str:
+        host = self.host
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def dialect(self) -> str:
+        return self.sim.dialect if self.engine == "sim" else self.engine
+
+
+@dataclass(frozen=True)
+class BenchClient:
+    name: str = setting(None, "Client name; programs are named bench-<name>.", required=True)
+    model: str = setting(None, "Model to load.", required=True)
+    tool: str = setting("builtin", "Load generator.", choices=BENCH_TOOLS)
+    concurrency: Optional[int] = setting(None, "Closed loop: requests in flight at once.", min=1)
+    request_rate: Optional[float] = setting(None, "Open loop: requests per second.", min=0.001)
+    num_prompts: int = setting(200, "Requests to send.", min=1)
+    duration_seconds: Optional[float] = setting(None, "Stop after this long.", min=0.1)
+    prompt_tokens: int = setting(128, "Prompt length in tokens.", min=1)
+    output_tokens: int = setting(128, "Output length in tokens.", min=1)
+    endpoint: str = setting("chat", "API to call.", choices=("chat", "completions"))
+    stream: bool = setting(True, "Stream responses (needed for TTFT and ITL).")
+    dataset_path: Optional[str] = setting(None, "ShareGPT-format JSON file of prompts.", kind="path")
+    venv_path: Optional[str] = setting(None, "Virtual environment of an external tool.", kind="path")
+    extra_args: Tuple[str, ...] = setting((), "More arguments for the tool.")
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    results_dir: str = setting("bench-results", "Where clients write results (relative to the "
+                               "config file).", kind="path")
+    clients: Tuple[BenchClient, ...] = setting((), "Benchmark clients, one program each.")
+
+
+@dataclass(frozen=True)
+class Config:
+    instances: Tuple[Instance, ...] = setting((), "Engines to run and route to.", required=True)
+    router: RouterConfig = setting(factory=RouterConfig, help="Router settings.")
+    sleep_manager: SleepPolicy = setting(factory=SleepPolicy, help="Sleep policy for all models.")
+    kvcached: Dict[str, Any] = setting(
+        factory=dict, help="kvcached variables for every instance; keys become upper-case "
+        "environment variables (kvcached_log_level -> KVCACHED_LOG_LEVEL).")
+    benchmark: BenchmarkConfig = setting(factory=BenchmarkConfig, help="Benchmark clients.")
+    process_manager: str = setting("supervisord", "Which process manager `kvrouter` controls.",
+                                   choices=PROCESS_MANAGERS)
+    launch_delay_seconds: float = setting(0.0, "Delay between starting one engine and the next.",
+                                          min=0)
+    log_dir: Optional[str] = setting(None, "Folder for supervisord log files (default: "
+                                     "<render output>/logs).", kind="path")
+    # Derived.
+    source: str = derived("")
+    base_dir: str = derived(".")
+    warnings: Tuple[str, ...] = derived(())
+
+    def instance_for(self, name: str) -> Optional[Instance]:
+        for inst in self.instances:
+            if inst.name == name:
+                return inst
+        return None

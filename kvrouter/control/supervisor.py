@@ -1,0 +1,103 @@
+"""supervisord control: XML-RPC over its unix socket (standard library only), start and update."""
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import time
+import xmlrpc.client
+
+from kvrouter.errors import KvrouterError
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class _UnixTransport(xmlrpc.client.Transport):
+    def __init__(self, path: str, timeout: float):
+        super().__init__()
+        self._path = path
+        self._timeout = timeout
+
+    def make_connection(self, host):
+        return _UnixConnection(self._path, self._timeout)
+
+
+class Supervisor:
+    """A running supervisord, reached through its unix socket."""
+
+    def __init__(self, socket_path: str, timeout: float = 10.0):
+        self.socket_path = socket_path
+        self._proxy = xmlrpc.client.ServerProxy(
+            "http://localhost", transport=_UnixTransport(socket_path, timeout), allow_none=True)
+
+    @property
+    def rpc(self):
+        return self._proxy.supervisor
+
+    def is_running(self) -> bool:
+        try:
+            return self.rpc.getState()["statename"] == "RUNNING"
+        except (OSError, xmlrpc.client.Error):
+            return False
+
+    def process_info(self, name: str) -> dict:
+        return self.rpc.getProcessInfo(name)
+
+    def all_processes(self) -> list:
+        return self.rpc.getAllProcessInfo()
+
+    def start(self, name: str, wait: bool = True) -> bool:
+        return self.rpc.startProcess(name, wait)
+
+    def stop(self, name: str, wait: bool = True) -> bool:
+        return self.rpc.stopProcess(name, wait)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Ask supervisord to exit and wait until it has (``shutdown`` returns early)."""
+        try:
+            self.rpc.shutdown()
+        except (OSError, xmlrpc.client.Error):
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not os.path.exists(self.socket_path) or not self.is_running():
+                return
+            time.sleep(0.05)
+
+
+def supervisorctl(conf: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", conf, *args],
+                          capture_output=True, text=True, check=check)
+
+
+def ensure_supervisord(conf: str, socket_path: str, timeout: float = 20.0) -> str:
+    """Start supervisord with ``conf``, or reread+update a running one. Returns what it did."""
+    sup = Supervisor(socket_path)
+    if sup.is_running():
+        out = supervisorctl(conf, "update", check=False)
+        if out.returncode not in (0,):
+            raise KvrouterError(f"supervisorctl update failed: {out.stdout}{out.stderr}".strip())
+        return "updated"
+    os.makedirs(os.path.dirname(socket_path), exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "supervisor.supervisord", "-c", conf],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise KvrouterError(f"supervisord failed to start: {proc.stdout}{proc.stderr}".strip())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sup.is_running():
+            return "started"
+        time.sleep(0.05)
+    raise KvrouterError(f"supervisord did not answer on {socket_path} within {timeout:g}s")
