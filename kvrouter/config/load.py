@@ -41,8 +41,9 @@ def _type_name(value: Any) -> str:
 
 
 class _Ctx:
-    def __init__(self, source: str):
+    def __init__(self, source: str, base_dir: str = "."):
         self.source = source
+        self.base_dir = os.path.abspath(base_dir)
         self.errors: list[ConfigError] = []
 
     def error(self, path: str, message: str, line: Optional[int] = None) -> None:
@@ -81,6 +82,11 @@ def _convert_scalar(tp, value, meta, path, line, ctx):
         ctx.error(path, f"expected a GPU id, a list of ids or \"0,1\", found {_type_name(value)}",
                   line)
         return _BAD
+    if kind == "path":
+        if not isinstance(value, str) or not value:
+            ctx.error(path, f"expected a path, found {_type_name(value)}", line)
+            return _BAD
+        return os.path.normpath(os.path.join(ctx.base_dir, os.path.expanduser(value)))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -287,13 +293,10 @@ def _resolve_instance(cfg: schema.Config, inst: schema.Instance, index: int,
     enabled = env.get("ENABLE_KVCACHED", "").strip().lower() in _TRUE
     if enabled and "KVCACHED_IPC_NAME" not in env:
         env["KVCACHED_IPC_NAME"] = _ipc_name(inst.name)
-    venv = inst.venv_path
-    if venv is not None:
-        venv = os.path.normpath(os.path.join(cfg.base_dir, os.path.expanduser(venv)))
     return dataclasses.replace(
         inst, host=args.host or "localhost", port=port, argv_args=args.argv,
         upstream_model=upstream, route_names=route_names, env=tuple(env.items()),
-        kvcached_enabled=enabled, venv_path=venv)
+        kvcached_enabled=enabled)
 
 
 def _check_unique(ctx: _Ctx, items, what: str, key, paths, datas) -> None:
@@ -352,19 +355,13 @@ def _semantics(cfg: schema.Config, raw: dict, ctx: _Ctx, strict: bool) -> schema
                           "machine", _line_of(raw_instances[i], "venv_path"))
             else:
                 warnings.append(f"{ctx.source}: {msg}")
-    log_dir = cfg.log_dir
-    if log_dir is not None:
-        log_dir = os.path.normpath(os.path.join(cfg.base_dir, os.path.expanduser(log_dir)))
-    bench = dataclasses.replace(cfg.benchmark, results_dir=os.path.normpath(
-        os.path.join(cfg.base_dir, os.path.expanduser(cfg.benchmark.results_dir))))
-    return dataclasses.replace(cfg, instances=tuple(instances), warnings=tuple(warnings),
-                               log_dir=log_dir, benchmark=bench)
+    return dataclasses.replace(cfg, instances=tuple(instances), warnings=tuple(warnings))
 
 
 def parse_config_text(text: str, source: str = "<config>", base_dir: str = ".",
                       strict: bool = False) -> schema.Config:
     """Validate YAML text; raise ConfigErrors listing every located mistake."""
-    ctx = _Ctx(source)
+    ctx = _Ctx(source, base_dir)
     try:
         raw = parse_yaml(text, source)
     except ConfigError as err:
@@ -378,7 +375,10 @@ def parse_config_text(text: str, source: str = "<config>", base_dir: str = ".",
     cfg = _build(schema.Config, raw, "", ctx)
     if cfg is _BAD or ctx.errors:
         raise ConfigErrors(ctx.errors)
-    cfg = dataclasses.replace(cfg, source=source, base_dir=os.path.abspath(base_dir))
+    if "results_dir" not in (raw.get("benchmark") or {}):  # the default is relative too
+        cfg = dataclasses.replace(cfg, benchmark=dataclasses.replace(
+            cfg.benchmark, results_dir=os.path.join(ctx.base_dir, cfg.benchmark.results_dir)))
+    cfg = dataclasses.replace(cfg, source=source, base_dir=ctx.base_dir)
     cfg = _semantics(cfg, raw, ctx, strict)
     if ctx.errors:
         raise ConfigErrors(ctx.errors)

@@ -1,0 +1,7 @@
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+SEED_CONFIG = os.path.join(os.path.dirname(ROOT), "shared", "seed", "example-config.yaml")

@@ -1,0 +1,119 @@
+"""Config loading: every invalid case is a data file whose located message is asserted."""
+import glob
+import os
+
+import pytest
+
+from kvrouter.config import load_config, parse_config_text
+from kvrouter.errors import ConfigErrors
+from tests.conftest import ROOT, SEED_CONFIG
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+INVALID = sorted(glob.glob(os.path.join(DATA, "invalid", "*.yaml")))
+
+
+def _expected(path):
+    with open(path) as fh:
+        first = fh.readline()
+    assert first.startswith("# expect: "), path
+    return first[len("# expect: "):].strip()
+
+
+@pytest.mark.parametrize("path", INVALID, ids=[os.path.basename(p) for p in INVALID])
+def test_invalid_config_gets_located_error(path):
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path)
+    messages = [str(e) for e in info.value.errors]
+    expected = _expected(path)
+    assert os.path.join(os.path.dirname(path), expected) in messages, messages
+    # every message names the file
+    assert all(m.startswith(path) for m in messages), messages
+
+
+def test_invalid_cases_cover_the_issue_list():
+    names = {os.path.basename(p)[:-5] for p in INVALID}
+    for case in ("yaml_syntax", "unknown_key", "wrong_type_bool", "missing_model",
+                 "duplicate_name", "duplicate_model", "duplicate_port", "unknown_engine",
+                 "bad_keyvalue", "port_out_of_range", "no_port"):
+        assert case in names
+
+
+def test_seed_config_validates_unchanged():
+    cfg = load_config(SEED_CONFIG)
+    a, b = cfg.instances
+    assert (a.name, a.engine, a.port, a.host) == ("instance1", "vllm", 12346, "localhost")
+    assert (b.name, b.engine, b.port) == ("instance2", "sglang", 30000)
+    # "--gpu-memory-utilization 0.5" is one item holding a flag and its value
+    assert a.argv_args[3:5] == ("--gpu-memory-utilization", "0.5")
+    env = dict(a.env)
+    assert env["KVCACHED_GPU_UTILIZATION"] == "0.95"
+    assert env["KVCACHED_PAGE_PREALLOC_ENABLED"] == "true"
+    assert env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert env["KVCACHED_IPC_NAME"] == "kvcached_instance1"
+    assert dict(b.env)["KVCACHED_IPC_NAME"] == "kvcached_instance2"
+    assert cfg.sleep_manager.min_sleep_duration == 80
+    assert cfg.router.router_port == 8080
+    # the seed points at venvs this machine does not have: a warning, not an error
+    assert len(cfg.warnings) == 2 and "does not exist" in cfg.warnings[0]
+
+
+def test_missing_venv_is_an_error_under_strict():
+    with pytest.raises(ConfigErrors) as info:
+        load_config(SEED_CONFIG, strict=True)
+    assert "instances[0].venv_path" in str(info.value)
+    assert "does not exist on this machine" in str(info.value)
+
+
+def test_relative_paths_resolve_against_config_folder():
+    cfg = parse_config_text(
+        "instances:\n  - {name: a, model: m, engine: vllm, using_venv: true,"
+        " venv_path: ../venvs/v, engine_args: ['--port 1']}\nlog_dir: logs\n",
+        source="x.yaml", base_dir="/srv/kv/etc")
+    assert cfg.instances[0].venv_path == "/srv/kv/venvs/v"
+    assert cfg.log_dir == "/srv/kv/etc/logs"
+    assert cfg.benchmark.results_dir == "/srv/kv/etc/bench-results"
+
+
+def test_aliases_and_upstream_name():
+    cfg = parse_config_text(
+        "instances:\n  - name: a\n    model: org/m\n    engine: vllm\n"
+        "    served_model_names: [fast]\n"
+        "    engine_args: ['--port=9 --served-model-name up other']\n")
+    inst = cfg.instances[0]
+    assert inst.route_names == ("org/m", "up", "other", "fast")
+    assert inst.upstream_model == "up"
+    assert inst.base_url == "http://localhost:9"
+
+
+def test_kvcached_ipc_name_kept_when_set_and_absent_when_disabled():
+    cfg = parse_config_text(
+        "instances:\n"
+        "  - {name: a, model: m1, engine: vllm, engine_args: ['--port 1'],"
+        " kvcached_env: ['ENABLE_KVCACHED=1', 'KVCACHED_IPC_NAME=mine']}\n"
+        "  - {name: b, model: m2, engine: vllm, engine_args: ['--port 2']}\n"
+        "  - {name: c.d, model: m3, engine: sglang, engine_args: ['--port 3'],"
+        " kvcached_env: ['ENABLE_KVCACHED=true']}\n")
+    a, b, c = cfg.instances
+    assert dict(a.env)["KVCACHED_IPC_NAME"] == "mine"
+    assert "KVCACHED_IPC_NAME" not in dict(b.env) and not b.kvcached_enabled
+    assert dict(c.env)["KVCACHED_IPC_NAME"] == "kvcached_c_d"
+
+
+def test_all_errors_reported_together():
+    with pytest.raises(ConfigErrors) as info:
+        parse_config_text("router: {router_port: 0, log_level: loud}\n"
+                          "instances:\n  - {name: a, model: m, engine: vllm, engine_args: []}\n",
+                          source="f.yaml")
+    text = str(info.value)
+    assert "router.router_port" in text and "router.log_level" in text
+
+
+def test_default_config_validates():
+    cfg = load_config(os.path.join(ROOT, "etc", "kvrouter.yaml"))
+    assert {i.dialect for i in cfg.instances} == {"vllm", "sglang"}
+    assert all(i.engine == "sim" for i in cfg.instances)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "etc", "examples", "*.yaml"))))
+def test_examples_validate(path):
+    load_config(path)

@@ -1,0 +1,120 @@
+"""Rendering: golden files, argv round-trip through supervisor's own parser, file ownership."""
+import os
+import shlex
+
+import pytest
+
+from kvrouter.config import load_config, parse_config_text
+from kvrouter.errors import RenderError
+from kvrouter.render import RenderOptions, compile_config, write_files
+from kvrouter.render.argv import Interpreters, engine_argv
+from kvrouter.render.quoting import (supervisor_command, supervisor_environment,
+                                     systemd_exec)
+from tests.conftest import SEED_CONFIG
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+GOLDEN = os.path.join(DATA, "golden")
+PY = Interpreters(kvrouter="/opt/kvrouter/bin/python", system="/usr/bin/python3")
+UPDATE = os.environ.get("KVROUTER_UPDATE_GOLDEN") == "1"
+
+
+def _fixed(path):
+    with open(path) as fh:
+        text = fh.read()
+    return parse_config_text(text, source="/srv/kvrouter/etc/kvrouter.yaml",
+                             base_dir="/srv/kvrouter/etc")
+
+
+CASES = {"seed": SEED_CONFIG, "full": os.path.join(DATA, "full.yaml")}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden(case):
+    files = compile_config(_fixed(CASES[case]), RenderOptions("/srv/kvrouter/etc", PY))
+    folder = os.path.join(GOLDEN, case)
+    if UPDATE:
+        for rel, text in files.items():
+            os.makedirs(os.path.dirname(os.path.join(folder, rel)), exist_ok=True)
+            with open(os.path.join(folder, rel), "w") as fh:
+                fh.write(text)
+    expected = {}
+    for dirpath, _, names in os.walk(folder):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            with open(p) as fh:
+                expected[os.path.relpath(p, folder)] = fh.read()
+    assert sorted(files) == sorted(expected)
+    for rel in files:
+        assert files[rel] == expected[rel], f"{case}/{rel} differs (KVROUTER_UPDATE_GOLDEN=1)"
+
+
+def test_rendering_is_deterministic():
+    cfg = _fixed(CASES["full"])
+    assert compile_config(cfg, RenderOptions("/x", PY)) == compile_config(cfg, RenderOptions("/x", PY))
+
+
+def _supervisor_programs(conf_path):
+    from supervisor.options import ServerOptions
+
+    opts = ServerOptions()
+    opts.realize(args=["-c", conf_path])
+    return {p.name: p for g in opts.process_group_configs for p in g.process_configs}
+
+
+def test_supervisord_parses_back_the_same_argv_and_env(tmp_path):
+    cfg = load_config(CASES["full"])
+    out = tmp_path / "out"
+    files = compile_config(cfg, RenderOptions(str(out), PY))
+    write_files(str(out), files, extra_dirs=[str(out / "run"), cfg.log_dir])
+    try:
+        progs = _supervisor_programs(str(out / "supervisord.conf"))
+    finally:
+        os.rmdir(cfg.log_dir)
+    for inst in cfg.instances:
+        prog = progs[f"engine-{inst.name}"]
+        argv = shlex.split(prog.command)
+        if argv[0] == "/bin/sh":
+            argv = argv[3:]
+        assert argv == engine_argv(inst, PY)
+        assert prog.environment == dict(inst.env)
+    assert progs["engine-llama"].environment["PROMPT_PREFIX"] == 'say "hi", then 100% done'
+    assert set(progs) >= {"kvrouter", "bench-builtin-llama", "bench-guide"}
+    assert progs["bench-guide"].autostart is False
+    assert progs["engine-llama"].stopasgroup and progs["engine-llama"].killasgroup
+
+
+def test_systemd_exec_quoting():
+    argv = ["/bin/x", "a b", 'q"uote', "back\\slash", "100%", "$HOME", ""]
+    assert systemd_exec(argv) == r'/bin/x "a b" "q\"uote" "back\\slash" "100%%" "$$HOME" ""'
+
+
+def test_supervisor_quoting_doubles_percent():
+    assert supervisor_command(["a", "50%"]) == "a 50%%"
+    assert supervisor_environment([("K", "v,1")]) == 'K="v,1"'
+    with pytest.raises(RenderError):
+        supervisor_environment([("K", "both ' and \"")])
+
+
+def test_write_files_is_idempotent_and_never_deletes_foreign_files(tmp_path):
+    out = tmp_path / "etc"
+    out.mkdir()
+    (out / "kvrouter.yaml").write_text("mine\n")
+    report = write_files(str(out), {"a.conf": "1\n", "systemd/b.service": "2\n"})
+    assert report["written"] == ["a.conf", "systemd/b.service"]
+    report = write_files(str(out), {"a.conf": "1\n", "systemd/b.service": "2\n"})
+    assert report["written"] == [] and len(report["unchanged"]) == 2
+    report = write_files(str(out), {"a.conf": "3\n"})
+    assert report == {"written": ["a.conf"], "unchanged": [], "removed": ["systemd/b.service"]}
+    assert (out / "kvrouter.yaml").read_text() == "mine\n"
+    (out / "hand.conf").write_text("hand-written\n")
+    with pytest.raises(RenderError, match="not written by kvrouter"):
+        write_files(str(out), {"hand.conf": "x\n"})
+    assert (out / "hand.conf").read_text() == "hand-written\n"
+
+
+def test_long_output_folder_moves_socket_to_short_path():
+    from kvrouter.render import socket_path
+
+    deep = "/tmp/" + "d" * 120
+    assert len(socket_path(deep)) < 100 and socket_path(deep) == socket_path(deep)
+    assert socket_path("/srv/etc") == "/srv/etc/run/supervisor.sock"
