@@ -93,6 +93,17 @@ def render(config, out_dir, strict, apply):
         click.echo(f"supervisord {what} ({sock})")
 
 
+@cli.command("sim-engine", context_settings={"ignore_unknown_options": True,
+                                             "allow_extra_args": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def sim_engine(args):
+    """Run a simulated vLLM or SGLang engine (no GPU). `kvrouter sim-engine --help` for options."""
+    from kvrouter.sim.app import serve
+    from kvrouter.sim.options import parse_sim_args
+
+    serve(parse_sim_args(list(args)))
+
+
 def main() -> None:
     cli(prog_name="kvrouter")
 

@@ -1,0 +1,428 @@
+"""A small, complete HTTP/1.1 server on gevent's StreamServer with the httptools (llhttp) parser.
+
+Why not pywsgi: on the hot path it spends most of its time in Python header
+parsing and WSGI plumbing; see docs/performance.md for the measurements. The
+management routes still run as a WSGI app (Flask) through ``wsgi_handler``.
+
+What it does:
+- keep-alive and pipelining, HTTP/1.0 and 1.1; request bodies by Content-Length
+  or chunked; ``Expect: 100-continue``; limits on header and body size (431, 413);
+- responses with Content-Length, or streamed with chunked encoding (each chunk is
+  sent as it is produced, no buffering); HTTP/1.0 streams end by closing;
+- TCP_NODELAY on every connection;
+- client gone: while a handler runs, a watcher greenlet reads the socket; on EOF
+  or reset it raises ``ClientGone`` in the handler at once (like nginx without
+  proxy_ignore_client_abort, a half-closed client counts as gone), so an upstream
+  request is closed without waiting for the next write;
+- idle keep-alive connections and slow header senders time out.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import socket
+import sys
+from http import HTTPStatus
+from typing import Callable, Iterable, List, Optional, Tuple
+from urllib.parse import unquote_to_bytes
+
+import gevent
+import httptools
+from gevent.server import StreamServer
+
+log = logging.getLogger("kvrouter.http")
+
+Headers = List[Tuple[str, str]]
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+class ClientGone(BaseException):
+    """Raised inside a handler when its client disconnected (BaseException: not swallowed)."""
+
+
+class Request:
+    __slots__ = ("method", "url", "path", "query", "headers", "body", "version",
+                 "keep_alive", "remote", "_json", "conn")
+
+    def __init__(self):
+        self.method = ""
+        self.url = b""
+        self.path = ""
+        self.query = ""
+        self.headers: dict = {}
+        self.body = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.remote = None
+        self._json = None
+        self.conn = None
+
+    def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        return self.headers.get(name, default)
+
+
+class Response:
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int = 200, headers: Optional[Headers] = None, body: bytes = b""):
+        self.status = status
+        self.headers = headers or []
+        self.body = body
+
+
+class StreamResponse:
+    """A response whose body is produced piece by piece; ``chunks`` is closed when done."""
+
+    __slots__ = ("status", "headers", "chunks")
+
+    def __init__(self, status: int, headers: Headers, chunks: Iterable[bytes]):
+        self.status = status
+        self.headers = headers
+        self.chunks = chunks
+
+
+class _ParseError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class ServerLimits:
+    def __init__(self, max_header_bytes: int = 64 * 1024, max_body_bytes: int = 32 * 1024 * 1024,
+                 keepalive_timeout: float = 75.0, header_timeout: float = 30.0,
+                 write_timeout: float = 120.0):
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        self.keepalive_timeout = keepalive_timeout
+        self.header_timeout = header_timeout
+        self.write_timeout = write_timeout
+
+
+class _Connection:
+    """One client connection: parse requests, run the handler, write responses."""
+
+    def __init__(self, sock, addr, handler, limits: ServerLimits):
+        self.sock = sock
+        self.addr = addr
+        self.handler = handler
+        self.limits = limits
+        self.parser = httptools.HttpRequestParser(self)
+        self.ready: List[Request] = []
+        self.cur: Optional[Request] = None
+        self._url_parts: list = []
+        self._body_parts: list = []
+        self._body_len = 0
+        self._header_bytes = 0
+        self._expect_continue = False
+        self._sent_continue = False
+        self.pending = b""
+        self.closed = False
+
+    # --- httptools callbacks -------------------------------------------------------------
+    def on_message_begin(self):
+        self.cur = Request()
+        self._url_parts = []
+        self._body_parts = []
+        self._body_len = 0
+        self._header_bytes = 0
+        self._expect_continue = False
+        self._sent_continue = False
+
+    def on_url(self, url: bytes):
+        self._url_parts.append(url)
+        self._header_bytes += len(url)
+        if self._header_bytes > self.limits.max_header_bytes:
+            raise _ParseError(414, "request line too long")
+
+    def on_header(self, name: bytes, value: bytes):
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > self.limits.max_header_bytes:
+            raise _ParseError(431, "request headers too large")
+        key = name.decode("latin-1").lower()
+        val = value.decode("latin-1")
+        headers = self.cur.headers
+        if key in headers:
+            headers[key] = headers[key] + ", " + val
+        else:
+            headers[key] = val
+
+    def on_headers_complete(self):
+        req = self.cur
+        req.method = self.parser.get_method().decode("ascii")
+        req.version = self.parser.get_http_version()
+        req.keep_alive = self.parser.should_keep_alive()
+        url = b"".join(self._url_parts)
+        req.url = url
+        qpos = url.find(b"?")
+        raw_path = url if qpos < 0 else url[:qpos]
+        req.query = "" if qpos < 0 else url[qpos + 1:].decode("latin-1")
+        req.path = unquote_to_bytes(raw_path).decode("latin-1") if b"%" in raw_path \
+            else raw_path.decode("latin-1")
+        length = req.headers.get("content-length")
+        if length is not None:
+            try:
+                if int(length) > self.limits.max_body_bytes:
+                    raise _ParseError(413, f"request body over {self.limits.max_body_bytes} bytes")
+            except ValueError:
+                raise _ParseError(400, "invalid Content-Length") from None
+        if req.headers.get("expect", "").lower() == "100-continue":
+            self._expect_continue = True
+
+    def on_body(self, body: bytes):
+        self._body_len += len(body)
+        if self._body_len > self.limits.max_body_bytes:
+            raise _ParseError(413, f"request body over {self.limits.max_body_bytes} bytes")
+        self._body_parts.append(body)
+
+    def on_message_complete(self):
+        req = self.cur
+        parts = self._body_parts
+        req.body = parts[0] if len(parts) == 1 else b"".join(parts)
+        req.remote = self.addr
+        req.conn = self
+        self.ready.append(req)
+        self.cur = None
+        self._expect_continue = False
+
+    # --- I/O -----------------------------------------------------------------------------
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except _ParseError:
+            raise
+        except httptools.HttpParserUpgrade:
+            raise _ParseError(400, "protocol upgrade is not supported") from None
+        except httptools.HttpParserError as err:
+            cause = err.__context__
+            if isinstance(cause, _ParseError):
+                raise cause from None
+            raise _ParseError(400, f"malformed HTTP request: {err}") from None
+
+    def run(self) -> None:
+        sock = self.sock
+        try:
+            while not self.closed:
+                if self.pending:
+                    data, self.pending = self.pending, b""
+                else:
+                    timeout = (self.limits.header_timeout if self.cur is not None
+                               else self.limits.keepalive_timeout)
+                    sock.settimeout(timeout)
+                    try:
+                        data = sock.recv(65536)
+                    except (socket.timeout, OSError):
+                        return
+                    if not data:
+                        return
+                try:
+                    self._feed(data)
+                except _ParseError as err:
+                    self._send_error(err.status, str(err))
+                    return
+                if self._expect_continue and not self._sent_continue and self.cur is not None:
+                    self._sent_continue = True
+                    sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                while self.ready and not self.closed:
+                    req = self.ready.pop(0)
+                    if not self._serve(req):
+                        return
+        except ClientGone:
+            return
+        finally:
+            self.closed = True
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _watch(self, target) -> None:
+        """Read while a handler runs: keep pipelined bytes, raise ClientGone in it on EOF."""
+        sock = self.sock
+        while True:
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self.closed = True
+                gevent.kill(target, ClientGone)
+                return
+            self.pending += data
+
+    def _serve(self, req: Request) -> bool:
+        """Run the handler for one request and write its response; False closes the connection."""
+        current = gevent.getcurrent()
+        watcher = gevent.spawn(self._watch, current)
+        resp = None
+        try:
+            try:
+                resp = self.handler(req)
+            except ClientGone:
+                return False
+            except Exception:  # noqa: BLE001 - a handler bug must not kill the server
+                log.exception("unhandled error serving %s %s", req.method, req.path)
+                resp = Response(500, [("Content-Type", "application/json")],
+                                b'{"error":{"message":"internal server error","type":'
+                                b'"internal_server_error","param":null,"code":null}}')
+            keep = req.keep_alive and not self.closed
+            if isinstance(resp, StreamResponse):
+                return self._write_stream(req, resp, keep)
+            self._write_fixed(req, resp, keep)
+            return keep
+        except ClientGone:
+            return False
+        except OSError:
+            self.closed = True
+            return False
+        finally:
+            watcher.kill(block=True)
+            if isinstance(resp, StreamResponse):
+                close = getattr(resp.chunks, "close", None)
+                if close is not None:
+                    close()
+
+    def _head(self, status: int, headers: Headers, keep: bool, extra: str) -> bytes:
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"]
+        for k, v in headers:
+            lines.append(f"{k}: {v}\r\n")
+        lines.append(extra)
+        if not keep:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1")
+
+    def _write_fixed(self, req: Request, resp: Response, keep: bool) -> None:
+        body = resp.body
+        head = self._head(resp.status, resp.headers, keep, f"Content-Length: {len(body)}\r\n")
+        self.sock.settimeout(self.limits.write_timeout)
+        self.sock.sendall(head + body if req.method != "HEAD" else head)
+
+    def _write_stream(self, req: Request, resp: StreamResponse, keep: bool) -> bool:
+        sock = self.sock
+        sock.settimeout(self.limits.write_timeout)
+        chunked = req.version != "1.0"
+        if not chunked:
+            keep = False
+        head = self._head(resp.status, resp.headers, keep,
+                          "Transfer-Encoding: chunked\r\n" if chunked else "")
+        sock.sendall(head)
+        if req.method == "HEAD":
+            return keep
+        for chunk in resp.chunks:
+            if not chunk:
+                continue
+            if chunked:
+                sock.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            else:
+                sock.sendall(chunk)
+        if chunked:
+            sock.sendall(b"0\r\n\r\n")
+        return keep
+
+    def _send_error(self, status: int, message: str) -> None:
+        import json
+
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error",
+                                     "param": None, "code": None}}).encode()
+        try:
+            self.sock.sendall(self._head(status, [("Content-Type", "application/json")], False,
+                                         f"Content-Length: {len(body)}\r\n") + body)
+        except OSError:
+            pass
+
+
+def _set_nodelay(sock) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+class HTTPServer:
+    """Serve ``handler(Request) -> Response | StreamResponse`` on a gevent StreamServer."""
+
+    def __init__(self, listener, handler: Callable, limits: Optional[ServerLimits] = None,
+                 backlog: int = 2048):
+        self.handler = handler
+        self.limits = limits or ServerLimits()
+        self.server = StreamServer(listener, self._handle, backlog=backlog)
+
+    def _handle(self, sock, addr) -> None:
+        _set_nodelay(sock)
+        _Connection(sock, addr, self.handler, self.limits).run()
+
+    @property
+    def address(self):
+        return self.server.address
+
+    def start(self) -> None:
+        self.server.init_socket()
+        _set_nodelay(self.server.socket)
+        self.server.start()
+
+    def serve_forever(self) -> None:
+        if not self.server.started:
+            self.start()
+        self.server._stop_event.wait()
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        self.server.stop(timeout=timeout)
+
+
+# --- WSGI bridge (Flask for the management routes) -------------------------------------------
+
+def wsgi_handler(app, server_name: str = "localhost", server_port: int = 0) -> Callable:
+    """Adapt a WSGI app to the server's handler interface."""
+
+    def handle(req: Request):
+        environ = {
+            "REQUEST_METHOD": req.method,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": req.path,
+            "QUERY_STRING": req.query,
+            "RAW_URI": req.url.decode("latin-1"),
+            "REQUEST_URI": req.url.decode("latin-1"),
+            "SERVER_NAME": server_name,
+            "SERVER_PORT": str(server_port),
+            "SERVER_PROTOCOL": f"HTTP/{req.version}",
+            "REMOTE_ADDR": req.remote[0] if req.remote else "",
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(req.body),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": False,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+        }
+        for k, v in req.headers.items():
+            if k == "content-type":
+                environ["CONTENT_TYPE"] = v
+            elif k == "content-length":
+                environ["CONTENT_LENGTH"] = v
+            else:
+                environ["HTTP_" + k.upper().replace("-", "_")] = v
+        if "CONTENT_LENGTH" not in environ and req.body:
+            environ["CONTENT_LENGTH"] = str(len(req.body))
+        state = {}
+
+        def start_response(status, headers, exc_info=None):
+            state["status"] = int(status.split(" ", 1)[0])
+            state["headers"] = headers
+            return lambda data: None  # write() callable: unused by Flask
+
+        result = app(environ, start_response)
+        headers = [(k, v) for k, v in state["headers"]
+                   if k.lower() not in ("content-length", "connection", "transfer-encoding")]
+        has_length = any(k.lower() == "content-length" for k, _ in state["headers"])
+        if has_length:
+            try:
+                body = b"".join(result)
+            finally:
+                if hasattr(result, "close"):
+                    result.close()
+            return Response(state["status"], headers, body)
+        return StreamResponse(state["status"], headers, result)
+
+    return handle

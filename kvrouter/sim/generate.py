@@ -1,0 +1,344 @@
+"""OpenAI completions, chat and embeddings of the simulated engine: validation, timing, output.
+
+Timing model: a request waits for a slot (max concurrency), then prefill takes
+``ttft_ms + prefill_ms_per_token * prompt_tokens``; the first token comes out of
+prefill, then one token per decode step for every running request, where a
+step lasts ``itl_ms * (1 + batch_slowdown * (running - 1))`` (continuous
+batching). Deadlines are absolute, so the realised inter-token latency does not
+drift with processing time.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Iterator, List, Optional
+
+import gevent
+
+from kvrouter.sim import text as T
+from kvrouter.sim.metrics import EngineMetrics
+from kvrouter.sim.state import EngineState, crash
+
+
+class SimError(Exception):
+    def __init__(self, status: int, message: str, type: str = "BadRequestError",
+                 param: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+
+
+def _bad(message: str, param: Optional[str] = None) -> SimError:
+    return SimError(400, message, "BadRequestError", param)
+
+
+def _int_field(body: dict, name: str, default: Optional[int], lo: int = 1) -> Optional[int]:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise _bad(f"{name} must be an integer >= {lo}, got {value!r}", name)
+    return value
+
+
+def _chat_prompt(messages: Any) -> str:
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages must be a non-empty list", "messages")
+    parts = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise _bad(f"messages[{i}] must be an object with a role", "messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        parts.append(f"<|{m['role']}|> {content or ''}")
+    return "\n".join(parts) + "\n<|assistant|>"
+
+
+def _completion_prompts(prompt: Any) -> List[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, int) for p in prompt):
+            return [T.detokenize(prompt)]
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(isinstance(p, list) for p in prompt):
+            return [T.detokenize(p) for p in prompt]
+    raise _bad("prompt must be a string, a list of strings or a list of token ids", "prompt")
+
+
+class Generator:
+    def __init__(self, state: EngineState, metrics: EngineMetrics):
+        self.state = state
+        self.cfg = state.cfg
+        self.metrics = metrics
+
+    # --- validation --------------------------------------------------------------------------
+    def check_model(self, body: dict) -> str:
+        model = body.get("model")
+        if model is None:
+            return self.cfg.served_name
+        if model not in self.cfg.names:
+            raise SimError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        return model
+
+    def parse(self, body: Any, chat: bool) -> dict:
+        if not isinstance(body, dict):
+            raise _bad("the request body must be a JSON object")
+        model = self.check_model(body)
+        if chat:
+            prompts = [_chat_prompt(body.get("messages"))]
+        else:
+            if "prompt" not in body:
+                raise _bad("prompt is required", "prompt")
+            prompts = _completion_prompts(body["prompt"])
+        max_tokens = _int_field(body, "max_completion_tokens" if chat and
+                                "max_completion_tokens" in body else "max_tokens", None)
+        n = _int_field(body, "n", 1)
+        if n > 16:
+            raise _bad("n must be at most 16", "n")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise _bad("stream must be a boolean", "stream")
+        opts = body.get("stream_options")
+        if opts is not None and not stream:
+            raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
+        include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+        prompt_tokens = sum(T.count_tokens(p) for p in prompts)
+        per_prompt = max(T.count_tokens(p) for p in prompts)
+        limit = self.cfg.max_model_len
+        if per_prompt > limit or (max_tokens is not None and per_prompt + max_tokens > limit):
+            raise _bad(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{per_prompt + (max_tokens or 0)} tokens ({per_prompt} in the messages, "
+                f"{max_tokens or 0} in the completion). Please reduce the length of the messages "
+                "or completion.", "max_tokens" if max_tokens else "messages")
+        if max_tokens is None:
+            max_tokens = limit - per_prompt
+        return {"model": model, "prompts": prompts, "max_tokens": max_tokens, "n": n,
+                "stream": stream, "include_usage": include_usage, "chat": chat,
+                "ignore_eos": bool(body.get("ignore_eos", False)),
+                "prompt_tokens": prompt_tokens}
+
+    # --- the engine loop for one request -------------------------------------------------------
+    def _wait_admitted(self) -> float:
+        """Gate on sleep (the quirks), wait for a slot; return the queue time."""
+        st = self.state
+        if st.dead:
+            raise SimError(500, "EngineCore encountered an issue. See stack trace for the root "
+                           "cause.", "InternalServerError")
+        if self.cfg.dialect == "vllm" and st.is_sleeping():
+            if self.cfg.crash_on_sleeping_request:
+                crash("request scheduled on a sleeping engine: CUDA error: an illegal memory "
+                      "access was encountered")
+            st.awake.wait()  # vLLM >= 0.17: queued until wake_up
+        queued = time.monotonic()
+        st.waiting += 1
+        try:
+            while st.paused:
+                gevent.sleep(0.01)
+            st.slots.acquire()
+        finally:
+            st.waiting -= 1
+        return time.monotonic() - queued
+
+    def _lengths(self, req: dict, prompt: str) -> int:
+        if req["ignore_eos"]:
+            return req["max_tokens"]
+        natural = T.natural_length(self.cfg.seed, prompt, self.cfg.min_output_tokens,
+                                   self.cfg.max_output_tokens)
+        return min(natural, req["max_tokens"])
+
+    def run(self, req: dict) -> Iterator[list]:
+        """Yield, per decode step, a list of (choice index, text, finish_reason or None)."""
+        st, cfg = self.state, self.cfg
+        st.counters["requests"] += 1
+        start = time.monotonic()
+        queue_time = self._wait_admitted()
+        st.running += 1
+        epoch = st.abort_epoch
+        choices = []
+        for p_i, prompt in enumerate(req["prompts"]):
+            for k in range(req["n"]):
+                index = p_i * req["n"] + k
+                gib = not st.weights_valid or (cfg.dialect == "sglang" and st.released)
+                choices.append([index, T.TokenStream(cfg.seed, prompt, k, gib),
+                                self._lengths(req, prompt), 0])
+        reserved = req["prompt_tokens"] + sum(c[2] for c in choices)
+        st.tokens_in_flight += reserved
+        st.update_segment()
+        produced = 0
+        finished_reason = "abort"
+        try:
+            prefill = (cfg.ttft_ms + cfg.prefill_ms_per_token * req["prompt_tokens"]) / 1000.0
+            gevent.sleep(prefill)
+            first = time.monotonic()
+            self.metrics.hist["queue"].observe(queue_time)
+            self.metrics.hist["ttft"].observe(first - start)
+            deadline = first
+            last_emit = first
+            while True:
+                aborted = st.abort_epoch != epoch
+                step = []
+                for c in choices:
+                    if c[3] >= c[2]:
+                        continue
+                    if aborted:
+                        c[3] = c[2]
+                        step.append((c[0], "", "abort"))
+                        continue
+                    c[3] += 1
+                    produced += 1
+                    done = c[3] >= c[2]
+                    reason = None
+                    if done:
+                        reason = "length" if c[2] >= req["max_tokens"] else "stop"
+                    step.append((c[0], c[1].next_text(), reason))
+                if not step:
+                    break
+                now = time.monotonic()
+                if produced > len(choices):
+                    self.metrics.hist["itl"].observe(now - last_emit)
+                last_emit = now
+                yield step
+                if aborted or all(c[3] >= c[2] for c in choices):
+                    finished_reason = "abort" if aborted else step[-1][2]
+                    break
+                deadline += cfg.itl_ms / 1000.0 * (1 + cfg.batch_slowdown * (st.running - 1))
+                delay = deadline - time.monotonic()
+                if delay > 0:
+                    gevent.sleep(delay)
+                else:
+                    gevent.sleep(0)
+        finally:
+            st.running -= 1
+            st.tokens_in_flight -= reserved
+            st.slots.release()
+            st.counters["prompt_tokens"] += req["prompt_tokens"]
+            st.counters["generation_tokens"] += produced
+            if finished_reason == "abort":
+                st.counters["aborted"] += 1
+            else:
+                st.counters["success"] += 1
+            self.metrics.finished[finished_reason if finished_reason in
+                                  self.metrics.finished else "stop"] += 1
+            self.metrics.hist["e2e"].observe(time.monotonic() - start)
+            st.update_segment()
+
+    # --- OpenAI objects ------------------------------------------------------------------------
+    def usage(self, req: dict, completion: int) -> dict:
+        return {"prompt_tokens": req["prompt_tokens"], "total_tokens":
+                req["prompt_tokens"] + completion, "completion_tokens": completion,
+                "prompt_tokens_details": None}
+
+    def complete(self, req: dict) -> dict:
+        texts: dict = {}
+        reasons: dict = {}
+        produced = 0
+        for step in self.run(req):
+            for index, piece, reason in step:
+                texts[index] = texts.get(index, "") + piece
+                if piece:
+                    produced += 1
+                if reason:
+                    reasons[index] = reason
+        created = int(time.time())
+        indices = sorted(reasons)
+        if req["chat"]:
+            choices = [{"index": i, "message": {
+                "role": "assistant", "content": texts.get(i, ""), "refusal": None,
+                "annotations": None, "audio": None, "function_call": None, "tool_calls": [],
+                "reasoning_content": None}, "logprobs": None, "finish_reason": reasons[i],
+                "stop_reason": None} for i in indices]
+            return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+                    "created": created, "model": req["model"], "choices": choices,
+                    "service_tier": None, "system_fingerprint": None,
+                    "usage": self.usage(req, produced), "prompt_logprobs": None,
+                    "kv_transfer_params": None}
+        choices = [{"index": i, "text": texts.get(i, ""), "logprobs": None,
+                    "finish_reason": reasons[i], "stop_reason": None, "prompt_logprobs": None}
+                   for i in indices]
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                "created": created, "model": req["model"], "choices": choices,
+                "service_tier": None, "system_fingerprint": None,
+                "usage": self.usage(req, produced), "kv_transfer_params": None}
+
+    def stream(self, req: dict) -> Iterator[bytes]:
+        created = int(time.time())
+        chat = req["chat"]
+        rid = (f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}")
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        model = json.dumps(req["model"])
+        usage_null = ',"usage":null' if req["include_usage"] else ""
+        head = (f'data: {{"id":"{rid}","object":"{obj}","created":{created},"model":{model},'
+                f'"choices":[')
+        tail = f"]{usage_null}}}\n\n"
+        produced = 0
+        gen = self.run(req)
+        try:
+            first = True
+            for step in gen:
+                parts = []
+                for index, piece, reason in step:
+                    if piece:
+                        produced += 1
+                    fr = "null" if reason is None else f'"{reason}"'
+                    if chat:
+                        if first:
+                            parts.append(f'{{"index":{index},"delta":{{"role":"assistant",'
+                                         f'"content":""}},"logprobs":null,"finish_reason":null}}')
+                        parts.append(f'{{"index":{index},"delta":{{"content":'
+                                     f'{json.dumps(piece)}}},"logprobs":null,'
+                                     f'"finish_reason":{fr}}}')
+                    else:
+                        parts.append(f'{{"index":{index},"text":{json.dumps(piece)},'
+                                     f'"logprobs":null,"finish_reason":{fr},'
+                                     f'"stop_reason":null}}')
+                if first and chat:
+                    # role chunks first, one per choice, then the content chunks
+                    roles = [p for p in parts if '"role"' in p]
+                    parts = [p for p in parts if '"role"' not in p]
+                    yield "".join(head + r + tail for r in roles).encode()
+                first = False
+                yield "".join(head + p + tail for p in parts).encode()
+            if req["include_usage"]:
+                usage = json.dumps(self.usage(req, produced))
+                yield (f'data: {{"id":"{rid}","object":"{obj}","created":{created},'
+                       f'"model":{model},"choices":[],"usage":{usage}}}\n\n').encode()
+            yield b"data: [DONE]\n\n"
+        finally:
+            gen.close()
+
+    def embeddings(self, body: Any) -> dict:
+        if not isinstance(body, dict):
+            raise _bad("the request body must be a JSON object")
+        model = self.check_model(body)
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        elif isinstance(inputs, list) and inputs and all(isinstance(i, int) for i in inputs):
+            inputs = [T.detokenize(inputs)]
+        elif isinstance(inputs, list) and inputs and all(isinstance(i, list) for i in inputs):
+            inputs = [T.detokenize(i) for i in inputs]
+        if not isinstance(inputs, list) or not inputs or \
+                not all(isinstance(i, str) for i in inputs):
+            raise _bad("input must be a string, a list of strings or token ids", "input")
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise _bad(f"encoding_format must be float or base64, got {fmt!r}", "encoding_format")
+        data = []
+        tokens = 0
+        for i, text in enumerate(inputs):
+            vec = T.embedding(text, self.cfg.embedding_dim)
+            tokens += T.count_tokens(text)
+            data.append({"index": i, "object": "embedding",
+                         "embedding": T.encode_base64(vec) if fmt == "base64" else vec})
+        self.state.counters["prompt_tokens"] += tokens
+        return {"id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                "model": model, "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens,
+                          "completion_tokens": 0, "prompt_tokens_details": None}}
