@@ -93,6 +93,15 @@ def render(config, out_dir, strict, apply):
         click.echo(f"supervisord {what} ({sock})")
 
 
+@cli.command()
+@click.argument("config", default=DEFAULT_CONFIG, type=click.Path(dir_okay=False))
+def serve(config):
+    """Run the router for CONFIG (one process, gevent)."""
+    from kvrouter.router.server import serve as run
+
+    run(_load(config))
+
+
 @cli.command("sim-engine", context_settings={"ignore_unknown_options": True,
                                              "allow_extra_args": True, "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)

@@ -1,0 +1,194 @@
+"""The /v1 proxy path: parse once, resolve the model, wait until ready, relay bytes.
+
+One code path serves streaming and non-streaming responses: the engine's body
+is relayed chunk by chunk as it arrives; a non-streamed (Content-Length) body
+is joined before answering so the client gets a Content-Length too.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Dict, Optional
+
+from kvrouter.config.schema import Config
+from kvrouter.control.controller import Controller, ModelEntry
+from kvrouter.errors import ApiError
+from kvrouter.http.server import ClientGone, Request, Response, StreamResponse
+from kvrouter.router.errors import error_response, normalize_error_body, stream_error_event
+from kvrouter.router.upstream import UpstreamError, UpstreamTimeout
+from kvrouter.traffic import TrafficMonitor
+
+log = logging.getLogger("kvrouter.proxy")
+_PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_JSON_HEADERS = [("Content-Type", "application/json")]
+
+
+def _usage(data: bytes):
+    p = _PROMPT_RE.findall(data)
+    c = _COMPLETION_RE.findall(data)
+    return (int(p[-1]) if p else 0), (int(c[-1]) if c else 0)
+
+
+def check_bearer(req: Request, keys) -> bool:
+    auth = req.headers.get("authorization", "")
+    if not auth.startswith("Bearer "):
+        return False
+    given = auth[7:].strip().encode()
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(given, key.encode())
+    return ok
+
+
+class Proxy:
+    def __init__(self, cfg: Config, controller: Controller, traffic: TrafficMonitor,
+                 clock=time.monotonic):
+        self.cfg = cfg
+        self.controller = controller
+        self.traffic = traffic
+        self.clock = clock
+        self.routes: Dict[str, ModelEntry] = {}
+        for entry in controller.entries.values():
+            for name in entry.inst.route_names:
+                self.routes[name] = entry
+        r = cfg.router
+        self.timeouts = (r.connect_timeout_seconds, r.request_timeout_seconds,
+                         r.stream_idle_timeout_seconds)
+
+    # --- request parsing -----------------------------------------------------------------------
+    def _parse(self, req: Request):
+        if self.cfg.router.api_keys and not check_bearer(req, self.cfg.router.api_keys):
+            raise ApiError(401, "missing or invalid API key (Authorization: Bearer ...)",
+                           "authentication_error", "invalid_api_key")
+        try:
+            body = json.loads(req.body) if req.body else None
+        except ValueError as err:
+            raise ApiError(400, f"request body is not valid JSON: {err}", code="invalid_json") \
+                from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object", code="invalid_body")
+        model = body.get("model")
+        if model is None or model == "":
+            raise ApiError(400, "you must provide a model parameter", param="model",
+                           code="missing_model")
+        if not isinstance(model, str):
+            raise ApiError(400, f"model must be a string, got {type(model).__name__}",
+                           param="model", code="invalid_model")
+        entry = self.routes.get(model)
+        if entry is None:
+            raise ApiError(404, f"The model `{model}` does not exist. Known models: "
+                           f"{', '.join(sorted(self.routes))}", "invalid_request_error",
+                           "model_not_found", "model")
+        payload = req.body
+        if model != entry.inst.upstream_model:  # an alias: the engine knows another name
+            body["model"] = entry.inst.upstream_model
+            payload = json.dumps(body).encode()
+        return entry, payload
+
+    # --- the route -----------------------------------------------------------------------------
+    def handle(self, req: Request):
+        try:
+            entry, payload = self._parse(req)
+        except ApiError as err:
+            self.traffic.unrouted += 1
+            return error_response(err)
+        rid = req.headers.get("x-request-id") or uuid.uuid4().hex
+        rec = self.traffic.start(entry.name)
+        try:
+            return self._forward(req, entry, payload, rid, rec)
+        except ClientGone:
+            if rec is not None and rec.model.in_flight:
+                self.traffic.end(rec, "disconnect")
+            raise
+
+    def _forward(self, req, entry, payload, rid, rec):
+        try:
+            waited = self.controller.ensure_ready(entry)
+        except ApiError as err:
+            self.traffic.end(rec, "rejected")
+            return error_response(err)
+        if waited:
+            self.traffic.waited(rec, waited)
+        headers = {"Content-Type": "application/json", "X-Request-Id": rid}
+        for name in ("authorization", "accept"):
+            value = req.headers.get(name)
+            if value is not None:
+                headers[name] = value
+        connect, first_byte, idle = self.timeouts
+        try:
+            resp = entry.pool.request(req.method, req.url.decode("latin-1"), headers, payload,
+                                      connect, first_byte, idle)
+        except UpstreamTimeout as err:
+            self.traffic.end(rec, "timeout")
+            return error_response(ApiError(504, f"model {entry.name!r}: {err}", "timeout_error",
+                                           "upstream_timeout"))
+        except UpstreamError as err:
+            self.controller.upstream_failed(entry, str(err))
+            self.traffic.end(rec, "upstream_error")
+            return error_response(ApiError(
+                503, f"model {entry.name!r} is unreachable: {err}", "service_unavailable",
+                "model_unreachable", headers={"Retry-After": "2"}))
+        rec.first_byte = self.clock()
+        out_headers = [("Content-Type", resp.header("content-type", "application/json")),
+                       ("X-Request-Id", rid)]
+        if resp.status >= 400:
+            try:
+                body = resp.read()
+            except UpstreamError:
+                body = b""
+            outcome = "client_error" if resp.status < 500 else "upstream_error"
+            self.traffic.end(rec, outcome)
+            return Response(resp.status, _JSON_HEADERS + [("X-Request-Id", rid)],
+                            normalize_error_body(resp.status, body))
+        if resp.header("content-length") is not None:
+            try:
+                body = resp.read()
+            except UpstreamError as err:
+                self.traffic.end(rec, "timeout" if isinstance(err, UpstreamTimeout)
+                                 else "upstream_error")
+                return error_response(ApiError(502, f"model {entry.name!r}: {err}",
+                                               "server_error", "upstream_broken"))
+            prompt, completion = _usage(body) if b'"usage"' in body else (0, 0)
+            self.traffic.end(rec, "success", prompt, completion)
+            return Response(resp.status, out_headers, body)
+        rec.stream = True
+        out_headers += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+        return StreamResponse(resp.status, out_headers, self._relay(resp, rec, entry))
+
+    def _relay(self, resp, rec, entry):
+        outcome = "disconnect"
+        prompt = completion = 0
+        chunks = 0
+        first = last = None
+        clean = True
+        try:
+            try:
+                for chunk in resp.chunks():
+                    now = self.clock()
+                    if first is None:
+                        first = now
+                        rec.first_byte = now
+                    last = now
+                    chunks += 1
+                    if b'"usage":{' in chunk or b'"usage": {' in chunk:
+                        prompt, completion = _usage(chunk)
+                    clean = chunk.endswith(b"\n\n")
+                    yield chunk
+                outcome = "success"
+            except UpstreamError as err:
+                outcome = "timeout" if isinstance(err, UpstreamTimeout) else "upstream_error"
+                if outcome == "upstream_error":
+                    self.controller.upstream_failed(entry, str(err))
+                log.warning("%s: stream broke off: %s", entry.name, err)
+                yield (b"" if clean else b"\n\n") + stream_error_event(
+                    f"model {entry.name!r}: {err}", "server_error",
+                    "upstream_timeout" if outcome == "timeout" else "upstream_error")
+        finally:
+            resp.close()
+            itl = (last - first) / (chunks - 1) if chunks > 1 else None
+            self.traffic.end(rec, outcome, prompt, completion, itl)

@@ -1,0 +1,73 @@
+"""``kvrouter serve``: wire the controller, traffic monitor, proxy and admin app; serve."""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+
+import gevent
+
+from kvrouter.config.schema import Config
+from kvrouter.control.controller import Controller
+from kvrouter.http.server import HTTPServer, ServerLimits, wsgi_handler
+from kvrouter.metrics import RouterMetrics
+from kvrouter.router.admin import create_app
+from kvrouter.router.proxy import Proxy
+from kvrouter.traffic import TrafficMonitor
+
+log = logging.getLogger("kvrouter")
+
+
+class RouterContext:
+    """The one owner of the router's state (one process; gevent gives the concurrency)."""
+
+    def __init__(self, cfg: Config, controller: Controller = None):
+        self.cfg = cfg
+        self.started = time.time()
+        self.controller = controller or Controller(cfg)
+        self.traffic = TrafficMonitor([i.model for i in cfg.instances])
+        self.metrics = RouterMetrics(self.controller, self.traffic)
+        self.traffic.on_end = self.metrics.on_end
+        self.proxy = Proxy(cfg, self.controller, self.traffic)
+        self.app = create_app(self)
+
+    def handler(self):
+        proxy_handle = self.proxy.handle
+        flask_handle = wsgi_handler(self.app, self.cfg.router.router_host,
+                                    self.cfg.router.router_port)
+
+        def handle(req):
+            if req.method == "POST" and req.path.startswith("/v1/"):
+                return proxy_handle(req)
+            return flask_handle(req)
+
+        return handle
+
+
+def build_server(ctx: RouterContext, listener=None) -> HTTPServer:
+    r = ctx.cfg.router
+    limits = ServerLimits(max_body_bytes=int(r.max_body_mb * 1024 * 1024),
+                          write_timeout=r.stream_idle_timeout_seconds)
+    return HTTPServer(listener or (r.router_host, r.router_port), ctx.handler(), limits)
+
+
+def serve(cfg: Config) -> None:
+    logging.basicConfig(level=cfg.router.log_level.upper(), stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx = RouterContext(cfg)
+    server = build_server(ctx)
+    server.start()
+    ctx.controller.start()
+    log.info("kvrouter on http://%s:%d routing %s (config %s)", cfg.router.router_host,
+             server.address[1], ", ".join(ctx.proxy.routes), cfg.source)
+
+    def _stop(*_):
+        log.info("shutting down")
+        ctx.controller.stop()
+        server.stop(timeout=5)
+        sys.exit(0)
+
+    gevent.signal_handler(signal.SIGTERM, _stop)
+    gevent.signal_handler(signal.SIGINT, _stop)
+    server.serve_forever()

@@ -1,0 +1,207 @@
+"""Upstream HTTP/1.1 client: pooled keep-alive connections, streamed bodies, immediate abort.
+
+Built on gevent sockets and the httptools response parser rather than
+``requests``: a response body is handed on piece by piece as it arrives (no
+read-ahead), and closing a response closes its socket at once, which is how an
+engine learns that the client went away. Measured in docs/performance.md.
+"""
+from __future__ import annotations
+
+import socket
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import httptools
+
+
+class UpstreamError(Exception):
+    """The engine could not be reached or broke the response. ``phase`` says where."""
+
+    def __init__(self, phase: str, message: str):
+        super().__init__(message)
+        self.phase = phase  # "connect", "first_byte", "body"
+
+
+class UpstreamTimeout(UpstreamError):
+    pass
+
+
+class _Parser:
+    __slots__ = ("status", "headers", "body", "headers_done", "complete", "_p")
+
+    def __init__(self):
+        self.status = 0
+        self.headers: List[Tuple[str, str]] = []
+        self.body: List[bytes] = []
+        self.headers_done = False
+        self.complete = False
+        self._p = httptools.HttpResponseParser(self)
+
+    def on_header(self, name: bytes, value: bytes):
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self):
+        self.headers_done = True
+        self.status = self._p.get_status_code()
+
+    def on_body(self, body: bytes):
+        self.body.append(body)
+
+    def on_message_complete(self):
+        self.complete = True
+
+    def feed(self, data: bytes) -> None:
+        self._p.feed_data(data)
+
+    def keep_alive(self) -> bool:
+        return self._p.should_keep_alive()
+
+
+class UpstreamResponse:
+    """A response being received. Iterate ``chunks()``; ``close()`` aborts, ``finish`` pools."""
+
+    def __init__(self, pool: "UpstreamPool", sock, parser: _Parser, idle_timeout: float):
+        self.pool = pool
+        self.sock = sock
+        self.parser = parser
+        self.status = parser.status
+        self.headers = parser.headers
+        self.idle_timeout = idle_timeout
+        self.done = False
+
+    def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        name = name.lower()
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return default
+
+    def chunks(self) -> Iterator[bytes]:
+        """Body bytes as they arrive. Raises UpstreamError if the engine breaks off."""
+        parser = self.parser
+        sock = self.sock
+        if parser.body:
+            pending, parser.body = parser.body, []
+            yield b"".join(pending)
+        if parser.complete:
+            self._finish()
+            return
+        sock.settimeout(self.idle_timeout)
+        while True:
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                self.close()
+                raise UpstreamTimeout("body", f"no data from the engine for "
+                                      f"{self.idle_timeout:g}s") from None
+            except OSError as err:
+                self.close()
+                raise UpstreamError("body", f"engine connection broke: {err}") from None
+            if not data:
+                self.close()
+                raise UpstreamError("body", "engine closed the connection mid-response")
+            try:
+                parser.feed(data)
+            except httptools.HttpParserError as err:
+                self.close()
+                raise UpstreamError("body", f"malformed response from engine: {err}") from None
+            if parser.body:
+                pending, parser.body = parser.body, []
+                yield pending[0] if len(pending) == 1 else b"".join(pending)
+            if parser.complete:
+                self._finish()
+                return
+
+    def read(self) -> bytes:
+        return b"".join(self.chunks())
+
+    def _finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.parser.keep_alive():
+            self.pool.put(self.sock)
+        else:
+            self.sock.close()
+        self.sock = None
+
+    def close(self) -> None:
+        """Abort: close the socket now (the engine sees the client gone)."""
+        if self.sock is not None and not self.done:
+            self.done = True
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.sock = None
+
+
+class UpstreamPool:
+    """Keep-alive connections to one engine (LIFO, so warm sockets are reused first)."""
+
+    def __init__(self, host: str, port: int, max_idle: int = 256):
+        self.host = host
+        self.port = port
+        self.max_idle = max_idle
+        self.idle: List[socket.socket] = []
+        self.host_header = f"{host}:{port}".encode()
+
+    def put(self, sock) -> None:
+        if len(self.idle) < self.max_idle:
+            self.idle.append(sock)
+        else:
+            sock.close()
+
+    def _connect(self, timeout: float):
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def close_idle(self) -> None:
+        while self.idle:
+            self.idle.pop().close()
+
+    def request(self, method: str, path: str, headers: Dict[str, str], body: bytes = b"",
+                connect_timeout: float = 5.0, first_byte_timeout: float = 600.0,
+                idle_timeout: float = 300.0) -> UpstreamResponse:
+        lines = [f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"]
+        for k, v in headers.items():
+            lines.append(f"{k}: {v}\r\n")
+        if body or method in ("POST", "PUT", "PATCH"):
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        lines.append("\r\n")
+        payload = "".join(lines).encode("latin-1") + body
+        # A pooled connection may have been closed by the engine while idle; then retry
+        # once on a fresh one (nothing was received, so the engine did not process it).
+        for attempt in (0, 1):
+            reused = bool(self.idle) and attempt == 0
+            if reused:
+                sock = self.idle.pop()
+            else:
+                try:
+                    sock = self._connect(connect_timeout)
+                except socket.timeout:
+                    raise UpstreamTimeout("connect", f"connect to {self.host}:{self.port} timed "
+                                          f"out after {connect_timeout:g}s") from None
+                except OSError as err:
+                    raise UpstreamError("connect", f"cannot connect to {self.host}:{self.port}: "
+                                        f"{err.strerror or err}") from None
+            parser = _Parser()
+            try:
+                sock.settimeout(first_byte_timeout)
+                sock.sendall(payload)
+                while not parser.headers_done:
+                    data = sock.recv(65536)
+                    if not data:
+                        raise ConnectionResetError("closed before the response")
+                    parser.feed(data)
+            except socket.timeout:
+                sock.close()
+                raise UpstreamTimeout("first_byte", f"no response from the engine within "
+                                      f"{first_byte_timeout:g}s") from None
+            except (OSError, httptools.HttpParserError) as err:
+                sock.close()
+                if reused and not parser.status:
+                    continue
+                raise UpstreamError("first_byte", f"engine connection failed: {err}") from None
+            return UpstreamResponse(self, sock, parser, idle_timeout)
+        raise UpstreamError("first_byte", "engine connection failed")  # pragma: no cover

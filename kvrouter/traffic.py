@@ -1,0 +1,218 @@
+"""Per-model traffic statistics, recorded on the request path at constant cost, bounded memory.
+
+- Counts per outcome since start, requests in flight, end time of the last request.
+- Rates over any window up to an hour from per-second buckets (a ring of 3600).
+- Latency percentiles over a window from a ring of the most recent samples
+  (``SAMPLES`` per series), so memory stays bounded whatever the load.
+- Streams: time to first token is the time to the first body byte from the
+  engine; inter-token latency is the mean gap between later body chunks of a
+  stream (one SSE event per chunk, as engines send them); tokens come from the
+  ``usage`` the engine sends (a stream reports them only when the client asked
+  for ``stream_options.include_usage``; the router never changes the request).
+- Waiting for a wake or for readiness is recorded per request.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable, Dict, Iterable, List, Optional
+
+WINDOW_MAX = 3600
+SAMPLES = 4096
+OUTCOMES = ("success", "client_error", "upstream_error", "timeout", "disconnect", "rejected")
+
+
+class _Buckets:
+    """Per-second sums in a ring; a slot is valid only for the second stamped on it."""
+
+    __slots__ = ("stamp", "count", "success", "failed", "latency", "tokens")
+
+    def __init__(self):
+        n = WINDOW_MAX
+        self.stamp = [-1] * n
+        self.count = [0] * n
+        self.success = [0] * n
+        self.failed = [0] * n
+        self.latency = [0.0] * n
+        self.tokens = [0] * n
+
+    def add(self, sec: int, ok: bool, latency: float, tokens: int) -> None:
+        i = sec % WINDOW_MAX
+        if self.stamp[i] != sec:
+            self.stamp[i] = sec
+            self.count[i] = self.success[i] = self.failed[i] = self.tokens[i] = 0
+            self.latency[i] = 0.0
+        self.count[i] += 1
+        if ok:
+            self.success[i] += 1
+        else:
+            self.failed[i] += 1
+        self.latency[i] += latency
+        self.tokens[i] += tokens
+
+    def window(self, now_sec: int, window: int) -> dict:
+        count = success = failed = tokens = 0
+        latency = 0.0
+        stamp = self.stamp
+        for sec in range(now_sec - window + 1, now_sec + 1):
+            i = sec % WINDOW_MAX
+            if stamp[i] == sec:
+                count += self.count[i]
+                success += self.success[i]
+                failed += self.failed[i]
+                latency += self.latency[i]
+                tokens += self.tokens[i]
+        return {"count": count, "success": success, "failed": failed, "latency": latency,
+                "tokens": tokens}
+
+
+def _percentiles(values: List[float]) -> dict:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "mean": None}
+    values = sorted(values)
+    n = len(values)
+
+    def pick(q):
+        return round(values[min(n - 1, int(q * n))], 6)
+
+    return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99),
+            "mean": round(sum(values) / n, 6)}
+
+
+class ModelTraffic:
+    def __init__(self, name: str, now_wall: float, now_mono: float):
+        self.name = name
+        self.total = 0
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.in_flight = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.streams = 0
+        self.last_start_mono: Optional[float] = None
+        self.last_end_mono: Optional[float] = None
+        self.last_end_wall: Optional[float] = None
+        self.created_mono = now_mono
+        self.created_wall = now_wall
+        self.buckets = _Buckets()
+        self.latency = deque(maxlen=SAMPLES)   # (t, seconds)
+        self.ttft = deque(maxlen=SAMPLES)
+        self.itl = deque(maxlen=SAMPLES)
+        self.wait = deque(maxlen=SAMPLES)
+        self.wait_total = 0.0
+
+
+class RequestRecord:
+    __slots__ = ("model", "start", "wait", "first_byte", "stream")
+
+    def __init__(self, model: ModelTraffic, start: float):
+        self.model = model
+        self.start = start
+        self.wait = 0.0
+        self.first_byte: Optional[float] = None
+        self.stream = False
+
+
+class TrafficMonitor:
+    """All models' traffic. One instance per router process (gevent: no locks needed)."""
+
+    def __init__(self, models: Iterable[str], clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time, on_end: Optional[Callable] = None):
+        self.clock = clock
+        self.wall = wall
+        now_m, now_w = clock(), wall()
+        self.models: Dict[str, ModelTraffic] = {m: ModelTraffic(m, now_w, now_m) for m in models}
+        self.unrouted = 0
+        self.on_end = on_end  # metrics hook: on_end(model, outcome, record, now, tokens)
+
+    # --- recording (hot path) --------------------------------------------------------------
+    def start(self, model: str) -> RequestRecord:
+        m = self.models[model]
+        m.in_flight += 1
+        now = self.clock()
+        m.last_start_mono = now
+        return RequestRecord(m, now)
+
+    def waited(self, rec: RequestRecord, seconds: float) -> None:
+        rec.wait += seconds
+
+    def end(self, rec: RequestRecord, outcome: str, prompt_tokens: int = 0,
+            completion_tokens: int = 0, itl: Optional[float] = None) -> None:
+        m = rec.model
+        now = self.clock()
+        m.in_flight -= 1
+        m.total += 1
+        m.outcomes[outcome] += 1
+        m.last_end_mono = now
+        m.last_end_wall = self.wall()
+        m.prompt_tokens += prompt_tokens
+        m.completion_tokens += completion_tokens
+        latency = now - rec.start
+        ok = outcome == "success"
+        m.buckets.add(int(now), ok, latency, completion_tokens)
+        if ok:
+            m.latency.append((now, latency))
+            if rec.stream:
+                m.streams += 1
+                if rec.first_byte is not None:
+                    m.ttft.append((now, rec.first_byte - rec.start - rec.wait))
+                if itl is not None:
+                    m.itl.append((now, itl))
+        if rec.wait:
+            m.wait.append((now, rec.wait))
+            m.wait_total += rec.wait
+        if self.on_end is not None:
+            self.on_end(m.name, outcome, rec, latency, prompt_tokens, completion_tokens, itl)
+
+    # --- queries -----------------------------------------------------------------------------
+    def idle_seconds(self, model: str) -> float:
+        m = self.models[model]
+        if m.in_flight:
+            return 0.0
+        since = m.last_end_mono if m.last_end_mono is not None else m.created_mono
+        return max(0.0, self.clock() - since)
+
+    def stats(self, model: str, window: float = 60.0, idle_threshold: float = 300.0) -> dict:
+        m = self.models[model]
+        now = self.clock()
+        w = max(1, int(round(window)))
+        agg = m.buckets.window(int(now), w)
+        since = now - w
+
+        def recent(series):
+            return [v for t, v in series if t >= since]
+
+        idle = self.idle_seconds(model)
+        failed = m.total - m.outcomes["success"]
+        return {
+            "model": model,
+            "window_seconds": w,
+            "total_requests": m.total,
+            "successful_requests": m.outcomes["success"],
+            "failed_requests": failed,
+            "failures": {k: v for k, v in m.outcomes.items() if k != "success"},
+            "success_rate": round(m.outcomes["success"] / m.total, 6) if m.total else None,
+            "requests_in_flight": m.in_flight,
+            "request_rate": round(agg["count"] / w, 6),
+            "window_requests": agg["count"],
+            "window_failed": agg["failed"],
+            "avg_response_time": round(agg["latency"] / agg["count"], 6) if agg["count"]
+            else None,
+            "response_time": _percentiles(recent(m.latency)),
+            "time_to_first_token": _percentiles(recent(m.ttft)),
+            "inter_token_latency": _percentiles(recent(m.itl)),
+            "wait_time": _percentiles(recent(m.wait)),
+            "wait_time_total_seconds": round(m.wait_total, 6),
+            "prompt_tokens": m.prompt_tokens,
+            "completion_tokens": m.completion_tokens,
+            "completion_tokens_per_second": round(agg["tokens"] / w, 6),
+            "streams": m.streams,
+            "last_activity_time": m.last_end_wall,
+            "idle_time_seconds": round(idle, 3),
+            "is_idle": idle >= idle_threshold,
+        }
+
+    def idle(self, threshold: float) -> List[str]:
+        return [m for m in self.models if self.idle_seconds(m) >= threshold]
+
+    def active(self, threshold: float) -> List[str]:
+        return [m for m in self.models if self.idle_seconds(m) < threshold]
