@@ -1,84 +1,151 @@
-"""Prometheus exposition for the router (prometheus_client, its own registry)."""
+"""Prometheus exposition for the router.
+
+The request path only bumps plain integers and bucket counts (no locks: one
+process, gevent); a prometheus_client custom collector turns them into metric
+families at scrape time. prometheus_client's own Counter/Histogram take a lock
+per update, which cost ~8 us per request here (measured), over 5% of the
+router's budget.
+"""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import bisect
+from typing import Dict, List, Tuple
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from kvrouter.control.controller import State
+from kvrouter.traffic import OUTCOMES
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
                    80.0, 160.0, 320.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
 
 
+class Hist:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> List[Tuple[str, int]]:
+        out, cum = [], 0
+        for bound, c in zip(self.bounds, self.counts):
+            cum += c
+            out.append((repr(float(bound)), cum))
+        out.append(("+Inf", cum + self.counts[-1]))
+        return out
+
+
+class _ModelSeries:
+    __slots__ = ("outcomes", "duration", "ttft", "itl", "wait", "prompt", "completion")
+
+    def __init__(self):
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.duration = Hist(LATENCY_BUCKETS)
+        self.ttft = Hist(LATENCY_BUCKETS)
+        self.itl = Hist(ITL_BUCKETS)
+        self.wait = Hist(LATENCY_BUCKETS)
+        self.prompt = 0
+        self.completion = 0
+
+
 class RouterMetrics:
     def __init__(self, controller, traffic):
         self.controller = controller
         self.traffic = traffic
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("kvrouter_requests", "Requests by model and outcome.",
-                                ["model", "outcome"], registry=r)
-        self.unrouted = Gauge("kvrouter_unrouted_requests", "Requests rejected before routing "
-                              "(no or unknown model, bad JSON, auth).", registry=r)
-        self.duration = Histogram("kvrouter_request_duration_seconds",
-                                  "Request duration, arrival to last byte.", ["model"],
-                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("kvrouter_time_to_first_token_seconds",
-                              "Streams: time to the first byte from the engine, waits excluded.",
-                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("kvrouter_inter_token_latency_seconds",
-                             "Streams: mean gap between chunks of one stream.", ["model"],
-                             buckets=ITL_BUCKETS, registry=r)
-        self.wait = Histogram("kvrouter_wait_seconds", "Time a request waited for a wake or "
-                              "for readiness.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.tokens = Counter("kvrouter_tokens", "Tokens by model and kind (from usage).",
-                              ["model", "kind"], registry=r)
-        self.in_flight = Gauge("kvrouter_requests_in_flight", "Requests in flight.", ["model"],
-                               registry=r)
-        self.queued = Gauge("kvrouter_requests_waiting", "Requests waiting for the model to be "
-                            "ready.", ["model"], registry=r)
-        self.state = Gauge("kvrouter_model_state", "1 for the model's current state.",
-                           ["model", "state"], registry=r)
-        self.transitions = Counter("kvrouter_model_transitions", "Sleep and wake operations.",
-                                   ["model", "action", "result"], registry=r)
-        self.transition_seconds = Histogram("kvrouter_model_transition_seconds",
-                                            "Duration of sleep and wake operations.",
-                                            ["model", "action"], buckets=LATENCY_BUCKETS,
-                                            registry=r)
-        self._children = {}
-        for m in traffic.models:
-            self._children[m] = (self.duration.labels(m), self.ttft.labels(m), self.itl.labels(m),
-                                 self.wait.labels(m), self.tokens.labels(m, "prompt"),
-                                 self.tokens.labels(m, "completion"))
-            for outcome in ("success", "client_error", "upstream_error", "timeout", "disconnect",
-                            "rejected"):
-                self.requests.labels(m, outcome)
+        self.series: Dict[str, _ModelSeries] = {m: _ModelSeries() for m in traffic.models}
+        self.transitions: Dict[Tuple[str, str, str], int] = {}
+        self.transition_hist: Dict[Tuple[str, str], Hist] = {}
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
 
+    # --- hot path ---------------------------------------------------------------------------
     def on_end(self, model, outcome, rec, latency, prompt, completion, itl) -> None:
-        duration, ttft, itl_h, wait, prompt_c, completion_c = self._children[model]
-        self.requests.labels(model, outcome).inc()
-        duration.observe(latency)
+        s = self.series[model]
+        s.outcomes[outcome] += 1
+        s.duration.observe(latency)
         if rec.stream and rec.first_byte is not None and outcome == "success":
-            ttft.observe(rec.first_byte - rec.start - rec.wait)
+            s.ttft.observe(rec.first_byte - rec.start - rec.wait)
             if itl is not None:
-                itl_h.observe(itl)
+                s.itl.observe(itl)
         if rec.wait:
-            wait.observe(rec.wait)
-        if prompt:
-            prompt_c.inc(prompt)
-        if completion:
-            completion_c.inc(completion)
+            s.wait.observe(rec.wait)
+        s.prompt += prompt
+        s.completion += completion
 
     def transition(self, model: str, action: str, ok: bool, seconds: float) -> None:
-        self.transitions.labels(model, action, "ok" if ok else "failed").inc()
-        self.transition_seconds.labels(model, action).observe(seconds)
+        key = (model, action, "ok" if ok else "failed")
+        self.transitions[key] = self.transitions.get(key, 0) + 1
+        hist = self.transition_hist.setdefault((model, action), Hist(LATENCY_BUCKETS))
+        hist.observe(seconds)
+
+    # --- scrape -----------------------------------------------------------------------------
+    def collect(self):
+        requests = CounterMetricFamily("kvrouter_requests", "Requests by model and outcome.",
+                                       labels=["model", "outcome"])
+        tokens = CounterMetricFamily("kvrouter_tokens", "Tokens by model and kind (from the "
+                                     "engine's usage).", labels=["model", "kind"])
+        hists = {
+            "duration": HistogramMetricFamily("kvrouter_request_duration_seconds",
+                                              "Request duration, arrival to last byte.",
+                                              labels=["model"]),
+            "ttft": HistogramMetricFamily("kvrouter_time_to_first_token_seconds",
+                                          "Streams: time to the engine's first byte, "
+                                          "waits excluded.", labels=["model"]),
+            "itl": HistogramMetricFamily("kvrouter_inter_token_latency_seconds",
+                                         "Streams: mean gap between chunks of one stream.",
+                                         labels=["model"]),
+            "wait": HistogramMetricFamily("kvrouter_wait_seconds", "Time a request waited for "
+                                          "a wake or for readiness.", labels=["model"]),
+        }
+        in_flight = GaugeMetricFamily("kvrouter_requests_in_flight", "Requests in flight.",
+                                      labels=["model"])
+        waiting = GaugeMetricFamily("kvrouter_requests_waiting", "Requests waiting for the "
+                                    "model to become ready.", labels=["model"])
+        state = GaugeMetricFamily("kvrouter_model_state", "1 for the model's current state.",
+                                  labels=["model", "state"])
+        for model, s in self.series.items():
+            for outcome, n in s.outcomes.items():
+                requests.add_metric([model, outcome], n)
+            tokens.add_metric([model, "prompt"], s.prompt)
+            tokens.add_metric([model, "completion"], s.completion)
+            for key, fam in hists.items():
+                h = getattr(s, key)
+                fam.add_metric([model], h.buckets(), h.sum)
+            in_flight.add_metric([model], self.traffic.models[model].in_flight)
+            entry = self.controller.entries[model]
+            waiting.add_metric([model], entry.waiters)
+            for st in State:
+                state.add_metric([model, st.value], 1 if entry.state is st else 0)
+        yield requests
+        yield tokens
+        yield from hists.values()
+        yield in_flight
+        yield waiting
+        yield state
+        yield CounterMetricFamily("kvrouter_unrouted_requests", "Requests rejected before "
+                                  "routing (no or unknown model, bad JSON, auth).",
+                                  value=self.traffic.unrouted)
+        trans = CounterMetricFamily("kvrouter_model_transitions", "Sleep and wake operations.",
+                                    labels=["model", "action", "result"])
+        for key, n in sorted(self.transitions.items()):
+            trans.add_metric(list(key), n)
+        yield trans
+        th = HistogramMetricFamily("kvrouter_model_transition_seconds",
+                                   "Duration of sleep and wake operations.",
+                                   labels=["model", "action"])
+        for key, h in sorted(self.transition_hist.items()):
+            th.add_metric(list(key), h.buckets(), h.sum)
+        yield th
 
     def exposition(self):
-        # gauges read at scrape time
-        self.unrouted.set(self.traffic.unrouted)
-        for name, entry in self.controller.entries.items():
-            self.in_flight.labels(name).set(self.traffic.models[name].in_flight)
-            self.queued.labels(name).set(entry.waiters)
-            for s in State:
-                self.state.labels(name, s.value).set(1 if entry.state is s else 0)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

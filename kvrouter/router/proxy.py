@@ -11,7 +11,7 @@ import json
 import logging
 import re
 import time
-import uuid
+import os
 from typing import Dict, Optional
 
 from kvrouter.config.schema import Config
@@ -97,7 +97,7 @@ class Proxy:
         except ApiError as err:
             self.traffic.unrouted += 1
             return error_response(err)
-        rid = req.headers.get("x-request-id") or uuid.uuid4().hex
+        rid = req.headers.get("x-request-id") or os.urandom(16).hex()
         rec = self.traffic.start(entry.name)
         try:
             return self._forward(req, entry, payload, rid, rec)

@@ -26,7 +26,7 @@ class UpstreamTimeout(UpstreamError):
 
 
 class _Parser:
-    __slots__ = ("status", "headers", "body", "headers_done", "complete", "_p")
+    __slots__ = ("status", "headers", "body", "headers_done", "complete", "keep", "_p")
 
     def __init__(self):
         self.status = 0
@@ -34,6 +34,7 @@ class _Parser:
         self.body: List[bytes] = []
         self.headers_done = False
         self.complete = False
+        self.keep = False
         self._p = httptools.HttpResponseParser(self)
 
     def on_header(self, name: bytes, value: bytes):
@@ -42,6 +43,8 @@ class _Parser:
     def on_headers_complete(self):
         self.headers_done = True
         self.status = self._p.get_status_code()
+        # llhttp resets its flags after the message: read keep-alive now
+        self.keep = self._p.should_keep_alive()
 
     def on_body(self, body: bytes):
         self.body.append(body)
@@ -53,7 +56,7 @@ class _Parser:
         self._p.feed_data(data)
 
     def keep_alive(self) -> bool:
-        return self._p.should_keep_alive()
+        return self.keep
 
 
 class UpstreamResponse:
@@ -143,7 +146,9 @@ class UpstreamPool:
         self.port = port
         self.max_idle = max_idle
         self.idle: List[socket.socket] = []
-        self.host_header = f"{host}:{port}".encode()
+        # Resolve once: gevent resolves names in a thread pool, too slow per connection.
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        self.family, self.address = info[0], info[4]
 
     def put(self, sock) -> None:
         if len(self.idle) < self.max_idle:
@@ -152,7 +157,13 @@ class UpstreamPool:
             sock.close()
 
     def _connect(self, timeout: float):
-        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(self.address)
+        except BaseException:
+            sock.close()
+            raise
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
