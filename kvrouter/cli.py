@@ -113,6 +113,15 @@ def sim_engine(args):
     serve(parse_sim_args(list(args)))
 
 
+def _add_bench():
+    from kvrouter.bench.cli import bench
+
+    cli.add_command(bench)
+
+
+_add_bench()
+
+
 def main() -> None:
     cli(prog_name="kvrouter")
 

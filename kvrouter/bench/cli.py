@@ -1,0 +1,167 @@
+"""``kvrouter bench``: run load, replay or generate traces, compare results."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from kvrouter.errors import KvrouterError
+
+
+def _slo(ttft_ms, tpot_ms, e2e_ms) -> dict:
+    slo = {}
+    if ttft_ms is not None:
+        slo["ttft"] = ttft_ms / 1000.0
+    if tpot_ms is not None:
+        slo["tpot"] = tpot_ms / 1000.0
+    if e2e_ms is not None:
+        slo["e2e"] = e2e_ms / 1000.0
+    return slo
+
+
+def _finish(gen, duration, config, output):
+    from kvrouter.bench.report import table
+
+    result = gen.result(duration, config)
+    click.echo(table(result))
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=1)
+        click.echo(f"results: {output}")
+    return result
+
+
+_common = [
+    click.option("--base-url", required=True, help="http://HOST:PORT/v1 of the router or engine."),
+    click.option("--endpoint", type=click.Choice(["chat", "completions"]), default="chat"),
+    click.option("--stream/--no-stream", default=True),
+    click.option("--concurrency", type=int, default=None, help="closed loop: requests in flight"),
+    click.option("--timeout", type=float, default=600.0),
+    click.option("--api-key", envvar="KVROUTER_API_KEY", default=None),
+    click.option("--slo-ttft-ms", type=float, default=None),
+    click.option("--slo-tpot-ms", type=float, default=None),
+    click.option("--slo-e2e-ms", type=float, default=None),
+    click.option("--output", default=None, help="write results as JSON here"),
+    click.option("--seed", type=int, default=0),
+]
+
+
+def common(fn):
+    for opt in reversed(_common):
+        fn = opt(fn)
+    return fn
+
+
+@click.group("bench", invoke_without_command=True)
+@click.option("--compare", nargs=2, type=click.Path(exists=True, dir_okay=False), default=None,
+              help="compare two result files: --compare A.json B.json")
+@click.pass_context
+def bench(ctx, compare):
+    """Load generator and benchmark tools."""
+    if compare:
+        from kvrouter.bench.report import compare as cmp, load
+
+        click.echo(cmp(load(compare[0]), load(compare[1])))
+    elif ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+@bench.command("run")
+@common
+@click.option("--model", "models", multiple=True, required=True, help="repeat for several")
+@click.option("--num-prompts", type=int, default=200)
+@click.option("--request-rate", type=float, default=None, help="open loop: requests/s")
+@click.option("--arrival", type=click.Choice(["poisson", "constant"]), default="poisson")
+@click.option("--duration", type=float, default=None, help="stop sending after this long")
+@click.option("--prompt-tokens", type=int, default=128)
+@click.option("--output-tokens", type=int, default=128)
+@click.option("--output-dist", type=click.Choice(["fixed", "uniform"]), default="fixed",
+              help="uniform: output length drawn from [1, 2*output-tokens)")
+@click.option("--dataset", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="ShareGPT-format JSON file of prompts")
+def run_cmd(base_url, endpoint, stream, concurrency, timeout, api_key, slo_ttft_ms,
+            slo_tpot_ms, slo_e2e_ms, output, seed, models, num_prompts, request_rate, arrival,
+            duration, prompt_tokens, output_tokens, output_dist, dataset):
+    """Send NUM_PROMPTS requests (round robin over --model) and report per model."""
+    import random
+
+    from kvrouter.bench import prompts
+    from kvrouter.bench.loadgen import Job, LoadGenerator, LoadSpec, arrival_times, spec_dict
+
+    if concurrency is None and request_rate is None:
+        concurrency = 1
+    rng = random.Random(seed)
+    texts = (prompts.sharegpt(dataset, num_prompts, seed) if dataset
+             else prompts.synthetic(num_prompts, prompt_tokens, seed))
+    times = arrival_times(num_prompts, request_rate, arrival, seed)
+    jobs = []
+    for i, ((text, ds_len), t) in enumerate(zip(texts, times)):
+        out = ds_len or (output_tokens if output_dist == "fixed"
+                         else rng.randint(1, max(1, 2 * output_tokens - 1)))
+        jobs.append(Job(t, models[i % len(models)], text, out))
+    spec = LoadSpec(base_url=base_url, endpoint=endpoint, stream=stream, concurrency=concurrency,
+                    request_rate=request_rate, arrival=arrival, duration=duration,
+                    timeout=timeout, api_key=api_key,
+                    slo=_slo(slo_ttft_ms, slo_tpot_ms, slo_e2e_ms))
+    gen = LoadGenerator(spec)
+    duration_s = gen.run(jobs, progress=sys.stderr.isatty())
+    result = _finish(gen, duration_s, spec_dict(spec, models=list(models),
+                                                num_prompts=num_prompts,
+                                                prompt_tokens=prompt_tokens,
+                                                output_tokens=output_tokens, seed=seed), output)
+    if result["total"]["completed"] == 0:
+        raise KvrouterError("no request succeeded")
+
+
+@bench.command("trace")
+@common
+@click.argument("trace_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--speed", type=float, default=1.0, help="replay faster (2 = twice as fast)")
+def trace_cmd(base_url, endpoint, stream, concurrency, timeout, api_key, slo_ttft_ms,
+              slo_tpot_ms, slo_e2e_ms, output, seed, trace_file, speed):
+    """Replay TRACE_FILE against the endpoint and report per-model SLO attainment."""
+    from kvrouter.bench import prompts, trace
+    from kvrouter.bench.loadgen import Job, LoadGenerator, LoadSpec, spec_dict
+
+    rows = trace.read(trace_file)
+    jobs = []
+    for i, r in enumerate(rows):
+        text = prompts.synthetic(1, r["prompt_tokens"], seed + i)[0][0]
+        jobs.append(Job(r["time"] / speed, r["model"], text, r["output_tokens"]))
+    spec = LoadSpec(base_url=base_url, endpoint=endpoint, stream=stream, concurrency=concurrency,
+                    request_rate=1.0, timeout=timeout, api_key=api_key,
+                    slo=_slo(slo_ttft_ms, slo_tpot_ms, slo_e2e_ms))
+    gen = LoadGenerator(spec)
+    duration_s = gen.run(jobs, progress=sys.stderr.isatty())
+    _finish(gen, duration_s, spec_dict(spec, trace=trace_file, speed=speed, requests=len(rows)),
+            output)
+
+
+@bench.command("gen-trace")
+@click.option("--model", "models", multiple=True, required=True, help="most popular first")
+@click.option("--duration", type=float, default=600.0)
+@click.option("--rate", type=float, default=2.0, help="mean total requests/s")
+@click.option("--alpha", type=float, default=1.0, help="power-law popularity exponent")
+@click.option("--cv", type=float, default=2.0, help="coefficient of variation of gaps")
+@click.option("--on-seconds", type=float, default=60.0, help="mean active period")
+@click.option("--off-seconds", type=float, default=60.0, help="mean idle period")
+@click.option("--prompt-tokens", type=int, default=128)
+@click.option("--output-tokens", type=int, default=128)
+@click.option("--seed", type=int, default=0)
+@click.option("--out", "out_path", required=True)
+def gen_trace_cmd(models, duration, rate, alpha, cv, on_seconds, off_seconds, prompt_tokens,
+                  output_tokens, seed, out_path):
+    """Write a multi-model trace (power-law popularity, gamma arrivals, on/off activity)."""
+    from kvrouter.bench import trace
+
+    rows = trace.generate(list(models), duration, rate, alpha, cv, on_seconds, off_seconds,
+                          prompt_tokens, output_tokens, seed=seed)
+    trace.write(rows, out_path)
+    counts = {}
+    for r in rows:
+        counts[r["model"]] = counts.get(r["model"], 0) + 1
+    click.echo(f"wrote {len(rows)} requests to {out_path}: " +
+               ", ".join(f"{m}={counts.get(m, 0)}" for m in models))

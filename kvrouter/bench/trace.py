@@ -1,0 +1,94 @@
+"""Multi-model traces: a generator in the style of the Prism paper, and reading trace files.
+
+Trace file: JSON lines ``{"time": s, "model": M, "prompt_tokens": n, "output_tokens": n}``
+sorted by time.
+
+Generator: model popularity follows a power law (weight of the i-th model
+``1 / i**alpha``); each model's arrivals are a gamma renewal process with the
+given coefficient of variation (CV > 1 is burstier than Poisson, CV = 1 is
+Poisson); each model alternates active and idle periods (exponential lengths),
+arriving only while active, so models go idle long enough to sleep.
+"""
+from __future__ import annotations
+
+import json
+import random
+from typing import List
+
+from kvrouter.errors import KvrouterError
+
+
+def generate(models: List[str], duration: float, total_rate: float, alpha: float = 1.0,
+             cv: float = 2.0, on_seconds: float = 60.0, off_seconds: float = 60.0,
+             prompt_tokens: int = 128, output_tokens: int = 128, length_jitter: float = 0.5,
+             seed: int = 0) -> List[dict]:
+    if not models:
+        raise KvrouterError("trace generator: give at least one model")
+    if cv <= 0 or total_rate <= 0 or duration <= 0:
+        raise KvrouterError("trace generator: rate, duration and cv must be positive")
+    rng = random.Random(seed)
+    weights = [1.0 / (i + 1) ** alpha for i in range(len(models))]
+    norm = sum(weights)
+    duty = on_seconds / (on_seconds + off_seconds) if off_seconds > 0 else 1.0
+    shape = 1.0 / (cv * cv)
+    rows = []
+    for model, w in zip(models, weights):
+        rate_on = total_rate * w / norm / duty  # rate while active keeps the mean rate
+        t = 0.0
+        active = rng.random() < duty
+        period_end = rng.expovariate(1.0 / (on_seconds if active else off_seconds)) \
+            if off_seconds > 0 else duration
+        while t < duration:
+            if not active:
+                t = period_end
+                active = True
+                period_end = t + rng.expovariate(1.0 / on_seconds)
+                continue
+            gap = rng.gammavariate(shape, 1.0 / (rate_on * shape))
+            if t + gap > period_end and off_seconds > 0:
+                t = period_end
+                active = False
+                period_end = t + rng.expovariate(1.0 / off_seconds)
+                continue
+            t += gap
+            if t >= duration:
+                break
+
+            def jitter(n):
+                lo = max(1, int(n * (1 - length_jitter)))
+                hi = max(lo, int(n * (1 + length_jitter)))
+                return rng.randint(lo, hi)
+
+            rows.append({"time": round(t, 6), "model": model,
+                         "prompt_tokens": jitter(prompt_tokens),
+                         "output_tokens": jitter(output_tokens)})
+    rows.sort(key=lambda r: (r["time"], r["model"]))
+    return rows
+
+
+def write(rows: List[dict], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+
+
+def read(path: str) -> List[dict]:
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                    rows.append({"time": float(r["time"]), "model": str(r["model"]),
+                                 "prompt_tokens": int(r["prompt_tokens"]),
+                                 "output_tokens": int(r["output_tokens"])})
+                except (ValueError, KeyError, TypeError) as err:
+                    raise KvrouterError(f"{path}:{n}: bad trace row ({err}); expected "
+                                        '{"time", "model", "prompt_tokens", "output_tokens"}') \
+                        from None
+    except OSError as err:
+        raise KvrouterError(f"{path}: cannot read trace: {err.strerror}") from None
+    rows.sort(key=lambda r: r["time"])
+    return rows
