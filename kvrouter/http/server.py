@@ -329,8 +329,23 @@ class _Connection:
         try:
             self.sock.sendall(self._head(status, [("Content-Type", "application/json")], False,
                                          f"Content-Length: {len(body)}\r\n") + body)
+            self._linger()
         except OSError:
             pass
+
+    def _linger(self, seconds: float = 2.0, max_bytes: int = 64 * 1024 * 1024) -> None:
+        """Lingering close: stop writing, then drain what the client still sends for a while,
+        so a client that is still uploading (e.g. after a 413) reads the response, not a reset."""
+        sock = self.sock
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(seconds)
+        drained = 0
+        with gevent.Timeout(seconds, False):
+            while drained < max_bytes:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                drained += len(data)
 
 
 def _set_nodelay(sock) -> None:
