@@ -25,14 +25,21 @@ render: install
 
 ## the demo: simulated engines + router under supervisord, one chat request through the router
 demo: render
-	$(SUPERVISORCTL) start all >/dev/null || true
-	$(PY) -m kvrouter demo-check $(CONFIG)
+	$(SUPERVISORCTL) start engines: kvrouter >/dev/null || true
+	$(KV) wait-ready $(CONFIG) --timeout 60
+	@echo '$$ curl -s http://127.0.0.1:8080/v1/chat/completions -H "Content-Type: application/json" \'
+	@echo '    -d '"'"'{"model": "llama", "max_tokens": 12, "messages": [{"role": "user", "content": "Hello!"}]}'"'"
+	@curl -sS http://127.0.0.1:8080/v1/chat/completions -H "Content-Type: application/json" \
+	    -d '{"model": "llama", "max_tokens": 12, "messages": [{"role": "user", "content": "Hello!"}]}' \
+	    | $(PY) -m json.tool
 	@echo
 	@$(SUPERVISORCTL) status || true
 	@echo
-	@echo "Next: $(VENV)/bin/supervisorctl -c $(OUT)/supervisord.conf status | tail -f $(OUT)/logs/kvrouter.log"
-	@echo "      curl -s localhost:8080/v1/models ; curl -s localhost:8080/health/all ; see README.md"
-	@echo "      make demo-stop"
+	@echo "Running under supervisord. Next:"
+	@echo "  $(VENV)/bin/supervisorctl -c $(OUT)/supervisord.conf status    (or: . $(VENV)/bin/activate; supervisorctl status)"
+	@echo "  curl -s localhost:8080/health/all ; curl -s localhost:8080/v1/models ; curl -s localhost:8080/traffic/stats"
+	@echo "  tail -f $(OUT)/logs/kvrouter.log"
+	@echo "  make demo-stop"
 
 demo-stop:
 	-$(SUPERVISORCTL) shutdown

@@ -102,6 +102,44 @@ def serve(config):
     run(_load(config))
 
 
+@cli.command("config-reference")
+def config_reference():
+    """Print every config key with its type, default, limits and meaning (Markdown)."""
+    from kvrouter.config.reference import markdown
+
+    click.echo(markdown())
+
+
+@cli.command("wait-ready")
+@click.argument("config", default=DEFAULT_CONFIG, type=click.Path(dir_okay=False))
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+def wait_ready(config, timeout):
+    """Wait until the router of CONFIG answers and every model is ready."""
+    import json
+    import time
+    import urllib.request
+
+    from kvrouter.render.argv import router_url
+
+    cfg = _load(config)
+    url = router_url(cfg) + "/health/all"
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                models = json.load(resp)["models"]
+            states = {m["model"]: m["state"] for m in models}
+            if all(s == "ready" for s in states.values()):
+                click.echo(f"ready: {', '.join(states)}")
+                return
+            last = ", ".join(f"{m}={s}" for m, s in states.items())
+        except OSError as err:
+            last = str(err)
+        time.sleep(0.2)
+    raise KvrouterError(f"not ready after {timeout:g}s ({url}: {last})")
+
+
 @cli.command("sim-engine", context_settings={"ignore_unknown_options": True,
                                              "allow_extra_args": True, "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)

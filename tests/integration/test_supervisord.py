@@ -1,6 +1,7 @@
 """The rendered supervisord config runs for real: engines and router start, answer, stop."""
 import os
 import shutil
+import socket
 import subprocess
 
 import pytest
@@ -68,8 +69,14 @@ def test_render_start_reach_stop_logs(short_tmp):
 
         sup.stop("engines:engine-one")
         assert sup.process_info("engines:engine-one")["statename"] == "STOPPED"
-        wait_until(lambda: http("GET", f"http://127.0.0.1:{p1}/health", timeout=1)[0] != 200,
-                   5, what="engine port closed")
+        def port_closed():
+            try:
+                socket.create_connection(("127.0.0.1", p1), timeout=1).close()
+                return False
+            except OSError:
+                return True
+
+        wait_until(port_closed, 5, what="engine port closed")
     finally:
         sup.shutdown()
     logs = os.listdir(os.path.join(out, "logs"))

@@ -118,3 +118,10 @@ def test_default_config_validates():
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "etc", "examples", "*.yaml"))))
 def test_examples_validate(path):
     load_config(path)
+
+
+def test_config_reference_doc_is_current():
+    from kvrouter.config.reference import markdown
+
+    with open(os.path.join(ROOT, "docs", "config.md")) as fh:
+        assert fh.read().strip() == markdown().strip(), "run: kvrouter config-reference > docs/config.md"
