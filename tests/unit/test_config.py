@@ -125,3 +125,12 @@ def test_config_reference_doc_is_current():
 
     with open(os.path.join(ROOT, "docs", "config.md")) as fh:
         assert fh.read().strip() == markdown().strip(), "run: kvrouter config-reference > docs/config.md"
+
+
+def test_seed_copy_is_verbatim():
+    from tests.conftest import SEED_COPY, SHARED_SEED
+
+    if not os.path.exists(SHARED_SEED):
+        pytest.skip("../shared is not beside this checkout")
+    with open(SHARED_SEED) as a, open(SEED_COPY) as b:
+        assert a.read() == b.read()
