@@ -133,7 +133,11 @@ class SimEngine:
         guard = self._starting_guard()
         if guard:
             return guard
-        parsed = self.gen.parse(self._body(req), chat)
+        body = self._body(req)
+        fail = body.get("sim_fail_status") if isinstance(body, dict) else None
+        if isinstance(fail, int) and 400 <= fail <= 599:  # test hook: answer this error
+            raise SimError(fail, "simulated failure (sim_fail_status)", "InternalServerError")
+        parsed = self.gen.parse(body, chat)
         if parsed["stream"]:
             return StreamResponse(200, SSE, self.gen.stream(parsed))
         return _json(200, self.gen.complete(parsed))
