@@ -134,3 +134,20 @@ def test_seed_copy_is_verbatim():
         pytest.skip("../shared is not beside this checkout")
     with open(SHARED_SEED) as a, open(SEED_COPY) as b:
         assert a.read() == b.read()
+
+
+def test_monitoring_files_are_valid():
+    import json
+
+    import yaml
+
+    with open(os.path.join(ROOT, "etc", "prometheus", "prometheus.yml")) as fh:
+        prom = yaml.safe_load(fh)
+    jobs = {j["job_name"] for j in prom["scrape_configs"]}
+    assert jobs == {"kvrouter", "engines"}
+    with open(os.path.join(ROOT, "etc", "grafana", "kvrouter-dashboard.json")) as fh:
+        dash = json.load(fh)
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    for metric in ("kvrouter_requests_total", "kvrouter_time_to_first_token_seconds_bucket",
+                   "kvrouter_tokens_total", "kvrouter_model_state"):
+        assert metric in exprs
