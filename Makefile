@@ -56,6 +56,10 @@ test-unit: install
 test-integration: install
 	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
 
+## speed figures: router vs direct vs aiohttp baseline, sim engine, load generator (prints, no asserts)
+bench: install
+	$(PY) -m kvrouter.bench.speed --seconds 5 --out bench-results/speed.json
+
 ## copy the rendered systemd user units and reload: then `systemctl --user start kvrouter`
 install-units: install
 	$(KV) render $(CONFIG) --out $(OUT)

@@ -30,10 +30,13 @@ import gevent
 import httptools
 from gevent.server import StreamServer
 
+from kvrouter.http.sockio import send_all
+
 log = logging.getLogger("kvrouter.http")
 
 Headers = List[Tuple[str, str]]
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+WATCH_AFTER = 0.02  # seconds a handler runs before its client's socket is watched
 
 
 class ClientGone(BaseException):
@@ -254,7 +257,9 @@ class _Connection:
     def _serve(self, req: Request) -> bool:
         """Run the handler for one request and write its response; False closes the connection."""
         current = gevent.getcurrent()
-        watcher = gevent.spawn(self._watch, current)
+        # Watch for the client going away only once the handler has run a while: a quick
+        # request then costs no extra syscalls (the watcher's read registers the socket).
+        watcher = gevent.spawn_later(WATCH_AFTER, self._watch, current)
         resp = None
         try:
             try:
@@ -297,7 +302,7 @@ class _Connection:
         body = resp.body
         head = self._head(resp.status, resp.headers, keep, f"Content-Length: {len(body)}\r\n")
         self.sock.settimeout(self.limits.write_timeout)
-        self.sock.sendall(head + body if req.method != "HEAD" else head)
+        send_all(self.sock, head + body if req.method != "HEAD" else head)
 
     def _write_stream(self, req: Request, resp: StreamResponse, keep: bool) -> bool:
         sock = self.sock
@@ -307,18 +312,18 @@ class _Connection:
             keep = False
         head = self._head(resp.status, resp.headers, keep,
                           "Transfer-Encoding: chunked\r\n" if chunked else "")
-        sock.sendall(head)
+        send_all(sock, head)
         if req.method == "HEAD":
             return keep
         for chunk in resp.chunks:
             if not chunk:
                 continue
             if chunked:
-                sock.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                send_all(sock, b"%x\r\n%b\r\n" % (len(chunk), chunk))
             else:
-                sock.sendall(chunk)
+                send_all(sock, chunk)
         if chunked:
-            sock.sendall(b"0\r\n\r\n")
+            send_all(sock, b"0\r\n\r\n")
         return keep
 
     def _send_error(self, status: int, message: str) -> None:

@@ -12,6 +12,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import httptools
 
+from kvrouter.http.sockio import send_all
+
 
 class UpstreamError(Exception):
     """The engine could not be reached or broke the response. ``phase`` says where."""
@@ -199,7 +201,7 @@ class UpstreamPool:
             parser = _Parser()
             try:
                 sock.settimeout(first_byte_timeout)
-                sock.sendall(payload)
+                send_all(sock, payload)
                 while not parser.headers_done:
                     data = sock.recv(65536)
                     if not data:

@@ -4,8 +4,9 @@ Timing model: a request waits for a slot (max concurrency), then prefill takes
 ``ttft_ms + prefill_ms_per_token * prompt_tokens``; the first token comes out of
 prefill, then one token per decode step for every running request, where a
 step lasts ``itl_ms * (1 + batch_slowdown * (running - 1))`` (continuous
-batching). Deadlines are absolute, so the realised inter-token latency does not
-drift with processing time.
+batching). One decode clock per engine ticks the steps on absolute deadlines
+and wakes every running request at once, as a real engine's batch does; this is
+also what lets one process hold hundreds of streams (one timer, not one each).
 """
 from __future__ import annotations
 
@@ -15,10 +16,24 @@ import uuid
 from typing import Any, Iterator, List, Optional
 
 import gevent
+from gevent.event import Event
 
 from kvrouter.sim import text as T
 from kvrouter.sim.metrics import EngineMetrics
 from kvrouter.sim.state import EngineState, crash
+
+
+_JSON_PIECES: dict = {}
+
+
+def _json_piece(piece: str) -> str:
+    """json.dumps of a token's text, cached: the vocabulary is small."""
+    out = _JSON_PIECES.get(piece)
+    if out is None:
+        out = json.dumps(piece)
+        if len(_JSON_PIECES) < 4096:
+            _JSON_PIECES[piece] = out
+    return out
 
 
 class SimError(Exception):
@@ -71,11 +86,38 @@ def _completion_prompts(prompt: Any) -> List[str]:
     raise _bad("prompt must be a string, a list of strings or a list of token ids", "prompt")
 
 
+class DecodeClock:
+    """Ticks decode steps while requests run; ``wait()`` returns at the next step."""
+
+    def __init__(self, state: EngineState):
+        self.state = state
+        self.cfg = state.cfg
+        self._tick = Event()
+        self._loop = None
+
+    def _run(self) -> None:
+        deadline = time.monotonic()
+        while self.state.running > 0:
+            deadline += self.cfg.itl_ms / 1000.0 * (
+                1 + self.cfg.batch_slowdown * (self.state.running - 1))
+            delay = deadline - time.monotonic()
+            gevent.sleep(delay if delay > 0 else 0)
+            tick, self._tick = self._tick, Event()
+            tick.set()
+        self._loop = None
+
+    def wait(self) -> None:
+        if self._loop is None:
+            self._loop = gevent.spawn(self._run)
+        self._tick.wait()
+
+
 class Generator:
     def __init__(self, state: EngineState, metrics: EngineMetrics):
         self.state = state
         self.cfg = state.cfg
         self.metrics = metrics
+        self.clock = DecodeClock(state)
 
     # --- validation --------------------------------------------------------------------------
     def check_model(self, body: dict) -> str:
@@ -179,7 +221,6 @@ class Generator:
             first = time.monotonic()
             self.metrics.hist["queue"].observe(queue_time)
             self.metrics.hist["ttft"].observe(first - start)
-            deadline = first
             last_emit = first
             while True:
                 aborted = st.abort_epoch != epoch
@@ -208,12 +249,7 @@ class Generator:
                 if aborted or all(c[3] >= c[2] for c in choices):
                     finished_reason = "abort" if aborted else step[-1][2]
                     break
-                deadline += cfg.itl_ms / 1000.0 * (1 + cfg.batch_slowdown * (st.running - 1))
-                delay = deadline - time.monotonic()
-                if delay > 0:
-                    gevent.sleep(delay)
-                else:
-                    gevent.sleep(0)
+                self.clock.wait()
         finally:
             st.running -= 1
             st.tokens_in_flight -= reserved
@@ -292,10 +328,10 @@ class Generator:
                             parts.append(f'{{"index":{index},"delta":{{"role":"assistant",'
                                          f'"content":""}},"logprobs":null,"finish_reason":null}}')
                         parts.append(f'{{"index":{index},"delta":{{"content":'
-                                     f'{json.dumps(piece)}}},"logprobs":null,'
+                                     f'{_json_piece(piece)}}},"logprobs":null,'
                                      f'"finish_reason":{fr}}}')
                     else:
-                        parts.append(f'{{"index":{index},"text":{json.dumps(piece)},'
+                        parts.append(f'{{"index":{index},"text":{_json_piece(piece)},'
                                      f'"logprobs":null,"finish_reason":{fr},'
                                      f'"stop_reason":null}}')
                 if first and chat:

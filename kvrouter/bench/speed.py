@@ -1,0 +1,382 @@
+"""``make bench``: speed figures of the router, the simulated engine and the load generator.
+
+Runs side by side, on this machine, in one run:
+  1. non-streamed requests/s and latency at concurrency 1 and 32: direct to a
+     fixed-JSON backend, through kvrouter, through an aiohttp proxy baseline
+     (wrk when installed, else kvrouter's own load generator);
+  2. streamed SSE events/s and time to first byte through each;
+  3. kvrouter's RSS with 1,000 concurrent streams, and their errors;
+  4. the simulated engine with 500 concurrent streams at 20 ms inter-token latency;
+  5. the load generator's own request rate against the fast backend;
+  6. the traffic monitor's cost per request.
+Prints a report and writes bench-results/speed.json. Figures, not assertions.
+"""
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import gevent  # noqa: E402
+
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Child:
+    def __init__(self, argv, env=None):
+        self.log = tempfile.TemporaryFile()
+        self.p = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
+                                  start_new_session=True, env=dict(os.environ, **(env or {})))
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.p.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+        return 0.0
+
+    def stop(self):
+        try:
+            os.killpg(self.p.pid, signal.SIGTERM)
+            self.p.wait(5)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def wait_port(port: int, path: str = "/health", timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=1)
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            if s.recv(100).startswith(b"HTTP/1.1 200"):
+                s.close()
+                return
+            s.close()
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answered on port {port}")
+
+
+BODY = json.dumps({"model": "bench/model", "prompt": "hello", "max_tokens": 1}).encode()
+STREAM_BODY = json.dumps({"model": "bench/model", "prompt": "hello", "max_tokens": 100,
+                          "stream": True}).encode()
+
+
+# --- non-streamed ------------------------------------------------------------------------------
+def wrk(port: int, conns: int, seconds: float) -> dict:
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    script.write('wrk.method = "POST"\nwrk.body = \'%s\'\n'
+                 'wrk.headers["Content-Type"] = "application/json"\n' % BODY.decode())
+    script.close()
+    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{max(1, int(round(seconds)))}s", "--latency", "-s",
+                          script.name, f"http://127.0.0.1:{port}/v1/completions"],
+                         capture_output=True, text=True).stdout
+    os.unlink(script.name)
+
+    def ms(label):
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        if not m:
+            return None
+        v = float(m.group(1))
+        return v / 1000.0 if m.group(2) == "us" else v if m.group(2) == "ms" else v * 1000
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(rps.group(1)) if rps else 0.0, "p50_ms": ms("50"), "p99_ms": ms("99"),
+            "errors": int(errors.group(1)) if errors else 0, "tool": "wrk"}
+
+
+def builtin_load(port: int, conns: int, seconds: float) -> dict:
+    from kvrouter.router.upstream import UpstreamError, UpstreamPool
+
+    pool = UpstreamPool("127.0.0.1", port, max_idle=conns)
+    lat, errors = [], 0
+    deadline = time.perf_counter() + seconds
+
+    def worker():
+        nonlocal errors
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            try:
+                r = pool.request("POST", "/v1/completions", {"Content-Type": "application/json"},
+                                 BODY)
+                r.read()
+                if r.status != 200:
+                    errors += 1
+            except UpstreamError:
+                errors += 1
+            lat.append(time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    gevent.joinall([gevent.spawn(worker) for _ in range(conns)])
+    elapsed = time.perf_counter() - start
+    lat.sort()
+    return {"rps": len(lat) / elapsed, "p50_ms": lat[len(lat) // 2] * 1000,
+            "p99_ms": lat[int(len(lat) * 0.99)] * 1000, "errors": errors, "tool": "kvrouter-bench"}
+
+
+# --- streams -----------------------------------------------------------------------------------
+def sse_streams(port: int, conns: int, seconds: float = None, streams_each: int = None,
+                expect_events: int = None, body: bytes = STREAM_BODY, sample=None) -> dict:
+    """Each connection runs streams back to back; count events, time to first byte."""
+    events = 0
+    ttfb = []
+    itls = []
+    errors = 0
+    done = 0
+    deadline = time.perf_counter() + seconds if seconds else None
+    req = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def worker():
+        nonlocal events, errors, done
+        n = 0
+        while (deadline is None or time.perf_counter() < deadline) and \
+                (streams_each is None or n < streams_each):
+            n += 1
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=60)
+                t0 = time.perf_counter()
+                s.sendall(req)
+                got = 0
+                first = True
+                tail = b""
+                while True:
+                    data = s.recv(65536)
+                    if not data:
+                        break
+                    now = time.perf_counter()
+                    if first:
+                        ttfb.append(now - t0)
+                        first_at = now
+                        first = False
+                    last_at = now
+                    got += (tail + data).count(b"data: ") - tail.count(b"data: ")
+                    tail = data[-16:]
+                    if b"[DONE]" in data:
+                        break
+                s.close()
+                got -= 1  # [DONE]
+                events += got
+                if got > 1:
+                    itls.append((last_at - first_at) / (got - 1))
+                if expect_events is not None and got != expect_events:
+                    errors += 1
+                done += 1
+            except OSError:
+                errors += 1
+
+    start = time.perf_counter()
+    workers = [gevent.spawn(worker) for _ in range(conns)]
+    if sample:
+        sampler = gevent.spawn(sample)
+    gevent.joinall(workers)
+    if sample:
+        sampler.kill()
+    elapsed = time.perf_counter() - start
+    ttfb.sort()
+    return {"events_per_s": events / elapsed, "streams": done, "errors": errors,
+            "ttfb_p50_ms": ttfb[len(ttfb) // 2] * 1000 if ttfb else None,
+            "itl_mean_ms": sum(itls) / len(itls) * 1000 if itls else None,
+            "seconds": elapsed}
+
+
+def sim_itl(streams: int, itl_ms: float, tokens: int) -> dict:
+    port = free_port()
+    sim = Child([PY, "-m", "kvrouter", "sim-engine", "--port", str(port), "--model", "m",
+                 "--startup-seconds", "0", "--itl-ms", str(itl_ms), "--ttft-ms", "10",
+                 "--max-concurrency", str(streams), "--batch-slowdown", "0"])
+    try:
+        wait_port(port)
+        body = json.dumps({"model": "m", "prompt": "x", "max_tokens": tokens, "stream": True,
+                           "ignore_eos": True}).encode()
+        r = sse_streams(port, streams, streams_each=1, expect_events=tokens, body=body)
+        realised = r["itl_mean_ms"] or 0.0
+        return {"streams": streams, "configured_itl_ms": itl_ms, "tokens": tokens,
+                "realised_itl_ms": realised,
+                "steady_events_per_s": streams * 1000.0 / realised if realised else 0.0,
+                "events_per_s_with_ramp": r["events_per_s"],
+                "errors": r["errors"], "within_10pct": abs(realised - itl_ms) <= itl_ms * 0.1}
+    finally:
+        sim.stop()
+
+
+def loadgen_rate(port: int, seconds: float) -> dict:
+    from kvrouter.bench.loadgen import Job, LoadGenerator, LoadSpec
+
+    spec = LoadSpec(base_url=f"http://127.0.0.1:{port}/v1", endpoint="completions",
+                    stream=False, concurrency=64, duration=seconds, ignore_eos=False)
+    gen = LoadGenerator(spec)
+    jobs = [Job(0, "bench/model", "hello", 1) for _ in range(200000)]
+    elapsed = gen.run(jobs)
+    ok = sum(1 for s in gen.samples if s.ok)
+    return {"requests_per_s": ok / elapsed, "errors": len(gen.samples) - ok}
+
+
+def monitor_cost(n: int = 50000) -> dict:
+    from kvrouter.config import parse_config_text
+    from kvrouter.router.server import RouterContext
+
+    cfg = parse_config_text("instances:\n  - {name: a, model: m, engine: sim, "
+                            "engine_args: ['--port 1']}\n")
+    ctx = RouterContext(cfg)
+    t = ctx.traffic
+    start = time.perf_counter()
+    for _ in range(n):
+        rec = t.start("m")
+        t.end(rec, "success", 10, 20)
+    return {"us_per_request": (time.perf_counter() - start) / n * 1e6}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--out", default="bench-results/speed.json")
+    ap.add_argument("--skip-aiohttp", action="store_true")
+    args = ap.parse_args(argv)
+    secs = args.seconds
+    have_wrk = shutil.which("wrk") is not None
+    load = (lambda port, c: wrk(port, c, secs)) if have_wrk else \
+        (lambda port, c: builtin_load(port, c, secs))
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                     "load_tool": "wrk" if have_wrk else "kvrouter-bench"}
+    backend_port, slow_port, router_port, aio_port = (free_port() for _ in range(4))
+    tmp = tempfile.mkdtemp(prefix="kvr-bench-")
+    cfg_path = os.path.join(tmp, "bench.yaml")
+    with open(cfg_path, "w") as fh:
+        fh.write("router: {router_host: 127.0.0.1, router_port: %d, log_level: warning}\n"
+                 "instances:\n"
+                 "  - {name: fast, model: bench/model, engine: sim, engine_args: ['--host 127.0.0.1 --port %d']}\n"
+                 "  - {name: slow, model: bench/slow, engine: sim, engine_args: ['--host 127.0.0.1 --port %d']}\n"
+                 % (router_port, backend_port, slow_port))
+    children = [
+        Child([PY, "-m", "kvrouter.bench.backends", "fast", "--port", str(backend_port),
+               "--events", "100"]),
+        Child([PY, "-m", "kvrouter.bench.backends", "fast", "--port", str(slow_port),
+               "--events", "50", "--interval-ms", "100"]),
+    ]
+    router = Child([PY, "-m", "kvrouter", "serve", cfg_path])
+    children.append(router)
+    targets = {"direct": backend_port, "kvrouter": router_port}
+    if not args.skip_aiohttp:
+        try:
+            import aiohttp  # noqa: F401
+
+            children.append(Child([PY, "-m", "kvrouter.bench.backends", "aiohttp-proxy",
+                                   "--port", str(aio_port), "--upstream",
+                                   f"http://127.0.0.1:{backend_port}"]))
+            targets["aiohttp"] = aio_port
+        except ImportError:
+            print("aiohttp not installed: no baseline (pip install '.[bench]')")
+    try:
+        wait_port(backend_port)
+        wait_port(slow_port)
+        wait_port(router_port, "/health")
+        time.sleep(0.5)  # readiness probes
+        if "aiohttp" in targets:
+            wait_port(aio_port, "/")  # any answer
+    except RuntimeError:
+        pass
+    try:
+        non_stream = {}
+        for name, port in targets.items():
+            for c in (1, 32):
+                load(port, 8)  # warm connections
+                non_stream[f"{name} c={c}"] = load(port, c)
+        results["non_stream"] = non_stream
+        streams = {}
+        for name, port in targets.items():
+            streams[name] = sse_streams(port, 32, seconds=secs, expect_events=100)
+            single = sse_streams(port, 1, seconds=min(secs, 2.0), expect_events=100)
+            streams[name]["ttfb_c1_p50_ms"] = single["ttfb_p50_ms"]
+        results["stream"] = streams
+        peak = {"rss_mb": 0.0}
+
+        def sample():
+            while True:
+                peak["rss_mb"] = max(peak["rss_mb"], router.rss_mb())
+                gevent.sleep(0.2)
+
+        slow_body = json.dumps({"model": "bench/slow", "prompt": "x", "max_tokens": 50,
+                                "stream": True}).encode()
+        results["router_rss_idle_mb"] = router.rss_mb()
+        results["streams_1000"] = sse_streams(router_port, 1000, streams_each=1,
+                                              expect_events=50, body=slow_body, sample=sample)
+        results["streams_1000"]["router_peak_rss_mb"] = peak["rss_mb"]
+        results["loadgen"] = loadgen_rate(backend_port, secs)
+    finally:
+        for ch in children:
+            ch.stop()
+    results["sim_engine"] = sim_itl(500, 20.0, 100)
+    results["monitor"] = monitor_cost()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(results, fh, indent=1)
+    print(report(results))
+    print(f"\n(raw figures: {args.out})")
+    return 0
+
+
+def report(r: dict) -> str:
+    ns = r["non_stream"]
+    lines = [f"kvrouter speed ({r['machine']['cpus']} CPUs, load tool: {r['load_tool']})", "",
+             "non-streamed requests        req/s     p50 ms   p99 ms   errors"]
+    for name, v in ns.items():
+        lines.append(f"  {name:<24} {v['rps']:>8.0f} {v['p50_ms'] or 0:>9.3f} "
+                     f"{v['p99_ms'] or 0:>8.3f} {v['errors']:>8}")
+    for target in ("kvrouter", "aiohttp"):
+        if f"{target} c=1" in ns:
+            d1, t1 = ns["direct c=1"], ns[f"{target} c=1"]
+            lines.append(f"  {target} added latency at c=1: p50 "
+                         f"{(t1['p50_ms'] or 0) - (d1['p50_ms'] or 0):.3f} ms, p99 "
+                         f"{(t1['p99_ms'] or 0) - (d1['p99_ms'] or 0):.3f} ms")
+    if "aiohttp c=32" in ns:
+        lines.append(f"  kvrouter / aiohttp throughput at c=32: "
+                     f"{ns['kvrouter c=32']['rps'] / max(1.0, ns['aiohttp c=32']['rps']):.2f}x")
+    lines += ["", "streamed, 100 events each     events/s (c=32)  errors   TTFB p50 ms (c=1)"]
+    for name, v in r["stream"].items():
+        lines.append(f"  {name:<28} {v['events_per_s']:>15.0f} {v['errors']:>7} "
+                     f"{v['ttfb_c1_p50_ms'] or 0:>19.3f}")
+    if "kvrouter" in r["stream"]:
+        added = r["stream"]["kvrouter"]["ttfb_c1_p50_ms"] - r["stream"]["direct"]["ttfb_c1_p50_ms"]
+        lines.append(f"  kvrouter added time to first byte (c=1, p50): {added:.3f} ms")
+    s = r["streams_1000"]
+    lines += ["", f"1,000 concurrent streams through kvrouter: {s['streams']} done, "
+              f"{s['errors']} errors, router RSS idle {r['router_rss_idle_mb']:.0f} MB, "
+              f"peak {s['router_peak_rss_mb']:.0f} MB"]
+    e = r["sim_engine"]
+    lines.append(f"sim engine, {e['streams']} streams at {e['configured_itl_ms']:g} ms ITL: "
+                 f"realised {e['realised_itl_ms']:.2f} ms (per stream), "
+                 f"{e['steady_events_per_s']:.0f} events/s steady, "
+                 f"{e['errors']} errors, within 10%: {e['within_10pct']}")
+    lines.append(f"load generator (non-streamed, 64 concurrent): "
+                 f"{r['loadgen']['requests_per_s']:.0f} req/s, {r['loadgen']['errors']} errors")
+    lines.append(f"traffic monitor + metrics: {r['monitor']['us_per_request']:.2f} us per request")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
