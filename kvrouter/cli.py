@@ -102,6 +102,92 @@ def serve(config):
     run(_load(config))
 
 
+def _admin(config: str, method: str, path: str, token: str = None):
+    import json
+    import urllib.error
+    import urllib.request
+
+    from kvrouter.render.argv import router_url
+
+    cfg = _load(config)
+    url = router_url(cfg) + path
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    token = token or cfg.router.admin_token
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as err:
+        try:
+            return err.code, json.load(err)
+        except ValueError:
+            return err.code, {"error": {"message": str(err)}}
+    except OSError as err:
+        raise KvrouterError(f"router at {url} not reachable: {err}") from None
+
+
+def _quote(model: str) -> str:
+    from urllib.parse import quote
+
+    return quote(model, safe="")
+
+
+@cli.command()
+@click.option("--config", "config", default=DEFAULT_CONFIG, show_default=True)
+def status(config):
+    """A table of every model: state, in flight, idle time, rate, memory."""
+    _, sleep = _admin(config, "GET", "/model/sleep/status")
+    _, traffic = _admin(config, "GET", "/model/traffic/stats?window=60")
+    rows = [("MODEL", "STATE", "SINCE", "IN FLIGHT", "WAITING", "IDLE", "REQ/S (60s)",
+             "GPU GB", "LAST WAKE")]
+    for name, st in sleep["models"].items():
+        t = traffic["models"].get(name, {})
+        mem = st["memory"]
+        wake = st["last_wake_seconds"]
+        rows.append((name, st["state"] + (f" (L{st['sleep_level']}, {st['sleep_kind']})"
+                                          if st["sleep_level"] else ""),
+                     f"{st['since_seconds']:.0f}s", str(st["requests_in_flight"]),
+                     str(st["waiting_requests"]), f"{t.get('idle_time_seconds', 0):.0f}s",
+                     f"{t.get('request_rate', 0):.2f}", f"{mem['resident_gb']:g}",
+                     "-" if wake is None else f"{wake:.2f}s"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for gpu, m in sleep.get("gpu_memory", {}).items():
+        budget = "no budget" if m["budget_gb"] is None else f"budget {m['budget_gb']:g} GB"
+        click.echo(f"GPU {gpu}: {m['used_gb']:g} GB resident, {budget}")
+
+
+@cli.command("sleep")
+@click.argument("model")
+@click.option("--config", "config", default=DEFAULT_CONFIG, show_default=True)
+@click.option("--level", type=click.IntRange(1, 2), default=None)
+@click.option("--token", default=None, help="admin token (default: router.admin_token)")
+def sleep_cmd(model, config, level, token):
+    """Put MODEL to sleep through the router."""
+    path = f"/model/sleep/{_quote(model)}" + (f"?level={level}" if level else "")
+    code, body = _admin(config, "POST", path, token)
+    if code != 200:
+        raise KvrouterError(body.get("error", {}).get("message", f"HTTP {code}"))
+    st = body["status"]
+    click.echo(f"{model}: {st['state']} (level {st['sleep_level']}, took "
+               f"{st['last_sleep_seconds']:.2f}s)")
+
+
+@cli.command("wake")
+@click.argument("model")
+@click.option("--config", "config", default=DEFAULT_CONFIG, show_default=True)
+@click.option("--token", default=None, help="admin token (default: router.admin_token)")
+def wake_cmd(model, config, token):
+    """Wake MODEL through the router."""
+    code, body = _admin(config, "POST", f"/model/wake/{_quote(model)}", token)
+    if code != 200:
+        raise KvrouterError(body.get("error", {}).get("message", f"HTTP {code}"))
+    st = body["status"]
+    click.echo(f"{model}: {st['state']} (wake took {st['last_wake_seconds']:.2f}s)")
+
+
 @cli.command("config-reference")
 def config_reference():
     """Print every config key with its type, default, limits and meaning (Markdown)."""

@@ -1,4 +1,5 @@
-"""Engine adapters: how kvrouter asks each engine kind whether it is up (and, later, asleep).
+"""Engine adapters: how kvrouter asks each engine kind whether it is up, busy or asleep,
+and how it puts it to sleep and wakes it (``../shared/docs/engine-api.md``).
 
 Probes never generate: vLLM's /health is cheap; SGLang's /health runs a
 1-token generation by default, which is dangerous on a released engine, so it
@@ -7,12 +8,42 @@ is only used while the engine holds its memory; otherwise /model_info.
 from __future__ import annotations
 
 import json
-from typing import Optional
+import logging
+import re
+import time
+from typing import Optional, Set, Tuple
+
+import gevent
 
 from kvrouter.config.schema import Instance
 from kvrouter.router.upstream import UpstreamError, UpstreamPool
 
+log = logging.getLogger("kvrouter.engines")
 PROBE_TIMEOUT = 2.0
+OP_TIMEOUT = 300.0
+SGLANG_ALL_TAGS = frozenset({"weights", "kv_cache", "cuda_graph"})
+
+
+class EngineError(Exception):
+    """An engine refused or failed a control call."""
+
+
+def parse_version(text: str) -> Tuple[int, ...]:
+    nums = re.findall(r"\d+", text or "")[:3]
+    return tuple(int(n) for n in nums) if nums else ()
+
+
+def metric_value(text: str, name: str) -> Optional[float]:
+    """Sum of a metric's samples in Prometheus text (all label sets)."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name) and (line[len(name):len(name) + 1] in ("{", " ")):
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+                found = True
+            except ValueError:
+                pass
+    return total if found else None
 
 
 class EngineAdapter:
@@ -21,20 +52,35 @@ class EngineAdapter:
     def __init__(self, inst: Instance, pool: UpstreamPool):
         self.inst = inst
         self.pool = pool
+        self.version: Tuple[int, ...] = ()
 
-    def _get(self, path: str, timeout: float = PROBE_TIMEOUT):
-        resp = self.pool.request("GET", path, {}, b"", connect_timeout=timeout,
+    def _call(self, method: str, path: str, body: Optional[dict] = None,
+              timeout: float = PROBE_TIMEOUT) -> Tuple[int, bytes]:
+        payload = json.dumps(body).encode() if body is not None else b""
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        resp = self.pool.request(method, path, headers, payload, connect_timeout=min(timeout, 5),
                                  first_byte_timeout=timeout, idle_timeout=timeout)
         return resp.status, resp.read()
 
+    def _ok(self, method: str, path: str, body: Optional[dict] = None,
+            timeout: float = OP_TIMEOUT) -> bytes:
+        try:
+            status, data = self._call(method, path, body, timeout)
+        except UpstreamError as err:
+            raise EngineError(f"{method} {path}: {err}") from None
+        if status >= 400:
+            raise EngineError(f"{method} {path}: HTTP {status} "
+                              f"{data.decode('utf-8', 'replace')[:300]}")
+        return data
+
     def probe(self, memory_released: bool = False) -> bool:
-        """True when the engine answers as ready. Never wakes it, never generates."""
+        """True when the engine answers as up. Never wakes it, never generates."""
         raise NotImplementedError
 
     def model_info(self) -> dict:
         """What /v1/models says of this engine (max_model_len), {} when unreachable."""
         try:
-            status, body = self._get("/v1/models")
+            status, body = self._call("GET", "/v1/models")
             if status != 200:
                 return {}
             data = json.loads(body).get("data") or []
@@ -42,28 +88,200 @@ class EngineAdapter:
         except (UpstreamError, ValueError, AttributeError):
             return {}
 
+    def busy(self) -> Optional[int]:
+        """Requests running or queued in the engine, None when it cannot tell."""
+        return None
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            n = self.busy()
+            if not n:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            gevent.sleep(0.05)
+
+    def warm_up(self) -> None:
+        """One 1-token request before traffic is admitted again."""
+        data = self._ok("POST", "/v1/completions", {
+            "model": self.inst.upstream_model, "prompt": "Hi", "max_tokens": 1,
+            "temperature": 0}, timeout=120)
+        obj = json.loads(data)
+        if not obj.get("choices"):
+            raise EngineError(f"warm-up answered without choices: {data[:200]!r}")
+
+    def is_sleeping(self) -> Optional[bool]:
+        return None
+
+    def sleep(self, level: int) -> None:
+        raise NotImplementedError
+
+    def wake(self, level: int) -> None:
+        raise NotImplementedError
+
 
 class VllmAdapter(EngineAdapter):
     dialect = "vllm"
 
     def probe(self, memory_released: bool = False) -> bool:
         try:
-            status, _ = self._get("/health")
+            status, _ = self._call("GET", "/health")
         except UpstreamError:
             return False
         return status == 200
+
+    def fetch_version(self) -> Tuple[int, ...]:
+        try:
+            status, body = self._call("GET", "/version")
+            if status == 200:
+                self.version = parse_version(json.loads(body).get("version", ""))
+        except (UpstreamError, ValueError, AttributeError):
+            pass
+        return self.version
+
+    def busy(self) -> Optional[int]:
+        try:
+            status, body = self._call("GET", "/metrics")
+        except UpstreamError:
+            return None
+        if status != 200:
+            return None
+        text = body.decode("utf-8", "replace")
+        running = metric_value(text, "vllm:num_requests_running")
+        waiting = metric_value(text, "vllm:num_requests_waiting")
+        if running is None:
+            return None
+        return int(running + (waiting or 0))
+
+    def is_sleeping(self) -> Optional[bool]:
+        try:
+            status, body = self._call("GET", "/is_sleeping")
+        except UpstreamError:
+            return None
+        if status != 200:
+            return None
+        try:
+            return bool(json.loads(body).get("is_sleeping"))
+        except (ValueError, AttributeError):
+            return None
+
+    def sleep_level(self) -> Optional[int]:
+        """From vllm:engine_sleep_state (>= 0.11.1): 1 offloaded, 2 discarded, None unknown."""
+        try:
+            status, body = self._call("GET", "/metrics")
+        except UpstreamError:
+            return None
+        text = body.decode("utf-8", "replace") if status == 200 else ""
+        for line in text.splitlines():
+            if line.startswith("vllm:engine_sleep_state{") and line.endswith(" 1"):
+                if 'sleep_state="weights_offloaded"' in line:
+                    return 1
+                if 'sleep_state="discard_all"' in line:
+                    return 2
+        return None
+
+    def supports_level2(self) -> bool:
+        # the HTTP reload recipe (collective_rpc) exists from 0.10.2 on
+        return bool(self.version) and self.version >= (0, 10, 2)
+
+    def _confirm(self, asleep: bool, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.is_sleeping()
+            if state is asleep:
+                return
+            if time.monotonic() >= deadline:
+                raise EngineError(f"/is_sleeping still says {state} after {timeout:g}s")
+            gevent.sleep(0.05)
+
+    def sleep(self, level: int) -> None:
+        query = f"/sleep?level={level}"
+        if self.version >= (0, 17):
+            query += "&mode=wait"  # drain in the engine too
+        self._ok("POST", query)  # the level is a query parameter: a JSON body is ignored
+        self._confirm(True)
+
+    def wake(self, level: int) -> None:
+        if level == 2:
+            # a plain /wake_up after level 2 gives gibberish: reload the weights first
+            self._ok("POST", "/wake_up?tags=weights")
+            self._ok("POST", "/collective_rpc", {"method": "reload_weights"})
+            self._ok("POST", "/wake_up?tags=kv_cache")
+            self._ok("POST", "/reset_prefix_cache")
+        else:
+            self._ok("POST", "/wake_up")
+        self._confirm(False)
 
 
 class SglangAdapter(EngineAdapter):
     dialect = "sglang"
 
+    def __init__(self, inst: Instance, pool: UpstreamPool):
+        super().__init__(inst, pool)
+        self.released: Set[str] = set()
+        self.cpu_backup = "--enable-weights-cpu-backup" in inst.argv_args
+
     def probe(self, memory_released: bool = False) -> bool:
-        path = "/model_info" if memory_released else "/health"
+        path = "/model_info" if memory_released or self.released else "/health"
         try:
-            status, _ = self._get(path)
+            status, _ = self._call("GET", path)
         except UpstreamError:
             return False
         return status == 200
+
+    def busy(self) -> Optional[int]:
+        try:
+            status, body = self._call("GET", "/get_load")
+            if status == 200:
+                loads = json.loads(body)
+                if isinstance(loads, dict):
+                    loads = [loads]
+                return int(sum(int(x.get("num_reqs", 0)) for x in loads))
+        except (UpstreamError, ValueError, TypeError, AttributeError):
+            pass
+        try:
+            status, body = self._call("GET", "/metrics")
+        except UpstreamError:
+            return None
+        if status != 200:
+            return None
+        text = body.decode("utf-8", "replace")
+        running = metric_value(text, "sglang:num_running_reqs")
+        if running is None:
+            return None
+        return int(running + (metric_value(text, "sglang:num_queue_reqs") or 0))
+
+    def is_sleeping(self) -> Optional[bool]:
+        """Released tags from /server_info where the engine reports them (the simulator does)."""
+        try:
+            status, body = self._call("GET", "/server_info")
+            if status == 200:
+                tags = json.loads(body).get("released_tags")
+                if isinstance(tags, list):
+                    self.released = set(tags)
+                    return bool(tags)
+        except (UpstreamError, ValueError, AttributeError):
+            pass
+        return bool(self.released) if self.released else None
+
+    def sleep(self, level: int) -> None:
+        # Releasing with requests running kills the scheduler: the controller drained
+        # the router, and the engine must report no request either.
+        if not self.wait_idle(30.0):
+            raise EngineError("engine still has requests running; not releasing memory")
+        self._ok("POST", "/release_memory_occupation", {"tags": None})
+        self.released = set(SGLANG_ALL_TAGS)
+
+    def wake(self, level: int) -> None:
+        if not self.released:
+            return  # resuming a tag that was not released kills the scheduler
+        self._ok("POST", "/resume_memory_occupation", {"tags": None})
+        self.released = set()
+        if not self.cpu_backup:
+            # without --enable-weights-cpu-backup the released weights are gone
+            self._ok("POST", "/update_weights_from_disk", {"model_path": self.inst.model})
+            self._ok("POST", "/flush_cache")
 
 
 def adapter_for(inst: Instance, pool: Optional[UpstreamPool] = None) -> EngineAdapter:

@@ -7,6 +7,7 @@ from flask import Flask, Response, jsonify, request
 
 from kvrouter import __version__
 from kvrouter.control.controller import State
+from kvrouter.router import admin_sleep
 from kvrouter.router.errors import envelope
 from kvrouter.traffic import WINDOW_MAX
 
@@ -162,6 +163,8 @@ def create_app(ctx) -> Flask:
     app.add_url_rule("/models/idle", "idle_b", idle_models)
     app.add_url_rule("/model/traffic/active", "active_a", active_models)
     app.add_url_rule("/models/active", "active_b", active_models)
+
+    admin_sleep.register(app, ctx, entry_or_404)
 
     @app.get("/metrics")
     def metrics():

@@ -10,6 +10,7 @@ import gevent
 
 from kvrouter.config.schema import Config
 from kvrouter.control.controller import Controller
+from kvrouter.control.process import ProcessControl, process_control_for
 from kvrouter.http.server import HTTPServer, ServerLimits, wsgi_handler
 from kvrouter.metrics import RouterMetrics
 from kvrouter.router.admin import create_app
@@ -22,12 +23,13 @@ log = logging.getLogger("kvrouter")
 class RouterContext:
     """The one owner of the router's state (one process; gevent gives the concurrency)."""
 
-    def __init__(self, cfg: Config, controller: Controller = None):
+    def __init__(self, cfg: Config, process: ProcessControl = None):
         self.cfg = cfg
         self.started = time.time()
-        self.controller = controller or Controller(cfg)
         self.traffic = TrafficMonitor([i.model for i in cfg.instances])
+        self.controller = Controller(cfg, process=process, traffic=self.traffic)
         self.metrics = RouterMetrics(self.controller, self.traffic)
+        self.controller.metrics = self.metrics
         self.traffic.on_end = self.metrics.on_end
         self.proxy = Proxy(cfg, self.controller, self.traffic)
         self.app = create_app(self)
@@ -55,7 +57,7 @@ def build_server(ctx: RouterContext, listener=None) -> HTTPServer:
 def serve(cfg: Config) -> None:
     logging.basicConfig(level=cfg.router.log_level.upper(), stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ctx = RouterContext(cfg)
+    ctx = RouterContext(cfg, process_control_for(cfg))
     server = build_server(ctx)
     server.start()
     ctx.controller.start()
@@ -64,7 +66,7 @@ def serve(cfg: Config) -> None:
 
     def _stop(*_):
         log.info("shutting down")
-        ctx.controller.stop()
+        ctx.controller.stop_loops()
         server.stop(timeout=5)
         sys.exit(0)
 

@@ -1,0 +1,108 @@
+"""Process control behind one small interface: supervisord (XML-RPC), systemd --user, or none.
+
+The router finds supervisord through ``SUPERVISOR_SERVER_URL``, which
+supervisord sets for the programs it runs (``unix:///path/supervisor.sock``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import xmlrpc.client
+from typing import Optional
+
+from kvrouter.config.schema import Config, Instance
+from kvrouter.control.supervisor import Supervisor
+
+log = logging.getLogger("kvrouter.process")
+
+
+class ProcessControlError(Exception):
+    pass
+
+
+class ProcessControl:
+    """Start and stop engine processes. ``available`` is False when nothing can be done."""
+
+    available = False
+    kind = "none"
+
+    def start(self, inst: Instance) -> None:
+        raise ProcessControlError("no process manager: run the router under supervisord or "
+                                  "systemd to stop and start engines")
+
+    def stop(self, inst: Instance) -> None:
+        self.start(inst)
+
+    def restart(self, inst: Instance) -> None:
+        self.stop(inst)
+        self.start(inst)
+
+
+class SupervisorControl(ProcessControl):
+    available = True
+    kind = "supervisord"
+
+    def __init__(self, socket_path: str):
+        self.sup = Supervisor(socket_path, timeout=30.0)
+
+    @staticmethod
+    def name(inst: Instance) -> str:
+        return f"engines:engine-{inst.name}"
+
+    def start(self, inst: Instance) -> None:
+        try:
+            self.sup.start(self.name(inst), wait=False)
+        except xmlrpc.client.Fault as err:
+            if "ALREADY_STARTED" not in err.faultString:
+                raise ProcessControlError(f"supervisord start {self.name(inst)}: "
+                                          f"{err.faultString}") from None
+        except OSError as err:
+            raise ProcessControlError(f"supervisord unreachable: {err}") from None
+
+    def stop(self, inst: Instance) -> None:
+        try:
+            self.sup.stop(self.name(inst), wait=True)
+        except xmlrpc.client.Fault as err:
+            if "NOT_RUNNING" not in err.faultString:
+                raise ProcessControlError(f"supervisord stop {self.name(inst)}: "
+                                          f"{err.faultString}") from None
+        except OSError as err:
+            raise ProcessControlError(f"supervisord unreachable: {err}") from None
+
+
+class SystemdControl(ProcessControl):
+    available = True
+    kind = "systemd"
+
+    @staticmethod
+    def unit(inst: Instance) -> str:
+        return f"kvrouter-engine-{inst.name}.service"
+
+    def _run(self, verb: str, inst: Instance) -> None:
+        try:
+            out = subprocess.run(["systemctl", "--user", verb, "--no-block", self.unit(inst)],
+                                 capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise ProcessControlError(f"systemctl --user {verb}: {err}") from None
+        if out.returncode != 0:
+            raise ProcessControlError(f"systemctl --user {verb} {self.unit(inst)}: "
+                                      f"{out.stderr.strip()}")
+
+    def start(self, inst: Instance) -> None:
+        self._run("start", inst)
+
+    def stop(self, inst: Instance) -> None:
+        self._run("stop", inst)
+
+
+def process_control_for(cfg: Config, environ: Optional[dict] = None) -> ProcessControl:
+    environ = os.environ if environ is None else environ
+    if cfg.process_manager == "systemd":
+        return SystemdControl()
+    url = environ.get("SUPERVISOR_SERVER_URL", "")
+    if url.startswith("unix://"):
+        return SupervisorControl(url[len("unix://"):])
+    log.warning("not running under supervisord (no SUPERVISOR_SERVER_URL): deep sleep and "
+                "restarts are disabled")
+    return ProcessControl()
