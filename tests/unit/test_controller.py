@@ -1,0 +1,281 @@
+"""The controller's state machine against fake engines and a fake process manager.
+
+gevent greenlets, no sockets: engines are objects whose calls the test gates.
+"""
+import gevent
+import pytest
+from gevent.event import Event
+
+from kvrouter.config import parse_config_text
+from kvrouter.control.controller import Controller, State, TransitionError
+from kvrouter.control.process import ProcessControl
+from kvrouter.engines.adapters import EngineError
+from kvrouter.errors import ApiError
+from kvrouter.traffic import TrafficMonitor
+
+
+class FakePool:
+    def close_idle(self):
+        pass
+
+
+class FakeAdapter:
+    dialect = "vllm"
+
+    def __init__(self, inst):
+        self.inst = inst
+        self.pool = FakePool()
+        self.version = (0, 32, 0)
+        self.up = True
+        self.asleep = False
+        self.gate = Event()
+        self.gate.set()
+        self.sleeps = self.wakes = self.warmups = 0
+        self.fail_warmup = False
+        self.busy_n = 0
+
+    def probe(self, memory_released=False):
+        return self.up
+
+    def model_info(self):
+        return {"max_model_len": 128}
+
+    def fetch_version(self):
+        return self.version
+
+    def supports_level2(self):
+        return True
+
+    def wait_idle(self, timeout):
+        return self.busy_n == 0
+
+    def is_sleeping(self):
+        return self.asleep
+
+    def sleep_level(self):
+        return 1
+
+    def sleep(self, level):
+        self.sleeps += 1
+        self.asleep = True
+
+    def wake(self, level):
+        self.gate.wait()
+        self.wakes += 1
+        self.asleep = False
+
+    def warm_up(self):
+        self.warmups += 1
+        if self.fail_warmup:
+            raise EngineError("warm-up failed")
+
+
+class FakeProcess(ProcessControl):
+    available = True
+    kind = "fake"
+
+    def __init__(self):
+        self.calls = []
+        self.adapters = {}
+
+    def start(self, inst):
+        self.calls.append(("start", inst.name))
+        self.adapters[inst.model].up = True
+
+    def stop(self, inst):
+        self.calls.append(("stop", inst.name))
+        self.adapters[inst.model].up = False
+
+    def restart(self, inst):
+        self.calls.append(("restart", inst.name))
+
+
+def make(extra_router="", extra_sleep="", instances=None):
+    import yaml
+
+    instances = instances or [("a", "m/a", "")]
+    router = {"max_queue_per_model": 8, "ready_timeout_seconds": 2}
+    router.update(yaml.safe_load("{" + extra_router.lstrip(", ") + "}") or {})
+    sleep = {"min_sleep_duration": 0, "wake_timeout_seconds": 5}
+    sleep.update(yaml.safe_load("{" + extra_sleep.lstrip(", ") + "}") or {})
+    text = f"router: {yaml.safe_dump(router, default_flow_style=True)}"
+    text += f"sleep_manager: {yaml.safe_dump(sleep, default_flow_style=True)}"
+    text += "instances:\n" + "".join(
+        f"  - {{name: {n}, model: {m}, engine: vllm, engine_args: ['--port {9000 + i}']{x}}}\n"
+        for i, (n, m, x) in enumerate(instances))
+    cfg = parse_config_text(text)
+    traffic = TrafficMonitor([i.model for i in cfg.instances])
+    proc = FakeProcess()
+    ctl = Controller(cfg, adapter_factory=FakeAdapter, process=proc, traffic=traffic)
+    for e in ctl.entries.values():
+        proc.adapters[e.name] = e.adapter
+        ctl._probe_once(e)  # adopt: ready
+    return ctl, proc, traffic
+
+
+def test_adopts_ready_and_sleeping_engines():
+    ctl, _, _ = make(instances=[("a", "m/a", ""), ("b", "m/b", "")])
+    a, b = ctl.entries["m/a"], ctl.entries["m/b"]
+    assert a.state is State.READY and a.info == {"max_model_len": 128}
+    b.adapter.asleep = True
+    ctl.set_state(b, State.STARTING, "router restarted")
+    ctl._probe_once(b)
+    assert b.state is State.SLEEPING and b.adapter.wakes == 0 and b.adapter.sleeps == 0
+
+
+def test_fifty_requests_one_wake():
+    ctl, _, _ = make(extra_router=", max_queue_per_model: 64")
+    e = ctl.entries["m/a"]
+    ctl.sleep(e)
+    assert e.state is State.SLEEPING and e.adapter.sleeps == 1
+    e.adapter.gate.clear()
+    waiters = [gevent.spawn(ctl.ensure_ready, e) for _ in range(50)]
+    gevent.sleep(0.01)
+    assert e.waiters == 50 and e.state is State.WAKING and e.adapter.wakes == 0
+    e.adapter.gate.set()
+    gevent.joinall(waiters, timeout=5, raise_error=True)
+    assert all(w.successful() for w in waiters)
+    assert e.adapter.wakes == 1 and e.adapter.warmups == 1 and e.state is State.READY
+    assert e.last_wake_seconds is not None
+
+
+def test_queue_bound_gives_503_with_retry_after():
+    ctl, _, _ = make(extra_router=", max_queue_per_model: 5")
+    e = ctl.entries["m/a"]
+    ctl.sleep(e)
+    e.last_wake_seconds = 2.4
+    e.adapter.gate.clear()
+    waiters = [gevent.spawn(ctl.ensure_ready, e) for _ in range(5)]
+    gevent.sleep(0.01)
+    with pytest.raises(ApiError) as err:
+        ctl.ensure_ready(e)
+    assert err.value.status == 503 and err.value.headers["Retry-After"] == "3"
+    e.adapter.gate.set()
+    gevent.joinall(waiters, raise_error=True)
+
+
+def test_wakeup_on_request_false():
+    ctl, _, _ = make(extra_sleep=", wakeup_on_request: false")
+    e = ctl.entries["m/a"]
+    ctl.sleep(e)
+    with pytest.raises(ApiError) as err:
+        ctl.ensure_ready(e)
+    assert err.value.status == 503 and "wakeup_on_request is false" in err.value.message
+    assert e.adapter.wakes == 0
+
+
+def test_min_sleep_duration_holds_manual_wakes_never_requests():
+    ctl, _, _ = make(extra_sleep=", min_sleep_duration: 3600")
+    e = ctl.entries["m/a"]
+    ctl.sleep(e)
+    with pytest.raises(TransitionError, match="min_sleep_duration"):
+        ctl.wake(e)
+    assert ctl.ensure_ready(e) >= 0 and e.state is State.READY and e.adapter.wakes == 1
+
+
+def test_failed_warm_up_fails_waiters_fast_and_restarts_with_backoff():
+    ctl, proc, _ = make()
+    e = ctl.entries["m/a"]
+    ctl.sleep(e)
+    e.adapter.fail_warmup = True
+    with pytest.raises(ApiError) as err:
+        ctl.ensure_ready(e)
+    assert err.value.status == 503 and "warm-up failed" in err.value.message
+    assert e.state is State.FAILED and proc.calls == [("restart", "a")]
+    # a second failure inside the backoff window does not restart again
+    ctl.set_state(e, State.SLEEPING, "test")
+    with pytest.raises(ApiError):
+        ctl.ensure_ready(e)
+    assert proc.calls == [("restart", "a")]
+
+
+def test_sleep_only_from_ready_and_never_with_requests_in_flight():
+    ctl, _, traffic = make()
+    e = ctl.entries["m/a"]
+    rec = traffic.start("m/a")
+    with pytest.raises(TransitionError, match="arrived while draining"):
+        ctl.sleep(e, manual=False)
+    assert e.state is State.READY and e.adapter.sleeps == 0
+    traffic.end(rec, "success")
+    ctl.sleep(e)
+    with pytest.raises(TransitionError, match="sleeping, not ready"):
+        ctl.sleep(e)
+
+
+def test_engine_busy_cancels_sleep():
+    ctl, _, _ = make()
+    e = ctl.entries["m/a"]
+    e.adapter.busy_n = 3
+    with pytest.raises(TransitionError, match="still reports requests"):
+        ctl.sleep(e)
+    assert e.state is State.READY
+
+
+def test_auto_sleep_tick_and_deep_sleep_then_request_starts_it():
+    ctl, proc, _ = make(extra_sleep=", auto_sleep_enabled: true, idle_threshold_seconds: 0,"
+                                    " stop_after_seconds: 0")
+    e = ctl.entries["m/a"]
+    acts = ctl.tick()
+    gevent.sleep(0.01)
+    assert [a.kind for a in acts] == ["sleep"] and e.state is State.SLEEPING
+    acts = ctl.tick()
+    gevent.sleep(0.01)
+    assert [a.kind for a in acts] == ["stop"] and e.state is State.STOPPED
+    assert proc.calls == [("stop", "a")] and not e.adapter.up
+    ctl.ensure_ready(e)
+    assert proc.calls == [("stop", "a"), ("start", "a")] and e.state is State.READY
+
+
+def test_pinned_models_are_not_auto_slept():
+    ctl, _, _ = make(extra_sleep=", auto_sleep_enabled: true, idle_threshold_seconds: 0",
+                     instances=[("a", "m/a", ", sleep: {pinned: true}")])
+    assert ctl.tick() == []
+
+
+def test_waking_evicts_least_recently_used_under_budget():
+    ctl, _, traffic = make(
+        extra_sleep=', gpu_memory_gb: {"0": 30}',
+        instances=[(n, f"m/{n}", ", weights_gb: 10") for n in ("a", "b", "c", "d")])
+    d = ctl.entries["m/d"]
+    ctl.sleep(d)
+    for name in ("m/b", "m/a", "m/c"):  # a request each: b is least recently used
+        traffic.end(traffic.start(name), "success")
+        gevent.sleep(0.001)
+    ctl.ensure_ready(d)
+    states = {n: e.state.value for n, e in ctl.entries.items()}
+    assert states == {"m/a": "ready", "m/b": "sleeping", "m/c": "ready", "m/d": "ready"}
+
+
+def test_no_room_is_503_with_reason():
+    ctl, _, _ = make(extra_sleep=', gpu_memory_gb: {"0": 15}',
+                     instances=[("a", "m/a", ", weights_gb: 10, sleep: {pinned: true}"),
+                                ("b", "m/b", ", weights_gb: 10")])
+    b = ctl.entries["m/b"]
+    ctl.sleep(b)
+    with pytest.raises(ApiError) as err:
+        ctl.ensure_ready(b)
+    assert err.value.status == 503 and "no room for m/b" in err.value.message
+
+
+def test_health_failure_marks_failed_and_recovery_adopts():
+    ctl, _, _ = make()
+    e = ctl.entries["m/a"]
+    e.adapter.up = False
+    ctl._probe_once(e)
+    assert e.state is State.FAILED
+    e.adapter.up = True
+    ctl._probe_once(e)
+    assert e.state is State.READY
+
+
+def test_status_shows_observed_state_and_memory():
+    ctl, _, _ = make(instances=[("a", "m/a", ", weights_gb: 4, kv_cache_gb: 2, gpus: 1")])
+    e = ctl.entries["m/a"]
+    ctl.sleep(e, level=2)
+    st = ctl.status(e)
+    assert st["state"] == "sleeping" and st["sleep_level"] == 2 and st["sleep_kind"] == "manual"
+    assert st["memory"] == {"gpus": ["1"], "weights_gb": 4.0, "kv_cache_gb": 2.0,
+                            "resident_gb": 0.0}
+    ctl.wake(e)
+    assert ctl.status(e)["memory"]["resident_gb"] == 6.0
+    assert ctl.memory() == {"1": {"budget_gb": None, "used_gb": 6.0}}

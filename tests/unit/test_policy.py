@@ -1,0 +1,77 @@
+"""The sleep policy is a pure function of a snapshot."""
+import pytest
+
+from kvrouter.control.policy import Action, ModelView, NoRoom, Snapshot, decide, plan_room
+
+
+def view(name, state="ready", idle=0.0, in_flight=0, waiting=0, pinned=False, threshold=300.0,
+         stop_after=None, state_seconds=0.0, gpus=("0",), weights=10.0, kv=5.0, last_used=0.0):
+    return ModelView(name=name, state=state, in_flight=in_flight, waiting=waiting,
+                     idle_seconds=idle, state_seconds=state_seconds, pinned=pinned,
+                     idle_threshold=threshold, stop_after=stop_after, level=1, gpus=gpus,
+                     weights_gb=weights, kv_cache_gb=kv, last_used=last_used)
+
+
+def snap(*models, auto=True, budget=None):
+    return Snapshot(tuple(models), auto, budget or {})
+
+
+def test_sleeps_idle_models_only():
+    acts = decide(snap(view("idle", idle=301), view("busy", idle=400, in_flight=1),
+                       view("fresh", idle=10), view("pinned", idle=999, pinned=True),
+                       view("queued", idle=999, waiting=2),
+                       view("asleep", state="sleeping", idle=999)))
+    assert acts == [Action("sleep", "idle", 1, "idle 301s >= 300s")]
+
+
+def test_per_model_threshold_and_auto_switch():
+    models = (view("a", idle=61, threshold=60), view("b", idle=61))
+    assert [a.model for a in decide(snap(*models))] == ["a"]
+    assert decide(snap(*models, auto=False)) == []
+
+
+def test_deep_sleep_after_stop_after():
+    acts = decide(snap(view("a", state="sleeping", stop_after=600, state_seconds=601),
+                       view("b", state="sleeping", stop_after=600, state_seconds=10),
+                       view("c", state="sleeping", stop_after=None, state_seconds=9999),
+                       view("d", state="sleeping", stop_after=600, state_seconds=700,
+                            waiting=1)))
+    assert [(a.kind, a.model) for a in acts] == [("stop", "a")]
+
+
+def test_plan_room_evicts_least_recently_used_idle_models_first():
+    s = snap(view("target", state="sleeping", weights=20, kv=10),
+             view("old", last_used=1.0), view("newer", last_used=5.0),
+             view("newest", last_used=9.0), budget={"0": 60})
+    # resident 3 x 15 = 45; target needs 30 -> 15 over -> evict exactly one, the oldest
+    assert [a.model for a in plan_room(s, "target")] == ["old"]
+    s2 = snap(view("target", state="sleeping", weights=35, kv=10), view("old", last_used=1.0),
+              view("newer", last_used=5.0), view("newest", last_used=9.0), budget={"0": 60})
+    assert [a.model for a in plan_room(s2, "target")] == ["old", "newer"]
+
+
+def test_plan_room_skips_pinned_busy_and_other_gpus():
+    s = snap(view("target", state="sleeping", weights=30, kv=0),
+             view("pinned", pinned=True, last_used=0.0),
+             view("busy", in_flight=1, last_used=0.0),
+             view("other-gpu", gpus=("1",), last_used=0.0),
+             view("victim", last_used=5.0), budget={"0": 60, "1": 60})
+    assert [a.model for a in plan_room(s, "target")] == ["victim"]
+
+
+def test_no_room_says_why():
+    s = snap(view("target", state="stopped", weights=50, kv=20), view("pinned", pinned=True),
+             budget={"0": 80})
+    with pytest.raises(NoRoom, match="GPU 0 short by 5.0 GB"):
+        plan_room(s, "target")
+
+
+def test_no_budget_means_no_eviction():
+    assert plan_room(snap(view("t", state="sleeping", weights=999), view("x")), "t") == []
+
+
+def test_multi_gpu_models_count_a_share_per_gpu():
+    s = snap(view("target", state="sleeping", gpus=("0", "1"), weights=40, kv=0),
+             view("a", gpus=("0",), weights=50, kv=0, last_used=1),
+             budget={"0": 60, "1": 60})
+    assert [a.model for a in plan_room(s, "target")] == ["a"]
