@@ -147,20 +147,24 @@ class Controller:
             if entry.state in (State.SLEEPING, State.STOPPED):
                 self.request_wake(entry, reason="request")
             deadline = started + timeout
+            watched = None  # the wake this request waits on
             while entry.state is not State.READY:
                 task = entry.wake_task
-                waitables = [entry.ready, entry.changed] + ([task] if task is not None else [])
+                running = task is not None and not task.ready()
+                if running:
+                    watched = task
+                elif watched is not None and entry.wake_error:
+                    raise self._unavailable(entry, f"model {entry.name!r} failed to wake: "
+                                            f"{entry.wake_error}")
                 left = deadline - self.clock()
                 if left <= 0:
                     raise self._unavailable(entry, f"model {entry.name!r} is {entry.state.value} "
                                             f"({entry.reason}); not ready within {timeout:g}s")
-                gevent.wait(waitables, timeout=left, count=1)
-                if entry.state is State.READY:
-                    break
-                if task is not None and task.ready() and entry.wake_error:
-                    raise self._unavailable(entry, f"model {entry.name!r} failed to wake: "
-                                            f"{entry.wake_error}")
-                if entry.state in (State.SLEEPING, State.STOPPED) and entry.wake_task is None:
+                # only objects that are not ready yet: a finished one would return at once
+                gevent.wait([entry.ready, entry.changed] + ([task] if running else []),
+                            timeout=left, count=1)
+                if entry.state in (State.SLEEPING, State.STOPPED) and (
+                        entry.wake_task is None or entry.wake_task.ready()):
                     self.request_wake(entry, reason="request")  # a sleep finished meanwhile
         finally:
             entry.waiters -= 1
@@ -185,9 +189,10 @@ class Controller:
 
     # --- sleep --------------------------------------------------------------------------------
     def _in_flight(self, entry: ModelEntry) -> int:
+        """Requests being served by the engine (those waiting in ensure_ready excluded)."""
         if self.traffic is None:
             return 0
-        return self.traffic.models[entry.name].in_flight
+        return max(0, self.traffic.models[entry.name].in_flight - entry.waiters)
 
     def sleep(self, entry: ModelEntry, level: Optional[int] = None, manual: bool = True,
               reason: str = "manual") -> State:
@@ -222,6 +227,9 @@ class Controller:
                 self.set_state(entry, State.READY, f"sleep cancelled: {err}")
                 self._record(entry, "sleep", False, self.clock() - started)
                 raise TransitionError(str(err)) from None
+            except BaseException:
+                self.set_state(entry, State.READY, "sleep interrupted")
+                raise
             entry.level = level
             entry.sleep_manual = manual
             entry.slept_at = self.clock()

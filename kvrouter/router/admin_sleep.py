@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hmac
 
+import gevent
+
 from flask import jsonify, request
 
 from kvrouter.control.controller import TransitionError
@@ -42,7 +44,8 @@ def register(app, ctx, entry_or_404) -> None:
         if level == "bad":
             return jsonify(envelope(400, "level must be 1 or 2", param="level")), 400
         try:
-            controller.sleep(entry, level, manual=True, reason="manual (admin API)")
+            # in a greenlet of its own: a client that goes away must not cut a transition
+            gevent.spawn(controller.sleep, entry, level, True, "manual (admin API)").get()
         except TransitionError as e:
             body = envelope(409, str(e), "conflict_error", None, "invalid_transition")
             body["status"] = controller.status(entry)
@@ -57,7 +60,7 @@ def register(app, ctx, entry_or_404) -> None:
         if err:
             return err
         try:
-            controller.wake(entry, manual=True)
+            gevent.spawn(controller.wake, entry, True).get()
         except TransitionError as e:
             body = envelope(409, str(e), "conflict_error", None, "invalid_transition")
             body["status"] = controller.status(entry)
