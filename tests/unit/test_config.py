@@ -151,3 +151,15 @@ def test_monitoring_files_are_valid():
     for metric in ("kvrouter_requests_total", "kvrouter_time_to_first_token_seconds_bucket",
                    "kvrouter_tokens_total", "kvrouter_model_state"):
         assert metric in exprs
+
+
+def test_level2_refused_for_old_vllm_in_venv(tmp_path):
+    site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    (site / "vllm-0.9.2.dist-info").mkdir(parents=True)
+    text = ("instances:\n  - {name: a, model: m, engine: vllm, using_venv: true, venv_path: venv,"
+            " sleep: {level: 2}, engine_args: ['--port 1']}\n")
+    with pytest.raises(ConfigErrors, match=r"instances\[0\].sleep.level: level 2 needs vLLM "
+                                           r">= 0.10.2.*0.9.2"):
+        parse_config_text(text, source="k.yaml", base_dir=str(tmp_path))
+    (site / "vllm-0.9.2.dist-info").rename(site / "vllm-0.11.0.dist-info")
+    assert parse_config_text(text, source="k.yaml", base_dir=str(tmp_path)).instances[0]
