@@ -140,6 +140,30 @@ def trace_cmd(base_url, endpoint, stream, concurrency, timeout, api_key, slo_ttf
             output)
 
 
+TOOL_MODULES = {"vllm": "vllm", "sglang": "sglang", "guidellm": "guidellm"}
+
+
+@bench.command("external", context_settings={"ignore_unknown_options": True})
+@click.option("--tool", type=click.Choice(sorted(TOOL_MODULES)), required=True)
+@click.option("--python", "python", required=True, help="interpreter that has the tool")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def external_cmd(tool, python, args):
+    """Run an external benchmark tool after checking it is installed (rendered programs)."""
+    import subprocess
+
+    module = TOOL_MODULES[tool]
+    if not os.path.exists(python):
+        raise KvrouterError(f"benchmark tool {tool!r}: {python} does not exist (set the "
+                            "client's venv_path to the tool's virtualenv, or use tool: builtin)")
+    probe = subprocess.run([python, "-c", "import importlib.util, sys; "
+                            f"sys.exit(importlib.util.find_spec({module!r}) is None)"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        raise KvrouterError(f"benchmark tool {tool!r} is not installed for {python} (pip "
+                            f"install {tool} there, or use tool: builtin)")
+    os.execv(python, [python, *args])
+
+
 @bench.command("gen-trace")
 @click.option("--model", "models", multiple=True, required=True, help="most popular first")
 @click.option("--duration", type=float, default=600.0)

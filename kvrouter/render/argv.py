@@ -76,10 +76,18 @@ def bench_argv(cfg: Config, client: BenchClient, py: Interpreters) -> List[str]:
         return args + list(client.extra_args)
     python = (os.path.join(client.venv_path, "bin", "python") if client.venv_path
               else py.system)
+    # external tools run through `kvrouter bench external`, which checks that the tool is
+    # installed and says so clearly instead of a Python traceback
+    guard = [py.kvrouter, "-m", "kvrouter", "bench", "external", "--tool", client.tool,
+             "--python", python, "--"]
+    return guard + _external_args(cfg, client, base, result)
+
+
+def _external_args(cfg: Config, client: BenchClient, base: str, result: str) -> List[str]:
     if client.tool == "vllm":
         backend = "openai-chat" if client.endpoint == "chat" else "openai"
         endpoint = "/v1/chat/completions" if client.endpoint == "chat" else "/v1/completions"
-        args = [python, "-m", "vllm.entrypoints.cli.main", "bench", "serve",
+        args = ["-m", "vllm.entrypoints.cli.main", "bench", "serve",
                 "--backend", backend, "--base-url", base, "--endpoint", endpoint,
                 "--model", client.model, "--num-prompts", str(client.num_prompts),
                 "--save-result", "--result-dir", cfg.benchmark.results_dir,
@@ -96,7 +104,7 @@ def bench_argv(cfg: Config, client: BenchClient, py: Interpreters) -> List[str]:
         return args + list(client.extra_args)
     if client.tool == "sglang":
         backend = "vllm-chat" if client.endpoint == "chat" else "vllm"
-        args = [python, "-m", "sglang.bench_serving", "--backend", backend,
+        args = ["-m", "sglang.bench_serving", "--backend", backend,
                 "--base-url", base, "--model", client.model,
                 "--num-prompts", str(client.num_prompts), "--output-file", result]
         if client.dataset_path:
@@ -112,7 +120,7 @@ def bench_argv(cfg: Config, client: BenchClient, py: Interpreters) -> List[str]:
     # guidellm
     rate_type = "concurrent" if client.concurrency else ("constant" if client.request_rate
                                                          else "synchronous")
-    args = [python, "-m", "guidellm", "benchmark", "--target", base, "--model", client.model,
+    args = ["-m", "guidellm", "benchmark", "--target", base, "--model", client.model,
             "--rate-type", rate_type,
             "--data", f"prompt_tokens={client.prompt_tokens},output_tokens={client.output_tokens}",
             "--max-requests", str(client.num_prompts), "--output-path", result]

@@ -1,0 +1,84 @@
+"""kvrouter bench against simulated engines: measured figures match the configured ones."""
+import json
+import subprocess
+import sys
+
+from tests.integration.conftest import PY, Router, SimEngine, free_port, instance_yaml
+
+
+def run(*args, cwd=None):
+    return subprocess.run([PY, "-m", "kvrouter", "bench", *args], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+def test_reported_ttft_and_itl_match_the_engine(tmp_path):
+    eng = SimEngine("vllm", model="m", args=["--ttft-ms", "60", "--itl-ms", "15",
+                                              "--prefill-ms-per-token", "0"])
+    try:
+        out = tmp_path / "r.json"
+        r = run("run", "--base-url", eng.base + "/v1", "--model", "m", "--num-prompts", "8",
+                "--concurrency", "2", "--output-tokens", "20", "--prompt-tokens", "16",
+                "--output", str(out))
+        assert r.returncode == 0, r.stderr
+        data = json.loads(out.read_text())
+        m = data["models"]["m"]
+        assert data["schema"] == "kvrouter-bench/1" and m["completed"] == 8
+        assert 0.050 <= m["ttft"]["p50"] <= 0.110, m["ttft"]
+        assert 0.013 <= m["itl"]["p50"] <= 0.020, m["itl"]
+        assert 0.013 <= m["tpot"]["mean"] <= 0.022
+        assert m["output_token_throughput"] > 0 and m["errors"] == {}
+        assert "TOTAL" in r.stdout and "m " in r.stdout
+        cmp = run("--compare", str(out), str(out))
+        assert cmp.returncode == 0 and "requests/s" in cmp.stdout and "+0.0%" in cmp.stdout
+    finally:
+        eng.stop()
+
+
+def test_trace_replays_with_the_requested_mix(tmp_path):
+    engines = [SimEngine("vllm", model=f"m{i}", args=["--ttft-ms", "1", "--itl-ms", "1"])
+               for i in range(3)]
+    port = free_port()
+    cfg = "router: {router_host: 127.0.0.1, router_port: %d}\ninstances:\n%s" % (
+        port, "".join(instance_yaml(f"m{i}", f"m{i}", e.port, "vllm")
+                      for i, e in enumerate(engines)))
+    r = Router(cfg, str(tmp_path))
+    try:
+        r.wait_models_ready()
+        trace = tmp_path / "t.jsonl"
+        g = run("gen-trace", "--model", "m0", "--model", "m1", "--model", "m2", "--duration",
+                "30", "--rate", "3", "--cv", "2", "--on-seconds", "1000", "--off-seconds", "0",
+                "--prompt-tokens", "8", "--output-tokens", "4", "--seed", "5",
+                "--out", str(trace))
+        assert g.returncode == 0, g.stderr
+        rows = [json.loads(line) for line in trace.read_text().splitlines()]
+        want = {m: sum(1 for x in rows if x["model"] == m) for m in ("m0", "m1", "m2")}
+        assert want["m0"] > want["m2"] > 0
+        out = tmp_path / "replay.json"
+        rep = run("trace", str(trace), "--base-url", r.base + "/v1", "--speed", "10",
+                  "--slo-ttft-ms", "1000", "--slo-tpot-ms", "100", "--output", str(out))
+        assert rep.returncode == 0, rep.stderr
+        data = json.loads(out.read_text())
+        got = {m: v["completed"] for m, v in data["models"].items()}
+        assert got == want
+        assert all(v["goodput"]["attainment"] == 1.0 for v in data["models"].values())
+    finally:
+        r.stop()
+        for e in engines:
+            e.stop()
+
+
+def test_missing_external_tool_is_a_clear_error():
+    r = run("external", "--tool", "guidellm", "--python", sys.executable, "--", "-m", "guidellm")
+    assert r.returncode == 2
+    assert r.stderr.startswith("Error: benchmark tool 'guidellm' is not installed")
+    r = run("external", "--tool", "vllm", "--python", "/nonexistent/bin/python", "--", "-V")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_bad_base_url_and_no_success_are_errors():
+    r = run("run", "--base-url", "ftp://x", "--model", "m", "--num-prompts", "1")
+    assert r.returncode == 2 and "--base-url must be http" in r.stderr
+    port = free_port()
+    r = run("run", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "m",
+            "--num-prompts", "2")
+    assert r.returncode == 2 and "no request succeeded" in r.stderr and "connect=2" in r.stdout

@@ -1,0 +1,58 @@
+"""Trace generator and bench report: pure functions."""
+import statistics
+
+from kvrouter.bench import report, trace
+
+
+def test_trace_is_deterministic_and_power_law():
+    models = ["a", "b", "c", "d"]
+    one = trace.generate(models, 3600, 4.0, alpha=1.0, cv=2.0, on_seconds=1e9, off_seconds=0,
+                         seed=7)
+    two = trace.generate(models, 3600, 4.0, alpha=1.0, cv=2.0, on_seconds=1e9, off_seconds=0,
+                         seed=7)
+    assert one == two
+    counts = {m: sum(1 for r in one if r["model"] == m) for m in models}
+    assert counts["a"] > counts["b"] > counts["c"] > counts["d"] > 0
+    # weights 1 : 1/2 : 1/3 : 1/4 of 4 req/s over an hour
+    assert abs(counts["a"] - 3600 * 4 / (1 + 1 / 2 + 1 / 3 + 1 / 4)) < 0.1 * counts["a"]
+    assert all(one[i]["time"] <= one[i + 1]["time"] for i in range(len(one) - 1))
+
+
+def test_gamma_gaps_have_the_requested_cv():
+    rows = trace.generate(["a"], 20000, 2.0, cv=3.0, on_seconds=1e9, off_seconds=0, seed=1)
+    gaps = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
+    cv = statistics.pstdev(gaps) / statistics.mean(gaps)
+    assert 2.5 < cv < 3.5
+
+
+def test_on_off_periods_leave_idle_gaps():
+    rows = trace.generate(["a"], 3000, 5.0, cv=1.0, on_seconds=30, off_seconds=120, seed=3)
+    gaps = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
+    assert max(gaps) > 60  # idle long enough for a model to go to sleep
+
+
+def test_trace_round_trip(tmp_path):
+    rows = trace.generate(["a", "b"], 60, 2.0, seed=0)
+    path = tmp_path / "t.jsonl"
+    trace.write(rows, str(path))
+    assert trace.read(str(path)) == rows
+
+
+def test_report_stats_and_goodput():
+    samples = []
+    for i in range(10):
+        s = report.Sample("m", 0.0)
+        s.ok = True
+        s.ttft = 0.1 * (i + 1)
+        s.e2e = s.ttft + 0.9
+        s.output_tokens = 10
+        s.itls = [0.1] * 9
+        samples.append(s)
+    bad = report.Sample("m", 0.0)
+    bad.error = "http_5xx"
+    samples.append(bad)
+    out = report.summarize(samples, 10.0, {"ttft": 0.5})
+    assert out["completed"] == 10 and out["errors"] == {"http_5xx": 1}
+    assert out["goodput"]["requests_meeting_slo"] == 5
+    assert abs(out["tpot"]["mean"] - 0.1) < 1e-9
+    assert out["request_throughput"] == 1.0 and out["output_token_throughput"] == 10.0
