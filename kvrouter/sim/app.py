@@ -233,12 +233,13 @@ class SimEngine:
         if level not in (0, 1, 2):
             raise SimError(400, f"invalid sleep level {level}", param="level")
         self.state.vllm_sleep(level)  # a JSON body is ignored, as in vLLM
-        return Response(200)
+        return _json(200, {"status": "sleeping", "level": level})
 
     def vllm_wake(self, req):
         tags = parse_qs(req.query).get("tags") or None
         self.state.vllm_wake(tags)
-        return Response(200)
+        return _json(200, {"status": "awake" if not self.state.asleep_tags else "partial",
+                           "tags": tags})
 
     def vllm_rpc(self, req):
         body = self._body(req)

@@ -54,8 +54,11 @@ def _int_field(body: dict, name: str, default: Optional[int], lo: int = 1) -> Op
     value = body.get(name, default)
     if value is None:
         return default
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        raise _bad(f"{name} must be an integer >= {lo}, got {value!r}", name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad(f"{name} must be an integer, got {value!r}", name)
+    if value < lo:
+        raise _bad(f"{name} must be at least {lo}, got {value}. (parameter={name}, "
+                   f"value={value})", name)
     return value
 
 
@@ -125,7 +128,8 @@ class Generator:
         if model is None:
             return self.cfg.served_name
         if model not in self.cfg.names:
-            raise SimError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+            raise SimError(404, f"The model `{model}` does not exist. Valid aliases: "
+                           f"{', '.join(self.cfg.names)}.", "NotFoundError", "model")
         return model
 
     def parse(self, body: Any, chat: bool) -> dict:
@@ -143,6 +147,8 @@ class Generator:
         n = _int_field(body, "n", 1)
         if n > 16:
             raise _bad("n must be at most 16", "n")
+        if n > 1 and body.get("temperature") == 0:
+            raise _bad(f"n must be 1 when using greedy sampling, got {n}.")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise _bad("stream must be a boolean", "stream")
@@ -266,10 +272,17 @@ class Generator:
             st.update_segment()
 
     # --- OpenAI objects ------------------------------------------------------------------------
-    def usage(self, req: dict, completion: int) -> dict:
-        return {"prompt_tokens": req["prompt_tokens"], "total_tokens":
-                req["prompt_tokens"] + completion, "completion_tokens": completion,
-                "prompt_tokens_details": None}
+    def usage(self, req: dict, completion: int, details: bool = True) -> dict:
+        out = {"prompt_tokens": req["prompt_tokens"], "total_tokens":
+               req["prompt_tokens"] + completion, "completion_tokens": completion}
+        if details:  # vLLM 0.32 leaves the details out of a stream's usage chunk
+            out["prompt_tokens_details"] = None
+            out["completion_tokens_details"] = None
+        return out
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.cfg.dialect}-{self.cfg.version}-sim"
 
     def complete(self, req: dict) -> dict:
         texts: dict = {}
@@ -284,24 +297,28 @@ class Generator:
                     reasons[index] = reason
         created = int(time.time())
         indices = sorted(reasons)
+        # the shapes of vLLM 0.32 (checked against it by tests/engine/test_fidelity.py)
         if req["chat"]:
             choices = [{"index": i, "message": {
                 "role": "assistant", "content": texts.get(i, ""), "refusal": None,
-                "annotations": None, "audio": None, "function_call": None, "tool_calls": [],
-                "reasoning_content": None}, "logprobs": None, "finish_reason": reasons[i],
-                "stop_reason": None} for i in indices]
+                "annotations": None, "audio": None, "function_call": None, "reasoning": None},
+                "logprobs": None, "finish_reason": reasons[i], "stop_reason": None,
+                "token_ids": None, "routed_experts": None} for i in indices]
             return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                     "created": created, "model": req["model"], "choices": choices,
-                    "service_tier": None, "system_fingerprint": None,
+                    "service_tier": None, "system_fingerprint": self.fingerprint,
                     "usage": self.usage(req, produced), "prompt_logprobs": None,
-                    "kv_transfer_params": None}
+                    "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None,
+                    "ec_transfer_params": None, "metrics": None}
         choices = [{"index": i, "text": texts.get(i, ""), "logprobs": None,
-                    "finish_reason": reasons[i], "stop_reason": None, "prompt_logprobs": None}
+                    "finish_reason": reasons[i], "stop_reason": None, "token_ids": None,
+                    "prompt_logprobs": None, "prompt_token_ids": None, "routed_experts": None}
                    for i in indices]
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": created, "model": req["model"], "choices": choices,
-                "service_tier": None, "system_fingerprint": None,
-                "usage": self.usage(req, produced), "kv_transfer_params": None}
+                "service_tier": None, "system_fingerprint": self.fingerprint,
+                "usage": self.usage(req, produced), "kv_transfer_params": None,
+                "ec_transfer_params": None, "metrics": None}
 
     def stream(self, req: dict) -> Iterator[bytes]:
         created = int(time.time())
@@ -309,10 +326,10 @@ class Generator:
         rid = (f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}")
         obj = "chat.completion.chunk" if chat else "text_completion"
         model = json.dumps(req["model"])
-        usage_null = ',"usage":null' if req["include_usage"] else ""
         head = (f'data: {{"id":"{rid}","object":"{obj}","created":{created},"model":{model},'
                 f'"choices":[')
-        tail = f"]{usage_null}}}\n\n"
+        tail = "]}\n\n"
+        role_tail = ('],"prompt_token_ids":null,"prompt_text":null}\n\n' if chat else tail)
         produced = 0
         gen = self.run(req)
         try:
@@ -322,29 +339,31 @@ class Generator:
                 for index, piece, reason in step:
                     if piece:
                         produced += 1
-                    fr = "null" if reason is None else f'"{reason}"'
+                    end = ("" if reason is None else
+                           f'"finish_reason":"{reason}","stop_reason":null,')
+                    fr = end or '"finish_reason":null,'
                     if chat:
                         if first:
                             parts.append(f'{{"index":{index},"delta":{{"role":"assistant",'
                                          f'"content":""}},"logprobs":null,"finish_reason":null}}')
                         parts.append(f'{{"index":{index},"delta":{{"content":'
                                      f'{_json_piece(piece)}}},"logprobs":null,'
-                                     f'"finish_reason":{fr}}}')
+                                     f'{fr}"token_ids":null}}')
                     else:
                         parts.append(f'{{"index":{index},"text":{_json_piece(piece)},'
-                                     f'"logprobs":null,"finish_reason":{fr},'
-                                     f'"stop_reason":null}}')
+                                     f'"logprobs":null,{fr}"token_ids":null}}')
                 if first and chat:
                     # role chunks first, one per choice, then the content chunks
                     roles = [p for p in parts if '"role"' in p]
                     parts = [p for p in parts if '"role"' not in p]
-                    yield "".join(head + r + tail for r in roles).encode()
+                    yield "".join(head + r + role_tail for r in roles).encode()
                 first = False
                 yield "".join(head + p + tail for p in parts).encode()
             if req["include_usage"]:
-                usage = json.dumps(self.usage(req, produced))
+                usage = json.dumps(self.usage(req, produced, details=False))
                 yield (f'data: {{"id":"{rid}","object":"{obj}","created":{created},'
-                       f'"model":{model},"choices":[],"usage":{usage}}}\n\n').encode()
+                       f'"model":{model},"choices":[],"usage":{usage},'
+                       f'"system_fingerprint":"{self.fingerprint}"}}\n\n').encode()
             yield b"data: [DONE]\n\n"
         finally:
             gen.close()

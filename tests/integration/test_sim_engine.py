@@ -33,7 +33,7 @@ def test_error_shapes_per_dialect(engine):
     err = json.loads(body)
     assert status == 404
     if engine.dialect == "vllm":  # vLLM >= 0.10.1: nested envelope
-        assert err["error"]["message"] == "The model `other` does not exist."
+        assert err["error"]["message"].startswith("The model `other` does not exist.")
         assert err["error"]["code"] == 404
     else:  # SGLang: flat legacy object
         assert err["object"] == "error" and err["code"] == 404
