@@ -1,6 +1,7 @@
 # kvrouter: `make demo` runs the stack on simulated engines; `make test` runs every test tier.
 PYTHON ?= python3
 VENV ?= .venv
+ENGINE_VENV ?= .venv-engine
 CONFIG ?= etc/kvrouter.yaml
 OUT ?= etc
 KV := $(VENV)/bin/kvrouter
@@ -8,8 +9,8 @@ PY := $(VENV)/bin/python
 SUPERVISORCTL := $(VENV)/bin/supervisorctl -c $(OUT)/supervisord.conf
 PYTEST_ARGS ?=
 
-.PHONY: install render demo demo-stop status test test-unit test-integration test-engine \
-        bench install-units clean
+.PHONY: install engine-env render demo demo-stop status test test-unit test-integration \
+        test-engine bench install-units clean
 
 install: $(VENV)/.installed
 
@@ -47,14 +48,21 @@ demo-stop:
 status:
 	$(SUPERVISORCTL) status
 
-test: install
-	$(PY) -m pytest -q tests/unit tests/integration $(PYTEST_ARGS)
+test: install engine-env
+	$(PY) -m pytest -q tests/unit tests/integration tests/engine $(PYTEST_ARGS)
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 test-integration: install
 	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
+
+## a real vLLM (CPU build, tiny local model) under kvrouter's supervisord config
+test-engine: install engine-env
+	$(PY) -m pytest -q tests/engine $(PYTEST_ARGS)
+
+engine-env:
+	bash tests/engine/install_engine.sh $(ENGINE_VENV)
 
 ## speed figures: router vs direct vs aiohttp baseline, sim engine, load generator (prints, no asserts)
 bench: install

@@ -332,6 +332,8 @@ class Generator:
         role_tail = ('],"prompt_token_ids":null,"prompt_text":null}\n\n' if chat else tail)
         produced = 0
         gen = self.run(req)
+        total = len(req["prompts"]) * req["n"]
+        finished = 0
         try:
             first = True
             for step in gen:
@@ -339,10 +341,9 @@ class Generator:
                 for index, piece, reason in step:
                     if piece:
                         produced += 1
-                    end = ("" if reason is None else
-                           f'"finish_reason":"{reason}","stop_reason":null,')
-                    fr = end or '"finish_reason":null,'
                     if chat:
+                        fr = ('"finish_reason":null,' if reason is None else
+                              f'"finish_reason":"{reason}","stop_reason":null,')
                         if first:
                             parts.append(f'{{"index":{index},"delta":{{"role":"assistant",'
                                          f'"content":""}},"logprobs":null,"finish_reason":null}}')
@@ -350,15 +351,22 @@ class Generator:
                                      f'{_json_piece(piece)}}},"logprobs":null,'
                                      f'{fr}"token_ids":null}}')
                     else:
+                        fr = "null" if reason is None else f'"{reason}"'
                         parts.append(f'{{"index":{index},"text":{_json_piece(piece)},'
-                                     f'"logprobs":null,{fr}"token_ids":null}}')
+                                     f'"logprobs":null,"finish_reason":{fr},"stop_reason":null,'
+                                     f'"prompt_token_ids":null,"token_ids":null}}')
                 if first and chat:
                     # role chunks first, one per choice, then the content chunks
                     roles = [p for p in parts if '"role"' in p]
                     parts = [p for p in parts if '"role"' not in p]
                     yield "".join(head + r + role_tail for r in roles).encode()
                 first = False
-                yield "".join(head + p + tail for p in parts).encode()
+                last_tail = tail
+                finished += sum(1 for _, _, reason in step if reason)
+                if not req["include_usage"] and finished >= total:
+                    last_tail = f'],"system_fingerprint":"{self.fingerprint}"}}\n\n'
+                yield ("".join(head + p + tail for p in parts[:-1]) + head + parts[-1]
+                       + last_tail).encode()
             if req["include_usage"]:
                 usage = json.dumps(self.usage(req, produced, details=False))
                 yield (f'data: {{"id":"{rid}","object":"{obj}","created":{created},'

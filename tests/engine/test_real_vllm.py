@@ -1,0 +1,196 @@
+"""kvrouter in front of real vLLM engines; the simulated engine checked against them."""
+import json
+import os
+import signal
+import threading
+import time
+
+import openai
+import pytest
+
+from tests.integration import conformance
+from tests.integration.conftest import SimEngine, get_json, http, wait_until
+
+
+def router_client(real, timeout=120):
+    return openai.OpenAI(base_url=real["base"] + "/v1", api_key="x", max_retries=0,
+                         timeout=timeout)
+
+
+def test_models_list(real):
+    ids = {m.id for m in router_client(real).models.list().data}
+    assert {"tiny-a", "tiny-b", real["models"]["tiny-a"]} <= ids
+
+
+@pytest.mark.parametrize("check", conformance.NO_EMBEDDINGS, ids=lambda f: f.__name__)
+def test_conformance_suite_on_real_vllm(real, check):
+    """The suite written for the simulated engine, unchanged, against a real vLLM."""
+    client = openai.OpenAI(base_url=real["engines"]["tiny-a"] + "/v1", api_key="x",
+                           max_retries=0, timeout=120)
+    check(client, "tiny-a")
+
+
+def test_through_router(real):
+    c = router_client(real)
+    r = c.completions.create(model="tiny-a", prompt="hello", max_tokens=4, temperature=0,
+                             extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
+    chat = c.chat.completions.create(model="tiny-b", max_tokens=3, temperature=0,
+                                     messages=[{"role": "user", "content": "hi"}],
+                                     extra_body={"ignore_eos": True})
+    assert chat.usage.completion_tokens == 3
+    chunks = list(c.chat.completions.create(
+        model="tiny-a", max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True}, messages=[{"role": "user", "content": "hi"}],
+        extra_body={"ignore_eos": True}))
+    assert chunks[-1].usage.completion_tokens == 5
+    many = c.completions.create(model="tiny-b", prompt="x", max_tokens=2, n=2, temperature=0.8,
+                                extra_body={"ignore_eos": True})
+    assert sorted(ch.index for ch in many.choices) == [0, 1]
+
+
+def test_errors_through_router(real):
+    c = router_client(real)
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="nope", prompt="x", max_tokens=1)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:  # vLLM's own 400, passed through
+        c.completions.create(model="tiny-a", prompt="word " * 300, max_tokens=10)
+    assert "context length" in e.value.message or "maximum" in e.value.message
+
+
+def test_32_concurrent_requests_across_both_engines(real):
+    c = router_client(real)
+    results, errors = [], []
+
+    def one(i):
+        try:
+            r = c.completions.create(model="tiny-a" if i % 2 else "tiny-b", prompt=f"p {i}",
+                                     max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+            results.append(r.usage.completion_tokens)
+        except Exception as err:  # noqa: BLE001
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == [] and results == [4] * 32
+
+
+def _shape(obj):
+    if isinstance(obj, dict):
+        return {k: _shape(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_shape(obj[0])] if obj else []
+    if obj is None:
+        return None
+    return type(obj).__name__
+
+
+def _events(raw: bytes):
+    return [e[6:] for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
+
+
+def _requests(model):
+    return [
+        ("/v1/completions", {"model": model, "prompt": "hello", "max_tokens": 3,
+                             "temperature": 0, "ignore_eos": True}),
+        ("/v1/chat/completions", {"model": model, "max_tokens": 3, "temperature": 0,
+                                  "ignore_eos": True,
+                                  "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/chat/completions", {"model": model, "max_tokens": 3, "temperature": 0,
+                                  "stream": True, "stream_options": {"include_usage": True},
+                                  "ignore_eos": True,
+                                  "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2, "stream": True,
+                             "temperature": 0, "ignore_eos": True}),
+        ("/v1/completions", {"model": "nope", "prompt": "x"}),
+        ("/v1/completions", {"model": model, "prompt": "x", "max_tokens": -1}),
+    ]
+
+
+def test_fidelity_sim_matches_real_vllm(real):
+    """Same requests to the simulated engine (vLLM dialect) and to the real vLLM: the same
+    JSON keys and types, the same SSE framing, the same statuses."""
+    sim = SimEngine("vllm", model="tiny-a", args=["--max-model-len", "256"])
+    try:
+        for path, body in _requests("tiny-a"):
+            got = {}
+            for name, base in (("real", real["engines"]["tiny-a"]), ("sim", sim.base)):
+                status, headers, raw = http("POST", base + path, body, timeout=60)
+                headers = {k.lower(): v for k, v in headers.items()}
+                if body.get("stream"):
+                    events = _events(raw)
+                    assert events[-1] == b"[DONE]", (name, raw[-200:])
+                    assert raw.endswith(b"data: [DONE]\n\n")
+                    chunks = [json.loads(e) for e in events[:-1]]
+                    got[name] = (status, headers["content-type"].split(";")[0],
+                                 _shape(chunks[0]), _shape(chunks[-1]),
+                                 [_shape(c) for c in chunks[1:-1]][:1])
+                else:
+                    got[name] = (status, headers["content-type"].split(";")[0],
+                                 _shape(json.loads(raw)))
+            assert got["sim"] == got["real"], (path, body)
+        real_models = get_json(real["engines"]["tiny-a"] + "/v1/models")[1]
+        sim_models = get_json(sim.base + "/v1/models")[1]
+        assert _shape(sim_models) == _shape(real_models)
+    finally:
+        sim.stop()
+
+
+def test_manual_sleep_and_request_held_across_wake(real):
+    eng = real["engines"]["tiny-b"]
+    status, _, body = http("POST", real["base"] + "/model/sleep/tiny-b", timeout=120)
+    assert status == 200, body
+    assert get_json(eng + "/is_sleeping")[1] == {"is_sleeping": True}
+    _, st = get_json(real["base"] + "/sleep/status")
+    model = real["models"]["tiny-b"]
+    assert st["models"][model]["state"] == "sleeping"
+    r = router_client(real).completions.create(model="tiny-b", prompt="wake up", max_tokens=2,
+                                               extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 2
+    assert get_json(eng + "/is_sleeping")[1] == {"is_sleeping": False}
+    _, st = get_json(real["base"] + "/sleep/status")
+    assert st["models"][model]["state"] == "ready" and st["models"][model]["wakes"] >= 1
+
+
+def test_automatic_sleep(real):
+    """Lower the idle threshold through a re-render: supervisord restarts only the router,
+    which adopts the running engines, then sleeps the idle one."""
+    import subprocess
+
+    from tests.integration.conftest import PY
+
+    cfg = os.path.join(real["tmp"], "kvrouter.yaml")
+    with open(cfg) as fh:
+        text = fh.read()
+    with open(cfg, "w") as fh:
+        fh.write(text.replace("idle_threshold_seconds: 600", "idle_threshold_seconds: 2"))
+    real["sup"].stop("kvrouter")
+    real["sup"].start("kvrouter")
+    wait_until(lambda: get_json(real["base"] + "/health", timeout=2)[0] == 200, 30,
+               what="router back")
+    model = real["models"]["tiny-b"]
+    wait_until(lambda: get_json(real["base"] + "/sleep/status")[1]["models"][model]["state"]
+               == "sleeping", 60, interval=0.5, what="automatic sleep of tiny-b")
+    assert get_json(real["engines"]["tiny-b"] + "/is_sleeping")[1] == {"is_sleeping": True}
+    # tiny-a is pinned: still awake
+    assert get_json(real["engines"]["tiny-a"] + "/is_sleeping")[1] == {"is_sleeping": False}
+    r = router_client(real).completions.create(model="tiny-b", prompt="x", max_tokens=1)
+    assert r.choices
+
+
+def test_engine_killed_is_restarted_by_supervisord_and_serves_again(real):
+    sup = real["sup"]
+    name = "engines:engine-vllm-a"
+    pid = sup.process_info(name)["pid"]
+    os.killpg(pid, signal.SIGKILL)  # the API server and its engine children
+    wait_until(lambda: sup.process_info(name)["pid"] not in (0, pid), 30,
+               what="supervisord restarted vllm-a")
+    t0 = time.monotonic()
+    r = router_client(real, timeout=400).completions.create(
+        model="tiny-a", prompt="again", max_tokens=2, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 2
+    print(f"served again {time.monotonic() - t0:.0f}s after the restart")
