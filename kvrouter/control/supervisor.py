@@ -64,16 +64,22 @@ class Supervisor:
     def stop(self, name: str, wait: bool = True) -> bool:
         return self.rpc.stopProcess(name, wait)
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Ask supervisord to exit and wait until it has (``shutdown`` returns early)."""
+    def shutdown(self, timeout: float = 90.0) -> None:
+        """Ask supervisord to exit and wait until its process is gone (the XML-RPC call
+        returns before it has stopped its programs and exited)."""
         try:
+            pid = self.rpc.getPID()
             self.rpc.shutdown()
         except (OSError, xmlrpc.client.Error):
             return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not os.path.exists(self.socket_path) or not self.is_running():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
                 return
+            except PermissionError:
+                pass
             time.sleep(0.05)
 
 

@@ -120,19 +120,32 @@ class Proxy:
             if value is not None:
                 headers[name] = value
         connect, first_byte, idle = self.timeouts
-        try:
-            resp = entry.pool.request(req.method, req.url.decode("latin-1"), headers, payload,
-                                      connect, first_byte, idle)
-        except UpstreamTimeout as err:
-            self.traffic.end(rec, "timeout")
-            return error_response(ApiError(504, f"model {entry.name!r}: {err}", "timeout_error",
-                                           "upstream_timeout"))
-        except UpstreamError as err:
-            self.controller.upstream_failed(entry, str(err))
-            self.traffic.end(rec, "upstream_error")
-            return error_response(ApiError(
-                503, f"model {entry.name!r} is unreachable: {err}", "service_unavailable",
-                "model_unreachable", headers={"Retry-After": "2"}))
+        path = req.url.decode("latin-1")
+        for attempt in (0, 1):
+            try:
+                resp = entry.pool.request(req.method, path, headers, payload, connect,
+                                          first_byte, idle)
+                break
+            except UpstreamTimeout as err:
+                self.traffic.end(rec, "timeout")
+                return error_response(ApiError(504, f"model {entry.name!r}: {err}",
+                                               "timeout_error", "upstream_timeout"))
+            except UpstreamError as err:
+                self.controller.upstream_failed(entry, str(err))
+                if attempt == 0 and err.phase == "connect":
+                    # Nothing reached the engine (it died or is restarting): wait until it is
+                    # ready again, bounded like any wait, then send the request once more.
+                    try:
+                        waited = self.controller.ensure_ready(entry)
+                    except ApiError:
+                        pass
+                    else:
+                        self.traffic.waited(rec, waited)
+                        continue
+                self.traffic.end(rec, "upstream_error")
+                return error_response(ApiError(
+                    503, f"model {entry.name!r} is unreachable: {err}", "service_unavailable",
+                    "model_unreachable", headers={"Retry-After": "2"}))
         rec.first_byte = self.clock()
         out_headers = [("Content-Type", resp.header("content-type", "application/json")),
                        ("X-Request-Id", rid)]
