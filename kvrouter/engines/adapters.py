@@ -92,6 +92,20 @@ class EngineAdapter:
         """Requests running or queued in the engine, None when it cannot tell."""
         return None
 
+    def _metrics(self) -> Optional[str]:
+        try:
+            status, body = self._call("GET", "/metrics")
+        except UpstreamError:
+            return None
+        return body.decode("utf-8", "replace") if status == 200 else None
+
+    def _busy_from_metrics(self, running_name: str, waiting_name: str) -> Optional[int]:
+        text = self._metrics()
+        running = metric_value(text, running_name) if text else None
+        if running is None:
+            return None
+        return int(running + (metric_value(text, waiting_name) or 0))
+
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while True:
@@ -141,18 +155,7 @@ class VllmAdapter(EngineAdapter):
         return self.version
 
     def busy(self) -> Optional[int]:
-        try:
-            status, body = self._call("GET", "/metrics")
-        except UpstreamError:
-            return None
-        if status != 200:
-            return None
-        text = body.decode("utf-8", "replace")
-        running = metric_value(text, "vllm:num_requests_running")
-        waiting = metric_value(text, "vllm:num_requests_waiting")
-        if running is None:
-            return None
-        return int(running + (waiting or 0))
+        return self._busy_from_metrics("vllm:num_requests_running", "vllm:num_requests_waiting")
 
     def is_sleeping(self) -> Optional[bool]:
         try:
@@ -168,12 +171,7 @@ class VllmAdapter(EngineAdapter):
 
     def sleep_level(self) -> Optional[int]:
         """From vllm:engine_sleep_state (>= 0.11.1): 1 offloaded, 2 discarded, None unknown."""
-        try:
-            status, body = self._call("GET", "/metrics")
-        except UpstreamError:
-            return None
-        text = body.decode("utf-8", "replace") if status == 200 else ""
-        for line in text.splitlines():
+        for line in (self._metrics() or "").splitlines():
             if line.startswith("vllm:engine_sleep_state{") and line.endswith(" 1"):
                 if 'sleep_state="weights_offloaded"' in line:
                     return 1
@@ -240,17 +238,7 @@ class SglangAdapter(EngineAdapter):
                 return int(sum(int(x.get("num_reqs", 0)) for x in loads))
         except (UpstreamError, ValueError, TypeError, AttributeError):
             pass
-        try:
-            status, body = self._call("GET", "/metrics")
-        except UpstreamError:
-            return None
-        if status != 200:
-            return None
-        text = body.decode("utf-8", "replace")
-        running = metric_value(text, "sglang:num_running_reqs")
-        if running is None:
-            return None
-        return int(running + (metric_value(text, "sglang:num_queue_reqs") or 0))
+        return self._busy_from_metrics("sglang:num_running_reqs", "sglang:num_queue_reqs")
 
     def is_sleeping(self) -> Optional[bool]:
         """Released tags from /server_info where the engine reports them (the simulator does)."""

@@ -7,6 +7,7 @@ import gevent
 
 from flask import jsonify, request
 
+from kvrouter.control import report
 from kvrouter.control.controller import TransitionError
 from kvrouter.router.errors import envelope
 
@@ -33,44 +34,37 @@ def register(app, ctx, entry_or_404) -> None:
             return "bad"
         return int(raw)
 
-    def sleep_model(model):
+    def transition(model, op, result):
+        """Run one admin transition: token, 404, then ``op(entry)`` (409 when refused)."""
         denied = authorized()
         if denied:
             return denied
         entry, err = entry_or_404(model)
         if err:
             return err
+        try:
+            # in a greenlet of its own: a client that goes away must not cut a transition
+            gevent.spawn(op, entry).get()
+        except TransitionError as e:
+            body = envelope(409, str(e), "conflict_error", None, "invalid_transition")
+            body["status"] = report.model_status(controller, entry)
+            return jsonify(body), 409
+        return jsonify({"result": result, "status": report.model_status(controller, entry)})
+
+    def sleep_model(model):
         level = level_arg()
         if level == "bad":
             return jsonify(envelope(400, "level must be 1 or 2", param="level")), 400
-        try:
-            # in a greenlet of its own: a client that goes away must not cut a transition
-            gevent.spawn(controller.sleep, entry, level, True, "manual (admin API)").get()
-        except TransitionError as e:
-            body = envelope(409, str(e), "conflict_error", None, "invalid_transition")
-            body["status"] = controller.status(entry)
-            return jsonify(body), 409
-        return jsonify({"result": "sleeping", "status": controller.status(entry)})
+        return transition(model, lambda e: controller.sleep(e, level, True, "manual (admin API)"),
+                          "sleeping")
 
     def wake_model(model):
-        denied = authorized()
-        if denied:
-            return denied
-        entry, err = entry_or_404(model)
-        if err:
-            return err
-        try:
-            gevent.spawn(controller.wake, entry, True).get()
-        except TransitionError as e:
-            body = envelope(409, str(e), "conflict_error", None, "invalid_transition")
-            body["status"] = controller.status(entry)
-            return jsonify(body), 409
-        return jsonify({"result": "ready", "status": controller.status(entry)})
+        return transition(model, lambda e: controller.wake(e, True), "ready")
 
     def sleep_status():
-        return jsonify({"models": {e.name: controller.status(e)
+        return jsonify({"models": {e.name: report.model_status(controller, e)
                                    for e in controller.entries.values()},
-                        "gpu_memory": controller.memory(),
+                        "gpu_memory": report.gpu_memory(controller),
                         "policy": {"auto_sleep_enabled": cfg.sleep_manager.auto_sleep_enabled,
                                    "wakeup_on_request": cfg.sleep_manager.wakeup_on_request,
                                    "idle_threshold_seconds":
@@ -80,7 +74,7 @@ def register(app, ctx, entry_or_404) -> None:
                                    "process_manager": controller.process.kind}})
 
     def candidates():
-        return jsonify({"candidates": controller.candidates()})
+        return jsonify({"candidates": report.sleep_candidates(controller)})
 
     for path, view, name in (("/model/sleep/<path:model>", sleep_model, "sleep_a"),
                              ("/action/sleep/<path:model>", sleep_model, "sleep_b"),

@@ -9,6 +9,7 @@ from gevent.event import Event
 from kvrouter.config import parse_config_text
 from kvrouter.control.controller import Controller, State, TransitionError
 from kvrouter.control.process import ProcessControl
+from kvrouter.control.report import gpu_memory, model_status
 from kvrouter.engines.adapters import EngineError
 from kvrouter.errors import ApiError
 from kvrouter.traffic import TrafficMonitor
@@ -272,10 +273,10 @@ def test_status_shows_observed_state_and_memory():
     ctl, _, _ = make(instances=[("a", "m/a", ", weights_gb: 4, kv_cache_gb: 2, gpus: 1")])
     e = ctl.entries["m/a"]
     ctl.sleep(e, level=2)
-    st = ctl.status(e)
+    st = model_status(ctl, e)
     assert st["state"] == "sleeping" and st["sleep_level"] == 2 and st["sleep_kind"] == "manual"
     assert st["memory"] == {"gpus": ["1"], "weights_gb": 4.0, "kv_cache_gb": 2.0,
                             "resident_gb": 0.0}
     ctl.wake(e)
-    assert ctl.status(e)["memory"]["resident_gb"] == 6.0
-    assert ctl.memory() == {"1": {"budget_gb": None, "used_gb": 6.0}}
+    assert model_status(ctl, e)["memory"]["resident_gb"] == 6.0
+    assert gpu_memory(ctl) == {"1": {"budget_gb": None, "used_gb": 6.0}}

@@ -1,0 +1,51 @@
+"""What the admin API and `kvrouter status` show of the controller's models."""
+from __future__ import annotations
+
+from typing import List
+
+from kvrouter.control import policy
+from kvrouter.control.controller import Controller, ModelEntry, State
+
+
+def model_status(ctl: Controller, entry: ModelEntry) -> dict:
+    inst = entry.inst
+    resident = entry.state.value in policy.RESIDENT_STATES
+    return {
+        "model": entry.name, "instance": inst.name, "engine": inst.engine,
+        "state": entry.state.value, "reason": entry.reason,
+        "since_seconds": round(ctl.clock() - entry.since, 3),
+        "sleep_level": entry.level if entry.state in (State.SLEEPING, State.STOPPED)
+        else None,
+        "configured_level": entry.level,
+        "sleep_kind": (("manual" if entry.sleep_manual else "automatic")
+                       if entry.state in (State.SLEEPING, State.STOPPED) else None),
+        "pinned": inst.sleep.pinned,
+        "last_sleep_seconds": entry.last_sleep_seconds,
+        "last_wake_seconds": entry.last_wake_seconds,
+        "sleeps": entry.sleeps, "wakes": entry.wakes,
+        "waiting_requests": entry.waiters,
+        "requests_in_flight": ctl.in_flight(entry),
+        "memory": {"gpus": (inst.gpus or "0").split(","), "weights_gb": inst.weights_gb,
+                   "kv_cache_gb": inst.kv_cache_gb,
+                   "resident_gb": ((inst.weights_gb or 0) + (inst.kv_cache_gb or 0))
+                   if resident else 0.0},
+        "engine_version": ".".join(map(str, getattr(entry.adapter, "version", ()))) or None,
+    }
+
+
+def gpu_memory(ctl: Controller) -> dict:
+    budget = dict(ctl.cfg.sleep_manager.gpu_memory_gb)
+    used = policy.gpu_usage(ctl.snapshot().models)
+    return {g: {"budget_gb": budget.get(g), "used_gb": round(used.get(g, 0.0), 3)}
+            for g in sorted(set(budget) | set(used))}
+
+
+def sleep_candidates(ctl: Controller) -> List[dict]:
+    snap = ctl.snapshot()
+    out = []
+    for m in snap.models:
+        if m.state == "ready" and not m.pinned and m.in_flight == 0 and \
+                m.idle_seconds >= m.idle_threshold:
+            out.append({"model": m.name, "idle_time_seconds": round(m.idle_seconds, 3),
+                        "idle_threshold_seconds": m.idle_threshold, "level": m.level})
+    return out
