@@ -151,7 +151,8 @@ def test_no_sleep_while_a_request_is_in_flight_and_request_during_drain(stack):
     long.start()
     wait_until(lambda: get_json(f"http://127.0.0.1:{port}/sim/stats")[1]["running"] == 1, 5,
                what="long request running")
-    sleeper = threading.Thread(target=http, args=("POST", stack["base"] + "/model/sleep/t%2Fllama"))
+    sleeper = threading.Thread(target=http, args=("POST", stack["base"] + "/model/sleep/t%2Fllama"),
+                               kwargs={"timeout": 60})
     sleeper.start()
     wait_until(lambda: _states(stack["base"])[LLAMA] == "draining", 5, what="draining")
     r = c.completions.create(model=LLAMA, prompt="during drain", max_tokens=2)

@@ -149,9 +149,12 @@ def test_vllm_level2_plain_wake_gives_gibberish_reload_fixes_it():
 def test_sglang_release_with_requests_running_kills_the_server():
     eng = SimEngine("sglang", model="m", args=["--enable-memory-saver", "--itl-ms", "20"])
     try:
-        threading.Thread(target=http, args=("POST", eng.base + "/v1/completions",
-                                            {"prompt": "x", "max_tokens": 500,
-                                             "ignore_eos": True}), daemon=True).start()
+        def doomed():
+            with pytest.raises(OSError):  # the engine dies under it
+                http("POST", eng.base + "/v1/completions",
+                     {"prompt": "x", "max_tokens": 500, "ignore_eos": True})
+
+        threading.Thread(target=doomed, daemon=True).start()
         wait_until(lambda: eng.stats()["running"] == 1, 5, what="request running")
         try:
             http("POST", eng.base + "/release_memory_occupation", {"tags": ["kv_cache"]},
