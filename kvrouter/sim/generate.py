@@ -228,7 +228,13 @@ class Generator:
             self.metrics.hist["queue"].observe(queue_time)
             self.metrics.hist["ttft"].observe(first - start)
             last_emit = first
-            while True:
+            itl_hist = self.metrics.hist["itl"]
+            max_tokens = req["max_tokens"]
+            remaining = sum(1 for c in choices if c[2] > 0)
+            n_choices = len(choices)
+            monotonic = time.monotonic
+            wait = self.clock.wait
+            while remaining:
                 aborted = st.abort_epoch != epoch
                 step = []
                 for c in choices:
@@ -236,26 +242,25 @@ class Generator:
                         continue
                     if aborted:
                         c[3] = c[2]
+                        remaining -= 1
                         step.append((c[0], "", "abort"))
                         continue
                     c[3] += 1
                     produced += 1
-                    done = c[3] >= c[2]
                     reason = None
-                    if done:
-                        reason = "length" if c[2] >= req["max_tokens"] else "stop"
+                    if c[3] >= c[2]:
+                        remaining -= 1
+                        reason = "length" if c[2] >= max_tokens else "stop"
                     step.append((c[0], c[1].next_text(), reason))
-                if not step:
-                    break
-                now = time.monotonic()
-                if produced > len(choices):
-                    self.metrics.hist["itl"].observe(now - last_emit)
+                now = monotonic()
+                if produced > n_choices:
+                    itl_hist.observe(now - last_emit)
                 last_emit = now
                 yield step
-                if aborted or all(c[3] >= c[2] for c in choices):
+                if aborted or not remaining:
                     finished_reason = "abort" if aborted else step[-1][2]
                     break
-                self.clock.wait()
+                wait()
         finally:
             st.running -= 1
             st.tokens_in_flight -= reserved
