@@ -61,6 +61,10 @@ class RouterConfig:
     max_body_mb: float = setting(32.0, "Largest request body accepted (413 above).", min=0.001)
     log_level: str = setting("info", "Router log level.",
                              choices=("debug", "info", "warning", "error"))
+    state_file: Optional[str] = setting(
+        None, "Where the router remembers which models it put to sleep, for engines that "
+        "cannot say so themselves (SGLang) after a router restart (default: "
+        ".kvrouter-state.json beside the config file).", kind="path")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ state observed from the engine (``/is_sleeping``, health), not the command sent.
 from __future__ import annotations
 
 import enum
+import json
 import logging
+import os
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -113,6 +115,40 @@ class Controller:
             entry.ready.clear()
         changed, entry.changed = entry.changed, Event()
         changed.set()
+        if state in (State.READY, State.SLEEPING, State.STOPPED):
+            self._persist()
+
+    # --- memory across router restarts -------------------------------------------------------
+    @property
+    def state_path(self) -> Optional[str]:
+        if self.cfg.router.state_file:
+            return self.cfg.router.state_file
+        if self.cfg.base_dir:
+            return os.path.join(self.cfg.base_dir, ".kvrouter-state.json")
+        return None
+
+    def _persist(self) -> None:
+        """Remember which models sleep: SGLang cannot be asked after a router restart."""
+        path = self.state_path
+        if not path:
+            return
+        data = {e.name: {"state": e.state.value, "level": e.level}
+                for e in self.entries.values()}
+        try:
+            tmp = path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(data, fh)
+            os.replace(tmp, path)
+        except OSError as err:
+            log.debug("cannot write %s: %s", path, err)
+
+    def _remembered(self, entry: ModelEntry) -> Optional[dict]:
+        path = self.state_path
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh).get(entry.name)
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
 
     def _record(self, entry: ModelEntry, action: str, ok: bool, seconds: float) -> None:
         if self.metrics is not None:
@@ -362,6 +398,12 @@ class Controller:
         if not entry.info:
             entry.info = entry.adapter.model_info()
         asleep = entry.adapter.is_sleeping()
+        if asleep is None and entry.state is State.STARTING:
+            # the engine cannot say (SGLang): trust what this router did before a restart
+            memo = self._remembered(entry)
+            if memo and memo.get("state") in ("sleeping", "stopped"):
+                asleep = True
+                entry.adapter.mark_released()
         if asleep:
             if entry.adapter.dialect == "vllm":
                 entry.level = entry.adapter.sleep_level() or entry.level

@@ -128,6 +128,9 @@ class EngineAdapter:
     def is_sleeping(self) -> Optional[bool]:
         return None
 
+    def mark_released(self) -> None:
+        """The router knows (from before a restart) that this engine's memory is released."""
+
     def sleep(self, level: int) -> None:
         raise NotImplementedError
 
@@ -239,6 +242,9 @@ class SglangAdapter(EngineAdapter):
         except (UpstreamError, ValueError, TypeError, AttributeError):
             pass
         return self._busy_from_metrics("sglang:num_running_reqs", "sglang:num_queue_reqs")
+
+    def mark_released(self) -> None:
+        self.released = set(SGLANG_ALL_TAGS)
 
     def is_sleeping(self) -> Optional[bool]:
         """Released tags from /server_info where the engine reports them (the simulator does)."""

@@ -2,6 +2,8 @@
 
 gevent greenlets, no sockets: engines are objects whose calls the test gates.
 """
+import tempfile
+
 import gevent
 import pytest
 from gevent.event import Event
@@ -65,6 +67,9 @@ class FakeAdapter:
         self.wakes += 1
         self.asleep = False
 
+    def mark_released(self):
+        self.released = True
+
     def warm_up(self):
         self.warmups += 1
         if self.fail_warmup:
@@ -104,7 +109,7 @@ def make(extra_router="", extra_sleep="", instances=None):
     text += "instances:\n" + "".join(
         f"  - {{name: {n}, model: {m}, engine: vllm, engine_args: ['--port {9000 + i}']{x}}}\n"
         for i, (n, m, x) in enumerate(instances))
-    cfg = parse_config_text(text)
+    cfg = parse_config_text(text, base_dir=tempfile.mkdtemp(prefix="kvr-unit-"))
     traffic = TrafficMonitor([i.model for i in cfg.instances])
     proc = FakeProcess()
     ctl = Controller(cfg, adapter_factory=FakeAdapter, process=proc, traffic=traffic)
@@ -280,3 +285,16 @@ def test_status_shows_observed_state_and_memory():
     ctl.wake(e)
     assert model_status(ctl, e)["memory"]["resident_gb"] == 6.0
     assert gpu_memory(ctl) == {"1": {"budget_gb": None, "used_gb": 6.0}}
+
+
+def test_router_restart_remembers_sleep_for_engines_that_cannot_tell():
+    ctl, _, _ = make()
+    e = ctl.entries["m/a"]
+    ctl.sleep(e)
+    # a new router process over the same state file; the engine cannot say it sleeps
+    again = Controller(ctl.cfg, adapter_factory=FakeAdapter, process=FakeProcess(),
+                       traffic=ctl.traffic)
+    e2 = again.entries["m/a"]
+    e2.adapter.is_sleeping = lambda: None
+    again._probe_once(e2)
+    assert e2.state is State.SLEEPING and e2.adapter.released is True
