@@ -12,7 +12,6 @@ state observed from the engine (``/is_sleeping``, health), not the command sent.
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ from gevent.lock import Semaphore
 
 from kvrouter.config.schema import Config, Instance
 from kvrouter.control import policy
+from kvrouter.control.memo import StateFile
 from kvrouter.control.process import ProcessControl, ProcessControlError
 from kvrouter.engines.adapters import EngineAdapter, EngineError, adapter_for
 from kvrouter.errors import ApiError
@@ -98,6 +98,8 @@ class Controller:
             level = inst.sleep.level or sm.level
             self.entries[inst.model] = ModelEntry(inst, adapter.pool, adapter, clock(), level)
         self._loops: List[gevent.Greenlet] = []
+        self.memo = StateFile(cfg.router.state_file or (
+            os.path.join(cfg.base_dir, ".kvrouter-state.json") if cfg.base_dir else None))
 
     # --- state ------------------------------------------------------------------------------
     def set_state(self, entry: ModelEntry, state: State, reason: str) -> None:
@@ -118,37 +120,9 @@ class Controller:
         if state in (State.READY, State.SLEEPING, State.STOPPED):
             self._persist()
 
-    # --- memory across router restarts -------------------------------------------------------
-    @property
-    def state_path(self) -> Optional[str]:
-        if self.cfg.router.state_file:
-            return self.cfg.router.state_file
-        if self.cfg.base_dir:
-            return os.path.join(self.cfg.base_dir, ".kvrouter-state.json")
-        return None
-
     def _persist(self) -> None:
-        """Remember which models sleep: SGLang cannot be asked after a router restart."""
-        path = self.state_path
-        if not path:
-            return
-        data = {e.name: {"state": e.state.value, "level": e.level}
-                for e in self.entries.values()}
-        try:
-            tmp = path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(data, fh)
-            os.replace(tmp, path)
-        except OSError as err:
-            log.debug("cannot write %s: %s", path, err)
-
-    def _remembered(self, entry: ModelEntry) -> Optional[dict]:
-        path = self.state_path
-        try:
-            with open(path, encoding="utf-8") as fh:
-                return json.load(fh).get(entry.name)
-        except (OSError, ValueError, TypeError, AttributeError):
-            return None
+        self.memo.save({e.name: {"state": e.state.value, "level": e.level}
+                        for e in self.entries.values()})
 
     def _record(self, entry: ModelEntry, action: str, ok: bool, seconds: float) -> None:
         if self.metrics is not None:
@@ -400,7 +374,7 @@ class Controller:
         asleep = entry.adapter.is_sleeping()
         if asleep is None and entry.state is State.STARTING:
             # the engine cannot say (SGLang): trust what this router did before a restart
-            memo = self._remembered(entry)
+            memo = self.memo.get(entry.name)
             if memo and memo.get("state") in ("sleeping", "stopped"):
                 asleep = True
                 entry.adapter.mark_released()
