@@ -102,7 +102,7 @@ class ModelTraffic:
 
 
 class RequestRecord:
-    __slots__ = ("model", "start", "wait", "first_byte", "stream")
+    __slots__ = ("model", "start", "wait", "first_byte", "stream", "ended")
 
     def __init__(self, model: ModelTraffic, start: float):
         self.model = model
@@ -110,6 +110,7 @@ class RequestRecord:
         self.wait = 0.0
         self.first_byte: Optional[float] = None
         self.stream = False
+        self.ended = False
 
 
 class TrafficMonitor:
@@ -138,6 +139,9 @@ class TrafficMonitor:
     def end(self, rec: RequestRecord, outcome: str, prompt_tokens: int = 0,
             completion_tokens: int = 0, itl: Optional[float] = None) -> None:
         m = rec.model
+        if rec.ended:
+            return
+        rec.ended = True
         now = self.clock()
         m.in_flight -= 1
         m.total += 1

@@ -10,6 +10,7 @@ import hmac
 import json
 import logging
 import re
+from collections import OrderedDict
 import time
 import os
 from typing import Dict, Optional
@@ -26,6 +27,8 @@ log = logging.getLogger("kvrouter.proxy")
 _PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _JSON_HEADERS = [("Content-Type", "application/json")]
+_RESPONSE_ID_RE = re.compile(rb'"id"\s*:\s*"(resp_[^"]+)"')
+RESPONSES_KEPT = 100_000
 
 
 def _usage(data: bytes):
@@ -53,6 +56,7 @@ class Proxy:
         self.traffic = traffic
         self.clock = clock
         self.routes: Dict[str, ModelEntry] = {}
+        self.responses: "OrderedDict[str, ModelEntry]" = OrderedDict()
         for entry in controller.entries.values():
             for name in entry.inst.route_names:
                 self.routes[name] = entry
@@ -102,8 +106,36 @@ class Proxy:
         try:
             return self._forward(req, entry, payload, rid, rec)
         except ClientGone:
-            if rec is not None and rec.model.in_flight:
-                self.traffic.end(rec, "disconnect")
+            self.traffic.end(rec, "disconnect")
+            raise
+
+    # --- /v1/responses/{id}: stateful, must go to the engine that made the response ---------
+    def remember_response(self, response_id: str, entry: ModelEntry) -> None:
+        self.responses[response_id] = entry
+        self.responses.move_to_end(response_id)
+        while len(self.responses) > RESPONSES_KEPT:
+            self.responses.popitem(last=False)
+
+    def handle_response_id(self, req: Request):
+        """GET/DELETE /v1/responses/{id}[/...] and POST .../cancel: to the engine that
+        created the response (engines keep responses in memory; lost on restart)."""
+        if self.cfg.router.api_keys and not check_bearer(req, self.cfg.router.api_keys):
+            return error_response(ApiError(401, "missing or invalid API key",
+                                           "authentication_error", "invalid_api_key"))
+        response_id = req.path[len("/v1/responses/"):].split("/", 1)[0]
+        entry = self.responses.get(response_id)
+        if entry is None:
+            self.traffic.unrouted += 1
+            return error_response(ApiError(
+                404, f"Response with id '{response_id}' not found (kvrouter routes a "
+                "response id to the engine that created it through this router)",
+                "invalid_request_error", "response_not_found", "response_id"))
+        rid = req.headers.get("x-request-id") or os.urandom(16).hex()
+        rec = self.traffic.start(entry.name)
+        try:
+            return self._forward(req, entry, req.body, rid, rec)
+        except ClientGone:
+            self.traffic.end(rec, "disconnect")
             raise
 
     def _forward(self, req, entry, payload, rid, rec):
@@ -168,12 +200,17 @@ class Proxy:
                                                "server_error", "upstream_broken"))
             prompt, completion = _usage(body) if b'"usage"' in body else (0, 0)
             self.traffic.end(rec, "success", prompt, completion)
+            if req.path == "/v1/responses":
+                found = _RESPONSE_ID_RE.search(body)
+                if found:
+                    self.remember_response(found.group(1).decode(), entry)
             return Response(resp.status, out_headers, body)
         rec.stream = True
         out_headers += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
-        return StreamResponse(resp.status, out_headers, self._relay(resp, rec, entry))
+        return StreamResponse(resp.status, out_headers, self._relay(
+            resp, rec, entry, track_id=req.path == "/v1/responses"))
 
-    def _relay(self, resp, rec, entry):
+    def _relay(self, resp, rec, entry, track_id=False):
         outcome = "disconnect"
         prompt = completion = 0
         chunks = 0
@@ -190,6 +227,10 @@ class Proxy:
                     chunks += 1
                     if b'"usage":{' in chunk or b'"usage": {' in chunk:
                         prompt, completion = _usage(chunk)
+                    if chunks == 1 and track_id:
+                        found = _RESPONSE_ID_RE.search(chunk)
+                        if found:
+                            self.remember_response(found.group(1).decode(), entry)
                     clean = chunk.endswith(b"\n\n")
                     yield chunk
                 outcome = "success"

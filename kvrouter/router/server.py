@@ -39,8 +39,13 @@ class RouterContext:
         flask_handle = wsgi_handler(self.app, self.cfg.router.router_host,
                                     self.cfg.router.router_port)
 
+        response_id = self.proxy.handle_response_id
+
         def handle(req):
-            if req.method == "POST" and req.path.startswith("/v1/"):
+            path = req.path
+            if path.startswith("/v1/responses/"):
+                return response_id(req)
+            if req.method == "POST" and path.startswith("/v1/"):
                 return proxy_handle(req)
             return flask_handle(req)
 

@@ -36,6 +36,7 @@ class SimEngine:
         self.metrics = EngineMetrics()
         self.gen = Generator(self.state, self.metrics)
         self.routes: Dict[Tuple[str, str], Callable] = {}
+        self.stored_responses: Dict[str, dict] = {}
         self._build_routes()
 
     # --- errors in each dialect's shape -------------------------------------------------------
@@ -67,6 +68,7 @@ class SimEngine:
             ("POST", "/v1/completions"): self.completions,
             ("POST", "/v1/chat/completions"): self.chat,
             ("POST", "/v1/embeddings"): self.embeddings,
+            ("POST", "/v1/responses"): self.responses_create,
             ("GET", "/v1/models"): self.models,
             ("GET", "/metrics"): self.metrics_text,
             ("POST", "/tokenize"): self.tokenize,
@@ -115,6 +117,8 @@ class SimEngine:
         if fn is None:
             if req.method == "GET" and req.path.startswith("/v1/models/"):
                 return self.model_one(req, req.path[len("/v1/models/"):])
+            if req.method == "GET" and req.path.startswith("/v1/responses/"):
+                return self.responses_get(req.path[len("/v1/responses/"):])
             if any(path == req.path for _, path in self.routes):
                 return self.error(405, "Method Not Allowed", "MethodNotAllowed")
             return _json(404, {"detail": "Not Found"})
@@ -150,6 +154,53 @@ class SimEngine:
 
     def embeddings(self, req):
         return _json(200, self.gen.embeddings(self._body(req)))
+
+    # --- /v1/responses (stateful: kept in this process's memory, like the engines) ---------
+    def _response_object(self, rid: str, model: str, text: str, usage: dict) -> dict:
+        return {"id": rid, "object": "response", "created_at": int(time.time()),
+                "model": model, "status": "completed",
+                "output": [{"type": "message", "id": f"msg_{rid[5:]}", "status": "completed",
+                            "role": "assistant", "content": [
+                                {"type": "output_text", "text": text, "annotations": []}]}],
+                "usage": {"input_tokens": usage["prompt_tokens"],
+                          "output_tokens": usage["completion_tokens"],
+                          "total_tokens": usage["total_tokens"]}}
+
+    def responses_create(self, req):
+        body = self._body(req)
+        if not isinstance(body, dict) or "input" not in body:
+            raise SimError(400, "input is required", param="input")
+        inp = body["input"]
+        messages = ([{"role": "user", "content": inp}] if isinstance(inp, str) else inp)
+        chat = {"model": body.get("model"), "messages": messages,
+                "max_tokens": body.get("max_output_tokens", 16),
+                "ignore_eos": body.get("ignore_eos", False)}
+        parsed = self.gen.parse(chat, chat=True)
+        rid = f"resp_{os.urandom(12).hex()}"
+        out = self.gen.complete(parsed)
+        obj = self._response_object(rid, parsed["model"], out["choices"][0]["message"]["content"],
+                                    out["usage"])
+        self.stored_responses[rid] = obj
+        if not body.get("stream"):
+            return _json(200, obj)
+        created = dict(obj, status="in_progress", output=[])
+
+        def events():
+            yield ("event: response.created\ndata: " + json.dumps(
+                {"type": "response.created", "response": created}) + "\n\n").encode()
+            yield ("event: response.output_text.delta\ndata: " + json.dumps(
+                {"type": "response.output_text.delta", "delta":
+                 obj["output"][0]["content"][0]["text"]}) + "\n\n").encode()
+            yield ("event: response.completed\ndata: " + json.dumps(
+                {"type": "response.completed", "response": obj}) + "\n\n").encode()
+
+        return StreamResponse(200, SSE, events())
+
+    def responses_get(self, rid: str):
+        obj = self.stored_responses.get(rid.split("/", 1)[0])
+        if obj is None:
+            return self.error(404, f"Response with id '{rid}' not found.", "NotFoundError")
+        return _json(200, obj)
 
     def _model_card(self, name: str) -> dict:
         card = {"id": name, "object": "model", "created": int(self.state.started_at),

@@ -291,3 +291,22 @@ def test_api_keys(tmp_path):
     finally:
         r.stop()
         eng.stop()
+
+
+def test_responses_are_stateful_per_engine(stack):
+    c = client(stack)
+    made = {}
+    for model in (VLLM_MODEL, SGL_MODEL):
+        r = c.responses.create(model=model, input="hello", max_output_tokens=4)
+        assert r.id.startswith("resp_") and r.output_text
+        made[model] = r
+    for model, r in made.items():  # each id goes back to the engine that made it
+        again = c.responses.retrieve(r.id)
+        assert again.id == r.id and again.output_text == r.output_text
+    events = list(c.responses.create(model=SGL_MODEL, input="hi", max_output_tokens=3,
+                                     stream=True))
+    created = [e for e in events if e.type == "response.created"][0]
+    assert c.responses.retrieve(created.response.id).status == "completed"
+    with pytest.raises(openai.NotFoundError) as e:
+        c.responses.retrieve("resp_unknown")
+    assert e.value.body["code"] == "response_not_found"
