@@ -101,6 +101,9 @@ class Proxy:
         except ApiError as err:
             self.traffic.unrouted += 1
             return error_response(err)
+        return self._run(req, entry, payload)
+
+    def _run(self, req: Request, entry: ModelEntry, payload: bytes):
         rid = req.headers.get("x-request-id") or os.urandom(16).hex()
         rec = self.traffic.start(entry.name)
         try:
@@ -130,13 +133,7 @@ class Proxy:
                 404, f"Response with id '{response_id}' not found (kvrouter routes a "
                 "response id to the engine that created it through this router)",
                 "invalid_request_error", "response_not_found", "response_id"))
-        rid = req.headers.get("x-request-id") or os.urandom(16).hex()
-        rec = self.traffic.start(entry.name)
-        try:
-            return self._forward(req, entry, req.body, rid, rec)
-        except ClientGone:
-            self.traffic.end(rec, "disconnect")
-            raise
+        return self._run(req, entry, req.body)
 
     def _forward(self, req, entry, payload, rid, rec):
         try:

@@ -101,6 +101,9 @@ class UpstreamResponse:
             except OSError as err:
                 self.close()
                 raise UpstreamError("body", f"engine connection broke: {err}") from None
+            except BaseException:  # e.g. the client went away: abort the engine's work now
+                self.close()
+                raise
             if not data:
                 self.close()
                 raise UpstreamError("body", "engine closed the connection mid-response")
@@ -216,5 +219,8 @@ class UpstreamPool:
                 if reused and not parser.status:
                     continue
                 raise UpstreamError("first_byte", f"engine connection failed: {err}") from None
+            except BaseException:  # the client went away while the engine worked: abort it
+                sock.close()
+                raise
             return UpstreamResponse(self, sock, parser, idle_timeout)
         raise UpstreamError("first_byte", "engine connection failed")  # pragma: no cover
