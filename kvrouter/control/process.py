@@ -50,25 +50,22 @@ class SupervisorControl(ProcessControl):
     def name(inst: Instance) -> str:
         return f"engines:engine-{inst.name}"
 
-    def start(self, inst: Instance) -> None:
+    def _call(self, verb: str, inst: Instance, harmless_fault: str, wait: bool) -> None:
+        name = self.name(inst)
         try:
-            self.sup.start(self.name(inst), wait=False)
+            getattr(self.sup, verb)(name, wait=wait)
         except xmlrpc.client.Fault as err:
-            if "ALREADY_STARTED" not in err.faultString:
-                raise ProcessControlError(f"supervisord start {self.name(inst)}: "
-                                          f"{err.faultString}") from None
+            if harmless_fault not in err.faultString:
+                raise ProcessControlError(f"supervisord {verb} {name}: {err.faultString}") \
+                    from None
         except OSError as err:
             raise ProcessControlError(f"supervisord unreachable: {err}") from None
 
+    def start(self, inst: Instance) -> None:
+        self._call("start", inst, "ALREADY_STARTED", wait=False)
+
     def stop(self, inst: Instance) -> None:
-        try:
-            self.sup.stop(self.name(inst), wait=True)
-        except xmlrpc.client.Fault as err:
-            if "NOT_RUNNING" not in err.faultString:
-                raise ProcessControlError(f"supervisord stop {self.name(inst)}: "
-                                          f"{err.faultString}") from None
-        except OSError as err:
-            raise ProcessControlError(f"supervisord unreachable: {err}") from None
+        self._call("stop", inst, "NOT_RUNNING", wait=True)
 
 
 class SystemdControl(ProcessControl):

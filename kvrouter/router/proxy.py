@@ -13,7 +13,7 @@ import re
 from collections import OrderedDict
 import time
 import os
-from typing import Dict, Optional
+from typing import Dict
 
 from kvrouter.config.schema import Config
 from kvrouter.control.controller import Controller, ModelEntry

@@ -7,9 +7,8 @@ import time
 
 import pytest
 
-from kvrouter.control.supervisor import Supervisor
 from tests.conftest import ROOT
-from tests.integration.conftest import PY, free_port, get_json, wait_until
+from tests.integration.conftest import free_port, get_json, supervised, wait_until
 
 ENGINE_VENV = os.environ.get("KVROUTER_ENGINE_VENV", os.path.join(ROOT, ".venv-engine"))
 ENGINE_PY = os.path.join(ENGINE_VENV, "bin", "python")
@@ -49,14 +48,7 @@ def real():
         rp, START_TIMEOUT,
         _instance("vllm-a", "tiny-a", pa, 0, "    sleep: {pinned: true}\n"),
         _instance("vllm-b", "tiny-b", pb, 1, "    sleep: {idle_threshold_seconds: 600}\n"))
-    path = os.path.join(tmp, "kvrouter.yaml")
-    with open(path, "w") as fh:
-        fh.write(cfg)
-    out = os.path.join(tmp, "etc")
-    r = subprocess.run([PY, "-m", "kvrouter", "render", path, "--out", out, "--apply"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    sup = Supervisor(os.path.join(out, "run", "supervisor.sock"))
+    sup, out = supervised(cfg, tmp)
     base = f"http://127.0.0.1:{rp}"
     started = time.monotonic()
     try:

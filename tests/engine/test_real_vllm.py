@@ -157,12 +157,8 @@ def test_manual_sleep_and_request_held_across_wake(real):
 
 
 def test_automatic_sleep(real):
-    """Lower the idle threshold through a re-render: supervisord restarts only the router,
-    which adopts the running engines, then sleeps the idle one."""
-    import subprocess
-
-    from tests.integration.conftest import PY
-
+    """Lower the idle threshold in the config and restart only the router: it adopts the
+    running engines (no sleep or wake sent), then sleeps the idle, unpinned one."""
     cfg = os.path.join(real["tmp"], "kvrouter.yaml")
     with open(cfg) as fh:
         text = fh.read()

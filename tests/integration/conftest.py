@@ -147,12 +147,29 @@ class Router:
         self.proc.stop()
 
 
-def instance_yaml(name, model, port, dialect="vllm", extra=""):
+def instance_yaml(name, model, port, dialect="vllm", extra="", sim=""):
+    """One `engine: sim` instance; ``sim`` adds options to its sim: block ("itl_ms: 5")."""
     flag = "--enable-sleep-mode" if dialect == "vllm" else "--enable-memory-saver"
     env = '["VLLM_SERVER_DEV_MODE=1"]' if dialect == "vllm" else "[]"
+    sim = f", {sim}" if sim else ""
     return (f"  - name: {name}\n    model: {model}\n    engine: sim\n"
-            f"    sim: {{dialect: {dialect}}}\n    engine_env: {env}\n"
+            f"    sim: {{dialect: {dialect}{sim}}}\n    engine_env: {env}\n"
             f"    engine_args: ['--host 127.0.0.1', '--port {port}', '{flag}']\n{extra}")
+
+
+def supervised(config_text, folder):
+    """Write the config, `kvrouter render --apply` it (supervisord starts); return the
+    Supervisor client and the render folder."""
+    from kvrouter.control.supervisor import Supervisor
+
+    path = os.path.join(folder, "kvrouter.yaml")
+    with open(path, "w") as fh:
+        fh.write(config_text)
+    out = os.path.join(folder, "etc")
+    r = subprocess.run([PY, "-m", "kvrouter", "render", path, "--out", out, "--apply"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return Supervisor(os.path.join(out, "run", "supervisor.sock")), out
 
 
 @pytest.fixture

@@ -2,16 +2,14 @@
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 
 import openai
 import pytest
 
-from kvrouter.control.supervisor import Supervisor
-from tests.integration.conftest import (PY, Router, SimEngine, free_port, get_json, http,
-                                        instance_yaml, wait_until)
+from tests.integration.conftest import (Router, SimEngine, free_port, get_json, http,
+                                        instance_yaml, supervised, wait_until)
 
 LLAMA, QWEN, DEEP = "t/llama", "t/qwen", "t/deep"
 
@@ -29,27 +27,14 @@ def stack(tmp_path_factory):
         " check_interval_seconds: 0.3, min_sleep_duration: 0, wake_timeout_seconds: 30}\n"
         "instances:\n%s%s%s") % (
         rp,
-        instance_yaml("llama", LLAMA, p1, "vllm",
-                      "    weights_gb: 2\n    sim: {dialect: vllm, itl_ms: 5, ttft_ms: 5,"
-                      " startup_seconds: 0.3}\n"),
-        instance_yaml("qwen", QWEN, p2, "sglang",
-                      "    weights_gb: 1\n    sim: {dialect: sglang, itl_ms: 5, ttft_ms: 5,"
-                      " startup_seconds: 0.3}\n"),
+        instance_yaml("llama", LLAMA, p1, "vllm", "    weights_gb: 2\n",
+                      sim="itl_ms: 5, ttft_ms: 5, startup_seconds: 0.3"),
+        instance_yaml("qwen", QWEN, p2, "sglang", "    weights_gb: 1\n",
+                      sim="itl_ms: 5, ttft_ms: 5, startup_seconds: 0.3"),
         instance_yaml("deep", DEEP, p3, "vllm",
-                      "    sleep: {idle_threshold_seconds: 1, stop_after_seconds: 1}\n"
-                      "    sim: {dialect: vllm, itl_ms: 5, ttft_ms: 5, startup_seconds: 0.5}\n"))
-    # instance_yaml sets its own sim: block first; the later one wins in YAML? avoid: strip it
-    cfg = "\n".join(line for line in cfg.splitlines()
-                    if not line.strip().startswith("sim: {dialect: vllm}")
-                    and not line.strip().startswith("sim: {dialect: sglang}")) + "\n"
-    path = os.path.join(tmp, "kvrouter.yaml")
-    with open(path, "w") as fh:
-        fh.write(cfg)
-    out = os.path.join(tmp, "etc")
-    r = subprocess.run([PY, "-m", "kvrouter", "render", path, "--out", out, "--apply"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    sup = Supervisor(os.path.join(out, "run", "supervisor.sock"))
+                      "    sleep: {idle_threshold_seconds: 1, stop_after_seconds: 1}\n",
+                      sim="itl_ms: 5, ttft_ms: 5, startup_seconds: 0.5"))
+    sup, out = supervised(cfg, tmp)
     base = f"http://127.0.0.1:{rp}"
     try:
         wait_until(lambda: all(s == "ready" for s in _states(base).values()), 30,

@@ -4,7 +4,6 @@ import socket
 import threading
 import time
 
-import gevent  # noqa: F401  (ensures the test venv has it; the router runs as a subprocess)
 import openai
 import pytest
 

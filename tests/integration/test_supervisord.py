@@ -30,7 +30,6 @@ def test_render_start_reach_stop_logs(short_tmp):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "supervisord started" in r.stdout
-    conf = os.path.join(out, "supervisord.conf")
     sock = os.path.join(out, "run", "supervisor.sock")
     sup = Supervisor(sock)
     try:
