@@ -120,6 +120,8 @@ class _Connection:
         self._sent_continue = False
         self.pending = b""
         self.closed = False
+        self.watcher = None
+        self.loop = gevent.get_hub().loop
 
     # --- httptools callbacks -------------------------------------------------------------
     def on_message_begin(self):
@@ -238,6 +240,9 @@ class _Connection:
             except OSError:
                 pass
 
+    def _start_watch(self, target) -> None:
+        self.watcher = gevent.spawn(self._watch, target)
+
     def _watch(self, target) -> None:
         """Read while a handler runs: keep pipelined bytes, raise ClientGone in it on EOF."""
         sock = self.sock
@@ -256,10 +261,11 @@ class _Connection:
 
     def _serve(self, req: Request) -> bool:
         """Run the handler for one request and write its response; False closes the connection."""
-        current = gevent.getcurrent()
         # Watch for the client going away only once the handler has run a while: a quick
-        # request then costs no extra syscalls (the watcher's read registers the socket).
-        watcher = gevent.spawn_later(WATCH_AFTER, self._watch, current)
+        # request then costs no extra syscalls (the watcher's read registers the socket),
+        # and only a libev timer, not a greenlet.
+        timer = self.loop.timer(WATCH_AFTER)
+        timer.start(self._start_watch, gevent.getcurrent())
         resp = None
         try:
             try:
@@ -282,7 +288,11 @@ class _Connection:
             self.closed = True
             return False
         finally:
-            watcher.kill(block=True)
+            timer.stop()
+            timer.close()
+            if self.watcher is not None:
+                self.watcher.kill(block=True)
+                self.watcher = None
             if isinstance(resp, StreamResponse):
                 close = getattr(resp.chunks, "close", None)
                 if close is not None:
