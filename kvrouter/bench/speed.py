@@ -64,6 +64,15 @@ class Child:
                 pass
 
 
+def start_router(port: int, instances: str, extra: str = ""):
+    """Write a router config (``instances`` is YAML list items) and run ``kvrouter serve``."""
+    path = os.path.join(tempfile.mkdtemp(prefix="kvr-bench-"), "kvrouter.yaml")
+    with open(path, "w") as fh:
+        fh.write("router: {router_host: 127.0.0.1, router_port: %d, log_level: warning}\n"
+                 "%sinstances:\n%s" % (port, extra, instances))
+    return Child([PY, "-m", "kvrouter", "serve", path])
+
+
 def wait_port(port: int, path: str = "/health", timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -259,15 +268,10 @@ def wake_and_readiness(rounds: int = 5) -> dict:
     sim_port, router_port = free_port(), free_port()
     weights_gb, ttft_ms = 5.0, 10.0
     wake_s = weights_gb / 25.0 + 0.05  # the sim's level-1 wake: weights / 25 GB/s + 0.05 s
-    tmp = tempfile.mkdtemp(prefix="kvr-bench-")
-    cfg_path = os.path.join(tmp, "wake.yaml")
-    with open(cfg_path, "w") as fh:
-        fh.write("router: {router_host: 127.0.0.1, router_port: %d, log_level: warning}\n"
-                 "sleep_manager: {min_sleep_duration: 0}\n"
-                 "instances:\n  - {name: w, model: w, engine: sim, engine_env: "
-                 "['VLLM_SERVER_DEV_MODE=1'], engine_args: ['--host 127.0.0.1 --port %d "
-                 "--enable-sleep-mode']}\n" % (router_port, sim_port))
-    router = Child([PY, "-m", "kvrouter", "serve", cfg_path])
+    router = start_router(
+        router_port, "  - {name: w, model: w, engine: sim, engine_env: "
+        "['VLLM_SERVER_DEV_MODE=1'], engine_args: ['--host 127.0.0.1 --port %d "
+        "--enable-sleep-mode']}\n" % sim_port, "sleep_manager: {min_sleep_duration: 0}\n")
     base = f"http://127.0.0.1:{router_port}"
 
     def status(url):
@@ -320,21 +324,16 @@ def main(argv=None) -> int:
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                      "load_tool": "wrk" if have_wrk else "kvrouter-bench"}
     backend_port, slow_port, router_port, aio_port = (free_port() for _ in range(4))
-    tmp = tempfile.mkdtemp(prefix="kvr-bench-")
-    cfg_path = os.path.join(tmp, "bench.yaml")
-    with open(cfg_path, "w") as fh:
-        fh.write("router: {router_host: 127.0.0.1, router_port: %d, log_level: warning}\n"
-                 "instances:\n"
-                 "  - {name: fast, model: bench/model, engine: sim, engine_args: ['--host 127.0.0.1 --port %d']}\n"
-                 "  - {name: slow, model: bench/slow, engine: sim, engine_args: ['--host 127.0.0.1 --port %d']}\n"
-                 % (router_port, backend_port, slow_port))
+    router = start_router(router_port, "".join(
+        "  - {name: %s, model: %s, engine: sim, engine_args: ['--host 127.0.0.1 --port %d']}\n"
+        % (name, model, port) for name, model, port in
+        (("fast", "bench/model", backend_port), ("slow", "bench/slow", slow_port))))
     children = [
         Child([PY, "-m", "kvrouter.bench.backends", "fast", "--port", str(backend_port),
                "--events", "100"]),
         Child([PY, "-m", "kvrouter.bench.backends", "fast", "--port", str(slow_port),
                "--events", "50", "--interval-ms", "100"]),
     ]
-    router = Child([PY, "-m", "kvrouter", "serve", cfg_path])
     children.append(router)
     targets = {"direct": backend_port, "kvrouter": router_port}
     if not args.skip_aiohttp:

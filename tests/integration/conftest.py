@@ -38,6 +38,26 @@ def wait_until(fn, timeout=15.0, interval=0.05, what="condition"):
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
+def run_concurrently(fn, n, timeout=60.0):
+    """Call ``fn(i)`` for i in range(n) on n threads at once; return (results, errors)."""
+    import threading
+
+    results, errors = [], []
+
+    def one(i):
+        try:
+            results.append(fn(i))
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return results, errors
+
+
 def http(method, url, body=None, headers=None, timeout=10.0):
     """(status, headers, body bytes) without raising on HTTP errors."""
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()

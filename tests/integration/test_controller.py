@@ -9,7 +9,8 @@ import openai
 import pytest
 
 from tests.integration.conftest import (Router, SimEngine, free_port, get_json, http,
-                                        instance_yaml, supervised, wait_until)
+                                        instance_yaml, run_concurrently, supervised,
+                                        wait_until)
 
 LLAMA, QWEN, DEEP = "t/llama", "t/qwen", "t/deep"
 
@@ -80,21 +81,13 @@ def test_fifty_concurrent_requests_one_wake(stack):
     _ensure_asleep(stack, LLAMA)
     before = _stats(stack, LLAMA)["wake_calls"]
     c = _client(stack)
-    results, errors = [], []
 
     def one(i):
-        try:
-            r = c.completions.create(model=LLAMA, prompt=f"p{i}", max_tokens=3,
-                                     extra_body={"ignore_eos": True})
-            results.append((r.choices[0].finish_reason, r.usage.completion_tokens))
-        except Exception as err:  # noqa: BLE001
-            errors.append(repr(err))
+        r = c.completions.create(model=LLAMA, prompt=f"p{i}", max_tokens=3,
+                                 extra_body={"ignore_eos": True})
+        return r.choices[0].finish_reason, r.usage.completion_tokens
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results, errors = run_concurrently(one, 50)
     assert errors == []
     assert results == [("length", 3)] * 50
     assert _stats(stack, LLAMA)["wake_calls"] == before + 1

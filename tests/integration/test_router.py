@@ -9,7 +9,7 @@ import pytest
 
 from tests.integration import conformance
 from tests.integration.conftest import (Router, SimEngine, free_port, get_json, http,
-                                        instance_yaml, wait_until)
+                                        instance_yaml, run_concurrently, wait_until)
 
 VLLM_MODEL = "org/llama-sim"
 SGL_MODEL = "org/qwen-sim"
@@ -153,23 +153,14 @@ def test_concurrent_streams_across_models(stack):
         r = c.completions.create(model=model, prompt="p7", max_tokens=8,
                                  extra_body={"ignore_eos": True})
         expected[model] = r.choices[0].text
-    results, errors = [], []
-
     def one(i):
         model = VLLM_MODEL if i % 2 else SGL_MODEL
-        try:
-            text = "".join(ch.choices[0].text for ch in c.completions.create(
-                model=model, prompt="p7", max_tokens=8, stream=True,
-                extra_body={"ignore_eos": True}) if ch.choices)
-            results.append(text == expected[model])
-        except Exception as err:  # noqa: BLE001
-            errors.append(repr(err))
+        text = "".join(ch.choices[0].text for ch in c.completions.create(
+            model=model, prompt="p7", max_tokens=8, stream=True,
+            extra_body={"ignore_eos": True}) if ch.choices)
+        return text == expected[model]
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(200)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results, errors = run_concurrently(one, 200)
     assert errors == []
     assert len(results) == 200 and all(results)
 
