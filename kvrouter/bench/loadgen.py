@@ -19,7 +19,7 @@ from gevent.pool import Pool
 
 from kvrouter.bench.report import Sample, build
 from kvrouter.errors import KvrouterError
-from kvrouter.router.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
+from kvrouter.http.client import UpstreamError, UpstreamPool, UpstreamTimeout
 
 
 @dataclass

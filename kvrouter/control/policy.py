@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-RESIDENT_STATES = ("starting", "ready", "draining", "waking")
+from kvrouter.control.states import RESIDENT, State
 
 
 @dataclass(frozen=True)
 class ModelView:
     name: str
-    state: str                  # a State value
+    state: State
     in_flight: int
     waiting: int
     idle_seconds: float         # since the end of the last request (0 while in flight)
@@ -53,16 +53,25 @@ class NoRoom(Exception):
     """The model cannot fit its GPUs' budgets even after evicting every idle model."""
 
 
+def evictable(m: ModelView) -> bool:
+    """May be put to sleep now without touching a request (eviction ignores idle time)."""
+    return m.state is State.READY and not m.pinned and m.in_flight == 0 and m.waiting == 0
+
+
+def sleep_candidate(m: ModelView) -> bool:
+    """Idle long enough to be put to sleep (what /sleep/candidates lists)."""
+    return evictable(m) and m.idle_seconds >= m.idle_threshold
+
+
 def decide(snap: Snapshot) -> List[Action]:
     actions: List[Action] = []
     for m in snap.models:
         if m.pinned:
             continue
-        if (snap.auto_sleep and m.state == "ready" and m.in_flight == 0 and m.waiting == 0
-                and m.idle_seconds >= m.idle_threshold):
+        if snap.auto_sleep and sleep_candidate(m):
             actions.append(Action("sleep", m.name, m.level,
                                   f"idle {m.idle_seconds:.0f}s >= {m.idle_threshold:g}s"))
-        elif (m.state == "sleeping" and m.stop_after is not None and m.waiting == 0
+        elif (m.state is State.SLEEPING and m.stop_after is not None and m.waiting == 0
               and m.state_seconds >= m.stop_after):
             actions.append(Action("stop", m.name, m.level,
                                   f"asleep {m.state_seconds:.0f}s >= {m.stop_after:g}s"))
@@ -72,7 +81,7 @@ def decide(snap: Snapshot) -> List[Action]:
 def gpu_usage(models: Sequence[ModelView]) -> Dict[str, float]:
     used: Dict[str, float] = {}
     for m in models:
-        if m.state in RESIDENT_STATES:
+        if m.state in RESIDENT:
             share = m.footprint_gb / max(1, len(m.gpus))
             for g in m.gpus:
                 used[g] = used.get(g, 0.0) + share
@@ -94,8 +103,7 @@ def plan_room(snap: Snapshot, target: str) -> List[Action]:
     if not over:
         return []
     candidates = sorted(
-        (m for m in others if m.state == "ready" and not m.pinned and m.in_flight == 0
-         and m.waiting == 0 and set(m.gpus) & set(over)),
+        (m for m in others if evictable(m) and set(m.gpus) & set(over)),
         key=lambda m: m.last_used)
     actions = []
     for m in candidates:

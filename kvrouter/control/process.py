@@ -46,12 +46,8 @@ class SupervisorControl(ProcessControl):
     def __init__(self, socket_path: str):
         self.sup = Supervisor(socket_path, timeout=30.0)
 
-    @staticmethod
-    def name(inst: Instance) -> str:
-        return f"engines:engine-{inst.name}"
-
     def _call(self, verb: str, inst: Instance, harmless_fault: str, wait: bool) -> None:
-        name = self.name(inst)
+        name = inst.supervisor_name
         try:
             getattr(self.sup, verb)(name, wait=wait)
         except xmlrpc.client.Fault as err:
@@ -72,18 +68,14 @@ class SystemdControl(ProcessControl):
     available = True
     kind = "systemd"
 
-    @staticmethod
-    def unit(inst: Instance) -> str:
-        return f"kvrouter-engine-{inst.name}.service"
-
     def _run(self, verb: str, inst: Instance) -> None:
         try:
-            out = subprocess.run(["systemctl", "--user", verb, "--no-block", self.unit(inst)],
+            out = subprocess.run(["systemctl", "--user", verb, "--no-block", inst.unit_name],
                                  capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired) as err:
             raise ProcessControlError(f"systemctl --user {verb}: {err}") from None
         if out.returncode != 0:
-            raise ProcessControlError(f"systemctl --user {verb} {self.unit(inst)}: "
+            raise ProcessControlError(f"systemctl --user {verb} {inst.unit_name}: "
                                       f"{out.stderr.strip()}")
 
     def start(self, inst: Instance) -> None:

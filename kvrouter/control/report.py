@@ -4,21 +4,24 @@ from __future__ import annotations
 from typing import List
 
 from kvrouter.control import policy
-from kvrouter.control.controller import Controller, ModelEntry, State
+from kvrouter.control.controller import Controller
+from kvrouter.control.entry import ModelEntry
+from kvrouter.control.states import ASLEEP, RESIDENT
+from kvrouter.versions import dotted
 
 
 def model_status(ctl: Controller, entry: ModelEntry) -> dict:
     inst = entry.inst
-    resident = entry.state.value in policy.RESIDENT_STATES
+    resident = entry.state in RESIDENT
+    asleep = entry.state in ASLEEP
     return {
         "model": entry.name, "instance": inst.name, "engine": inst.engine,
         "state": entry.state.value, "reason": entry.reason,
         "since_seconds": round(ctl.clock() - entry.since, 3),
-        "sleep_level": entry.level if entry.state in (State.SLEEPING, State.STOPPED)
-        else None,
+        "sleep_level": entry.level if asleep else None,
         "configured_level": entry.level,
         "sleep_kind": (("manual" if entry.sleep_manual else "automatic")
-                       if entry.state in (State.SLEEPING, State.STOPPED) else None),
+                       if asleep else None),
         "pinned": inst.sleep.pinned,
         "last_sleep_seconds": entry.last_sleep_seconds,
         "last_wake_seconds": entry.last_wake_seconds,
@@ -29,7 +32,7 @@ def model_status(ctl: Controller, entry: ModelEntry) -> dict:
                    "kv_cache_gb": inst.kv_cache_gb,
                    "resident_gb": ((inst.weights_gb or 0) + (inst.kv_cache_gb or 0))
                    if resident else 0.0},
-        "engine_version": ".".join(map(str, getattr(entry.adapter, "version", ()))) or None,
+        "engine_version": dotted(entry.adapter.version) or None,
     }
 
 
@@ -41,11 +44,9 @@ def gpu_memory(ctl: Controller) -> dict:
 
 
 def sleep_candidates(ctl: Controller) -> List[dict]:
-    snap = ctl.snapshot()
     out = []
-    for m in snap.models:
-        if m.state == "ready" and not m.pinned and m.in_flight == 0 and \
-                m.idle_seconds >= m.idle_threshold:
+    for m in ctl.snapshot().models:
+        if policy.sleep_candidate(m):
             out.append({"model": m.name, "idle_time_seconds": round(m.idle_seconds, 3),
                         "idle_threshold_seconds": m.idle_threshold, "level": m.level})
     return out

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
-from typing import Optional, Set, Tuple
+from abc import ABC, abstractmethod
+from typing import FrozenSet, Optional, Set
 
 import gevent
 
 from kvrouter.config.schema import Instance
-from kvrouter.router.upstream import UpstreamError, UpstreamPool
+from kvrouter.http.client import UpstreamError, UpstreamPool
+from kvrouter.versions import Version, dotted, parse_version
 
 log = logging.getLogger("kvrouter.engines")
 PROBE_TIMEOUT = 2.0
@@ -26,11 +27,6 @@ SGLANG_ALL_TAGS = frozenset({"weights", "kv_cache", "cuda_graph"})
 
 class EngineError(Exception):
     """An engine refused or failed a control call."""
-
-
-def parse_version(text: str) -> Tuple[int, ...]:
-    nums = re.findall(r"\d+", text or "")[:3]
-    return tuple(int(n) for n in nums) if nums else ()
 
 
 def metric_value(text: str, name: str) -> Optional[float]:
@@ -46,16 +42,36 @@ def metric_value(text: str, name: str) -> Optional[float]:
     return total if found else None
 
 
-class EngineAdapter:
+class EngineAdapter(ABC):
+    """What the controller may ask of an engine. The controller asks capabilities
+    (``sleep_levels``, ``refuse_level``, ``observed_level``), never the dialect."""
+
     dialect = "base"
+    #: sleep levels this engine kind has (a level outside is refused before any call)
+    sleep_levels: FrozenSet[int] = frozenset({1})
 
     def __init__(self, inst: Instance, pool: UpstreamPool):
         self.inst = inst
         self.pool = pool
-        self.version: Tuple[int, ...] = ()
+        self.version: Version = ()
+
+    # --- capabilities -------------------------------------------------------------------------
+    def refresh_version(self) -> Version:
+        """Ask the engine its version where it says (``()`` when unknown)."""
+        return self.version
+
+    def refuse_level(self, level: int) -> Optional[str]:
+        """Why this engine cannot sleep at ``level`` now; None when it can."""
+        if level not in self.sleep_levels:
+            return f"{self.dialect} has no sleep level {level}"
+        return None
+
+    def observed_level(self) -> Optional[int]:
+        """The sleep level the engine reports it is in (None when it cannot say)."""
+        return None
 
     def _call(self, method: str, path: str, body: Optional[dict] = None,
-              timeout: float = PROBE_TIMEOUT) -> Tuple[int, bytes]:
+              timeout: float = PROBE_TIMEOUT) -> tuple[int, bytes]:
         payload = json.dumps(body).encode() if body is not None else b""
         headers = {"Content-Type": "application/json"} if body is not None else {}
         resp = self.pool.request(method, path, headers, payload, connect_timeout=min(timeout, 5),
@@ -73,9 +89,9 @@ class EngineAdapter:
                               f"{data.decode('utf-8', 'replace')[:300]}")
         return data
 
+    @abstractmethod
     def probe(self, memory_released: bool = False) -> bool:
         """True when the engine answers as up. Never wakes it, never generates."""
-        raise NotImplementedError
 
     def model_info(self) -> dict:
         """What /v1/models says of this engine (max_model_len), {} when unreachable."""
@@ -125,21 +141,25 @@ class EngineAdapter:
         if not obj.get("choices"):
             raise EngineError(f"warm-up answered without choices: {data[:200]!r}")
 
+    @abstractmethod
     def is_sleeping(self) -> Optional[bool]:
-        return None
+        """Whether the engine is asleep; None when it cannot say."""
 
     def mark_released(self) -> None:
         """The router knows (from before a restart) that this engine's memory is released."""
 
+    @abstractmethod
     def sleep(self, level: int) -> None:
-        raise NotImplementedError
+        """Put the (drained) engine to sleep; returns once it is asleep."""
 
+    @abstractmethod
     def wake(self, level: int) -> None:
-        raise NotImplementedError
+        """Wake the engine from ``level``; returns once it can serve."""
 
 
 class VllmAdapter(EngineAdapter):
     dialect = "vllm"
+    sleep_levels = frozenset({1, 2})
 
     def probe(self, memory_released: bool = False) -> bool:
         try:
@@ -148,7 +168,7 @@ class VllmAdapter(EngineAdapter):
             return False
         return status == 200
 
-    def fetch_version(self) -> Tuple[int, ...]:
+    def refresh_version(self) -> Version:
         try:
             status, body = self._call("GET", "/version")
             if status == 200:
@@ -172,7 +192,7 @@ class VllmAdapter(EngineAdapter):
         except (ValueError, AttributeError):
             return None
 
-    def sleep_level(self) -> Optional[int]:
+    def observed_level(self) -> Optional[int]:
         """From vllm:engine_sleep_state (>= 0.11.1): 1 offloaded, 2 discarded, None unknown."""
         for line in (self._metrics() or "").splitlines():
             if line.startswith("vllm:engine_sleep_state{") and line.endswith(" 1"):
@@ -182,9 +202,12 @@ class VllmAdapter(EngineAdapter):
                     return 2
         return None
 
-    def supports_level2(self) -> bool:
-        # the HTTP reload recipe (collective_rpc) exists from 0.10.2 on
-        return bool(self.version) and self.version >= (0, 10, 2)
+    def refuse_level(self, level: int) -> Optional[str]:
+        # the HTTP reload recipe (collective_rpc) that level 2 needs exists from 0.10.2 on
+        if level == 2 and self.version and self.version < (0, 10, 2):
+            return (f"vLLM {dotted(self.version)} cannot reload weights over HTTP "
+                    "(needs >= 0.10.2): use level 1")
+        return super().refuse_level(level)
 
     def _confirm(self, asleep: bool, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -216,7 +239,10 @@ class VllmAdapter(EngineAdapter):
 
 
 class SglangAdapter(EngineAdapter):
+    """SGLang has one way to sleep (release memory occupation): every level maps to it."""
+
     dialect = "sglang"
+    sleep_levels = frozenset({1, 2})
 
     def __init__(self, inst: Instance, pool: UpstreamPool):
         super().__init__(inst, pool)
@@ -279,10 +305,6 @@ class SglangAdapter(EngineAdapter):
 
 
 def adapter_for(inst: Instance, pool: Optional[UpstreamPool] = None) -> EngineAdapter:
-    pool = pool or UpstreamPool(_host(inst), inst.port)
-    return (VllmAdapter if inst.dialect == "vllm" else SglangAdapter)(inst, pool)
-
-
-def _host(inst: Instance) -> str:
-    host = inst.host
-    return "127.0.0.1" if host in ("0.0.0.0", "", "::", "localhost") else host
+    pool = pool or UpstreamPool(inst.connect_host, inst.port)
+    cls = VllmAdapter if inst.dialect == "vllm" else SglangAdapter
+    return cls(inst, pool)

@@ -30,12 +30,14 @@ import gevent
 import httptools
 from gevent.server import StreamServer
 
+from kvrouter.errors import ApiError, InternalError, api_error
 from kvrouter.http.sockio import send_all
 
 log = logging.getLogger("kvrouter.http")
 
 Headers = List[Tuple[str, str]]
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+_INTERNAL_ERROR = InternalError("internal server error").to_json()
 WATCH_AFTER = 0.02  # seconds a handler runs before its client's socket is watched
 
 
@@ -82,12 +84,6 @@ class StreamResponse:
         self.status = status
         self.headers = headers
         self.chunks = chunks
-
-
-class _ParseError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 class ServerLimits:
@@ -137,12 +133,12 @@ class _Connection:
         self._url_parts.append(url)
         self._header_bytes += len(url)
         if self._header_bytes > self.limits.max_header_bytes:
-            raise _ParseError(414, "request line too long")
+            raise api_error(414, "request line too long")
 
     def on_header(self, name: bytes, value: bytes):
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > self.limits.max_header_bytes:
-            raise _ParseError(431, "request headers too large")
+            raise api_error(431, "request headers too large")
         key = name.decode("latin-1").lower()
         val = value.decode("latin-1")
         headers = self.cur.headers
@@ -167,16 +163,16 @@ class _Connection:
         if length is not None:
             try:
                 if int(length) > self.limits.max_body_bytes:
-                    raise _ParseError(413, f"request body over {self.limits.max_body_bytes} bytes")
+                    raise api_error(413, f"request body over {self.limits.max_body_bytes} bytes")
             except ValueError:
-                raise _ParseError(400, "invalid Content-Length") from None
+                raise api_error(400, "invalid Content-Length") from None
         if req.headers.get("expect", "").lower() == "100-continue":
             self._expect_continue = True
 
     def on_body(self, body: bytes):
         self._body_len += len(body)
         if self._body_len > self.limits.max_body_bytes:
-            raise _ParseError(413, f"request body over {self.limits.max_body_bytes} bytes")
+            raise api_error(413, f"request body over {self.limits.max_body_bytes} bytes")
         self._body_parts.append(body)
 
     def on_message_complete(self):
@@ -193,15 +189,15 @@ class _Connection:
     def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except _ParseError:
+        except ApiError:
             raise
         except httptools.HttpParserUpgrade:
-            raise _ParseError(400, "protocol upgrade is not supported") from None
+            raise api_error(400, "protocol upgrade is not supported") from None
         except httptools.HttpParserError as err:
             cause = err.__context__
-            if isinstance(cause, _ParseError):
+            if isinstance(cause, ApiError):
                 raise cause from None
-            raise _ParseError(400, f"malformed HTTP request: {err}") from None
+            raise api_error(400, f"malformed HTTP request: {err}") from None
 
     def run(self) -> None:
         sock = self.sock
@@ -221,8 +217,8 @@ class _Connection:
                         return
                 try:
                     self._feed(data)
-                except _ParseError as err:
-                    self._send_error(err.status, str(err))
+                except ApiError as err:
+                    self._send_error(err)
                     return
                 if self._expect_continue and not self._sent_continue and self.cur is not None:
                     self._sent_continue = True
@@ -275,8 +271,7 @@ class _Connection:
             except Exception:  # noqa: BLE001 - a handler bug must not kill the server
                 log.exception("unhandled error serving %s %s", req.method, req.path)
                 resp = Response(500, [("Content-Type", "application/json")],
-                                b'{"error":{"message":"internal server error","type":'
-                                b'"internal_server_error","param":null,"code":null}}')
+                                _INTERNAL_ERROR)
             keep = req.keep_alive and not self.closed
             if isinstance(resp, StreamResponse):
                 return self._write_stream(req, resp, keep)
@@ -336,13 +331,10 @@ class _Connection:
             send_all(sock, b"0\r\n\r\n")
         return keep
 
-    def _send_error(self, status: int, message: str) -> None:
-        import json
-
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error",
-                                     "param": None, "code": None}}).encode()
+    def _send_error(self, err: ApiError) -> None:
+        body = err.to_json()
         try:
-            self.sock.sendall(self._head(status, [("Content-Type", "application/json")], False,
+            self.sock.sendall(self._head(err.status, [("Content-Type", "application/json")], False,
                                          f"Content-Length: {len(body)}\r\n") + body)
             self._linger()
         except OSError:

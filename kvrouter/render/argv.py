@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from typing import List
 
-from kvrouter.config.schema import BenchClient, Config, Instance
+from kvrouter.config.schema import BenchClient, Config, Instance, host_url
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,7 @@ def router_argv(cfg: Config, py: Interpreters) -> List[str]:
 
 
 def router_url(cfg: Config) -> str:
-    host = cfg.router.router_host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    return f"http://{host}:{cfg.router.router_port}"
+    return host_url(cfg.router.router_host, cfg.router.router_port)
 
 
 def bench_argv(cfg: Config, client: BenchClient, py: Interpreters) -> List[str]:

@@ -69,8 +69,8 @@ def compile_config(cfg: Config, opts: RenderOptions) -> Dict[str, str]:
         where = f"{cfg.source}: instances[{i}].env: "
         engines.append({
             "name": inst.name,
-            "program": f"engine-{inst.name}",
-            "unit_stem": f"kvrouter-engine-{inst.name}",
+            "program": inst.program_name,
+            "unit_stem": inst.unit_stem,
             "comment": f"{inst.model}, {inst.engine}, {inst.base_url}",
             "command": supervisor_command(sup_argv),
             "environment": supervisor_environment(inst.env, where) if inst.env else "",
@@ -90,8 +90,8 @@ def compile_config(cfg: Config, opts: RenderOptions) -> Dict[str, str]:
     benches = []
     for client in cfg.benchmark.clients:
         argv = bench_argv(cfg, client, py)
-        benches.append({"name": client.name, "program": f"bench-{client.name}",
-                        "unit_stem": f"kvrouter-bench-{client.name}",
+        benches.append({"name": client.name, "program": client.program_name,
+                        "unit_stem": client.unit_stem,
                         "comment": f"{client.model}, {client.tool}",
                         "command": supervisor_command(argv), "exec": systemd_exec(argv)})
     common = {"version": __version__, "source": cfg.source, "base_dir": cfg.base_dir,

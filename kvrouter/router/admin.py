@@ -6,7 +6,7 @@ import time
 from flask import Flask, Response, jsonify, request
 
 from kvrouter import __version__
-from kvrouter.control.controller import State
+from kvrouter.control.states import State
 from kvrouter.router import admin_sleep
 from kvrouter.router.errors import envelope
 from kvrouter.traffic import WINDOW_MAX

@@ -8,7 +8,7 @@ import gevent
 from flask import jsonify, request
 
 from kvrouter.control import report
-from kvrouter.control.controller import TransitionError
+from kvrouter.control.states import TransitionError
 from kvrouter.router.errors import envelope
 
 

@@ -16,11 +16,12 @@ import os
 from typing import Dict
 
 from kvrouter.config.schema import Config
-from kvrouter.control.controller import Controller, ModelEntry
+from kvrouter.control.controller import Controller
+from kvrouter.control.entry import ModelEntry
 from kvrouter.errors import ApiError
 from kvrouter.http.server import ClientGone, Request, Response, StreamResponse
 from kvrouter.router.errors import error_response, normalize_error_body, stream_error_event
-from kvrouter.router.upstream import UpstreamError, UpstreamTimeout
+from kvrouter.http.client import UpstreamError, UpstreamTimeout
 from kvrouter.traffic import TrafficMonitor
 
 log = logging.getLogger("kvrouter.proxy")

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from tests.integration import conformance
-from tests.integration.conftest import (SimEngine, get_json, http, run_concurrently,
+from tests.helpers import (SimEngine, get_json, http, run_concurrently,
                                         wait_until)
 
 

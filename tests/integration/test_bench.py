@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from tests.integration.conftest import PY, Router, SimEngine, free_port, instance_yaml
+from tests.helpers import PY, Router, SimEngine, free_port, instance_yaml
 
 
 def run(*args, cwd=None):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.integration.conftest import PY, Proc, free_port, get_json, http, wait_until
+from tests.helpers import PY, Proc, free_port, get_json, http, wait_until
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_non_editable_install_ships_templates(tmp_path):

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from tests.integration import conformance
-from tests.integration.conftest import (Router, SimEngine, free_port, get_json, http,
+from tests.helpers import (Router, SimEngine, free_port, get_json, http,
                                         instance_yaml, run_concurrently, wait_until)
 
 VLLM_MODEL = "org/llama-sim"

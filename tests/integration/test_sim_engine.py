@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from tests.integration import conformance
-from tests.integration.conftest import SimEngine, get_json, http, wait_until
+from tests.helpers import SimEngine, get_json, http, wait_until
 
 
 @pytest.fixture(scope="module", params=["vllm", "sglang"])

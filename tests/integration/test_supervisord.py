@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from kvrouter.control.supervisor import Supervisor, ensure_supervisord, supervisorctl
-from tests.integration.conftest import PY, free_port, get_json, http, instance_yaml, wait_until
+from tests.helpers import PY, free_port, get_json, http, instance_yaml, wait_until
 
 
 def _config(short_tmp, router_port, p1, p2):

@@ -4,7 +4,7 @@ import time
 import openai
 import pytest
 
-from tests.integration.conftest import (Router, SimEngine, free_port, get_json, http,
+from tests.helpers import (Router, SimEngine, free_port, get_json, http,
                                         instance_yaml)
 
 A, B = "org/a", "org/b"

@@ -6,7 +6,7 @@ import pytest
 
 from kvrouter.config import load_config, parse_config_text
 from kvrouter.errors import ConfigErrors
-from tests.conftest import ROOT, SEED_CONFIG
+from tests.helpers import ROOT, SEED_CONFIG
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 INVALID = sorted(glob.glob(os.path.join(DATA, "invalid", "*.yaml")))
@@ -83,7 +83,7 @@ def test_aliases_and_upstream_name():
     inst = cfg.instances[0]
     assert inst.route_names == ("org/m", "up", "other", "fast")
     assert inst.upstream_model == "up"
-    assert inst.base_url == "http://localhost:9"
+    assert inst.base_url == "http://127.0.0.1:9"  # where the router connects: loopback
 
 
 def test_kvcached_ipc_name_kept_when_set_and_absent_when_disabled():
@@ -128,7 +128,7 @@ def test_config_reference_doc_is_current():
 
 
 def test_seed_copy_is_verbatim():
-    from tests.conftest import SEED_COPY, SHARED_SEED
+    from tests.helpers import SEED_COPY, SHARED_SEED
 
     if not os.path.exists(SHARED_SEED):
         pytest.skip("../shared is not beside this checkout")

@@ -6,94 +6,14 @@ import tempfile
 
 import gevent
 import pytest
-from gevent.event import Event
 
 from kvrouter.config import parse_config_text
-from kvrouter.control.controller import Controller, State, TransitionError
-from kvrouter.control.process import ProcessControl
+from kvrouter.control.controller import Controller
 from kvrouter.control.report import gpu_memory, model_status
-from kvrouter.engines.adapters import EngineError
+from kvrouter.control.states import State, TransitionError
 from kvrouter.errors import ApiError
 from kvrouter.traffic import TrafficMonitor
-
-
-class FakePool:
-    def close_idle(self):
-        pass
-
-
-class FakeAdapter:
-    dialect = "vllm"
-
-    def __init__(self, inst):
-        self.inst = inst
-        self.pool = FakePool()
-        self.version = (0, 32, 0)
-        self.up = True
-        self.asleep = False
-        self.gate = Event()
-        self.gate.set()
-        self.sleeps = self.wakes = self.warmups = 0
-        self.fail_warmup = False
-        self.busy_n = 0
-
-    def probe(self, memory_released=False):
-        return self.up
-
-    def model_info(self):
-        return {"max_model_len": 128}
-
-    def fetch_version(self):
-        return self.version
-
-    def supports_level2(self):
-        return True
-
-    def wait_idle(self, timeout):
-        return self.busy_n == 0
-
-    def is_sleeping(self):
-        return self.asleep
-
-    def sleep_level(self):
-        return 1
-
-    def sleep(self, level):
-        self.sleeps += 1
-        self.asleep = True
-
-    def wake(self, level):
-        self.gate.wait()
-        self.wakes += 1
-        self.asleep = False
-
-    def mark_released(self):
-        self.released = True
-
-    def warm_up(self):
-        self.warmups += 1
-        if self.fail_warmup:
-            raise EngineError("warm-up failed")
-
-
-class FakeProcess(ProcessControl):
-    available = True
-    kind = "fake"
-
-    def __init__(self):
-        self.calls = []
-        self.adapters = {}
-
-    def start(self, inst):
-        self.calls.append(("start", inst.name))
-        self.adapters[inst.model].up = True
-
-    def stop(self, inst):
-        self.calls.append(("stop", inst.name))
-        self.adapters[inst.model].up = False
-
-    def restart(self, inst):
-        self.calls.append(("restart", inst.name))
+from tests.fakes import FakeAdapter, FakeProcess
 
 
 def make(extra_router="", extra_sleep="", instances=None):
@@ -123,9 +43,12 @@ def test_adopts_ready_and_sleeping_engines():
     ctl, _, _ = make(instances=[("a", "m/a", ""), ("b", "m/b", "")])
     a, b = ctl.entries["m/a"], ctl.entries["m/b"]
     assert a.state is State.READY and a.info == {"max_model_len": 128}
+    # a new router (the entry starts as STARTING) finds engine b asleep
+    again = Controller(ctl.cfg, adapter_factory=FakeAdapter, process=FakeProcess(),
+                       traffic=ctl.traffic)
+    b = again.entries["m/b"]
     b.adapter.asleep = True
-    ctl.set_state(b, State.STARTING, "router restarted")
-    ctl._probe_once(b)
+    again._probe_once(b)
     assert b.state is State.SLEEPING and b.adapter.wakes == 0 and b.adapter.sleeps == 0
 
 
@@ -252,15 +175,63 @@ def test_waking_evicts_least_recently_used_under_budget():
     assert states == {"m/a": "ready", "m/b": "sleeping", "m/c": "ready", "m/d": "ready"}
 
 
-def test_no_room_is_503_with_reason():
-    ctl, _, _ = make(extra_sleep=', gpu_memory_gb: {"0": 15}',
-                     instances=[("a", "m/a", ", weights_gb: 10, sleep: {pinned: true}"),
-                                ("b", "m/b", ", weights_gb: 10")])
+def test_no_room_is_503_with_reason_and_nothing_restarts():
+    ctl, proc, _ = make(extra_sleep=', gpu_memory_gb: {"0": 15}',
+                        instances=[("a", "m/a", ", weights_gb: 10, sleep: {pinned: true}"),
+                                   ("b", "m/b", ", weights_gb: 10")])
     b = ctl.entries["m/b"]
     ctl.sleep(b)
     with pytest.raises(ApiError) as err:
         ctl.ensure_ready(b)
     assert err.value.status == 503 and "no room for m/b" in err.value.message
+    # the model stays asleep: restarting its engine would load it onto a full GPU
+    assert b.state is State.SLEEPING and b.adapter.wakes == 0
+    assert proc.calls == []
+    with pytest.raises(TransitionError, match="no room for m/b"):
+        ctl.wake(b)
+    assert b.state is State.SLEEPING and proc.calls == []
+
+
+def test_wake_that_hangs_is_abandoned_marked_failed_and_restarted():
+    ctl, proc, _ = make(extra_sleep=", wake_timeout_seconds: 0.3")
+    e = ctl.entries["m/a"]
+    ctl.sleep(e)
+    e.adapter.hang = True  # the engine never answers /wake_up
+    started = gevent.get_hub().loop.now()
+    with pytest.raises(ApiError) as err:
+        ctl.ensure_ready(e)
+    assert err.value.status == 503 and "did not finish within 0.3s" in err.value.message
+    assert gevent.get_hub().loop.now() - started < 1.0
+    assert e.state is State.FAILED and "wake failed" in e.reason
+    assert proc.calls == [("restart", "a")]
+
+
+def test_sleep_that_hangs_is_abandoned_marked_failed_and_restarted():
+    ctl, proc, _ = make(extra_sleep=", sleep_timeout_seconds: 0.2")
+    e = ctl.entries["m/a"]
+    e.adapter.hang = True
+    with pytest.raises(TransitionError, match="did not finish within 0.2s"):
+        ctl.sleep(e)
+    assert e.state is State.FAILED and proc.calls == [("restart", "a")]
+
+
+def test_transitions_outside_the_table_are_refused():
+    from kvrouter.control.states import IllegalTransition
+
+    ctl, _, _ = make()
+    e = ctl.entries["m/a"]
+    with pytest.raises(IllegalTransition, match="ready -> waking"):
+        ctl.set_state(e, State.WAKING, "test")
+    assert e.state is State.READY
+
+
+def test_automatic_sleep_gives_way_to_a_busy_engine_at_once():
+    ctl, _, _ = make(extra_sleep=", auto_sleep_enabled: true, idle_threshold_seconds: 0")
+    e = ctl.entries["m/a"]
+    e.adapter.busy_n = 2  # work the router does not see (another client)
+    with pytest.raises(TransitionError, match="reports requests running"):
+        ctl.sleep(e, manual=False)
+    assert e.state is State.READY and e.adapter.sleeps == 0
 
 
 def test_health_failure_marks_failed_and_recovery_adopts():

@@ -2,11 +2,12 @@
 import pytest
 
 from kvrouter.control.policy import Action, ModelView, NoRoom, Snapshot, decide, plan_room
+from kvrouter.control.states import State
 
 
 def view(name, state="ready", idle=0.0, in_flight=0, waiting=0, pinned=False, threshold=300.0,
          stop_after=None, state_seconds=0.0, gpus=("0",), weights=10.0, kv=5.0, last_used=0.0):
-    return ModelView(name=name, state=state, in_flight=in_flight, waiting=waiting,
+    return ModelView(name=name, state=State(state), in_flight=in_flight, waiting=waiting,
                      idle_seconds=idle, state_seconds=state_seconds, pinned=pinned,
                      idle_threshold=threshold, stop_after=stop_after, level=1, gpus=gpus,
                      weights_gb=weights, kv_cache_gb=kv, last_used=last_used)

@@ -10,7 +10,7 @@ from kvrouter.render import RenderOptions, compile_config, write_files
 from kvrouter.render.argv import Interpreters, engine_argv
 from kvrouter.render.quoting import (supervisor_command, supervisor_environment,
                                      systemd_exec)
-from tests.conftest import SEED_CONFIG
+from tests.helpers import SEED_CONFIG
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 GOLDEN = os.path.join(DATA, "golden")

@@ -1,0 +1,1 @@
+"""Load generation, reports and the speed benchmark (`kvrouter bench`, `make bench`)."""

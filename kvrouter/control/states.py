@@ -1,0 +1,66 @@
+"""Model states and the transitions allowed between them (standard library only).
+
+    STARTING --ready--> READY --idle--> DRAINING --> SLEEPING --request/wake--> WAKING --warm-up--> READY
+       ^                  |                             |                         |
+       |                  +------ engine died --> FAILED <-------- wake failed ---+
+       +-- process manager starts -- STOPPED <-- long asleep (deep sleep)
+
+``ALLOWED`` is the whole table; ``check`` refuses anything else, so a transition
+the design does not have fails loudly where it is attempted (supervisor's
+``states.py`` and ``_assertInState`` are the model).
+"""
+from __future__ import annotations
+
+import enum
+from typing import Dict, FrozenSet
+
+
+class State(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    SLEEPING = "sleeping"
+    WAKING = "waking"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class TransitionError(Exception):
+    """A sleep, wake or stop that cannot happen now (HTTP 409)."""
+
+
+class IllegalTransition(RuntimeError):
+    """A programming error: a transition the table does not allow."""
+
+
+S = State
+#: state -> states it may move to
+ALLOWED: Dict[State, FrozenSet[State]] = {
+    # adoption finds the engine up (READY), asleep (SLEEPING) or not running (STOPPED)
+    S.STARTING: frozenset({S.READY, S.SLEEPING, S.STOPPED, S.FAILED}),
+    S.READY: frozenset({S.DRAINING, S.FAILED}),
+    S.DRAINING: frozenset({S.SLEEPING, S.READY, S.FAILED}),
+    S.SLEEPING: frozenset({S.WAKING, S.STOPPED, S.FAILED}),
+    S.WAKING: frozenset({S.READY, S.FAILED}),
+    # a start (request or wake), or an engine started outside kvrouter found by a probe
+    S.STOPPED: frozenset({S.STARTING, S.READY, S.SLEEPING}),
+    # a probe finds the (restarted) engine up or asleep
+    S.FAILED: frozenset({S.READY, S.SLEEPING, S.STOPPED}),
+}
+
+#: the engine holds GPU memory (weights and KV cache)
+RESIDENT: FrozenSet[State] = frozenset({S.STARTING, S.READY, S.DRAINING, S.WAKING})
+#: the model is down on purpose; a request (or a manual wake) brings it back
+ASLEEP: FrozenSet[State] = frozenset({S.SLEEPING, S.STOPPED})
+#: a transition is running: it owns the model, probes leave it alone
+IN_TRANSITION: FrozenSet[State] = frozenset({S.DRAINING, S.WAKING})
+#: a request for the model in one of these states waits for a wake
+WAKEABLE: FrozenSet[State] = frozenset({S.SLEEPING, S.STOPPED, S.DRAINING, S.WAKING})
+#: the health loop polls slowly in these states (nothing is about to change)
+SETTLED: FrozenSet[State] = frozenset({S.READY, S.SLEEPING, S.STOPPED})
+
+
+def check(old: State, new: State) -> None:
+    """Raise IllegalTransition unless ``old -> new`` is in the table (staying is allowed)."""
+    if old is not new and new not in ALLOWED[old]:
+        raise IllegalTransition(f"{old.value} -> {new.value} is not an allowed transition")

@@ -1,0 +1,259 @@
+"""Transitions that do I/O: sleep, deep sleep (stop), wake or start, make room, restart.
+
+Each runs under the model's lock and returns a ``Result`` — done, refused (nothing
+changed: the model keeps its state) or failed (the engine misbehaved: the model is
+marked failed and its engine restarted). Nothing here raises across layers; the
+controller turns a result into what its caller needs (an HTTP 409 or 503).
+
+Every engine call runs under a deadline: a wake past ``wake_timeout_seconds`` (plus the
+engine's ``startup_timeout_seconds`` for a start) or a sleep past
+``sleep_timeout_seconds`` is abandoned, the model marked failed and restarted.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
+
+import gevent
+
+from kvrouter.control import policy
+from kvrouter.control.entry import ModelEntry
+from kvrouter.control.process import ProcessControlError
+from kvrouter.control.states import ASLEEP, State
+from kvrouter.engines.adapters import EngineError
+
+if TYPE_CHECKING:
+    from kvrouter.control.controller import Controller
+
+log = logging.getLogger("kvrouter.controller")
+
+
+class Outcome(enum.Enum):
+    DONE = "done"
+    REFUSED = "refused"   # could not happen now; nothing changed
+    FAILED = "failed"     # the engine failed or hung; the model is marked failed
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: Outcome
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.DONE
+
+
+def done(message: str = "") -> Result:
+    return Result(Outcome.DONE, message)
+
+
+def refused(message: str) -> Result:
+    return Result(Outcome.REFUSED, message)
+
+
+def failed(message: str) -> Result:
+    return Result(Outcome.FAILED, message)
+
+
+class Deadline(Exception):
+    """A control call ran past its deadline."""
+
+
+def _under_deadline(seconds: float, what: str, fn: Callable[[], None]) -> None:
+    """Run ``fn``; raise Deadline when it takes longer than ``seconds``."""
+    timer = gevent.Timeout(seconds)
+    timer.start()
+    try:
+        fn()
+    except gevent.Timeout as err:
+        if err is not timer:
+            raise
+        raise Deadline(f"{what} did not finish within {seconds:g}s") from None
+    finally:
+        timer.cancel()
+
+
+_ENGINE_FAILURES = (EngineError, ProcessControlError, Deadline)
+
+
+class Transitions:
+    DRAIN_TIMEOUT = 60.0   # a manual sleep waits this long for requests in flight
+    IDLE_TIMEOUT = 10.0    # ... and for the engine to report none running
+    NOT_READY_POLL = 0.1
+
+    def __init__(self, ctl: "Controller"):
+        self.ctl = ctl
+
+    def _record(self, entry: ModelEntry, action: str, ok: bool, seconds: float) -> None:
+        if self.ctl.metrics is not None:
+            self.ctl.metrics.transition(entry.name, action, ok, seconds)
+
+    def _fail(self, entry: ModelEntry, action: str, started: float, message: str) -> Result:
+        """The engine failed or hung during a transition: mark it failed and restart it."""
+        ctl = self.ctl
+        self._record(entry, action, False, ctl.clock() - started)
+        ctl.set_state(entry, State.FAILED, f"{action} failed: {message}")
+        self.restart(entry)
+        return failed(message)
+
+    # --- sleep --------------------------------------------------------------------------------
+    def sleep(self, entry: ModelEntry, level: Optional[int], manual: bool, reason: str) -> Result:
+        """Drain and put a READY model to sleep.
+
+        An automatic sleep gives way to traffic: it does not start while the engine reports
+        requests running, and a request that arrives while it drains cancels it."""
+        ctl = self.ctl
+        level = level or entry.level
+        refusal = entry.adapter.refuse_level(level)
+        if refusal:
+            return refused(refusal)
+        with entry.lock:
+            if entry.state is not State.READY:
+                return refused(f"model {entry.name!r} is {entry.state.value}, not ready")
+            if entry.inst.sleep.pinned and not manual:
+                return refused(f"model {entry.name!r} is pinned")
+            if not manual and entry.adapter.busy():
+                return refused("the engine reports requests running")
+            ctl.set_state(entry, State.DRAINING, reason)
+            started = ctl.clock()
+            why_not = self._drain(entry, manual, started)
+            if why_not:
+                self._record(entry, "sleep", False, ctl.clock() - started)
+                ctl.set_state(entry, State.READY, f"sleep cancelled: {why_not}")
+                return refused(why_not)
+            try:
+                _under_deadline(ctl.cfg.sleep_manager.sleep_timeout_seconds, "sleep",
+                                lambda: entry.adapter.sleep(level))
+            except Deadline as err:
+                return self._fail(entry, "sleep", started, str(err))
+            except EngineError as err:
+                # the engine refused: it still holds its memory and serves
+                self._record(entry, "sleep", False, ctl.clock() - started)
+                ctl.set_state(entry, State.READY, f"sleep cancelled: {err}")
+                return refused(str(err))
+            except BaseException:
+                ctl.set_state(entry, State.READY, "sleep interrupted")
+                raise
+            entry.level = level
+            entry.sleep_manual = manual
+            entry.slept_at = ctl.clock()
+            entry.last_sleep_seconds = entry.slept_at - started
+            entry.sleeps += 1
+            self._record(entry, "sleep", True, entry.last_sleep_seconds)
+            ctl.set_state(entry, State.SLEEPING, f"{reason}; level {level}, took "
+                          f"{entry.last_sleep_seconds:.3f}s")
+        if entry.waiters:
+            ctl.request_wake(entry, reason="requests arrived while it went to sleep")
+        return done()
+
+    def _drain(self, entry: ModelEntry, manual: bool, started: float) -> Optional[str]:
+        """Wait until no request runs; why the sleep cannot go on, or None."""
+        ctl = self.ctl
+        deadline = started + self.DRAIN_TIMEOUT
+        while ctl.in_flight(entry) > 0 or (not manual and entry.waiters):
+            if not manual:
+                return "a request arrived while draining"
+            if ctl.clock() > deadline:
+                return f"requests still in flight after {self.DRAIN_TIMEOUT:g}s"
+            gevent.sleep(0.02)
+        if manual and not entry.adapter.wait_idle(self.IDLE_TIMEOUT):
+            return "the engine still reports requests running"
+        return None
+
+    def stop(self, entry: ModelEntry, reason: str) -> Result:
+        """Deep sleep: stop a sleeping engine's process through the process manager."""
+        ctl = self.ctl
+        with entry.lock:
+            if entry.state is not State.SLEEPING:
+                return refused(f"model {entry.name!r} is {entry.state.value}")
+            try:
+                ctl.process.stop(entry.inst)
+            except ProcessControlError as err:
+                return refused(str(err))
+            entry.pool.close_idle()
+            self._record(entry, "stop", True, 0.0)
+            ctl.set_state(entry, State.STOPPED, reason)
+        if entry.waiters:
+            ctl.request_wake(entry, reason="requests arrived while it stopped")
+        return done()
+
+    # --- wake ---------------------------------------------------------------------------------
+    def make_room(self, entry: ModelEntry) -> Result:
+        """Put idle models to sleep until ``entry`` fits its GPUs' budgets (refused: no room)."""
+        ctl = self.ctl
+        try:
+            actions = policy.plan_room(ctl.snapshot(), entry.name)
+        except policy.NoRoom as err:
+            return refused(str(err))
+        for action in actions:
+            victim = ctl.entries[action.model]
+            result = self.sleep(victim, action.level, manual=False, reason=action.reason)
+            if not result.ok:
+                return refused(f"could not make room ({victim.name}: {result.message})")
+        return done()
+
+    def wake(self, entry: ModelEntry, reason: str) -> Result:
+        """Wake a sleeping model or start a stopped one, then warm it up."""
+        ctl = self.ctl
+        with entry.lock:
+            if entry.state not in ASLEEP:
+                return done(f"model {entry.name!r} is {entry.state.value}")
+            started = ctl.clock()
+            stopped = entry.state is State.STOPPED
+            action = "start" if stopped else "wake"
+            room = self.make_room(entry)
+            if not room.ok:
+                log.warning("%s: not woken: %s", entry.name, room.message)
+                return room   # stays asleep; nothing to restart on a GPU that is full
+            limit = ctl.cfg.sleep_manager.wake_timeout_seconds
+            if stopped:
+                limit += entry.inst.startup_timeout_seconds
+                ctl.set_state(entry, State.STARTING, f"start ({reason})")
+            else:
+                ctl.set_state(entry, State.WAKING, reason)
+            try:
+                _under_deadline(limit, action, lambda: self._bring_up(entry, stopped))
+            except _ENGINE_FAILURES as err:
+                return self._fail(entry, action, started, str(err) or "failed")
+            entry.last_wake_seconds = ctl.clock() - started
+            entry.wakes += 1
+            entry.slept_at = None
+            entry.restart_failures = 0
+            self._record(entry, action, True, entry.last_wake_seconds)
+            ctl.set_state(entry, State.READY, f"{reason}; took {entry.last_wake_seconds:.3f}s")
+            return done()
+
+    def _bring_up(self, entry: ModelEntry, stopped: bool) -> None:
+        adapter = entry.adapter
+        if stopped:
+            self.ctl.process.start(entry.inst)
+            while not adapter.probe():
+                gevent.sleep(self.NOT_READY_POLL)
+            if adapter.is_sleeping():
+                adapter.wake(entry.level)
+        else:
+            adapter.wake(entry.level)
+        adapter.warm_up()
+
+    # --- restart ------------------------------------------------------------------------------
+    def restart(self, entry: ModelEntry) -> None:
+        """Restart a failed engine through the process manager, with backoff (no storms)."""
+        ctl = self.ctl
+        if not ctl.process.available:
+            return
+        now = ctl.clock()
+        if now < entry.next_restart_at:
+            log.warning("%s: restart held back for %.0fs (backoff)", entry.name,
+                        entry.next_restart_at - now)
+            return
+        entry.restart_failures += 1
+        entry.next_restart_at = now + min(300.0, 5.0 * 2 ** (entry.restart_failures - 1))
+        entry.pool.close_idle()
+        try:
+            ctl.process.restart(entry.inst)
+            log.info("%s: restarted through %s", entry.name, ctl.process.kind)
+        except ProcessControlError as err:
+            log.error("%s: restart failed: %s", entry.name, err)
