@@ -73,8 +73,9 @@ class RouterMetrics:
         s = self.series[model]
         s.outcomes[outcome] += 1
         s.duration.observe(latency)
-        if rec.stream and rec.first_byte is not None and outcome == "success":
-            s.ttft.observe(rec.first_byte - rec.start - rec.wait)
+        ttft = rec.ttft if rec.stream and outcome == "success" else None
+        if ttft is not None:
+            s.ttft.observe(ttft)
             if itl is not None:
                 s.itl.observe(itl)
         if rec.wait:

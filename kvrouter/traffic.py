@@ -112,6 +112,13 @@ class RequestRecord:
         self.stream = False
         self.ended = False
 
+    @property
+    def ttft(self) -> Optional[float]:
+        """Time to first token as the engine served it: the wait for a wake is not in it."""
+        if self.first_byte is None:
+            return None
+        return self.first_byte - self.start - self.wait
+
 
 class TrafficMonitor:
     """All models' traffic. One instance per router process (gevent: no locks needed)."""
@@ -157,8 +164,9 @@ class TrafficMonitor:
             m.latency.append((now, latency))
             if rec.stream:
                 m.streams += 1
-                if rec.first_byte is not None:
-                    m.ttft.append((now, rec.first_byte - rec.start - rec.wait))
+                ttft = rec.ttft
+                if ttft is not None:
+                    m.ttft.append((now, ttft))
                 if itl is not None:
                     m.itl.append((now, itl))
         if rec.wait:

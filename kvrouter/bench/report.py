@@ -47,6 +47,13 @@ class Sample:
         self.e2e = 0.0
         self.output_tokens = 0
 
+    @property
+    def tpot(self) -> Optional[float]:
+        """Time per output token after the first (None without a TTFT or a second token)."""
+        if self.ttft is None or self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
 
 def summarize(samples: List[Sample], duration: float, slo: dict) -> dict:
     ok = [s for s in samples if s.ok]
@@ -54,17 +61,15 @@ def summarize(samples: List[Sample], duration: float, slo: dict) -> dict:
     for s in samples:
         if not s.ok:
             errors[s.error or "unknown"] = errors.get(s.error or "unknown", 0) + 1
-    tpot = [(s.e2e - s.ttft) / (s.output_tokens - 1) for s in ok
-            if s.ttft is not None and s.output_tokens > 1]
+    tpot = [t for t in (s.tpot for s in ok) if t is not None]
     out_tokens = sum(s.output_tokens for s in ok)
     good = None
     if slo:
         def meets(s):
             if slo.get("ttft") is not None and (s.ttft is None or s.ttft > slo["ttft"]):
                 return False
-            if slo.get("tpot") is not None and s.output_tokens > 1 and s.ttft is not None:
-                if (s.e2e - s.ttft) / (s.output_tokens - 1) > slo["tpot"]:
-                    return False
+            if slo.get("tpot") is not None and s.tpot is not None and s.tpot > slo["tpot"]:
+                return False
             if slo.get("e2e") is not None and s.e2e > slo["e2e"]:
                 return False
             return True

@@ -6,22 +6,24 @@ is joined before answering so the client gets a Content-Length too.
 """
 from __future__ import annotations
 
-import hmac
 import json
 import logging
-import re
-from collections import OrderedDict
-import time
 import os
-from typing import Dict
+import re
+import time
+from collections import OrderedDict
+from typing import Callable
 
 from kvrouter.config.schema import Config
 from kvrouter.control.controller import Controller
 from kvrouter.control.entry import ModelEntry
-from kvrouter.errors import ApiError
+from kvrouter.errors import (ApiError, BadGateway, BadRequest, GatewayTimeout, NotFound,
+                             ServiceUnavailable)
+from kvrouter.http.client import UpstreamError, UpstreamPool, UpstreamTimeout
 from kvrouter.http.server import ClientGone, Request, Response, StreamResponse
+from kvrouter.router.auth import require_api_key
 from kvrouter.router.errors import error_response, normalize_error_body, stream_error_event
-from kvrouter.http.client import UpstreamError, UpstreamTimeout
+from kvrouter.router.routes import RouteTable
 from kvrouter.traffic import TrafficMonitor
 
 log = logging.getLogger("kvrouter.proxy")
@@ -38,57 +40,47 @@ def _usage(data: bytes):
     return (int(p[-1]) if p else 0), (int(c[-1]) if c else 0)
 
 
-def check_bearer(req: Request, keys) -> bool:
-    auth = req.headers.get("authorization", "")
-    if not auth.startswith("Bearer "):
-        return False
-    given = auth[7:].strip().encode()
-    ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(given, key.encode())
-    return ok
+def _pool_of(entry: ModelEntry) -> UpstreamPool:
+    return entry.pool
 
 
 class Proxy:
+    """The /v1 path. Its collaborators come from outside: the controller (the gate), the
+    traffic monitor, the route table and ``pool_for`` (entry -> its upstream pool), so a
+    unit test can drive it with fakes and no sockets."""
+
     def __init__(self, cfg: Config, controller: Controller, traffic: TrafficMonitor,
-                 clock=time.monotonic):
+                 routes: RouteTable, clock: Callable[[], float] = time.monotonic,
+                 pool_for: Callable[[ModelEntry], UpstreamPool] = _pool_of):
         self.cfg = cfg
         self.controller = controller
         self.traffic = traffic
+        self.routes = routes
         self.clock = clock
-        self.routes: Dict[str, ModelEntry] = {}
+        self.pool_for = pool_for
         self.responses: "OrderedDict[str, ModelEntry]" = OrderedDict()
-        for entry in controller.entries.values():
-            for name in entry.inst.route_names:
-                self.routes[name] = entry
         r = cfg.router
         self.timeouts = (r.connect_timeout_seconds, r.request_timeout_seconds,
                          r.stream_idle_timeout_seconds)
 
     # --- request parsing -----------------------------------------------------------------------
     def _parse(self, req: Request):
-        if self.cfg.router.api_keys and not check_bearer(req, self.cfg.router.api_keys):
-            raise ApiError(401, "missing or invalid API key (Authorization: Bearer ...)",
-                           "authentication_error", "invalid_api_key")
+        require_api_key(req.headers.get("authorization"), self.cfg.router.api_keys)
         try:
             body = json.loads(req.body) if req.body else None
         except ValueError as err:
-            raise ApiError(400, f"request body is not valid JSON: {err}", code="invalid_json") \
+            raise BadRequest(f"request body is not valid JSON: {err}", code="invalid_json") \
                 from None
         if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object", code="invalid_body")
+            raise BadRequest("request body must be a JSON object", code="invalid_body")
         model = body.get("model")
         if model is None or model == "":
-            raise ApiError(400, "you must provide a model parameter", param="model",
-                           code="missing_model")
+            raise BadRequest("you must provide a model parameter", param="model",
+                             code="missing_model")
         if not isinstance(model, str):
-            raise ApiError(400, f"model must be a string, got {type(model).__name__}",
-                           param="model", code="invalid_model")
-        entry = self.routes.get(model)
-        if entry is None:
-            raise ApiError(404, f"The model `{model}` does not exist. Known models: "
-                           f"{', '.join(sorted(self.routes))}", "invalid_request_error",
-                           "model_not_found", "model")
+            raise BadRequest(f"model must be a string, got {type(model).__name__}",
+                             param="model", code="invalid_model")
+        entry = self.routes.require(model, known=True)
         payload = req.body
         if model != entry.inst.upstream_model:  # an alias: the engine knows another name
             body["model"] = entry.inst.upstream_model
@@ -123,17 +115,18 @@ class Proxy:
     def handle_response_id(self, req: Request):
         """GET/DELETE /v1/responses/{id}[/...] and POST .../cancel: to the engine that
         created the response (engines keep responses in memory; lost on restart)."""
-        if self.cfg.router.api_keys and not check_bearer(req, self.cfg.router.api_keys):
-            return error_response(ApiError(401, "missing or invalid API key",
-                                           "authentication_error", "invalid_api_key"))
-        response_id = req.path[len("/v1/responses/"):].split("/", 1)[0]
-        entry = self.responses.get(response_id)
-        if entry is None:
+        try:
+            require_api_key(req.headers.get("authorization"), self.cfg.router.api_keys)
+            response_id = req.path[len("/v1/responses/"):].split("/", 1)[0]
+            entry = self.responses.get(response_id)
+            if entry is None:
+                raise NotFound(f"Response with id '{response_id}' not found (kvrouter routes a "
+                               "response id to the engine that created it through this router)",
+                               type="invalid_request_error", code="response_not_found",
+                               param="response_id")
+        except ApiError as err:
             self.traffic.unrouted += 1
-            return error_response(ApiError(
-                404, f"Response with id '{response_id}' not found (kvrouter routes a "
-                "response id to the engine that created it through this router)",
-                "invalid_request_error", "response_not_found", "response_id"))
+            return error_response(err)
         return self._run(req, entry, req.body)
 
     def _forward(self, req, entry, payload, rid, rec):
@@ -151,15 +144,16 @@ class Proxy:
                 headers[name] = value
         connect, first_byte, idle = self.timeouts
         path = req.url.decode("latin-1")
+        pool = self.pool_for(entry)
         for attempt in (0, 1):
             try:
-                resp = entry.pool.request(req.method, path, headers, payload, connect,
+                resp = pool.request(req.method, path, headers, payload, connect,
                                           first_byte, idle)
                 break
             except UpstreamTimeout as err:
                 self.traffic.end(rec, "timeout")
-                return error_response(ApiError(504, f"model {entry.name!r}: {err}",
-                                               "timeout_error", "upstream_timeout"))
+                return error_response(GatewayTimeout(f"model {entry.name!r}: {err}",
+                                                     code="upstream_timeout"))
             except UpstreamError as err:
                 self.controller.upstream_failed(entry, str(err))
                 if attempt == 0 and err.phase == "connect":
@@ -173,9 +167,9 @@ class Proxy:
                         self.traffic.waited(rec, waited)
                         continue
                 self.traffic.end(rec, "upstream_error")
-                return error_response(ApiError(
-                    503, f"model {entry.name!r} is unreachable: {err}", "service_unavailable",
-                    "model_unreachable", headers={"Retry-After": "2"}))
+                return error_response(ServiceUnavailable(
+                    f"model {entry.name!r} is unreachable: {err}", code="model_unreachable",
+                    headers={"Retry-After": "2"}))
         rec.first_byte = self.clock()
         out_headers = [("Content-Type", resp.header("content-type", "application/json")),
                        ("X-Request-Id", rid)]
@@ -194,8 +188,8 @@ class Proxy:
             except UpstreamError as err:
                 self.traffic.end(rec, "timeout" if isinstance(err, UpstreamTimeout)
                                  else "upstream_error")
-                return error_response(ApiError(502, f"model {entry.name!r}: {err}",
-                                               "server_error", "upstream_broken"))
+                return error_response(BadGateway(f"model {entry.name!r}: {err}",
+                                                 code="upstream_broken"))
             prompt, completion = _usage(body) if b'"usage"' in body else (0, 0)
             self.traffic.end(rec, "success", prompt, completion)
             if req.path == "/v1/responses":

@@ -5,6 +5,7 @@ import logging
 import signal
 import sys
 import time
+from typing import Optional
 
 import gevent
 
@@ -13,8 +14,9 @@ from kvrouter.control.controller import Controller
 from kvrouter.control.process import ProcessControl, process_control_for
 from kvrouter.http.server import HTTPServer, ServerLimits, wsgi_handler
 from kvrouter.metrics import RouterMetrics
-from kvrouter.router.admin import create_app
+from kvrouter.router.api import create_app
 from kvrouter.router.proxy import Proxy
+from kvrouter.router.routes import RouteTable
 from kvrouter.traffic import TrafficMonitor
 
 log = logging.getLogger("kvrouter")
@@ -23,7 +25,7 @@ log = logging.getLogger("kvrouter")
 class RouterContext:
     """The one owner of the router's state (one process; gevent gives the concurrency)."""
 
-    def __init__(self, cfg: Config, process: ProcessControl = None):
+    def __init__(self, cfg: Config, process: Optional[ProcessControl] = None):
         self.cfg = cfg
         self.started = time.time()
         self.traffic = TrafficMonitor([i.model for i in cfg.instances])
@@ -31,7 +33,8 @@ class RouterContext:
         self.metrics = RouterMetrics(self.controller, self.traffic)
         self.controller.metrics = self.metrics
         self.traffic.on_end = self.metrics.on_end
-        self.proxy = Proxy(cfg, self.controller, self.traffic)
+        self.routes = RouteTable(self.controller.entries.values())
+        self.proxy = Proxy(cfg, self.controller, self.traffic, self.routes)
         self.app = create_app(self)
 
     def handler(self):
@@ -67,7 +70,7 @@ def serve(cfg: Config) -> None:
     server.start()
     ctx.controller.start()
     log.info("kvrouter on http://%s:%d routing %s (config %s)", cfg.router.router_host,
-             server.address[1], ", ".join(ctx.proxy.routes), cfg.source)
+             server.address[1], ", ".join(ctx.routes.names()), cfg.source)
 
     def _stop(*_):
         log.info("shutting down")

@@ -1,0 +1,77 @@
+"""Sleep management (both spellings from the seed); state changes need the admin token."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import gevent
+from flask import Blueprint, jsonify, request
+
+from kvrouter.control import report
+from kvrouter.control.states import TransitionError
+from kvrouter.errors import BadRequest, Conflict
+from kvrouter.router.api.common import admin_required, entry_for, router
+
+bp = Blueprint("sleep", __name__)
+
+
+def _level() -> Optional[int]:
+    raw = request.args.get("level")
+    if raw is None:
+        return None
+    if raw not in ("1", "2"):
+        raise BadRequest("level must be 1 or 2", param="level")
+    return int(raw)
+
+
+def _transition(model: str, op: Callable, result: str):
+    """Run one admin transition: token, 404, then ``op(entry)`` (409 when refused)."""
+    admin_required()
+    entry = entry_for(model)
+    controller = router().controller
+    try:
+        # in a greenlet of its own: a client that goes away must not cut a transition
+        gevent.spawn(op, entry).get()
+    except TransitionError as err:
+        raise Conflict(str(err), code="invalid_transition",
+                       extra={"status": report.model_status(controller, entry)}) from None
+    return jsonify({"result": result, "status": report.model_status(controller, entry)})
+
+
+def sleep_model(model):
+    level = _level()
+    controller = router().controller
+    return _transition(model, lambda e: controller.sleep(e, level, True, "manual (admin API)"),
+                       "sleeping")
+
+
+def wake_model(model):
+    controller = router().controller
+    return _transition(model, lambda e: controller.wake(e, True), "ready")
+
+
+def sleep_status():
+    ctx = router()
+    controller, sm = ctx.controller, ctx.cfg.sleep_manager
+    return jsonify({"models": {e.name: report.model_status(controller, e)
+                               for e in ctx.routes.entries()},
+                    "gpu_memory": report.gpu_memory(controller),
+                    "policy": {"auto_sleep_enabled": sm.auto_sleep_enabled,
+                               "wakeup_on_request": sm.wakeup_on_request,
+                               "idle_threshold_seconds": sm.idle_threshold_seconds,
+                               "min_sleep_duration": sm.min_sleep_duration,
+                               "stop_after_seconds": sm.stop_after_seconds,
+                               "process_manager": controller.process.kind}})
+
+
+def candidates():
+    return jsonify({"candidates": report.sleep_candidates(router().controller)})
+
+
+for _path, _view in (("/model/sleep/<path:model>", sleep_model),
+                     ("/action/sleep/<path:model>", sleep_model),
+                     ("/model/wake/<path:model>", wake_model),
+                     ("/action/wakeup/<path:model>", wake_model)):
+    bp.add_url_rule(_path, f"{_view.__name__}{_path}", _view, methods=["POST"])
+for _path, _view in (("/model/sleep/status", sleep_status), ("/sleep/status", sleep_status),
+                     ("/model/sleep/candidates", candidates), ("/sleep/candidates", candidates)):
+    bp.add_url_rule(_path, f"{_view.__name__}{_path}", _view, methods=["GET"])

@@ -1,0 +1,56 @@
+"""Traffic statistics, idle and active models (both spellings from the seed)."""
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from kvrouter.router.api.common import entry_for, number_arg, router
+from kvrouter.traffic import WINDOW_MAX
+
+bp = Blueprint("traffic", __name__)
+
+
+def _window() -> float:
+    return number_arg("window", 60.0, 1.0, WINDOW_MAX)
+
+
+def _threshold() -> float:
+    return number_arg("threshold", router().cfg.sleep_manager.idle_threshold_seconds)
+
+
+def stats_all():
+    traffic = router().traffic
+    window, threshold = _window(), _threshold()
+    return jsonify({"window_seconds": int(round(window)), "unrouted_requests": traffic.unrouted,
+                    "models": {m: traffic.stats(m, window, threshold) for m in traffic.models}})
+
+
+def stats_one(model):
+    entry = entry_for(model)
+    return jsonify(router().traffic.stats(entry.name, _window(), _threshold()))
+
+
+def idle_models():
+    traffic = router().traffic
+    threshold = _threshold()
+    names = traffic.idle(threshold)
+    return jsonify({"threshold_seconds": threshold, "count": len(names),
+                    "models": {m: {"idle_time_seconds": round(traffic.idle_seconds(m), 3),
+                                   "last_activity_time": traffic.models[m].last_end_wall}
+                               for m in names}})
+
+
+def active_models():
+    traffic = router().traffic
+    threshold, window = _threshold(), _window()
+    names = traffic.active(threshold)
+    return jsonify({"threshold_seconds": threshold, "window_seconds": int(round(window)),
+                    "count": len(names),
+                    "models": {m: traffic.stats(m, window, threshold) for m in names}})
+
+
+for _prefix in ("/model/traffic", "/traffic"):
+    bp.add_url_rule(f"{_prefix}/stats", f"stats_all{_prefix}", stats_all)
+    bp.add_url_rule(f"{_prefix}/stats/<path:model>", f"stats_one{_prefix}", stats_one)
+for _path, _view in (("/model/traffic/idle", idle_models), ("/models/idle", idle_models),
+                     ("/model/traffic/active", active_models), ("/models/active", active_models)):
+    bp.add_url_rule(_path, f"{_view.__name__}{_path}", _view)

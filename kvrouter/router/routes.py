@@ -1,0 +1,40 @@
+"""The route table: every name a client may send as ``model`` (model, served names,
+aliases) -> the model's entry. Built once; the proxy and the admin app share it."""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+
+from kvrouter.control.entry import ModelEntry
+from kvrouter.errors import NotFound
+
+
+class RouteTable:
+    def __init__(self, entries: Iterable[ModelEntry]):
+        self._by_name: Dict[str, ModelEntry] = {}
+        self._entries: List[ModelEntry] = []
+        for entry in entries:
+            self._entries.append(entry)
+            for name in entry.inst.route_names:
+                self._by_name[name] = entry
+
+    def get(self, name: str) -> Optional[ModelEntry]:
+        return self._by_name.get(name)
+
+    def require(self, name: str, known: bool = False) -> ModelEntry:
+        """The entry for ``name`` or 404 (OpenAI's ``model_not_found``)."""
+        entry = self._by_name.get(name)
+        if entry is None:
+            more = f" Known models: {', '.join(sorted(self._by_name))}" if known else ""
+            raise NotFound(f"The model `{name}` does not exist.{more}", param="model",
+                           code="model_not_found", type="invalid_request_error")
+        return entry
+
+    def names(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def items(self) -> Iterator[Tuple[str, ModelEntry]]:
+        return iter(self._by_name.items())
+
+    def entries(self) -> List[ModelEntry]:
+        """Each model once, in config order."""
+        return list(self._entries)
