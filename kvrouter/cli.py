@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 import click
 
@@ -102,7 +103,7 @@ def serve(config):
     run(_load(config))
 
 
-def _admin(config: str, method: str, path: str, token: str = None):
+def _admin(config: str, method: str, path: str, token: Optional[str] = None):
     import json
     import urllib.error
     import urllib.request

@@ -12,8 +12,7 @@ import bisect
 from typing import Dict, List, Tuple
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from kvrouter.control.states import State
@@ -138,14 +137,14 @@ class RouterMetrics:
                                   value=self.traffic.unrouted)
         trans = CounterMetricFamily("kvrouter_model_transitions", "Sleep and wake operations.",
                                     labels=["model", "action", "result"])
-        for key, n in sorted(self.transitions.items()):
-            trans.add_metric(list(key), n)
+        for tkey, n in sorted(self.transitions.items()):
+            trans.add_metric(list(tkey), n)
         yield trans
         th = HistogramMetricFamily("kvrouter_model_transition_seconds",
                                    "Duration of sleep and wake operations.",
                                    labels=["model", "action"])
-        for key, h in sorted(self.transition_hist.items()):
-            th.add_metric(list(key), h.buckets(), h.sum)
+        for hkey, h in sorted(self.transition_hist.items()):
+            th.add_metric(list(hkey), h.buckets(), h.sum)
         yield th
 
     def exposition(self):

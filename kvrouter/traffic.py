@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Deque, Dict, Iterable, List, Optional, Tuple
 
 WINDOW_MAX = 3600
 SAMPLES = 4096
@@ -94,10 +94,10 @@ class ModelTraffic:
         self.created_mono = now_mono
         self.created_wall = now_wall
         self.buckets = _Buckets()
-        self.latency = deque(maxlen=SAMPLES)   # (t, seconds)
-        self.ttft = deque(maxlen=SAMPLES)
-        self.itl = deque(maxlen=SAMPLES)
-        self.wait = deque(maxlen=SAMPLES)
+        self.latency: Deque[Tuple[float, float]] = deque(maxlen=SAMPLES)   # (t, seconds)
+        self.ttft: Deque[Tuple[float, float]] = deque(maxlen=SAMPLES)
+        self.itl: Deque[Tuple[float, float]] = deque(maxlen=SAMPLES)
+        self.wait: Deque[Tuple[float, float]] = deque(maxlen=SAMPLES)
         self.wait_total = 0.0
 
 

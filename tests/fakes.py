@@ -90,3 +90,70 @@ class FakeProcess(ProcessControl):
 
     def restart(self, inst):
         self.calls.append(("restart", inst.name))
+
+
+# --- the proxy's collaborators (httpx's MockTransport is the model) ----------------------------
+
+class FakeResponse:
+    """An engine's answer as the upstream client hands it on: status, headers, body chunks."""
+
+    def __init__(self, status=200, body=b"", chunks=None, headers=None, fail_after=None):
+        self.status = status
+        self._chunks = list(chunks) if chunks is not None else [body]
+        self.headers = list((headers or {}).items())
+        if chunks is None:
+            self.headers.append(("content-length", str(len(body))))
+        self.fail_after = fail_after   # an UpstreamError raised after these chunks
+        self.closed = False
+
+    def header(self, name, default=None):
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return default
+
+    def chunks(self):
+        yield from self._chunks
+        if self.fail_after is not None:
+            raise self.fail_after
+
+    def read(self):
+        return b"".join(self.chunks())
+
+    def close(self):
+        self.closed = True
+
+
+class MockPool:
+    """An upstream pool that answers with ``handler(method, path, headers, body)`` (a
+    FakeResponse, or an UpstreamError to raise) and records every request it gets."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.requests = []
+
+    def request(self, method, path, headers, body=b"", connect_timeout=5.0,
+                first_byte_timeout=600.0, idle_timeout=300.0):
+        self.requests.append((method, path, dict(headers), body))
+        out = self.handler(method, path, headers, body)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def close_idle(self):
+        pass
+
+
+class FakeGate:
+    """The controller as the proxy sees it: ``ensure_ready`` and ``upstream_failed``."""
+
+    def __init__(self):
+        self.ready_calls = 0
+        self.failures = []
+
+    def ensure_ready(self, entry):
+        self.ready_calls += 1
+        return 0.0
+
+    def upstream_failed(self, entry, reason):
+        self.failures.append((entry.name, reason))

@@ -2,7 +2,6 @@
 router, supervisord). Fixtures stay in the conftest modules; everything else is here."""
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -11,7 +10,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

@@ -62,7 +62,8 @@ def common(fn):
 def bench(ctx, compare):
     """Load generator and benchmark tools."""
     if compare:
-        from kvrouter.bench.report import compare as cmp, load
+        from kvrouter.bench.report import compare as cmp
+        from kvrouter.bench.report import load
 
         click.echo(cmp(load(compare[0]), load(compare[1])))
     elif ctx.invoked_subcommand is None:
@@ -184,7 +185,7 @@ def gen_trace_cmd(models, duration, rate, alpha, cv, on_seconds, off_seconds, pr
     rows = trace.generate(list(models), duration, rate, alpha, cv, on_seconds, off_seconds,
                           prompt_tokens, output_tokens, seed=seed)
     trace.write(rows, out_path)
-    counts = {}
+    counts: dict = {}
     for r in rows:
         counts[r["model"]] = counts.get(r["model"], 0) + 1
     click.echo(f"wrote {len(rows)} requests to {out_path}: " +

@@ -20,6 +20,7 @@ from gevent.pool import Pool
 from kvrouter.bench.report import Sample, build
 from kvrouter.errors import KvrouterError
 from kvrouter.http.client import UpstreamError, UpstreamPool, UpstreamTimeout
+from kvrouter.http.sse import iter_events
 
 
 @dataclass
@@ -122,38 +123,31 @@ class LoadGenerator:
             self.done += 1
 
     def _read_stream(self, resp, sample: Sample, start: float) -> None:
-        buf = b""
         last = None
         tokens = 0
         usage_tokens = None
-        for chunk in resp.chunks():
-            buf += chunk
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                if not event.startswith(b"data: "):
-                    continue
-                data = event[6:]
-                if data == b"[DONE]":
-                    sample.ok = sample.error is None
-                    continue
-                obj = json.loads(data)
-                if "error" in obj:
-                    sample.error = "stream_error"
-                    continue
-                if obj.get("usage"):
-                    usage_tokens = obj["usage"].get("completion_tokens")
-                for choice in obj.get("choices") or ():
-                    piece = choice.get("text")
-                    if piece is None:
-                        piece = (choice.get("delta") or {}).get("content")
-                    if piece:
-                        now = time.perf_counter()
-                        if last is None:
-                            sample.ttft = now - start
-                        else:
-                            sample.itls.append(now - last)
-                        last = now
-                        tokens += 1
+        for event in iter_events(resp.chunks()):
+            if event.data == "[DONE]":
+                sample.ok = sample.error is None
+                continue
+            obj = json.loads(event.data)
+            if "error" in obj:
+                sample.error = "stream_error"
+                continue
+            if obj.get("usage"):
+                usage_tokens = obj["usage"].get("completion_tokens")
+            for choice in obj.get("choices") or ():
+                piece = choice.get("text")
+                if piece is None:
+                    piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    now = time.perf_counter()
+                    if last is None:
+                        sample.ttft = now - start
+                    else:
+                        sample.itls.append(now - last)
+                    last = now
+                    tokens += 1
         sample.output_tokens = usage_tokens if usage_tokens is not None else tokens
         if sample.error is None and not sample.ok:
             sample.error = "stream_error"  # ended without [DONE]

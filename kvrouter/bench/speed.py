@@ -28,8 +28,12 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import gevent  # noqa: E402
+import httptools  # noqa: E402
+
+from kvrouter.http.sse import SSEDecoder  # noqa: E402
 
 PY = sys.executable
 
@@ -148,8 +152,28 @@ def builtin_load(port: int, conns: int, seconds: float) -> dict:
 
 
 # --- streams -----------------------------------------------------------------------------------
-def sse_streams(port: int, conns: int, seconds: float = None, streams_each: int = None,
-                expect_events: int = None, body: bytes = STREAM_BODY, sample=None) -> dict:
+class _EventCounter:
+    """httptools callbacks: de-chunk the body and count its SSE events ([DONE] apart)."""
+
+    def __init__(self):
+        self.decoder = SSEDecoder()
+        self.events = 0
+        self.done = False
+
+    def on_body(self, data: bytes) -> None:
+        for event in self.decoder.feed(data):
+            if event.data == "[DONE]":
+                self.done = True
+            else:
+                self.events += 1
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+def sse_streams(port: int, conns: int, seconds: Optional[float] = None,
+                streams_each: Optional[int] = None, expect_events: Optional[int] = None,
+                body: bytes = STREAM_BODY, sample=None) -> dict:
     """Each connection runs streams back to back; count events, time to first byte."""
     events = 0
     ttfb = []
@@ -170,10 +194,10 @@ def sse_streams(port: int, conns: int, seconds: float = None, streams_each: int 
                 s = socket.create_connection(("127.0.0.1", port), timeout=60)
                 t0 = time.perf_counter()
                 s.sendall(req)
-                got = 0
                 first = True
-                tail = b""
-                while True:
+                body = _EventCounter()
+                parser = httptools.HttpResponseParser(body)
+                while not body.done:
                     data = s.recv(65536)
                     if not data:
                         break
@@ -183,12 +207,9 @@ def sse_streams(port: int, conns: int, seconds: float = None, streams_each: int 
                         first_at = now
                         first = False
                     last_at = now
-                    got += (tail + data).count(b"data: ") - tail.count(b"data: ")
-                    tail = data[-16:]
-                    if b"[DONE]" in data:
-                        break
+                    parser.feed_data(data)
                 s.close()
-                got -= 1  # [DONE]
+                got = body.events
                 events += got
                 if got > 1:
                     itls.append((last_at - first_at) / (got - 1))
@@ -246,13 +267,11 @@ def loadgen_rate(port: int, seconds: float) -> dict:
 
 
 def monitor_cost(n: int = 50000) -> dict:
-    from kvrouter.config import parse_config_text
-    from kvrouter.router.server import RouterContext
+    from kvrouter.metrics import RouterMetrics
+    from kvrouter.traffic import TrafficMonitor
 
-    cfg = parse_config_text("instances:\n  - {name: a, model: m, engine: sim, "
-                            "engine_args: ['--port 1']}\n")
-    ctx = RouterContext(cfg)
-    t = ctx.traffic
+    t = TrafficMonitor(["m"])  # wired as the router wires them: metrics on every request end
+    t.on_end = RouterMetrics(None, t).on_end
     start = time.perf_counter()
     for _ in range(n):
         rec = t.start("m")

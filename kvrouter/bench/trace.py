@@ -73,7 +73,7 @@ def write(rows: List[dict], path: str) -> None:
 
 
 def read(path: str) -> List[dict]:
-    rows = []
+    rows: List[dict] = []
     try:
         with open(path, encoding="utf-8") as fh:
             for n, line in enumerate(fh, 1):

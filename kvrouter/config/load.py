@@ -65,7 +65,7 @@ def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def _convert_scalar(tp, value, meta, path, line, ctx):
+def _convert_scalar(tp, value, meta, path, line, ctx) -> Any:
     """Convert one YAML value to ``tp``; on mistakes record an error and return a sentinel."""
     kind = meta.get("kind")
     if kind == "gpus":
@@ -93,6 +93,7 @@ def _convert_scalar(tp, value, meta, path, line, ctx):
             return value
         ctx.error(path, f"expected true or false, found {_type_name(value)}", line)
         return _BAD
+    result: Any
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             result = value
@@ -149,7 +150,7 @@ def _convert(tp, value, meta, path, line, ctx):
         return _convert(inner, value, meta, path, line, ctx)
     if dataclasses.is_dataclass(tp):
         if value is None:
-            return tp()
+            return tp()  # type: ignore[operator]
         if not isinstance(value, dict):
             ctx.error(path, f"expected a mapping, found {_type_name(value)}", line)
             return _BAD
@@ -177,7 +178,7 @@ def _convert(tp, value, meta, path, line, ctx):
             ctx.error(path, f"expected a mapping, found {_type_name(value)}", line)
             return _BAD
         val_tp = args[1]
-        out = {}
+        mapping: dict = {}
         for k, v in value.items():
             kline = _line_of(value, k)
             if val_tp is typing.Any:
@@ -185,10 +186,10 @@ def _convert(tp, value, meta, path, line, ctx):
                     ctx.error(_join(path, str(k)), f"expected a scalar value, found {_type_name(v)}",
                               kline)
                     continue
-                out[str(k)] = v
+                mapping[str(k)] = v
             else:
-                out[str(k)] = _convert(val_tp, v, {}, _join(path, str(k)), kline, ctx)
-        return out
+                mapping[str(k)] = _convert(val_tp, v, {}, _join(path, str(k)), kline, ctx)
+        return mapping
     if value is None:
         if meta.get("required"):
             ctx.error(path, "is required, found null", line)
@@ -356,7 +357,7 @@ def _semantics(cfg: schema.Config, raw: dict, ctx: _Ctx, strict: bool) -> schema
     names = lambda i: f"instances[{i}]"  # noqa: E731
     _check_unique(ctx, instances, "instance name", lambda x: [x.name], names, raw_instances)
     _check_unique(ctx, instances, "model name", lambda x: x.route_names, names, raw_instances)
-    ports = {}
+    ports: dict = {}
     for i, inst in enumerate(instances):
         if not inst.port:
             continue
@@ -386,7 +387,8 @@ def _semantics(cfg: schema.Config, raw: dict, ctx: _Ctx, strict: bool) -> schema
             msg = f"instances[{i}].venv_path: {inst.venv_path} does not exist on this machine"
             if strict:
                 ctx.error(f"instances[{i}].venv_path", f"{inst.venv_path} does not exist on this "
-                          "machine", _line_of(raw_instances[i], "venv_path"))
+                          "machine", _line_of(raw_instances[i] if raw_instances else None,
+                                              "venv_path"))
             else:
                 warnings.append(f"{ctx.source}: {msg}")
     return dataclasses.replace(cfg, instances=tuple(instances), warnings=tuple(warnings))

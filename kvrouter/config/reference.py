@@ -29,7 +29,7 @@ def _type(tp) -> str:
 def _default(f) -> str:
     if f.metadata.get("required"):
         return "required"
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
         value = f.default_factory()
         return "{}" if isinstance(value, dict) else ("see below" if dataclasses.is_dataclass(value)
                                                       else repr(value))

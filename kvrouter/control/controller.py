@@ -219,7 +219,7 @@ class Controller:
         while True:
             try:
                 self._probe_once(entry)
-            except Exception:  # noqa: BLE001 - keep probing whatever happens
+            except Exception:
                 log.exception("%s: health probe error", entry.name)
             interval = self.READY_POLL if entry.state in SETTLED else self.NOT_READY_POLL
             entry.poke.clear()
@@ -269,7 +269,7 @@ class Controller:
             gevent.sleep(self.cfg.sleep_manager.check_interval_seconds)
             try:
                 self.tick()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("policy tick failed")
 
     def start(self) -> None:

@@ -9,7 +9,7 @@ import logging
 import os
 import subprocess
 import xmlrpc.client
-from typing import Optional
+from typing import Mapping, Optional
 
 from kvrouter.config.schema import Config, Instance
 from kvrouter.control.supervisor import Supervisor
@@ -85,7 +85,8 @@ class SystemdControl(ProcessControl):
         self._run("stop", inst)
 
 
-def process_control_for(cfg: Config, environ: Optional[dict] = None) -> ProcessControl:
+def process_control_for(cfg: Config,
+                        environ: Optional[Mapping[str, str]] = None) -> ProcessControl:
     environ = os.environ if environ is None else environ
     if cfg.process_manager == "systemd":
         return SystemdControl()

@@ -117,7 +117,9 @@ class EngineAdapter(ABC):
 
     def _busy_from_metrics(self, running_name: str, waiting_name: str) -> Optional[int]:
         text = self._metrics()
-        running = metric_value(text, running_name) if text else None
+        if not text:
+            return None
+        running = metric_value(text, running_name)
         if running is None:
             return None
         return int(running + (metric_value(text, waiting_name) or 0))

@@ -1,6 +1,7 @@
 """Command lines of the programs kvrouter renders: engines, the router, benchmark clients."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -34,11 +35,13 @@ def engine_argv(inst: Instance, py: Interpreters) -> List[str]:
     if inst.engine == "sglang":
         return [python, "-m", "sglang.launch_server", "--model-path", inst.model,
                 *inst.argv_args]
-    sim = inst.sim
-    args = ["--dialect", sim.dialect, "--model", inst.model,
-            "--ttft-ms", f"{sim.ttft_ms:g}", "--itl-ms", f"{sim.itl_ms:g}",
-            "--startup-seconds", f"{sim.startup_seconds:g}",
-            "--max-concurrency", str(sim.max_concurrency)]
+    # every option of the `sim:` block is a sim-engine flag of the same name
+    args = ["--dialect", inst.sim.dialect, "--model", inst.model]
+    for f in dataclasses.fields(inst.sim):
+        if f.name != "dialect":
+            value = getattr(inst.sim, f.name)
+            args += ["--" + f.name.replace("_", "-"),
+                     f"{value:g}" if isinstance(value, float) else str(value)]
     if inst.weights_gb is not None:
         args += ["--weights-gb", f"{inst.weights_gb:g}"]
     return [python, "-m", "kvrouter", "sim-engine", *args, *inst.argv_args]

@@ -5,17 +5,20 @@ import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import jinja2
 
 from kvrouter import __version__
 from kvrouter.config.schema import Config
 from kvrouter.errors import RenderError
-from kvrouter.render.argv import (Interpreters, bench_argv, engine_argv, router_argv,
-                                  router_url)
-from kvrouter.render.quoting import (supervisor_command, supervisor_environment,
-                                     systemd_environment, systemd_exec)
+from kvrouter.render.argv import Interpreters, bench_argv, engine_argv, router_argv, router_url
+from kvrouter.render.quoting import (
+    supervisor_command,
+    supervisor_environment,
+    systemd_environment,
+    systemd_exec,
+)
 
 MAX_SOCKET_PATH = 100
 
@@ -59,7 +62,7 @@ def compile_config(cfg: Config, opts: RenderOptions) -> Dict[str, str]:
     log_dir = cfg.log_dir or os.path.join(out, "logs")
     py = opts.interpreters
     delay = cfg.launch_delay_seconds
-    engines = []
+    engines: List[Dict[str, Any]] = []
     for i, inst in enumerate(cfg.instances):
         argv = engine_argv(inst, py)
         start_delay = round(delay * i, 3)
@@ -87,7 +90,7 @@ def compile_config(cfg: Config, opts: RenderOptions) -> Dict[str, str]:
         argv = router_argv(cfg, py)
         router = {"command": supervisor_command(argv), "exec": systemd_exec(argv),
                   "url": router_url(cfg)}
-    benches = []
+    benches: List[Dict[str, Any]] = []
     for client in cfg.benchmark.clients:
         argv = bench_argv(cfg, client, py)
         benches.append({"name": client.name, "program": client.program_name,

@@ -30,8 +30,8 @@ def normalize_error_body(status: int, body: bytes) -> bytes:
     if isinstance(obj, dict):
         err = obj.get("error")
         if isinstance(err, dict) and "message" in err:
-            return json.dumps(envelope(err.get("message"), err.get("type"), err.get("param"),
-                                       err.get("code"))).encode()
+            return json.dumps(envelope(str(err.get("message")), err.get("type") or error_type(status),
+                                       err.get("param"), err.get("code"))).encode()
         if "message" in obj:
             return _engine_envelope(status, str(obj["message"]), obj.get("type"),
                                     obj.get("param"), obj.get("code"))

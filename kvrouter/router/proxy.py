@@ -17,8 +17,14 @@ from typing import Callable
 from kvrouter.config.schema import Config
 from kvrouter.control.controller import Controller
 from kvrouter.control.entry import ModelEntry
-from kvrouter.errors import (ApiError, BadGateway, BadRequest, GatewayTimeout, NotFound,
-                             ServiceUnavailable)
+from kvrouter.errors import (
+    ApiError,
+    BadGateway,
+    BadRequest,
+    GatewayTimeout,
+    NotFound,
+    ServiceUnavailable,
+)
 from kvrouter.http.client import UpstreamError, UpstreamPool, UpstreamTimeout
 from kvrouter.http.server import ClientGone, Request, Response, StreamResponse
 from kvrouter.router.auth import require_api_key
@@ -236,5 +242,6 @@ class Proxy:
                     "upstream_timeout" if outcome == "timeout" else "upstream_error")
         finally:
             resp.close()
-            itl = (last - first) / (chunks - 1) if chunks > 1 else None
+            itl = (last - first) / (chunks - 1) \
+                if chunks > 1 and first is not None and last is not None else None
             self.traffic.end(rec, outcome, prompt, completion, itl)

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 from urllib.parse import parse_qs
 
 import gevent
@@ -42,6 +42,7 @@ class SimEngine:
     # --- errors in each dialect's shape -------------------------------------------------------
     def error(self, status: int, message: str, type: str = "BadRequestError",
               param: Optional[str] = None) -> Response:
+        body: Dict[str, Any]
         if self.cfg.dialect == "vllm":
             body = {"error": {"message": message, "type": type, "param": param, "code": status}}
         else:
@@ -51,7 +52,7 @@ class SimEngine:
 
     def _body(self, req: Request):
         if self.cfg.dialect == "sglang":
-            ctype = req.header("content-type", "")
+            ctype = req.header("content-type") or ""
             if req.body and "application/json" not in ctype:
                 raise SimError(400, "Content-Type must be application/json")
         if not req.body:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import time
+import typing
 import uuid
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, List, Optional, Tuple
 
 import gevent
 from gevent.event import Event
@@ -21,7 +22,6 @@ from gevent.event import Event
 from kvrouter.sim import text as T
 from kvrouter.sim.metrics import EngineMetrics
 from kvrouter.sim.state import EngineState, crash
-
 
 _JSON_PIECES: dict = {}
 
@@ -96,7 +96,7 @@ class DecodeClock:
         self.state = state
         self.cfg = state.cfg
         self._tick = Event()
-        self._loop = None
+        self._loop: Optional[gevent.Greenlet] = None
 
     def _run(self) -> None:
         deadline = time.monotonic()
@@ -144,7 +144,7 @@ class Generator:
             prompts = _completion_prompts(body["prompt"])
         max_tokens = _int_field(body, "max_completion_tokens" if chat and
                                 "max_completion_tokens" in body else "max_tokens", None)
-        n = _int_field(body, "n", 1)
+        n = _int_field(body, "n", 1) or 1
         if n > 16:
             raise _bad("n must be at most 16", "n")
         if n > 1 and body.get("temperature") == 0:
@@ -201,7 +201,7 @@ class Generator:
                                    self.cfg.max_output_tokens)
         return min(natural, req["max_tokens"])
 
-    def run(self, req: dict) -> Iterator[list]:
+    def run(self, req: dict) -> typing.Generator[list, None, None]:
         """Yield, per decode step, a list of (choice index, text, finish_reason or None)."""
         st, cfg = self.state, self.cfg
         st.counters["requests"] += 1
@@ -213,14 +213,14 @@ class Generator:
         for p_i, prompt in enumerate(req["prompts"]):
             for k in range(req["n"]):
                 index = p_i * req["n"] + k
-                gib = not st.weights_valid or (cfg.dialect == "sglang" and st.released)
+                gib = not st.weights_valid or (cfg.dialect == "sglang" and bool(st.released))
                 choices.append([index, T.TokenStream(cfg.seed, prompt, k, gib),
                                 self._lengths(req, prompt), 0])
         reserved = req["prompt_tokens"] + sum(c[2] for c in choices)
         st.tokens_in_flight += reserved
         st.update_segment()
         produced = 0
-        finished_reason = "abort"
+        finished_reason: Optional[str] = "abort"
         try:
             prefill = (cfg.ttft_ms + cfg.prefill_ms_per_token * req["prompt_tokens"]) / 1000.0
             gevent.sleep(prefill)
@@ -236,7 +236,7 @@ class Generator:
             wait = self.clock.wait
             while remaining:
                 aborted = st.abort_epoch != epoch
-                step = []
+                step: List[Tuple[int, str, Optional[str]]] = []
                 for c in choices:
                     if c[3] >= c[2]:
                         continue

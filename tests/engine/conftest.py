@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT
-from tests.helpers import free_port, get_json, supervised, wait_until
+from tests.helpers import ROOT, free_port, get_json, supervised, wait_until
 
 ENGINE_VENV = os.environ.get("KVROUTER_ENGINE_VENV", os.path.join(ROOT, ".venv-engine"))
 ENGINE_PY = os.path.join(ENGINE_VENV, "bin", "python")

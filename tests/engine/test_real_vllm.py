@@ -7,9 +7,9 @@ import time
 import openai
 import pytest
 
+from kvrouter.http.sse import parse_events
+from tests.helpers import SimEngine, get_json, http, run_concurrently, wait_until
 from tests.integration import conformance
-from tests.helpers import (SimEngine, get_json, http, run_concurrently,
-                                        wait_until)
 
 
 def router_client(real, timeout=120):
@@ -82,7 +82,7 @@ def _shape(obj):
 
 
 def _events(raw: bytes):
-    return [e[6:] for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
+    return [e.data.encode() for e in parse_events(raw)]
 
 
 def _requests(model):

@@ -8,9 +8,17 @@ import time
 import openai
 import pytest
 
-from tests.helpers import (Router, SimEngine, free_port, get_json, http,
-                                        instance_yaml, run_concurrently, supervised,
-                                        wait_until)
+from tests.helpers import (
+    Router,
+    SimEngine,
+    free_port,
+    get_json,
+    http,
+    instance_yaml,
+    run_concurrently,
+    supervised,
+    wait_until,
+)
 
 LLAMA, QWEN, DEEP = "t/llama", "t/qwen", "t/deep"
 

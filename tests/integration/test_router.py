@@ -7,9 +7,18 @@ import time
 import openai
 import pytest
 
+from kvrouter.http.sse import parse_events
+from tests.helpers import (
+    Router,
+    SimEngine,
+    free_port,
+    get_json,
+    http,
+    instance_yaml,
+    run_concurrently,
+    wait_until,
+)
 from tests.integration import conformance
-from tests.helpers import (Router, SimEngine, free_port, get_json, http,
-                                        instance_yaml, run_concurrently, wait_until)
 
 VLLM_MODEL = "org/llama-sim"
 SGL_MODEL = "org/qwen-sim"
@@ -108,8 +117,8 @@ def test_stream_headers(stack):
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert raw.headers["cache-control"] == "no-cache"
     assert raw.headers["x-accel-buffering"] == "no"
-    events = [e for e in raw.http_response.read().split(b"\n\n") if e]
-    assert events[-1] == b"data: [DONE]"
+    events = parse_events(raw.http_response.read())
+    assert events[-1].data == "[DONE]" and len(events) >= 3
 
 
 def test_client_disconnect_closes_upstream(stack):

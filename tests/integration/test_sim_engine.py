@@ -8,8 +8,8 @@ import time
 import openai
 import pytest
 
-from tests.integration import conformance
 from tests.helpers import SimEngine, get_json, http, wait_until
+from tests.integration import conformance
 
 
 @pytest.fixture(scope="module", params=["vllm", "sglang"])

@@ -4,8 +4,7 @@ import time
 import openai
 import pytest
 
-from tests.helpers import (Router, SimEngine, free_port, get_json, http,
-                                        instance_yaml)
+from tests.helpers import Router, SimEngine, free_port, get_json, http, instance_yaml
 
 A, B = "org/a", "org/b"
 

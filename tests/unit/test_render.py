@@ -8,8 +8,7 @@ from kvrouter.config import load_config, parse_config_text
 from kvrouter.errors import RenderError
 from kvrouter.render import RenderOptions, compile_config, write_files
 from kvrouter.render.argv import Interpreters, engine_argv
-from kvrouter.render.quoting import (supervisor_command, supervisor_environment,
-                                     systemd_exec)
+from kvrouter.render.quoting import supervisor_command, supervisor_environment, systemd_exec
 from tests.helpers import SEED_CONFIG
 
 DATA = os.path.join(os.path.dirname(__file__), "data")

@@ -72,6 +72,6 @@ for _path, _view in (("/model/sleep/<path:model>", sleep_model),
                      ("/model/wake/<path:model>", wake_model),
                      ("/action/wakeup/<path:model>", wake_model)):
     bp.add_url_rule(_path, f"{_view.__name__}{_path}", _view, methods=["POST"])
-for _path, _view in (("/model/sleep/status", sleep_status), ("/sleep/status", sleep_status),
-                     ("/model/sleep/candidates", candidates), ("/sleep/candidates", candidates)):
-    bp.add_url_rule(_path, f"{_view.__name__}{_path}", _view, methods=["GET"])
+for _path, _get in (("/model/sleep/status", sleep_status), ("/sleep/status", sleep_status),
+                    ("/model/sleep/candidates", candidates), ("/sleep/candidates", candidates)):
+    bp.add_url_rule(_path, f"{_get.__name__}{_path}", _get, methods=["GET"])
