@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 SUPERVISORCTL := $(VENV)/bin/supervisorctl -c $(OUT)/supervisord.conf
 PYTEST_ARGS ?=
 
-.PHONY: install engine-env render demo demo-stop status test test-unit test-integration \
+.PHONY: install engine-env render demo demo-stop status test lint test-unit test-integration \
         test-engine bench install-units clean
 
 install: $(VENV)/.installed
@@ -48,8 +48,13 @@ demo-stop:
 status:
 	$(SUPERVISORCTL) status
 
-test: install engine-env
-	$(PY) -m pytest -q tests/unit tests/integration tests/engine $(PYTEST_ARGS)
+## every tier (the engine tier must run: KVROUTER_REQUIRE_ENGINE), after ruff and mypy
+test: install engine-env lint
+	KVROUTER_REQUIRE_ENGINE=1 $(PY) -m pytest -q tests/unit tests/integration tests/engine $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
@@ -59,7 +64,7 @@ test-integration: install
 
 ## a real vLLM (CPU build, tiny local model) under kvrouter's supervisord config
 test-engine: install engine-env
-	$(PY) -m pytest -q tests/engine $(PYTEST_ARGS)
+	KVROUTER_REQUIRE_ENGINE=1 $(PY) -m pytest -q tests/engine $(PYTEST_ARGS)
 
 engine-env:
 	bash tests/engine/install_engine.sh $(ENGINE_VENV)

@@ -80,7 +80,7 @@ def _percentiles(values: List[float]) -> dict:
 
 
 class ModelTraffic:
-    def __init__(self, name: str, now_wall: float, now_mono: float):
+    def __init__(self, name: str, now_mono: float):
         self.name = name
         self.total = 0
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
@@ -88,11 +88,9 @@ class ModelTraffic:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.streams = 0
-        self.last_start_mono: Optional[float] = None
         self.last_end_mono: Optional[float] = None
         self.last_end_wall: Optional[float] = None
         self.created_mono = now_mono
-        self.created_wall = now_wall
         self.buckets = _Buckets()
         self.latency: Deque[Tuple[float, float]] = deque(maxlen=SAMPLES)   # (t, seconds)
         self.ttft: Deque[Tuple[float, float]] = deque(maxlen=SAMPLES)
@@ -127,8 +125,8 @@ class TrafficMonitor:
                  wall: Callable[[], float] = time.time, on_end: Optional[Callable] = None):
         self.clock = clock
         self.wall = wall
-        now_m, now_w = clock(), wall()
-        self.models: Dict[str, ModelTraffic] = {m: ModelTraffic(m, now_w, now_m) for m in models}
+        now = clock()
+        self.models: Dict[str, ModelTraffic] = {m: ModelTraffic(m, now) for m in models}
         self.unrouted = 0
         self.on_end = on_end  # metrics hook: on_end(model, outcome, record, now, tokens)
 
@@ -136,9 +134,7 @@ class TrafficMonitor:
     def start(self, model: str) -> RequestRecord:
         m = self.models[model]
         m.in_flight += 1
-        now = self.clock()
-        m.last_start_mono = now
-        return RequestRecord(m, now)
+        return RequestRecord(m, self.clock())
 
     def waited(self, rec: RequestRecord, seconds: float) -> None:
         rec.wait += seconds

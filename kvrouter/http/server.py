@@ -47,7 +47,7 @@ class ClientGone(BaseException):
 
 class Request:
     __slots__ = ("method", "url", "path", "query", "headers", "body", "version",
-                 "keep_alive", "remote", "_json", "conn")
+                 "keep_alive", "remote")
 
     def __init__(self):
         self.method = ""
@@ -59,8 +59,6 @@ class Request:
         self.version = "1.1"
         self.keep_alive = True
         self.remote = None
-        self._json = None
-        self.conn = None
 
     def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
         return self.headers.get(name, default)
@@ -180,7 +178,6 @@ class _Connection:
         parts = self._body_parts
         req.body = parts[0] if len(parts) == 1 else b"".join(parts)
         req.remote = self.addr
-        req.conn = self
         self.ready.append(req)
         self.cur = None
         self._expect_continue = False
