@@ -1,0 +1,91 @@
+"""Imports only point down (docs/design.md, "Layers"): checked on the source, so a new
+upward import fails here rather than in a reviewer's head."""
+import ast
+import os
+import sys
+
+from tests.helpers import ROOT
+
+# module prefix -> layer; the longest matching prefix wins
+LAYERS = {
+    "kvrouter": 1, "kvrouter.errors": 1, "kvrouter.versions": 1, "kvrouter.http": 1,
+    "kvrouter.config": 1, "kvrouter.traffic": 1, "kvrouter.control.states": 1,
+    "kvrouter.sim": 2, "kvrouter.render": 2,
+    "kvrouter.control.policy": 2, "kvrouter.control.process": 2,
+    "kvrouter.control.supervisor": 2, "kvrouter.control.memo": 2, "kvrouter.engines": 2,
+    "kvrouter.control": 3, "kvrouter.metrics": 3,
+    "kvrouter.router": 4,
+    "kvrouter.cli": 5, "kvrouter.entry": 5, "kvrouter.__main__": 5, "kvrouter.bench": 5,
+}
+# side packages on the foundations only, and peers that must not know each other
+FORBIDDEN = {
+    "kvrouter.sim": ("kvrouter.control", "kvrouter.engines", "kvrouter.router",
+                     "kvrouter.render", "kvrouter.metrics"),
+    "kvrouter.render": ("kvrouter.control", "kvrouter.engines", "kvrouter.router",
+                        "kvrouter.sim", "kvrouter.metrics"),
+    "kvrouter.bench": ("kvrouter.router", "kvrouter.control"),
+    "kvrouter.metrics": ("kvrouter.control.controller",),
+}
+PURE = ("kvrouter.control.states", "kvrouter.control.policy")
+
+
+def _layer(module):
+    best = max((p for p in LAYERS if module == p or module.startswith(p + ".")), key=len)
+    return LAYERS[best]
+
+
+def _modules():
+    for d, _, files in os.walk(os.path.join(ROOT, "kvrouter")):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(d, f)
+                rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                yield rel[:-len(".__init__")] if rel.endswith(".__init__") else rel, path
+
+
+def _imports(path, module):
+    with open(path) as fh:
+        tree = ast.parse(fh.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative
+                base = module.rsplit(".", node.level)[0]
+                yield f"{base}.{node.module}" if node.module else base, node.lineno
+            elif node.module:
+                yield node.module, node.lineno
+                for alias in node.names:  # `from kvrouter.control import policy`
+                    yield f"{node.module}.{alias.name}", node.lineno
+
+
+def test_imports_point_down():
+    wrong = []
+    for module, path in _modules():
+        for target, line in _imports(path, module):
+            if not target.startswith("kvrouter") or target == module:
+                continue
+            if not any(target == p or target.startswith(p + ".") for p in LAYERS):
+                continue
+            if _layer(target) > _layer(module):
+                wrong.append(f"{path}:{line}: {module} (layer {_layer(module)}) imports "
+                             f"{target} (layer {_layer(target)})")
+            for prefix, banned in FORBIDDEN.items():
+                if module == prefix or module.startswith(prefix + "."):
+                    if any(target == b or target.startswith(b + ".") for b in banned):
+                        wrong.append(f"{path}:{line}: {module} must not import {target}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_states_and_policy_are_pure():
+    stdlib = set(sys.stdlib_module_names)
+    for module, path in _modules():
+        if module not in PURE:
+            continue
+        for target, line in _imports(path, module):
+            top = target.split(".")[0]
+            ok = top in stdlib or top == "__future__" or (
+                module == "kvrouter.control.policy" and target.startswith(
+                    "kvrouter.control.states"))
+            assert ok, f"{path}:{line}: {module} imports {target}"
