@@ -31,8 +31,10 @@ class FakeAdapter(EngineAdapter):
         self.sleeps = self.wakes = self.warmups = 0
         self.fail_warmup = False
         self.busy_n = 0
+        self.probes = []
 
     def probe(self, memory_released=False):
+        self.probes.append(memory_released)
         return self.up
 
     def model_info(self):
@@ -79,6 +81,7 @@ class FakeProcess(ProcessControl):
     def __init__(self):
         self.calls = []
         self.adapters = {}
+        self.running = {}   # instance name -> what is_running answers (None: cannot say)
 
     def start(self, inst):
         self.calls.append(("start", inst.name))
@@ -90,6 +93,9 @@ class FakeProcess(ProcessControl):
 
     def restart(self, inst):
         self.calls.append(("restart", inst.name))
+
+    def is_running(self, inst):
+        return self.running.get(inst.name)
 
 
 # --- the proxy's collaborators (httpx's MockTransport is the model) ----------------------------

@@ -48,6 +48,17 @@ class Controller:
         self._loops: List[gevent.Greenlet] = []
         self.memo = StateFile(cfg.router.state_file or (
             os.path.join(cfg.base_dir, ".kvrouter-state.json") if cfg.base_dir else None))
+        # Read before any probe: an engine this router put to sleep before a restart may not
+        # be able to say so (SGLang), and a generating health check would crash it.
+        self.remembered: Dict[str, dict] = {}
+        for entry in self.entries.values():
+            memo = self.memo.get(entry.name)
+            if isinstance(memo, dict) and memo.get("state") in ("sleeping", "stopped"):
+                self.remembered[entry.name] = memo
+                entry.adapter.mark_released()
+                if memo.get("level") in entry.adapter.sleep_levels:
+                    entry.level = memo["level"]
+        self._asked_process_at: Dict[str, float] = {}
 
     # --- state ------------------------------------------------------------------------------
     def set_state(self, entry: ModelEntry, state: State, reason: str) -> None:
@@ -67,7 +78,10 @@ class Controller:
         changed, entry.changed = entry.changed, Event()
         changed.set()
         if state in SETTLED:
-            self.memo.save({e.name: {"state": e.state.value, "level": e.level}
+            # a model not adopted yet keeps what was remembered of it
+            self.memo.save({e.name: self.remembered.get(e.name) if e.state is State.STARTING
+                            and e.name in self.remembered else
+                            {"state": e.state.value, "level": e.level}
                             for e in self.entries.values()})
 
     # --- requests ---------------------------------------------------------------------------
@@ -189,12 +203,8 @@ class Controller:
         if not entry.info:
             entry.info = adapter.model_info()
         asleep = adapter.is_sleeping()
-        if asleep is None and entry.state is State.STARTING:
-            # the engine cannot say (SGLang): trust what this router did before a restart
-            memo = self.memo.get(entry.name)
-            if memo and memo.get("state") in ("sleeping", "stopped"):
-                asleep = True
-                adapter.mark_released()
+        if asleep is None and entry.state is State.STARTING and entry.name in self.remembered:
+            asleep = True  # the engine cannot say (SGLang): what this router did before
         if asleep:
             entry.level = adapter.observed_level() or entry.level
             self.set_state(entry, State.SLEEPING, f"{why}: engine reports it is asleep")
@@ -207,13 +217,26 @@ class Controller:
         state = entry.state
         if state in IN_TRANSITION or entry.lock.locked():
             return  # a transition owns the model now
-        ok = entry.adapter.probe(memory_released=state is State.SLEEPING)
+        released = True if state is State.SLEEPING else False if state is State.READY else None
+        ok = entry.adapter.probe(memory_released=released)
         if ok and state in (State.STARTING, State.FAILED):
             self._adopt(entry, "health check passed")
         elif ok and state is State.STOPPED:
             self._adopt(entry, "engine started outside kvrouter")
         elif not ok and state in (State.READY, State.SLEEPING):
             self.set_state(entry, State.FAILED, "health check failed")
+        elif not ok and state is State.STARTING and self._engine_stopped(entry):
+            # e.g. deep sleep before a router restart: a request starts it again
+            self.set_state(entry, State.STOPPED, f"the engine is not running "
+                           f"({self.process.kind} reports it stopped)")
+
+    def _engine_stopped(self, entry: ModelEntry) -> bool:
+        """The process manager says the engine is not running (asked at most once a second)."""
+        now = self.clock()
+        if now - self._asked_process_at.get(entry.name, -1e9) < 1.0:
+            return False
+        self._asked_process_at[entry.name] = now
+        return self.process.is_running(entry.inst) is False
 
     def _loop(self, entry: ModelEntry) -> None:
         while True:

@@ -38,6 +38,10 @@ class ProcessControl:
         self.stop(inst)
         self.start(inst)
 
+    def is_running(self, inst: Instance) -> Optional[bool]:
+        """Whether the process manager runs (or is starting) the engine; None: cannot say."""
+        return None
+
 
 class SupervisorControl(ProcessControl):
     available = True
@@ -60,6 +64,15 @@ class SupervisorControl(ProcessControl):
     def start(self, inst: Instance) -> None:
         self._call("start", inst, "ALREADY_STARTED", wait=False)
 
+    def is_running(self, inst: Instance) -> Optional[bool]:
+        try:
+            state = self.sup.process_info(inst.supervisor_name)["statename"]
+        except (OSError, xmlrpc.client.Error, KeyError, TypeError):
+            return None
+        if state in ("STOPPED", "EXITED", "FATAL"):
+            return False
+        return True  # STARTING, RUNNING, BACKOFF (it retries), STOPPING
+
     def stop(self, inst: Instance) -> None:
         self._call("stop", inst, "NOT_RUNNING", wait=True)
 
@@ -80,6 +93,19 @@ class SystemdControl(ProcessControl):
 
     def start(self, inst: Instance) -> None:
         self._run("start", inst)
+
+    def is_running(self, inst: Instance) -> Optional[bool]:
+        try:
+            out = subprocess.run(["systemctl", "--user", "is-active", inst.unit_name],
+                                 capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        state = out.stdout.strip()
+        if state in ("inactive", "failed"):
+            return False
+        if state in ("active", "activating", "reloading", "deactivating"):
+            return True
+        return None
 
     def stop(self, inst: Instance) -> None:
         self._run("stop", inst)

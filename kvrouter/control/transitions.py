@@ -230,6 +230,7 @@ class Transitions:
         adapter = entry.adapter
         if stopped:
             self.ctl.process.start(entry.inst)
+            adapter.process_started()
             while not adapter.probe():
                 gevent.sleep(self.NOT_READY_POLL)
             if adapter.is_sleeping():
@@ -254,6 +255,7 @@ class Transitions:
         entry.pool.close_idle()
         try:
             ctl.process.restart(entry.inst)
+            entry.adapter.process_started()
             log.info("%s: restarted through %s", entry.name, ctl.process.kind)
         except ProcessControlError as err:
             log.error("%s: restart failed: %s", entry.name, err)

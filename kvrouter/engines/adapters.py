@@ -90,8 +90,9 @@ class EngineAdapter(ABC):
         return data
 
     @abstractmethod
-    def probe(self, memory_released: bool = False) -> bool:
-        """True when the engine answers as up. Never wakes it, never generates."""
+    def probe(self, memory_released: Optional[bool] = False) -> bool:
+        """True when the engine answers as up. Never wakes it, and never generates on an
+        engine whose memory is (``True``) or may be (``None``: not known yet) released."""
 
     def model_info(self) -> dict:
         """What /v1/models says of this engine (max_model_len), {} when unreachable."""
@@ -150,6 +151,9 @@ class EngineAdapter(ABC):
     def mark_released(self) -> None:
         """The router knows (from before a restart) that this engine's memory is released."""
 
+    def process_started(self) -> None:
+        """The process manager (re)started the engine: it holds its memory again."""
+
     @abstractmethod
     def sleep(self, level: int) -> None:
         """Put the (drained) engine to sleep; returns once it is asleep."""
@@ -163,7 +167,7 @@ class VllmAdapter(EngineAdapter):
     dialect = "vllm"
     sleep_levels = frozenset({1, 2})
 
-    def probe(self, memory_released: bool = False) -> bool:
+    def probe(self, memory_released: Optional[bool] = False) -> bool:
         try:
             status, _ = self._call("GET", "/health")
         except UpstreamError:
@@ -251,8 +255,13 @@ class SglangAdapter(EngineAdapter):
         self.released: Set[str] = set()
         self.cpu_backup = "--enable-weights-cpu-backup" in inst.argv_args
 
-    def probe(self, memory_released: bool = False) -> bool:
-        path = "/model_info" if memory_released or self.released else "/health"
+    def probe(self, memory_released: Optional[bool] = False) -> bool:
+        released = bool(memory_released or self.released)
+        if memory_released is None and not released:
+            # not known yet (adoption): ask without generating whether memory is released
+            released = bool(self.is_sleeping())
+        # /health generates a token, which crashes an engine whose memory is released
+        path = "/model_info" if released else "/health"
         try:
             status, _ = self._call("GET", path)
         except UpstreamError:
@@ -274,6 +283,9 @@ class SglangAdapter(EngineAdapter):
     def mark_released(self) -> None:
         self.released = set(SGLANG_ALL_TAGS)
 
+    def process_started(self) -> None:
+        self.released = set()  # resuming a tag that was not released would kill it
+
     def is_sleeping(self) -> Optional[bool]:
         """Released tags from /server_info where the engine reports them (the simulator does)."""
         try:
@@ -290,7 +302,7 @@ class SglangAdapter(EngineAdapter):
     def sleep(self, level: int) -> None:
         # Releasing with requests running kills the scheduler: the controller drained
         # the router, and the engine must report no request either.
-        if not self.wait_idle(30.0):
+        if self.busy():
             raise EngineError("engine still has requests running; not releasing memory")
         self._ok("POST", "/release_memory_occupation", {"tags": None})
         self.released = set(SGLANG_ALL_TAGS)

@@ -161,6 +161,21 @@ class UpstreamPool:
         else:
             sock.close()
 
+    def _take_idle(self):
+        """A pooled socket the engine has not closed meanwhile (checked without blocking:
+        a closed one reads EOF at once), or None."""
+        while self.idle:
+            sock = self.idle.pop()
+            try:
+                sock.setblocking(False)
+                data = sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                return sock            # nothing to read: open and idle
+            except OSError:
+                pass
+            sock.close()               # EOF, reset, or bytes nobody asked for
+        return None
+
     def _connect(self, timeout: float):
         sock = socket.socket(self.family, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -186,13 +201,15 @@ class UpstreamPool:
             lines.append(f"Content-Length: {len(body)}\r\n")
         lines.append("\r\n")
         payload = "".join(lines).encode("latin-1") + body
-        # A pooled connection may have been closed by the engine while idle; then retry
-        # once on a fresh one (nothing was received, so the engine did not process it).
+        # A pooled connection is checked before reuse. If it still fails, the request is sent
+        # again on a fresh connection only when it cannot have been processed: the engine
+        # closed before the whole request was written (or it is a GET). Once written, a POST
+        # is never resent (the engine may have read it: a generation billed twice, a sleep
+        # done twice).
         for attempt in (0, 1):
-            reused = bool(self.idle) and attempt == 0
-            if reused:
-                sock = self.idle.pop()
-            else:
+            sock = self._take_idle() if attempt == 0 else None
+            reused = sock is not None
+            if sock is None:
                 try:
                     sock = self._connect(connect_timeout)
                 except socket.timeout:
@@ -202,9 +219,11 @@ class UpstreamPool:
                     raise UpstreamError("connect", f"cannot connect to {self.host}:{self.port}: "
                                         f"{err.strerror or err}") from None
             parser = _Parser()
+            written = False
             try:
                 sock.settimeout(first_byte_timeout)
                 send_all(sock, payload)
+                written = True
                 while not parser.headers_done:
                     data = sock.recv(65536)
                     if not data:
@@ -216,7 +235,7 @@ class UpstreamPool:
                                       f"{first_byte_timeout:g}s") from None
             except (OSError, httptools.HttpParserError) as err:
                 sock.close()
-                if reused and not parser.status:
+                if reused and (not written or method in ("GET", "HEAD")):
                     continue
                 raise UpstreamError("first_byte", f"engine connection failed: {err}") from None
             except BaseException:  # the client went away while the engine worked: abort it

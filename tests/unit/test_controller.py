@@ -258,6 +258,41 @@ def test_status_shows_observed_state_and_memory():
     assert gpu_memory(ctl) == {"1": {"budget_gb": None, "used_gb": 6.0}}
 
 
+def test_remembered_sleep_is_known_before_the_first_probe_and_survives_adoption():
+    ctl, _, _ = make(instances=[("a", "m/a", ""), ("b", "m/b", "")])
+    ctl.sleep(ctl.entries["m/b"])
+    again = Controller(ctl.cfg, adapter_factory=FakeAdapter, process=FakeProcess(),
+                       traffic=ctl.traffic)
+    a, b = again.entries["m/a"], again.entries["m/b"]
+    assert getattr(b.adapter, "released", False) is True and b.adapter.probes == []
+    b.adapter.is_sleeping = lambda: None     # an engine that cannot tell (SGLang)
+    again._probe_once(a)                     # a settles first: b's memory must stay as it was
+    assert a.state is State.READY and again.memo.get("m/b")["state"] == "sleeping"
+    again._probe_once(b)
+    assert b.adapter.probes == [None]        # "may be released": never a generating check
+    assert b.state is State.SLEEPING
+
+
+def test_a_stopped_engine_is_adopted_as_stopped_and_a_request_starts_it():
+    ctl, proc, _ = make()
+    e = ctl.entries["m/a"]
+    again_proc = FakeProcess()
+    again = Controller(ctl.cfg, adapter_factory=FakeAdapter, process=again_proc,
+                       traffic=ctl.traffic)
+    e = again.entries["m/a"]
+    again_proc.adapters[e.name] = e.adapter
+    e.adapter.up = False                     # deep sleep before the router restarted
+    again_proc.running["a"] = None           # the process manager cannot say: keep waiting
+    again._probe_once(e)
+    assert e.state is State.STARTING
+    again_proc.running["a"] = False
+    again._asked_process_at.clear()
+    again._probe_once(e)
+    assert e.state is State.STOPPED and "not running" in e.reason
+    assert again.ensure_ready(e) >= 0 and e.state is State.READY
+    assert again_proc.calls == [("start", "a")]
+
+
 def test_router_restart_remembers_sleep_for_engines_that_cannot_tell():
     ctl, _, _ = make()
     e = ctl.entries["m/a"]

@@ -1,0 +1,90 @@
+"""The upstream client against a real socket server that closes keep-alive connections."""
+import socket
+import threading
+import time
+
+import pytest
+
+from kvrouter.http.client import UpstreamError, UpstreamPool
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class ClosingServer:
+    """Answers the first request on each connection; what it does with the second is
+    ``second``: "close" (read it, close without answering) or "close-idle" (close the
+    connection right after the first answer). Counts every request it reads."""
+
+    def __init__(self, second):
+        self.second = second
+        self.requests = 0
+        self.lock = threading.Lock()
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(16)
+        self.port = self.srv.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _read_request(self, conn):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return False
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        while len(body) < length:
+            body += conn.recv(65536)
+        with self.lock:
+            self.requests += 1
+        return True
+
+    def _serve(self, conn):
+        with conn:
+            if not self._read_request(conn):
+                return
+            conn.sendall(OK)
+            if self.second == "close-idle":
+                return
+            if self._read_request(conn):
+                return  # read it, then close without an answer
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def close(self):
+        self.srv.close()
+
+
+@pytest.fixture
+def server(request):
+    srv = ClosingServer(request.param)
+    yield srv
+    srv.close()
+
+
+@pytest.mark.parametrize("server", ["close"], indirect=True)
+def test_a_post_the_engine_read_is_not_sent_again(server):
+    pool = UpstreamPool("127.0.0.1", server.port)
+    assert pool.request("POST", "/v1/completions", {}, b"{}").read() == b"ok"
+    with pytest.raises(UpstreamError):
+        pool.request("POST", "/v1/completions", {}, b"{}", first_byte_timeout=5)
+    assert server.requests == 2  # read once, never resent on a new connection
+
+
+@pytest.mark.parametrize("server", ["close-idle"], indirect=True)
+def test_a_connection_the_engine_closed_while_idle_is_not_reused(server):
+    pool = UpstreamPool("127.0.0.1", server.port)
+    assert pool.request("POST", "/x", {}, b"{}").read() == b"ok"
+    time.sleep(0.1)  # the server has closed the pooled connection by now
+    assert pool.request("POST", "/x", {}, b"{}").read() == b"ok"
+    assert server.requests == 2
