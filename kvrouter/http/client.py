@@ -168,7 +168,7 @@ class UpstreamPool:
             sock = self.idle.pop()
             try:
                 sock.setblocking(False)
-                data = sock.recv(1, socket.MSG_PEEK)
+                sock.recv(1, socket.MSG_PEEK)  # data or EOF: not a clean idle connection
             except BlockingIOError:
                 return sock            # nothing to read: open and idle
             except OSError:
