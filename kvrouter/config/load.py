@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import os
 import re
+import math
 import typing
 from typing import Any, Optional
 
@@ -103,6 +104,9 @@ def _convert_scalar(tp, value, meta, path, line, ctx) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             result = float(value)
+            if not math.isfinite(result):
+                ctx.error(path, f"expected a finite number, found {value!r}", line)
+                return _BAD
         else:
             ctx.error(path, f"expected a number, found {_type_name(value)}", line)
             return _BAD
@@ -113,6 +117,9 @@ def _convert_scalar(tp, value, meta, path, line, ctx) -> Any:
             result = str(value)
         else:
             ctx.error(path, f"expected a string, found {_type_name(value)}", line)
+            return _BAD
+        if kind == "secret" and not result.strip():
+            ctx.error(path, "must not be empty (an empty secret would let anyone in)", line)
             return _BAD
     else:  # pragma: no cover - schema bug
         raise TypeError(f"unsupported setting type {tp!r} at {path}")

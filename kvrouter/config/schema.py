@@ -36,7 +36,8 @@ def setting(default: Any = None, help: str = "", *, required: bool = False,
             min: float | None = None, max: float | None = None,
             choices: tuple | None = None, kind: str | None = None,
             factory: Any = None) -> Any:
-    """Declare one setting. ``kind`` names a special converter (``gpus``, ``keyvalue``, ``path``)."""
+    """Declare one setting. ``kind`` names a special converter (``gpus``, ``keyvalue``,
+    ``path``, ``secret``: a non-empty string)."""
     meta = {"help": help, "required": required, "min": min, "max": max,
             "choices": choices, "kind": kind}
     if factory is not None:
@@ -57,9 +58,10 @@ class RouterConfig:
     router_host: str = setting("127.0.0.1", "Address the router listens on.")
     router_port: int = setting(8080, "Port the router listens on.", min=1, max=65535)
     api_keys: Tuple[str, ...] = setting(
-        (), "Bearer keys accepted on /v1/*; empty means no authentication.")
+        (), "Bearer keys accepted on /v1/*; empty means no authentication.", kind="secret")
     admin_token: Optional[str] = setting(
-        None, "Bearer token required by state-changing admin endpoints (sleep, wake).")
+        None, "Bearer token required by state-changing admin endpoints (sleep, wake).",
+        kind="secret")
     max_queue_per_model: int = setting(
         256, "Requests that may wait for one model to become ready; more get 503.", min=0)
     connect_timeout_seconds: float = setting(
@@ -72,6 +74,14 @@ class RouterConfig:
     ready_timeout_seconds: float = setting(
         120.0, "How long a request waits for its engine to become ready before 503.", min=0)
     max_body_mb: float = setting(32.0, "Largest request body accepted (413 above).", min=0.001)
+    header_timeout_seconds: float = setting(
+        30.0, "Time a client has to send a request's whole header block (not per byte).",
+        min=0.1)
+    keepalive_timeout_seconds: float = setting(
+        75.0, "How long an idle keep-alive connection is kept open.", min=0.1)
+    max_connections: Optional[int] = setting(
+        None, "Client connections served at once (more wait in the listen backlog); default: "
+        "what the open files limit allows, two descriptors a connection.", min=1)
     log_level: str = setting("info", "Router log level.",
                              choices=("debug", "info", "warning", "error"))
     state_file: Optional[str] = setting(

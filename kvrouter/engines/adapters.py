@@ -170,7 +170,9 @@ class VllmAdapter(EngineAdapter):
     def probe(self, memory_released: Optional[bool] = False) -> bool:
         try:
             status, _ = self._call("GET", "/health")
-        except UpstreamError:
+        except UpstreamError as err:
+            if err.local:
+                raise  # the router is out of descriptors: says nothing about the engine
             return False
         return status == 200
 
@@ -264,7 +266,9 @@ class SglangAdapter(EngineAdapter):
         path = "/model_info" if released else "/health"
         try:
             status, _ = self._call("GET", path)
-        except UpstreamError:
+        except UpstreamError as err:
+            if err.local:
+                raise  # the router is out of descriptors: says nothing about the engine
             return False
         return status == 200
 

@@ -7,6 +7,7 @@ engine learns that the client went away. Measured in docs/performance.md.
 """
 from __future__ import annotations
 
+import errno
 import socket
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -14,13 +15,21 @@ import httptools
 
 from kvrouter.http.sockio import send_all
 
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
 
 class UpstreamError(Exception):
     """The engine could not be reached or broke the response. ``phase`` says where."""
 
-    def __init__(self, phase: str, message: str):
+    def __init__(self, phase: str, message: str, errno_: Optional[int] = None):
         super().__init__(message)
         self.phase = phase  # "connect", "first_byte", "body"
+        self.errno = errno_
+
+    @property
+    def local(self) -> bool:
+        """This process ran out of descriptors: nothing is wrong with the engine."""
+        return self.errno in _OUT_OF_DESCRIPTORS
 
 
 class UpstreamTimeout(UpstreamError):
@@ -217,7 +226,7 @@ class UpstreamPool:
                                           f"out after {connect_timeout:g}s") from None
                 except OSError as err:
                     raise UpstreamError("connect", f"cannot connect to {self.host}:{self.port}: "
-                                        f"{err.strerror or err}") from None
+                                        f"{err.strerror or err}", err.errno) from None
             parser = _Parser()
             written = False
             try:

@@ -18,8 +18,10 @@ What it does:
 """
 from __future__ import annotations
 
+import errno
 import io
 import logging
+import resource
 import socket
 import sys
 from http import HTTPStatus
@@ -28,9 +30,10 @@ from urllib.parse import unquote_to_bytes
 
 import gevent
 import httptools
+from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from kvrouter.errors import ApiError, InternalError, api_error
+from kvrouter.errors import ApiError, InternalError, ServiceUnavailable, api_error
 from kvrouter.http.sockio import send_all
 
 log = logging.getLogger("kvrouter.http")
@@ -84,25 +87,67 @@ class StreamResponse:
         self.chunks = chunks
 
 
+def default_max_connections(reserve: int = 64) -> int:
+    """Client connections that fit the descriptor limit: each may need a second descriptor
+    for its engine connection, and a few are kept for logs, probes and the listener."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, (soft - reserve) // 2)
+
+
 class ServerLimits:
+    """What one client may take. ``header_timeout`` bounds the whole header block (not each
+    read: a byte every few seconds does not keep a connection); ``max_pipeline_bytes`` is
+    what a client may send while its request is served; ``max_pending_body_bytes`` bounds
+    the request bodies being received by all connections together."""
+
     def __init__(self, max_header_bytes: int = 64 * 1024, max_body_bytes: int = 32 * 1024 * 1024,
                  keepalive_timeout: float = 75.0, header_timeout: float = 30.0,
-                 write_timeout: float = 120.0):
+                 write_timeout: float = 120.0, max_pipeline_bytes: int = 1024 * 1024,
+                 max_connections: Optional[int] = None,
+                 max_pending_body_bytes: Optional[int] = None):
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
         self.keepalive_timeout = keepalive_timeout
         self.header_timeout = header_timeout
         self.write_timeout = write_timeout
+        self.max_pipeline_bytes = max_pipeline_bytes
+        self.max_connections = max_connections or default_max_connections()
+        self.max_pending_body_bytes = max_pending_body_bytes or max(
+            4 * max_body_bytes, 256 * 1024 * 1024)
+
+
+class _BodyBudget:
+    """Bytes of request bodies being received, all connections together."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> None:
+        if self.used + n > self.limit:
+            raise ServiceUnavailable("the server is receiving too many request bodies; retry",
+                                     code="server_busy", headers={"Retry-After": "1"})
+        self.used += n
 
 
 class _Connection:
     """One client connection: parse requests, run the handler, write responses."""
 
-    def __init__(self, sock, addr, handler, limits: ServerLimits):
+    def __init__(self, sock, addr, handler, limits: ServerLimits,
+                 precheck: Optional[Callable[[Request], None]] = None,
+                 budget: Optional[_BodyBudget] = None, idle: Optional[dict] = None):
         self.sock = sock
+        self.idle = idle if idle is not None else {}  # the server's idle connections
         self.addr = addr
         self.handler = handler
         self.limits = limits
+        self.precheck = precheck
+        self.budget = budget or _BodyBudget(limits.max_pending_body_bytes)
+        self.reserved = 0              # of the budget, for the request being received
+        self.header_deadline = 0.0
+        self.headers_done = False
         self.parser = httptools.HttpRequestParser(self)
         self.ready: List[Request] = []
         self.cur: Any = None  # the Request being parsed (None between requests)
@@ -112,7 +157,8 @@ class _Connection:
         self._header_bytes = 0
         self._expect_continue = False
         self._sent_continue = False
-        self.pending = b""
+        self.pending: List[bytes] = []   # read while a request was served (pipelined)
+        self.pending_bytes = 0
         self.closed = False
         self.watcher: Optional[gevent.Greenlet] = None
         self.loop = gevent.get_hub().loop
@@ -120,6 +166,8 @@ class _Connection:
     # --- httptools callbacks -------------------------------------------------------------
     def on_message_begin(self):
         self.cur = Request()
+        self.headers_done = False
+        self.header_deadline = self.loop.now() + self.limits.header_timeout
         self._url_parts = []
         self._body_parts = []
         self._body_len = 0
@@ -164,13 +212,28 @@ class _Connection:
                     raise api_error(413, f"request body over {self.limits.max_body_bytes} bytes")
             except ValueError:
                 raise api_error(400, "invalid Content-Length") from None
+        self.headers_done = True
+        if self.precheck is not None:
+            self.precheck(req)  # e.g. the API key: refused before any body byte is read
+        if length is not None:
+            self._reserve(int(length))
         if req.headers.get("expect", "").lower() == "100-continue":
             self._expect_continue = True
+
+    def _reserve(self, n: int) -> None:
+        self.budget.take(n)
+        self.reserved += n
+
+    def release(self) -> None:
+        self.budget.used -= self.reserved
+        self.reserved = 0
 
     def on_body(self, body: bytes):
         self._body_len += len(body)
         if self._body_len > self.limits.max_body_bytes:
             raise api_error(413, f"request body over {self.limits.max_body_bytes} bytes")
+        if self._body_len > self.reserved:  # chunked: no length was announced
+            self._reserve(self._body_len - self.reserved)
         self._body_parts.append(body)
 
     def on_message_complete(self):
@@ -196,20 +259,35 @@ class _Connection:
                 raise cause from None
             raise api_error(400, f"malformed HTTP request: {err}") from None
 
+    def _read_timeout(self) -> float:
+        if self.cur is None:
+            return self.limits.keepalive_timeout
+        if not self.headers_done:  # one deadline for the whole header block
+            return self.header_deadline - self.loop.now()
+        return self.limits.header_timeout  # between two pieces of a body
+
     def run(self) -> None:
         sock = self.sock
         try:
             while not self.closed:
                 if self.pending:
-                    data, self.pending = self.pending, b""
+                    data = b"".join(self.pending)
+                    self.pending, self.pending_bytes = [], 0
                 else:
-                    timeout = (self.limits.header_timeout if self.cur is not None
-                               else self.limits.keepalive_timeout)
+                    timeout = self._read_timeout()
+                    if timeout <= 0:
+                        return
                     sock.settimeout(timeout)
+                    waiting = self.cur is None  # between requests: may be closed to make room
+                    if waiting:
+                        self.idle[self] = None
                     try:
                         data = sock.recv(65536)
                     except (socket.timeout, OSError):
                         return
+                    finally:
+                        if waiting:
+                            self.idle.pop(self, None)
                     if not data:
                         return
                 try:
@@ -228,6 +306,7 @@ class _Connection:
             return
         finally:
             self.closed = True
+            self.release()
             try:
                 sock.close()
             except OSError:
@@ -237,8 +316,10 @@ class _Connection:
         self.watcher = gevent.spawn(self._watch, target)
 
     def _watch(self, target) -> None:
-        """Read while a handler runs: keep pipelined bytes, raise ClientGone in it on EOF."""
+        """Read while a handler runs: keep pipelined bytes (bounded), raise ClientGone in it
+        on EOF, or when the client sends more than ``max_pipeline_bytes`` meanwhile."""
         sock = self.sock
+        limit = self.limits.max_pipeline_bytes
         while True:
             try:
                 data = sock.recv(65536)
@@ -246,11 +327,18 @@ class _Connection:
                 continue
             except OSError:
                 data = b""
-            if not data:
-                self.closed = True
-                gevent.kill(target, ClientGone)
-                return
-            self.pending += data
+            if data:
+                self.pending.append(data)
+                self.pending_bytes += len(data)
+                if self.pending_bytes <= limit:
+                    continue
+                log.warning("%s: closing: sent %d bytes while its request was served (limit "
+                            "%d)", self.addr[0] if self.addr else "client", self.pending_bytes,
+                            limit)
+                self.pending, self.pending_bytes = [], 0
+            self.closed = True
+            gevent.kill(target, ClientGone)
+            return
 
     def _serve(self, req: Request) -> bool:
         """Run the handler for one request and write its response; False closes the connection."""
@@ -280,6 +368,7 @@ class _Connection:
             self.closed = True
             return False
         finally:
+            self.release()
             timer.stop()
             timer.close()
             if self.watcher is not None:
@@ -331,7 +420,8 @@ class _Connection:
     def _send_error(self, err: ApiError) -> None:
         body = err.to_json()
         try:
-            self.sock.sendall(self._head(err.status, [("Content-Type", "application/json")], False,
+            headers = [("Content-Type", "application/json")] + list(err.headers.items())
+            self.sock.sendall(self._head(err.status, headers, False,
                                          f"Content-Length: {len(body)}\r\n") + body)
             self._linger()
         except OSError:
@@ -359,18 +449,86 @@ def _set_nodelay(sock) -> None:
         pass
 
 
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class _StreamServer(StreamServer):
+    """gevent's StreamServer, quiet when accept() runs out of descriptors: one warning line
+    (at most every 10 s, with a count) and accepting pauses with backoff, as nginx does."""
+
+    _fd_delay = 0.0
+    _fd_warned_at = -1e9
+    _fd_errors = 0
+    drain: Callable[[int], int] = staticmethod(lambda n: 0)
+
+    def do_read(self):
+        try:
+            args = super().do_read()
+        except OSError as err:
+            if err.errno not in _OUT_OF_DESCRIPTORS:
+                raise
+            self._out_of_descriptors(err)
+            return None
+        self._fd_delay = 0.0
+        return args
+
+    def _out_of_descriptors(self, err: OSError) -> None:
+        self._fd_errors += 1
+        now = self.loop.now()
+        if now - self._fd_warned_at >= 10.0:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            log.warning("accept: %s (open files limit %d); pausing new connections "
+                        "(%d such errors since the last warning)", err.strerror, soft,
+                        self._fd_errors)
+            self._fd_warned_at, self._fd_errors = now, 0
+        if self.drain(8):
+            self._fd_delay = 0.0  # descriptors were freed: accept again soon
+        self._fd_delay = min(1.0, max(0.01, self._fd_delay * 2))
+        self.stop_accepting()
+        self._timer = self.loop.timer(self._fd_delay)
+        self._timer.start(self._start_accepting_if_started)  # type: ignore[call-arg,attr-defined]
+
+
 class HTTPServer:
-    """Serve ``handler(Request) -> Response | StreamResponse`` on a gevent StreamServer."""
+    """Serve ``handler(Request) -> Response | StreamResponse`` on a gevent StreamServer.
+
+    At most ``limits.max_connections`` connections are served at once (more wait in the
+    listen backlog). ``precheck(request)``, when given, runs once a request's headers are
+    in and may raise an ApiError: it is answered at once and the body is never read."""
 
     def __init__(self, listener, handler: Callable, limits: Optional[ServerLimits] = None,
-                 backlog: int = 2048):
+                 backlog: int = 2048, precheck: Optional[Callable[[Request], None]] = None):
         self.handler = handler
         self.limits = limits or ServerLimits()
-        self.server = StreamServer(listener, self._handle, backlog=backlog)
+        self.precheck = precheck
+        self.budget = _BodyBudget(self.limits.max_pending_body_bytes)
+        self.pool = Pool(self.limits.max_connections)
+        # connections waiting for their next request, oldest first: closed when room is short
+        self.idle: Dict[_Connection, None] = {}
+        self.server = _StreamServer(listener, self._handle, backlog=backlog, spawn=self.pool)
+        self.server.drain = self.drain_idle
+
+    def drain_idle(self, n: int) -> int:
+        """Close up to ``n`` idle keep-alive connections, oldest first (nginx does the same
+        when it runs short of connections): a client that waits for nothing yields its slot
+        to one with a request."""
+        closed = 0
+        for conn in list(self.idle)[:n]:
+            self.idle.pop(conn, None)
+            conn.closed = True
+            try:
+                conn.sock.close()
+            except OSError:
+                pass
+            closed += 1
+        return closed
 
     def _handle(self, sock, addr) -> None:
         _set_nodelay(sock)
-        _Connection(sock, addr, self.handler, self.limits).run()
+        if self.pool.free_count() == 0:
+            self.drain_idle(1)  # this connection took the last slot: free one for the next
+        _Connection(sock, addr, self.handler, self.limits, self.precheck, self.budget,
+                    self.idle).run()
 
     @property
     def address(self):

@@ -77,6 +77,8 @@ class Proxy:
         except ValueError as err:
             raise BadRequest(f"request body is not valid JSON: {err}", code="invalid_json") \
                 from None
+        except RecursionError:
+            raise BadRequest("request body is nested too deeply", code="invalid_json") from None
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object", code="invalid_body")
         model = body.get("model")
@@ -161,6 +163,12 @@ class Proxy:
                 return error_response(GatewayTimeout(f"model {entry.name!r}: {err}",
                                                      code="upstream_timeout"))
             except UpstreamError as err:
+                if err.local:
+                    log.warning("%s: out of file descriptors (%s): answering 503", entry.name, err)
+                    self.traffic.end(rec, "rejected")
+                    return error_response(ServiceUnavailable(
+                        "the router has run out of file descriptors (open files limit); retry",
+                        code="router_overloaded", headers={"Retry-After": "1"}))
                 self.controller.upstream_failed(entry, str(err))
                 if attempt == 0 and err.phase == "connect":
                     # Nothing reached the engine (it died or is restarting): wait until it is

@@ -13,8 +13,10 @@ from kvrouter.config.schema import Config
 from kvrouter.control.controller import Controller
 from kvrouter.control.process import ProcessControl, process_control_for
 from kvrouter.http.server import HTTPServer, ServerLimits, wsgi_handler
+from kvrouter.http.sockio import raise_open_files_limit
 from kvrouter.metrics import RouterMetrics
 from kvrouter.router.api import create_app
+from kvrouter.router.auth import require_api_key
 from kvrouter.router.proxy import Proxy
 from kvrouter.router.routes import RouteTable
 from kvrouter.traffic import TrafficMonitor
@@ -58,15 +60,29 @@ class RouterContext:
 def build_server(ctx: RouterContext, listener=None) -> HTTPServer:
     r = ctx.cfg.router
     limits = ServerLimits(max_body_bytes=int(r.max_body_mb * 1024 * 1024),
-                          write_timeout=r.stream_idle_timeout_seconds)
-    return HTTPServer(listener or (r.router_host, r.router_port), ctx.handler(), limits)
+                          write_timeout=r.stream_idle_timeout_seconds,
+                          header_timeout=r.header_timeout_seconds,
+                          keepalive_timeout=r.keepalive_timeout_seconds,
+                          max_connections=r.max_connections)
+    keys = r.api_keys
+
+    def precheck(req) -> None:
+        """The API key is checked on the headers: an unauthenticated body is never read."""
+        if keys and req.path.startswith("/v1/"):
+            require_api_key(req.headers.get("authorization"), keys)
+
+    return HTTPServer(listener or (r.router_host, r.router_port), ctx.handler(), limits,
+                      precheck=precheck)
 
 
 def serve(cfg: Config) -> None:
     logging.basicConfig(level=cfg.router.log_level.upper(), stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    nofile = raise_open_files_limit()
     ctx = RouterContext(cfg, process_control_for(cfg))
     server = build_server(ctx)
+    log.info("open files limit %d: up to %d client connections at once", nofile,
+             server.limits.max_connections)
     server.start()
     ctx.controller.start()
     log.info("kvrouter on http://%s:%d routing %s (config %s)", cfg.router.router_host,

@@ -5,6 +5,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -14,6 +15,7 @@ from urllib.parse import parse_qs
 import gevent
 
 from kvrouter.http.server import HTTPServer, Request, Response, StreamResponse
+from kvrouter.http.sockio import raise_open_files_limit
 from kvrouter.sim import text as T
 from kvrouter.sim.generate import Generator, SimError
 from kvrouter.sim.metrics import EngineMetrics
@@ -23,6 +25,9 @@ from kvrouter.sim.state import SGLANG_TAGS, EngineState, KvcachedSegment, crash
 log = logging.getLogger("kvrouter.sim")
 JSON = [("Content-Type", "application/json")]
 SSE = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
+
+
+_SURROGATE_RE = re.compile(rb"\\ud[89a-f]", re.I)  # a \uD800-\uDFFF escape in the body
 
 
 def _json(status: int, obj) -> Response:
@@ -58,9 +63,18 @@ class SimEngine:
         if not req.body:
             return {}
         try:
-            return json.loads(req.body)
+            body = json.loads(req.body)
         except ValueError as err:
             raise SimError(400, f"Invalid JSON body: {err}") from None
+        except RecursionError:
+            raise SimError(400, "Invalid JSON body: nested too deeply") from None
+        if _SURROGATE_RE.search(req.body):
+            try:  # a lone surrogate cannot be tokenized (the engines answer 400)
+                json.dumps(body, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise SimError(400, f"request contains invalid Unicode: {err.reason} at "
+                                    f"position {err.start}") from None
+        return body
 
     # --- routing -------------------------------------------------------------------------------
     def _build_routes(self) -> None:
@@ -393,6 +407,7 @@ def serve(cfg: SimConfig) -> None:
                         format="%(asctime)s %(levelname)s sim[%(name)s] %(message)s")
     if cfg.ignored:
         log.info("ignoring engine flags the simulator does not use: %s", " ".join(cfg.ignored))
+    raise_open_files_limit()
     engine = SimEngine(cfg)
     ipc = os.environ.get("KVCACHED_IPC_NAME")
     if ipc and os.environ.get("ENABLE_KVCACHED", "").lower() in ("1", "true"):

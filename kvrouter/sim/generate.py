@@ -208,20 +208,21 @@ class Generator:
         start = time.monotonic()
         queue_time = self._wait_admitted()
         st.running += 1
-        epoch = st.abort_epoch
-        choices = []
-        for p_i, prompt in enumerate(req["prompts"]):
-            for k in range(req["n"]):
-                index = p_i * req["n"] + k
-                gib = not st.weights_valid or (cfg.dialect == "sglang" and bool(st.released))
-                choices.append([index, T.TokenStream(cfg.seed, prompt, k, gib),
-                                self._lengths(req, prompt), 0])
-        reserved = req["prompt_tokens"] + sum(c[2] for c in choices)
-        st.tokens_in_flight += reserved
-        st.update_segment()
+        reserved = 0
         produced = 0
         finished_reason: Optional[str] = "abort"
-        try:
+        try:  # from here on, whatever happens, the bookkeeping is released in `finally`
+            epoch = st.abort_epoch
+            choices = []
+            for p_i, prompt in enumerate(req["prompts"]):
+                for k in range(req["n"]):
+                    index = p_i * req["n"] + k
+                    gib = not st.weights_valid or (cfg.dialect == "sglang" and bool(st.released))
+                    choices.append([index, T.TokenStream(cfg.seed, prompt, k, gib),
+                                    self._lengths(req, prompt), 0])
+            reserved = req["prompt_tokens"] + sum(c[2] for c in choices)
+            st.tokens_in_flight += reserved
+            st.update_segment()
             prefill = (cfg.ttft_ms + cfg.prefill_ms_per_token * req["prompt_tokens"]) / 1000.0
             gevent.sleep(prefill)
             first = time.monotonic()
