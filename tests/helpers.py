@@ -145,7 +145,10 @@ class SimEngine:
 
 
 class Router:
-    def __init__(self, config_text, tmpdir, wait=True):
+    """``kvrouter serve`` on a config; ``open_files`` runs it under a lowered descriptor limit
+    (soft and hard, so the router cannot raise it)."""
+
+    def __init__(self, config_text, tmpdir, wait=True, open_files=None):
         self.port = None
         self.path = os.path.join(tmpdir, "kvrouter.yaml")
         with open(self.path, "w") as fh:
@@ -155,7 +158,10 @@ class Router:
         cfg = load_config(self.path)
         self.port = cfg.router.router_port
         self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = Proc([PY, "-m", "kvrouter", "serve", self.path])
+        argv = [PY, "-m", "kvrouter", "serve", self.path]
+        if open_files:
+            argv = ["sh", "-c", f'ulimit -n {int(open_files)} && exec "$0" "$@"', *argv]
+        self.proc = Proc(argv)
         if wait:
             wait_until(lambda: http("GET", self.base + "/health", timeout=1)[0] == 200, 15,
                        what=f"router: {self.proc.output()[-800:]}")
@@ -166,6 +172,13 @@ class Router:
             return all(m["state"] == "ready" for m in body["models"])
 
         wait_until(ready, timeout, what="all models ready")
+
+    def rss_mb(self):
+        with open(f"/proc/{self.proc.p.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
 
     def stop(self):
         self.proc.stop()

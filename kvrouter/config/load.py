@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
-import math
 import typing
 from typing import Any, Optional
 
