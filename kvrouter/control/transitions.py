@@ -96,7 +96,7 @@ class Transitions:
         ctl = self.ctl
         self._record(entry, action, False, ctl.clock() - started)
         ctl.set_state(entry, State.FAILED, f"{action} failed: {message}")
-        self.restart(entry)
+        gevent.spawn(self.restart, entry)  # waiters learn the failure now, not after it
         return failed(message)
 
     # --- sleep --------------------------------------------------------------------------------

@@ -110,6 +110,7 @@ def test_failed_warm_up_fails_waiters_fast_and_restarts_with_backoff():
     with pytest.raises(ApiError) as err:
         ctl.ensure_ready(e)
     assert err.value.status == 503 and "warm-up failed" in err.value.message
+    gevent.sleep(0)
     assert e.state is State.FAILED and proc.calls == [("restart", "a")]
     # a second failure inside the backoff window does not restart again
     ctl.set_state(e, State.SLEEPING, "test")
@@ -203,6 +204,7 @@ def test_wake_that_hangs_is_abandoned_marked_failed_and_restarted():
     assert err.value.status == 503 and "did not finish within 0.3s" in err.value.message
     assert gevent.get_hub().loop.now() - started < 1.0
     assert e.state is State.FAILED and "wake failed" in e.reason
+    gevent.sleep(0)
     assert proc.calls == [("restart", "a")]
 
 
@@ -212,6 +214,7 @@ def test_sleep_that_hangs_is_abandoned_marked_failed_and_restarted():
     e.adapter.hang = True
     with pytest.raises(TransitionError, match="did not finish within 0.2s"):
         ctl.sleep(e)
+    gevent.sleep(0)
     assert e.state is State.FAILED and proc.calls == [("restart", "a")]
 
 
