@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import httptools
@@ -155,26 +156,31 @@ class UpstreamResponse:
 class UpstreamPool:
     """Keep-alive connections to one engine (LIFO, so warm sockets are reused first)."""
 
+    CHECK_AFTER = 0.5
+
     def __init__(self, host: str, port: int, max_idle: int = 256):
         self.host = host
         self.port = port
         self.max_idle = max_idle
-        self.idle: List[socket.socket] = []
+        self.idle: List[Tuple[socket.socket, float]] = []   # (socket, when it was pooled)
         # Resolve once: gevent resolves names in a thread pool, too slow per connection.
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         self.family, self.address = info[0], info[4]
 
     def put(self, sock) -> None:
         if len(self.idle) < self.max_idle:
-            self.idle.append(sock)
+            self.idle.append((sock, time.monotonic()))
         else:
             sock.close()
 
     def _take_idle(self):
-        """A pooled socket the engine has not closed meanwhile (checked without blocking:
-        a closed one reads EOF at once), or None."""
+        """A pooled socket the engine has not closed meanwhile, or None. One pooled for more
+        than ``CHECK_AFTER`` seconds is checked without blocking (a closed one reads EOF at
+        once); a busy pool skips the check: engines close idle connections after seconds."""
         while self.idle:
-            sock = self.idle.pop()
+            sock, since = self.idle.pop()
+            if time.monotonic() - since < self.CHECK_AFTER:
+                return sock
             try:
                 sock.setblocking(False)
                 sock.recv(1, socket.MSG_PEEK)  # data or EOF: not a clean idle connection
@@ -198,7 +204,7 @@ class UpstreamPool:
 
     def close_idle(self) -> None:
         while self.idle:
-            self.idle.pop().close()
+            self.idle.pop()[0].close()
 
     def request(self, method: str, path: str, headers: Dict[str, str], body: bytes = b"",
                 connect_timeout: float = 5.0, first_byte_timeout: float = 600.0,

@@ -85,6 +85,6 @@ def test_a_post_the_engine_read_is_not_sent_again(server):
 def test_a_connection_the_engine_closed_while_idle_is_not_reused(server):
     pool = UpstreamPool("127.0.0.1", server.port)
     assert pool.request("POST", "/x", {}, b"{}").read() == b"ok"
-    time.sleep(0.1)  # the server has closed the pooled connection by now
+    time.sleep(0.6)  # the server has closed the pooled connection by now (and CHECK_AFTER)
     assert pool.request("POST", "/x", {}, b"{}").read() == b"ok"
     assert server.requests == 2
