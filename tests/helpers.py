@@ -1,5 +1,6 @@
 """Test helpers: paths, HTTP without raising, processes on loopback (simulated engines, the
 router, supervisord). Fixtures stay in the conftest modules; everything else is here."""
+import contextlib
 import json
 import os
 import signal
@@ -207,3 +208,29 @@ def supervised(config_text, folder):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return Supervisor(os.path.join(out, "run", "supervisor.sock")), out
+
+
+def model_states(base):
+    """{model: state} from the router's /model/sleep/status ({} while it does not answer)."""
+    status, body = get_json(base + "/model/sleep/status", timeout=5)
+    return {m: s["state"] for m, s in body["models"].items()} if status == 200 else {}
+
+
+@contextlib.contextmanager
+def supervised_stack(config_text, base, ready_timeout=30.0):
+    """Render and start the config under supervisord, wait until every model of the router
+    at ``base`` is ready; yield the Supervisor client; shut down and print the router's
+    log tail at the end."""
+    folder = tempfile.mkdtemp(prefix="kvr-", dir="/tmp")  # short: supervisord's socket path
+    sup, out = supervised(config_text, folder)
+    try:
+        wait_until(lambda: (lambda st: st and set(st.values()) == {"ready"})(model_states(base)),
+                   ready_timeout, what="all models ready")
+        yield sup
+    finally:
+        sup.shutdown()
+        log = os.path.join(out, "logs", "kvrouter.log")
+        if os.path.exists(log):
+            with open(log) as fh:
+                print(fh.read()[-4000:])
+

@@ -15,8 +15,9 @@ from tests.helpers import (
     get_json,
     http,
     instance_yaml,
+    model_states,
     run_concurrently,
-    supervised,
+    supervised_stack,
     wait_until,
 )
 
@@ -25,9 +26,6 @@ LLAMA, QWEN, DEEP = "t/llama", "t/qwen", "t/deep"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    import tempfile
-
-    tmp = tempfile.mkdtemp(prefix="kvr-", dir="/tmp")
     rp, p1, p2, p3 = free_port(), free_port(), free_port(), free_port()
     cfg = (
         "router: {router_host: 127.0.0.1, router_port: %d, max_queue_per_model: 100,"
@@ -43,21 +41,9 @@ def stack(tmp_path_factory):
         instance_yaml("deep", DEEP, p3, "vllm",
                       "    sleep: {idle_threshold_seconds: 1, stop_after_seconds: 1}\n",
                       sim="itl_ms: 5, ttft_ms: 5, startup_seconds: 0.5"))
-    sup, out = supervised(cfg, tmp)
     base = f"http://127.0.0.1:{rp}"
-    try:
-        wait_until(lambda: all(s == "ready" for s in _states(base).values()), 30,
-                   what="all ready")
-        yield {"base": base, "sup": sup, "ports": {LLAMA: p1, QWEN: p2, DEEP: p3}, "tmp": tmp}
-    finally:
-        sup.shutdown()
-        with open(os.path.join(out, "logs", "kvrouter.log")) as fh:
-            print(fh.read()[-3000:])
-
-
-def _states(base):
-    status, body = get_json(base + "/model/sleep/status", timeout=5)
-    return {m: s["state"] for m, s in body["models"].items()} if status == 200 else {}
+    with supervised_stack(cfg, base) as sup:
+        yield {"base": base, "sup": sup, "ports": {LLAMA: p1, QWEN: p2, DEEP: p3}}
 
 
 def _stats(stack, model):
@@ -69,14 +55,14 @@ def _client(stack):
 
 
 def _ensure_asleep(stack, model):
-    if _states(stack["base"])[model] != "sleeping":
-        wait_until(lambda: _states(stack["base"])[model] == "sleeping", 15,
+    if model_states(stack["base"])[model] != "sleeping":
+        wait_until(lambda: model_states(stack["base"])[model] == "sleeping", 15,
                    what=f"{model} asleep")
 
 
 def test_auto_sleep_after_idle(stack):
     _client(stack).completions.create(model=LLAMA, prompt="x", max_tokens=1)
-    assert _states(stack["base"])[LLAMA] == "ready"
+    assert model_states(stack["base"])[LLAMA] == "ready"
     t0 = time.monotonic()
     _ensure_asleep(stack, LLAMA)
     assert time.monotonic() - t0 >= 1.5  # not before the idle threshold (2 s)
@@ -127,7 +113,7 @@ def test_no_sleep_while_a_request_is_in_flight_and_request_during_drain(stack):
         model=LLAMA, prompt="x", max_tokens=700, extra_body={"ignore_eos": True}))
     long.start()  # 700 tokens x 5 ms = 3.5 s, longer than the idle threshold
     time.sleep(3.0)
-    assert _states(stack["base"])[LLAMA] == "ready"
+    assert model_states(stack["base"])[LLAMA] == "ready"
     assert _stats(stack, LLAMA)["sleep_calls"] == before
     long.join(20)
     # a manual sleep with a request in flight drains; a request arriving meanwhile waits
@@ -140,7 +126,7 @@ def test_no_sleep_while_a_request_is_in_flight_and_request_during_drain(stack):
     sleeper = threading.Thread(target=http, args=("POST", stack["base"] + "/model/sleep/t%2Fllama"),
                                kwargs={"timeout": 60})
     sleeper.start()
-    wait_until(lambda: _states(stack["base"])[LLAMA] == "draining", 5, what="draining")
+    wait_until(lambda: model_states(stack["base"])[LLAMA] == "draining", 5, what="draining")
     r = c.completions.create(model=LLAMA, prompt="during drain", max_tokens=2)
     assert r.usage.completion_tokens == 2
     long.join(20)
@@ -150,7 +136,7 @@ def test_no_sleep_while_a_request_is_in_flight_and_request_during_drain(stack):
 
 def test_deep_sleep_stops_the_process_and_a_request_starts_it(stack):
     sup = stack["sup"]
-    wait_until(lambda: _states(stack["base"])[DEEP] == "stopped", 20, what="deep sleep")
+    wait_until(lambda: model_states(stack["base"])[DEEP] == "stopped", 20, what="deep sleep")
     assert sup.process_info("engines:engine-deep")["statename"] == "STOPPED"
     r = _client(stack).completions.create(model=DEEP, prompt="x", max_tokens=2)
     assert r.usage.completion_tokens == 2
@@ -188,7 +174,7 @@ def test_router_restart_adopts_sleeping_engines(stack):
     before = _stats(stack, LLAMA)
     sup.stop("kvrouter")
     sup.start("kvrouter")
-    wait_until(lambda: _states(stack["base"]).get(LLAMA) == "sleeping", 20,
+    wait_until(lambda: model_states(stack["base"]).get(LLAMA) == "sleeping", 20,
                what="router adopted the sleeping engine")
     after = _stats(stack, LLAMA)
     assert (after["sleep_calls"], after["wake_calls"]) == (before["sleep_calls"],

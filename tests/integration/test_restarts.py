@@ -2,11 +2,18 @@
 SGLang engine and over a stopped (deep-slept) engine; an engine stops answering mid-wake."""
 import os
 import signal
-import tempfile
 
 import pytest
 
-from tests.helpers import free_port, get_json, http, instance_yaml, supervised, wait_until
+from tests.helpers import (
+    free_port,
+    get_json,
+    http,
+    instance_yaml,
+    model_states,
+    supervised_stack,
+    wait_until,
+)
 
 SGL, DEEP, HANG = "r/sgl", "r/deep", "r/hang"
 FAST = "itl_ms: 5, ttft_ms: 5, startup_seconds: 0.3"
@@ -14,7 +21,6 @@ FAST = "itl_ms: 5, ttft_ms: 5, startup_seconds: 0.3"
 
 @pytest.fixture(scope="module")
 def stack():
-    tmp = tempfile.mkdtemp(prefix="kvr-", dir="/tmp")
     rp, p1, p2, p3 = free_port(), free_port(), free_port(), free_port()
     cfg = (
         "router: {router_host: 127.0.0.1, router_port: %d, ready_timeout_seconds: 20}\n"
@@ -26,20 +32,9 @@ def stack():
         instance_yaml("deep", DEEP, p2, "vllm", "    sleep: {stop_after_seconds: 0.5}\n",
                       sim=FAST),
         instance_yaml("hang", HANG, p3, "vllm", sim=FAST))
-    sup, out = supervised(cfg, tmp)
     base = f"http://127.0.0.1:{rp}"
-    try:
-        wait_until(lambda: set(_states(base).values()) == {"ready"}, 30, what="all ready")
+    with supervised_stack(cfg, base) as sup:
         yield {"base": base, "sup": sup, "ports": {SGL: p1, DEEP: p2, HANG: p3}}
-    finally:
-        sup.shutdown()
-        with open(os.path.join(out, "logs", "kvrouter.log")) as fh:
-            print(fh.read()[-4000:])
-
-
-def _states(base):
-    status, body = get_json(base + "/model/sleep/status", timeout=5)
-    return {m: s["state"] for m, s in body["models"].items()} if status == 200 else {}
 
 
 def _complete(stack, model, timeout=30):
@@ -60,7 +55,7 @@ def test_router_restart_keeps_a_sleeping_sglang_engine_alive(stack):
     pid = sup.process_info(name)["pid"]
     _restart_router(stack)
     # adopted as asleep without a generating health check (which kills a released SGLang)
-    wait_until(lambda: _states(stack["base"]).get(SGL) == "sleeping", 10, what="adopted")
+    wait_until(lambda: model_states(stack["base"]).get(SGL) == "sleeping", 10, what="adopted")
     assert sup.process_info(name)["pid"] == pid
     assert sup.process_info(name)["statename"] in ("STARTING", "RUNNING")  # not exited
     stats = get_json(f"http://127.0.0.1:{stack['ports'][SGL]}/sim/stats")[1]
@@ -73,10 +68,10 @@ def test_router_restart_keeps_a_sleeping_sglang_engine_alive(stack):
 def test_router_restart_over_a_stopped_engine_and_a_request_starts_it(stack):
     sup, name = stack["sup"], "engines:engine-deep"
     assert http("POST", stack["base"] + "/model/sleep/r%2Fdeep")[0] == 200
-    wait_until(lambda: _states(stack["base"]).get(DEEP) == "stopped", 10, what="deep sleep")
+    wait_until(lambda: model_states(stack["base"]).get(DEEP) == "stopped", 10, what="deep sleep")
     assert sup.process_info(name)["statename"] == "STOPPED"
     _restart_router(stack)
-    wait_until(lambda: _states(stack["base"]).get(DEEP) == "stopped", 10,
+    wait_until(lambda: model_states(stack["base"]).get(DEEP) == "stopped", 10,
                what="adopted as stopped, not left starting")
     status, _, body = _complete(stack, DEEP)
     assert status == 200, body
@@ -100,4 +95,4 @@ def test_wake_against_an_engine_that_stops_answering(stack):
                what="the router had supervisord restart the engine")
     status, _, body = _complete(stack, HANG)
     assert status == 200, body
-    wait_until(lambda: _states(stack["base"]).get(HANG) == "ready", 10, what="ready again")
+    wait_until(lambda: model_states(stack["base"]).get(HANG) == "ready", 10, what="ready again")
