@@ -90,6 +90,8 @@ class ModelTraffic:
         self.streams = 0
         self.last_end_mono: Optional[float] = None
         self.last_end_wall: Optional[float] = None
+        self.last_start_wall = 0.0     # start of the last finished request (the seed's meaning)
+        self.success_seconds = 0.0     # response times of successful requests, summed
         self.created_mono = now_mono
         self.buckets = _Buckets()
         self.latency: Deque[Tuple[float, float]] = deque(maxlen=SAMPLES)   # (t, seconds)
@@ -150,13 +152,15 @@ class TrafficMonitor:
         m.total += 1
         m.outcomes[outcome] += 1
         m.last_end_mono = now
-        m.last_end_wall = self.wall()
+        wall = m.last_end_wall = self.wall()
         m.prompt_tokens += prompt_tokens
         m.completion_tokens += completion_tokens
         latency = now - rec.start
+        m.last_start_wall = wall - latency
         ok = outcome == "success"
         m.buckets.add(int(now), ok, latency, completion_tokens)
         if ok:
+            m.success_seconds += latency
             m.latency.append((now, latency))
             if rec.stream:
                 m.streams += 1
@@ -203,8 +207,11 @@ class TrafficMonitor:
             "request_rate": round(agg["count"] / w, 6),
             "window_requests": agg["count"],
             "window_failed": agg["failed"],
-            "avg_response_time": round(agg["latency"] / agg["count"], 6) if agg["count"]
-            else None,
+            # the seed's meaning: successful requests since start (0.0 before any)
+            "avg_response_time": round(m.success_seconds / m.outcomes["success"], 6)
+            if m.outcomes["success"] else 0.0,
+            "window_avg_response_time": round(agg["latency"] / agg["count"], 6)
+            if agg["count"] else None,
             "response_time": _percentiles(recent(m.latency)),
             "time_to_first_token": _percentiles(recent(m.ttft)),
             "inter_token_latency": _percentiles(recent(m.itl)),
@@ -214,10 +221,15 @@ class TrafficMonitor:
             "completion_tokens": m.completion_tokens,
             "completion_tokens_per_second": round(agg["tokens"] / w, 6),
             "streams": m.streams,
-            "last_activity_time": m.last_end_wall,
+            "last_activity_time": m.last_start_wall,  # the seed's: start of the last request
+            "last_end_time": m.last_end_wall,
             "idle_time_seconds": round(idle, 3),
             "is_idle": idle >= idle_threshold,
         }
+
+    def with_activity(self) -> List[str]:
+        """Models that have had a request (the seed's traffic views list only these)."""
+        return [m for m, t in self.models.items() if t.total]
 
     def idle(self, threshold: float) -> List[str]:
         return [m for m in self.models if self.idle_seconds(m) >= threshold]

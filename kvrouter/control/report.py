@@ -1,7 +1,8 @@
 """What the admin API and `kvrouter status` show of the controller's models."""
 from __future__ import annotations
 
-from typing import List
+import time
+from typing import Callable, Dict, List
 
 from kvrouter.control import policy
 from kvrouter.control.controller import Controller
@@ -41,6 +42,19 @@ def gpu_memory(ctl: Controller) -> dict:
     used = policy.gpu_usage(ctl.snapshot().models)
     return {g: {"budget_gb": budget.get(g), "used_gb": round(used.get(g, 0.0), 3)}
             for g in sorted(set(budget) | set(used))}
+
+
+def sleeping_models(ctl: Controller, wall: Callable[[], float] = time.time) -> Dict[str, dict]:
+    """The seed's ``sleeping_models``: since when (wall clock), how long, manual or not."""
+    now_mono, now_wall = ctl.clock(), wall()
+    out = {}
+    for e in ctl.entries.values():
+        if e.state in ASLEEP:
+            started = e.slept_at if e.slept_at is not None else e.since
+            out[e.name] = {"sleep_start_time": now_wall - (now_mono - started),
+                           "sleep_duration": round(now_mono - started, 3),
+                           "manual_sleep": e.sleep_manual}
+    return out
 
 
 def sleep_candidates(ctl: Controller) -> List[dict]:

@@ -56,6 +56,8 @@ ASLEEP: FrozenSet[State] = frozenset({S.SLEEPING, S.STOPPED})
 IN_TRANSITION: FrozenSet[State] = frozenset({S.DRAINING, S.WAKING})
 #: a request for the model in one of these states waits for a wake
 WAKEABLE: FrozenSet[State] = frozenset({S.SLEEPING, S.STOPPED, S.DRAINING, S.WAKING})
+#: the engine process is up and answers (whether it holds its memory or not)
+ANSWERING: FrozenSet[State] = frozenset({S.READY, S.DRAINING, S.SLEEPING, S.WAKING})
 #: the health loop polls slowly in these states (nothing is about to change)
 SETTLED: FrozenSet[State] = frozenset({S.READY, S.SLEEPING, S.STOPPED})
 

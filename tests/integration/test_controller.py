@@ -169,8 +169,7 @@ def test_router_restart_adopts_sleeping_engines(stack):
     c = _client(stack)
     c.completions.create(model=LLAMA, prompt="x", max_tokens=1)
     status, _, body = http("POST", stack["base"] + "/action/sleep/t%2Fllama")
-    if status == 409:  # auto-slept in between
-        assert json.loads(body)["status"]["state"] == "sleeping"
+    assert status == 200 and json.loads(body)["status"]["state"] == "sleeping"
     before = _stats(stack, LLAMA)
     sup.stop("kvrouter")
     sup.start("kvrouter")
@@ -184,12 +183,17 @@ def test_router_restart_adopts_sleeping_engines(stack):
 def test_admin_errors(stack):
     assert http("POST", stack["base"] + "/model/sleep/nope")[0] == 404
     _ensure_asleep(stack, QWEN)
+    # idempotent, like `systemctl start` on a running unit: success, nothing done
     status, _, body = http("POST", stack["base"] + "/model/sleep/t%2Fqwen")
-    assert status == 409 and json.loads(body)["status"]["state"] == "sleeping"
+    got = json.loads(body)
+    assert status == 200 and got["success"] is True and got["changed"] is False
+    assert "nothing was done" in got["message"] and got["status"]["state"] == "sleeping"
     status, _, body = http("POST", stack["base"] + "/model/wake/t%2Fqwen")
-    assert status == 200 and json.loads(body)["status"]["state"] == "ready"
+    got = json.loads(body)
+    assert status == 200 and got["status"]["state"] == "ready" and got["changed"] is True
+    assert got["model_name"] == QWEN and got["success"] is True
     status, _, body = http("POST", stack["base"] + "/action/wakeup/t%2Fqwen")
-    assert status == 409
+    assert status == 200 and json.loads(body)["changed"] is False
     _, cand = get_json(stack["base"] + "/sleep/candidates")
     assert isinstance(cand["candidates"], list)
 

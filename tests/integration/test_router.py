@@ -177,7 +177,7 @@ def test_concurrent_streams_across_models(stack):
 def test_health_endpoints(stack):
     base = stack["router"].base
     status, body = get_json(base + "/health")
-    assert status == 200 and body["status"] == "ok" and body["states"] == {"ready": 2}
+    assert status == 200 and body["status"] == "healthy" and body["states"] == {"ready": 2}
     status, body = get_json(base + "/health/org%2Fqwen-sim")
     assert status == 200 and body["state"] == "ready" and body["engine"] == "sim"
     status, body = get_json(base + "/health/nope")

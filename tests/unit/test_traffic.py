@@ -66,7 +66,23 @@ def test_idle_time_counts_from_end_of_last_request_and_never_while_in_flight(mon
     assert mon.idle(300) == ["a", "b"] and mon.active(300) == []
     s = mon.stats("a", idle_threshold=300)
     assert s["is_idle"] and s["idle_time_seconds"] == pytest.approx(301)
-    assert s["last_activity_time"] == pytest.approx(1.7e9 + 1450)
+    assert s["last_activity_time"] == pytest.approx(1.7e9 + 1050)  # the seed's: its start
+    assert s["last_end_time"] == pytest.approx(1.7e9 + 1450)
+
+
+def test_seed_meanings_of_avg_response_time_and_last_activity_time(mon):
+    s = mon.stats("a")
+    assert s["avg_response_time"] == 0.0 and s["last_activity_time"] == 0.0  # no request yet
+    assert mon.with_activity() == []
+    req(mon, "a", 0.2)
+    req(mon, "a", 5.0, "upstream_error")       # failures are not in the seed's average
+    req(mon, "a", 0.4)
+    mon.clock_obj.t += 3600                     # long ago: still in the since-start mean
+    s = mon.stats("a", window=60)
+    assert s["avg_response_time"] == pytest.approx(0.3)
+    assert s["window_avg_response_time"] is None
+    assert s["last_activity_time"] == pytest.approx(1.7e9 + 1000 + 5.2)
+    assert mon.with_activity() == ["a"]
 
 
 def test_stream_ttft_itl_and_wait(mon):

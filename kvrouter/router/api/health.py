@@ -6,7 +6,7 @@ import time
 from flask import Blueprint, jsonify
 
 from kvrouter import __version__
-from kvrouter.control.states import State
+from kvrouter.control.states import ANSWERING, State
 from kvrouter.router.api.common import entry_for, router
 
 bp = Blueprint("health", __name__)
@@ -28,19 +28,29 @@ def health():
     counts: dict = {}
     for entry in ctx.routes.entries():
         counts[entry.state.value] = counts.get(entry.state.value, 0) + 1
-    return jsonify({"status": "ok", "version": __version__,
+    return jsonify({"status": "healthy", "version": __version__,
                     "uptime_seconds": round(time.time() - ctx.started, 3),
                     "models": len(ctx.routes.entries()), "states": counts})
 
 
+def engine_answers(entry) -> dict:
+    """The seed's ``health``: {engine URL: whether the engine answers its health check}
+    (a sleeping engine answers; a starting, stopped or failed one does not)."""
+    return {entry.inst.base_url: entry.state in ANSWERING}
+
+
 @bp.get("/health/all")
 def health_all():
-    return jsonify({"models": [model_health(e) for e in router().routes.entries()]})
+    entries = router().routes.entries()
+    return jsonify({"model": "all", "health": {e.name: engine_answers(e) for e in entries},
+                    "models": [model_health(e) for e in entries]})
 
 
 @bp.get("/health/<path:model>")
 def health_model(model):
-    body = model_health(entry_for(model))
+    entry = entry_for(model)
+    body = model_health(entry)
+    body["health"] = engine_answers(entry)
     return jsonify(body), (200 if body["healthy"] else 503)
 
 

@@ -7,7 +7,7 @@ import gevent
 from flask import Blueprint, jsonify, request
 
 from kvrouter.control import report
-from kvrouter.control.states import TransitionError
+from kvrouter.control.states import ASLEEP, State, TransitionError
 from kvrouter.errors import BadRequest, Conflict
 from kvrouter.router.api.common import admin_required, entry_for, router
 
@@ -23,36 +23,56 @@ def _level() -> Optional[int]:
     return int(raw)
 
 
-def _transition(model: str, op: Callable, result: str):
-    """Run one admin transition: token, 404, then ``op(entry)`` (409 when refused)."""
+def _transition(model: str, op: Callable, result: str, verb: str, done_already: frozenset):
+    """Run one admin transition: token, 404, then ``op(entry)`` (409 when refused).
+
+    Idempotent, like ``systemctl start`` on a running unit: a model already in the asked
+    state answers success with a message that nothing was done. The seed's keys
+    (``model_name``, ``success``, ``message``) come with kvrouter's."""
     admin_required()
     entry = entry_for(model)
     controller = router().controller
+    if entry.state in done_already:
+        return jsonify({"model_name": entry.name, "success": True,
+                        "message": f"Model {entry.name} is already {entry.state.value}; "
+                                   "nothing was done", "result": result, "changed": False,
+                        "status": report.model_status(controller, entry)})
     try:
         # in a greenlet of its own: a client that goes away must not cut a transition
         gevent.spawn(op, entry).get()
     except TransitionError as err:
-        raise Conflict(str(err), code="invalid_transition",
-                       extra={"status": report.model_status(controller, entry)}) from None
-    return jsonify({"result": result, "status": report.model_status(controller, entry)})
+        raise Conflict(str(err), code="invalid_transition", extra={
+            "model_name": entry.name, "success": False,
+            "message": f"Model {entry.name} {verb} request failed: {err}",
+            "status": report.model_status(controller, entry)}) from None
+    return jsonify({"model_name": entry.name, "success": True,
+                    "message": f"Model {entry.name} {verb} request successful",
+                    "result": result, "changed": True,
+                    "status": report.model_status(controller, entry)})
 
 
 def sleep_model(model):
     level = _level()
     controller = router().controller
     return _transition(model, lambda e: controller.sleep(e, level, True, "manual (admin API)"),
-                       "sleeping")
+                       "sleeping", "sleep", ASLEEP)
 
 
 def wake_model(model):
     controller = router().controller
-    return _transition(model, lambda e: controller.wake(e, True), "ready")
+    return _transition(model, lambda e: controller.wake(e, True), "ready", "wake",
+                       frozenset({State.READY}))
 
 
 def sleep_status():
     ctx = router()
     controller, sm = ctx.controller, ctx.cfg.sleep_manager
-    return jsonify({"models": {e.name: report.model_status(controller, e)
+    return jsonify({"sleeping_models": report.sleeping_models(controller),
+                    "sleep_candidates": [c["model"] for c in report.sleep_candidates(controller)],
+                    "auto_sleep_enabled": sm.auto_sleep_enabled,
+                    "idle_threshold_seconds": sm.idle_threshold_seconds,
+                    "wakeup_on_request": sm.wakeup_on_request,
+                    "models": {e.name: report.model_status(controller, e)
                                for e in ctx.routes.entries()},
                     "gpu_memory": report.gpu_memory(controller),
                     "policy": {"auto_sleep_enabled": sm.auto_sleep_enabled,
@@ -64,7 +84,19 @@ def sleep_status():
 
 
 def candidates():
-    return jsonify({"candidates": report.sleep_candidates(router().controller)})
+    ctx = router()
+    found = report.sleep_candidates(ctx.controller)
+    traffic = ctx.traffic.models
+    return jsonify({
+        "sleep_candidates": [c["model"] for c in found],
+        "candidate_details": {c["model"]: {"idle_time_seconds": c["idle_time_seconds"],
+                                           "total_requests": traffic[c["model"]].total,
+                                           "last_activity_time":
+                                           traffic[c["model"]].last_start_wall,
+                                           "can_sleep": True} for c in found},
+        "idle_threshold_seconds": ctx.cfg.sleep_manager.idle_threshold_seconds,
+        "auto_sleep_enabled": ctx.cfg.sleep_manager.auto_sleep_enabled,
+        "candidates": found})
 
 
 for _path, _view in (("/model/sleep/<path:model>", sleep_model),

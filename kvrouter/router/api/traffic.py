@@ -1,4 +1,8 @@
-"""Traffic statistics, idle and active models (both spellings from the seed)."""
+"""Traffic statistics, idle and active models (both spellings from the seed).
+
+Each view returns the seed's keys with the seed's meaning (``traffic_stats``,
+``model_stats``, ``idle_models``, ...: only models that have had a request, as the seed's
+monitor knows no others) beside kvrouter's own (``models``: every model)."""
 from __future__ import annotations
 
 from flask import Blueprint, jsonify
@@ -20,32 +24,50 @@ def _threshold() -> float:
 def stats_all():
     traffic = router().traffic
     window, threshold = _window(), _threshold()
-    return jsonify({"window_seconds": int(round(window)), "unrouted_requests": traffic.unrouted,
-                    "models": {m: traffic.stats(m, window, threshold) for m in traffic.models}})
+    stats = {m: traffic.stats(m, window, threshold) for m in traffic.models}
+    return jsonify({"traffic_stats": {m: stats[m] for m in traffic.with_activity()},
+                    "window_seconds": int(round(window)), "unrouted_requests": traffic.unrouted,
+                    "models": stats})
 
 
 def stats_one(model):
     entry = entry_for(model)
-    return jsonify(router().traffic.stats(entry.name, _window(), _threshold()))
+    stats = router().traffic.stats(entry.name, _window(), _threshold())
+    return jsonify({"model_stats": {"model_name": entry.name, **stats}, **stats})
 
 
 def idle_models():
     traffic = router().traffic
     threshold = _threshold()
     names = traffic.idle(threshold)
-    return jsonify({"threshold_seconds": threshold, "count": len(names),
-                    "models": {m: {"idle_time_seconds": round(traffic.idle_seconds(m), 3),
-                                   "last_activity_time": traffic.models[m].last_end_wall}
-                               for m in names}})
+    seen = [m for m in names if traffic.models[m].total]
+    return jsonify({
+        "idle_models": seen, "idle_threshold_seconds": threshold,
+        "idle_model_details": {m: {"idle_time_seconds": round(traffic.idle_seconds(m), 3),
+                                   "total_requests": traffic.models[m].total,
+                                   "last_activity_time": traffic.models[m].last_start_wall}
+                               for m in seen},
+        "idle_models_count": len(seen),
+        "threshold_seconds": threshold, "count": len(names),
+        "models": {m: {"idle_time_seconds": round(traffic.idle_seconds(m), 3),
+                       "last_activity_time": traffic.models[m].last_start_wall,
+                       "last_end_time": traffic.models[m].last_end_wall} for m in names}})
 
 
 def active_models():
     traffic = router().traffic
     threshold, window = _threshold(), _window()
     names = traffic.active(threshold)
-    return jsonify({"threshold_seconds": threshold, "window_seconds": int(round(window)),
-                    "count": len(names),
-                    "models": {m: traffic.stats(m, window, threshold) for m in names}})
+    stats = {m: traffic.stats(m, window, threshold) for m in names}
+    seen = [m for m in names if traffic.models[m].total]
+    return jsonify({
+        "active_models": seen, "idle_threshold_seconds": threshold,
+        "window_seconds": int(round(window)),
+        "active_model_details": {m: {k: stats[m][k] for k in (
+            "request_rate", "total_requests", "avg_response_time", "last_activity_time")}
+            for m in seen},
+        "active_models_count": len(seen),
+        "threshold_seconds": threshold, "count": len(names), "models": stats})
 
 
 for _prefix in ("/model/traffic", "/traffic"):
