@@ -241,7 +241,57 @@ def sim_engine(args):
 def _add_bench():
     from kvrouter.bench.cli import bench
 
+    @bench.command("start")
+    @click.argument("names", nargs=-1)
+    @click.option("--out", "out_dir", default="etc", show_default=True,
+                  help="The folder `kvrouter render` wrote supervisord.conf to.")
+    def bench_start(names, out_dir):
+        """Load the rendered benchmark clients into supervisord and start NAMES (all when
+        none is named). They stay out of `supervisorctl start all` until this is run."""
+        _bench_programs(out_dir, names, start=True)
+
+    @bench.command("stop")
+    @click.option("--out", "out_dir", default="etc", show_default=True,
+                  help="The folder `kvrouter render` wrote supervisord.conf to.")
+    def bench_stop(out_dir):
+        """Stop the benchmark clients and unload them from supervisord."""
+        _bench_programs(out_dir, (), start=False)
+
     cli.add_command(bench)
+
+
+def _bench_programs(out_dir: str, names, start: bool) -> None:
+    import shutil
+
+    from kvrouter.control.supervisor import supervisorctl
+
+    out = os.path.abspath(out_dir)
+    conf = os.path.join(out, "supervisord.conf")
+    rendered = os.path.join(out, "supervisord-bench.conf")
+    loaded = os.path.join(out, "run", "bench", "bench.conf")
+    if not os.path.exists(conf) or not os.path.exists(rendered):
+        raise KvrouterError(f"no rendered supervisord config in {out_dir}: run "
+                            "`kvrouter render CONFIG --out DIR --apply` first")
+
+    def ctl(*args: str) -> str:
+        res = supervisorctl(conf, *args, check=False)
+        text = (res.stdout + res.stderr).strip()
+        if res.returncode not in (0,) and "ERROR" in text:
+            raise KvrouterError(f"supervisorctl {' '.join(args)}: {text}")
+        return text
+
+    if start:
+        os.makedirs(os.path.dirname(loaded), exist_ok=True)
+        shutil.copyfile(rendered, loaded)
+        ctl("update", "bench")
+        targets = [n if n.startswith("bench-") else f"bench-{n}" for n in names]
+        click.echo(ctl("start", *([f"bench:{t}" for t in targets] or ["bench:*"])))
+    else:
+        if os.path.exists(loaded):
+            click.echo(ctl("stop", "bench:*"))
+            os.remove(loaded)
+            ctl("update", "bench")
+        click.echo("benchmark clients unloaded")
 
 
 _add_bench()

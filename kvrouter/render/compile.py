@@ -4,13 +4,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import resource
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import jinja2
 
 from kvrouter import __version__
-from kvrouter.config.schema import Config
+from kvrouter.config.schema import BenchClient, Config
 from kvrouter.errors import RenderError
 from kvrouter.render.argv import Interpreters, bench_argv, engine_argv, router_argv, router_url
 from kvrouter.render.quoting import (
@@ -19,6 +20,9 @@ from kvrouter.render.quoting import (
     systemd_environment,
     systemd_exec,
 )
+
+# systemd's own default PATH for services (systemd.exec(5)): Environment= cannot extend it
+SYSTEMD_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 MAX_SOCKET_PATH = 100
 
@@ -30,6 +34,21 @@ class RenderOptions:
     out_dir: str
     interpreters: Interpreters = field(default_factory=Interpreters)
     user: Optional[str] = None  # supervisord drops privileges to this user when started as root
+    # open files for supervisord (minfds) and the units (LimitNOFILE): this machine's hard
+    # limit, at most 1,048,576 (a minfds above the hard limit keeps supervisord from starting)
+    open_files: int = field(default_factory=lambda: hard_open_files_limit())
+
+
+def hard_open_files_limit(cap: int = 1 << 20) -> int:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return cap if hard == resource.RLIM_INFINITY else min(hard, cap)
+
+
+def bench_clients(cfg: Config) -> Tuple[BenchClient, ...]:
+    """The configured benchmark clients, or (as the seed's benchmark.py) one per model."""
+    if cfg.benchmark.clients:
+        return cfg.benchmark.clients
+    return tuple(BenchClient(name=inst.name, model=inst.model) for inst in cfg.instances)
 
 
 def templates_dir() -> str:
@@ -70,54 +89,66 @@ def compile_config(cfg: Config, opts: RenderOptions) -> Dict[str, str]:
         if start_delay:
             sup_argv = ["/bin/sh", "-c", f'sleep {start_delay:g} && exec "$0" "$@"', *argv]
         where = f"{cfg.source}: instances[{i}].env: "
+        # an activated venv, as the seed's `source venv/bin/activate`: tools the engine
+        # looks up on PATH (ninja for JIT builds, triton's compilers) come from the venv
+        venv = inst.venv_path if inst.using_venv else None
+        variables = list(inst.env) + ([("VIRTUAL_ENV", venv)] if venv else [])
+        sup_env = supervisor_environment(variables, where) if variables else ""
+        if venv:  # supervisord expands %(ENV_PATH)s to its own PATH
+            path = supervisor_environment([("PATH", f"{venv}/bin:")], where)
+            sup_env += "," + path[:-1] + "%(ENV_PATH)s" + path[-1]
+        sd_env = variables + ([("PATH", f"{venv}/bin:{SYSTEMD_DEFAULT_PATH}")] if venv else [])
         engines.append({
             "name": inst.name,
             "program": inst.program_name,
             "unit_stem": inst.unit_stem,
             "comment": f"{inst.model}, {inst.engine}, {inst.base_url}",
             "command": supervisor_command(sup_argv),
-            "environment": supervisor_environment(inst.env, where) if inst.env else "",
+            "environment": sup_env,
             "priority": 100 + i,
             "startsecs": int(start_delay + 5),
             "delay": f"{start_delay:g}" if start_delay else "",
             "exec": systemd_exec(argv),
             "start_timeout": int(inst.startup_timeout_seconds + start_delay),
             "env": inst.env,
+            "environment_systemd": [systemd_environment(k, v) for k, v in sd_env],
         })
-        engines[-1]["environment_systemd"] = [systemd_environment(k, v) for k, v in inst.env]
     router = None
     if cfg.router.enable_router:
         argv = router_argv(cfg, py)
         router = {"command": supervisor_command(argv), "exec": systemd_exec(argv),
                   "url": router_url(cfg)}
     benches: List[Dict[str, Any]] = []
-    for client in cfg.benchmark.clients:
+    for client in bench_clients(cfg):
         argv = bench_argv(cfg, client, py)
         benches.append({"name": client.name, "program": client.program_name,
                         "unit_stem": client.unit_stem,
                         "comment": f"{client.model}, {client.tool}",
                         "command": supervisor_command(argv), "exec": systemd_exec(argv)})
     common = {"version": __version__, "source": cfg.source, "base_dir": cfg.base_dir,
-              "router": router}
+              "router": router, "open_files": opts.open_files}
     env = _templates_env()
     files: Dict[str, str] = {}
     try:
         files["supervisord.conf"] = env.get_template("supervisord.conf.j2").render(
             engines=engines, benches=benches, socket=socket_path(out), log_dir=log_dir,
             run_dir=os.path.join(out, "run"), user=opts.user, **common)
+        files["supervisord-bench.conf"] = env.get_template("supervisord-bench.conf.j2").render(
+            benches=benches, log_dir=log_dir, **common)
         units = []
         for p in engines:
             view = dict(p, environment=p["environment_systemd"])
             files[f"systemd/{p['unit_stem']}.service"] = env.get_template(
                 "engine.service.j2").render(p=view, **common)
             units.append(f"{p['unit_stem']}.service")
-        if router:
-            files["systemd/kvrouter.service"] = env.get_template("router.service.j2").render(
-                units=units, **common)
+        # kvrouter.service always exists: `systemctl --user start kvrouter` starts the
+        # engines (and the router when there is one); stopping it stops them
+        files["systemd/kvrouter.service"] = env.get_template("router.service.j2").render(
+            units=units, **common)
         for p in benches:
             files[f"systemd/{p['unit_stem']}.service"] = env.get_template(
                 "bench.service.j2").render(p=p, **common)
-        target_units = units + (["kvrouter.service"] if router else [])
+        target_units = units + ["kvrouter.service"]
         files["systemd/kvrouter.target"] = env.get_template("kvrouter.target.j2").render(
             units=target_units, **common)
     except jinja2.TemplateError as err:  # pragma: no cover - template bug

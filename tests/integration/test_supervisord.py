@@ -44,7 +44,8 @@ def test_render_start_reach_stop_logs(short_tmp):
                                  for n in ("engine-one", "engine-two", "kvrouter")) else None
 
         states = wait_until(running, 30, what="programs RUNNING")
-        assert set(states) == {"engine-one", "engine-two", "kvrouter", "bench-smoke"}
+        # `start all` never starts a benchmark client: they are not even loaded
+        assert set(states) == {"engine-one", "engine-two", "kvrouter"}
         base = f"http://127.0.0.1:{rp}"
         wait_until(lambda: get_json(base + "/health/all")[1]["models"][1]["state"] == "ready",
                    20, what="router sees engines ready")
@@ -53,12 +54,19 @@ def test_render_start_reach_stop_logs(short_tmp):
         assert status == 200, body
         assert http("GET", f"http://127.0.0.1:{p1}/health")[0] == 200
 
-        # the benchmark client runs on demand and writes its results
-        sup.start("bench-smoke")
-        wait_until(lambda: sup.process_info("bench-smoke")["statename"] == "EXITED", 60,
+        # the benchmark client runs on demand (one explicit command) and writes its results
+        bench = subprocess.run([PY, "-m", "kvrouter", "bench", "start", "smoke", "--out", out],
+                               capture_output=True, text=True)
+        assert bench.returncode == 0, bench.stdout + bench.stderr
+        wait_until(lambda: sup.process_info("bench:bench-smoke")["statename"] == "EXITED", 60,
                    what="bench client finished")
-        assert sup.process_info("bench-smoke")["exitstatus"] == 0
+        assert sup.process_info("bench:bench-smoke")["exitstatus"] == 0
         assert os.path.exists(os.path.join(short_tmp, "bench-results", "smoke.json"))
+        assert os.path.exists(os.path.join(out, "logs", "bench-smoke.log"))
+        stop = subprocess.run([PY, "-m", "kvrouter", "bench", "stop", "--out", out],
+                              capture_output=True, text=True)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert not any(p["group"] == "bench" for p in sup.all_processes())
 
         # re-render with the same config: nothing changes, supervisord is updated in place
         again = subprocess.run([PY, "-m", "kvrouter", "render", cfg_path, "--out", out,

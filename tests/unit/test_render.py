@@ -1,6 +1,7 @@
 """Rendering: golden files, argv round-trip through supervisor's own parser, file ownership."""
 import os
 import shlex
+import shutil
 
 import pytest
 
@@ -29,7 +30,7 @@ CASES = {"seed": SEED_CONFIG, "full": os.path.join(DATA, "full.yaml")}
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden(case):
-    files = compile_config(_fixed(CASES[case]), RenderOptions("/srv/kvrouter/etc", PY))
+    files = compile_config(_fixed(CASES[case]), RenderOptions("/srv/kvrouter/etc", PY, open_files=1048576))
     folder = os.path.join(GOLDEN, case)
     if UPDATE:
         for rel, text in files.items():
@@ -75,8 +76,19 @@ def test_supervisord_parses_back_the_same_argv_and_env(tmp_path):
         if argv[0] == "/bin/sh":
             argv = argv[3:]
         assert argv == engine_argv(inst, PY)
-        assert prog.environment == dict(inst.env)
+        venv = {"VIRTUAL_ENV": inst.venv_path,
+                "PATH": f"{inst.venv_path}/bin:{os.environ['PATH']}"} if inst.using_venv else {}
+        assert prog.environment == {**dict(inst.env), **venv}
     assert progs["engine-llama"].environment["PROMPT_PREFIX"] == 'say "hi", then 100% done'
+    # benchmark clients are not in `all` until `kvrouter bench start` loads them
+    assert "kvrouter" in progs and not any(p.startswith("bench-") for p in progs)
+    os.makedirs(out / "run" / "bench")
+    shutil.copy(out / "supervisord-bench.conf", out / "run" / "bench" / "bench.conf")
+    os.makedirs(cfg.log_dir)
+    try:
+        progs = _supervisor_programs(str(out / "supervisord.conf"))
+    finally:
+        os.rmdir(cfg.log_dir)
     assert set(progs) >= {"kvrouter", "bench-builtin-llama", "bench-guide"}
     assert progs["bench-guide"].autostart is False
     assert progs["engine-llama"].stopasgroup and progs["engine-llama"].killasgroup
