@@ -87,11 +87,35 @@ def render(config, out_dir, strict, apply):
         click.echo(f"removed {os.path.join(out_dir, rel)}")
     if report["unchanged"]:
         click.echo(f"{len(report['unchanged'])} files unchanged in {out_dir}")
+    changed = _config_changed(cfg.source, os.path.join(out_abs, "run", "config.sha256"))
     if apply:
-        from kvrouter.control.supervisor import ensure_supervisord
+        from kvrouter.control.supervisor import ensure_supervisord, supervisorctl
 
-        what = ensure_supervisord(os.path.join(out_abs, "supervisord.conf"), sock)
+        conf = os.path.join(out_abs, "supervisord.conf")
+        what = ensure_supervisord(conf, sock)
         click.echo(f"supervisord {what} ({sock})")
+        if what == "updated" and changed and cfg.router.enable_router:
+            # the router reads the YAML itself: an edit reaches it by a reload (SIGHUP)
+            res = supervisorctl(conf, "signal", "HUP", "kvrouter", check=False)
+            click.echo("router reloaded its config" if res.returncode == 0 else
+                       f"could not signal the router: {(res.stdout + res.stderr).strip()}")
+
+
+def _config_changed(source: str, digest_path: str) -> bool:
+    """Whether the YAML differs from the one of the last render (and remember this one)."""
+    import hashlib
+
+    with open(source, "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()
+    try:
+        with open(digest_path, encoding="utf-8") as fh:
+            before = fh.read().strip()
+    except OSError:
+        before = ""
+    os.makedirs(os.path.dirname(digest_path), exist_ok=True)
+    with open(digest_path, "w", encoding="utf-8") as fh:
+        fh.write(digest + "\n")
+    return before != digest
 
 
 @cli.command()

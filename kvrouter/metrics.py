@@ -68,8 +68,11 @@ class RouterMetrics:
         self.registry.register(self)
 
     # --- hot path ---------------------------------------------------------------------------
+    def add_model(self, model: str) -> None:
+        self.series.setdefault(model, _ModelSeries())
+
     def on_end(self, model, outcome, rec, latency, prompt, completion, itl) -> None:
-        s = self.series[model]
+        s = self.series.get(model) or self.series.setdefault(model, _ModelSeries())
         s.outcomes[outcome] += 1
         s.duration.observe(latency)
         ttft = rec.ttft if rec.stream and outcome == "success" else None
@@ -121,8 +124,10 @@ class RouterMetrics:
             for key, fam in hists.items():
                 h = getattr(s, key)
                 fam.add_metric([model], h.buckets(), h.sum)
+            entry = self.controller.entries.get(model)
+            if entry is None:
+                continue  # removed by a reload: its counters stay, it has no state
             in_flight.add_metric([model], self.traffic.models[model].in_flight)
-            entry = self.controller.entries[model]
             waiting.add_metric([model], entry.waiters)
             for st in State:
                 state.add_metric([model, st.value], 1 if entry.state is st else 0)

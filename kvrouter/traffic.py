@@ -132,6 +132,14 @@ class TrafficMonitor:
         self.unrouted = 0
         self.on_end = on_end  # metrics hook: on_end(model, outcome, record, now, tokens)
 
+    def add_model(self, model: str) -> None:
+        if model not in self.models:
+            self.models[model] = ModelTraffic(model, self.clock())
+
+    def remove_model(self, model: str) -> None:
+        """Forget a model (a reload removed it); its requests in flight end normally."""
+        self.models.pop(model, None)
+
     # --- recording (hot path) --------------------------------------------------------------
     def start(self, model: str) -> RequestRecord:
         m = self.models[model]

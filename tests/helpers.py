@@ -217,11 +217,11 @@ def model_states(base):
 
 
 @contextlib.contextmanager
-def supervised_stack(config_text, base, ready_timeout=30.0):
-    """Render and start the config under supervisord, wait until every model of the router
-    at ``base`` is ready; yield the Supervisor client; shut down and print the router's
-    log tail at the end."""
-    folder = tempfile.mkdtemp(prefix="kvr-", dir="/tmp")  # short: supervisord's socket path
+def supervised_stack(config_text, base, ready_timeout=30.0, folder=None):
+    """Render and start the config under supervisord (``folder``/kvrouter.yaml rendered to
+    ``folder``/etc), wait until every model of the router at ``base`` is ready; yield the
+    Supervisor client; shut down and print the router's log tail at the end."""
+    folder = folder or tempfile.mkdtemp(prefix="kvr-", dir="/tmp")  # short: socket path
     sup, out = supervised(config_text, folder)
     try:
         wait_until(lambda: (lambda st: st and set(st.values()) == {"ready"})(model_states(base)),

@@ -17,7 +17,6 @@ ENGINES = ("vllm", "sglang", "sim")
 DIALECTS = ("vllm", "sglang")
 PROCESS_MANAGERS = ("supervisord", "systemd")
 BENCH_TOOLS = ("builtin", "vllm", "sglang", "guidellm")
-ENGINE_GROUP = "engines"   # the supervisord group of every engine program
 _ANY_ADDRESS = ("0.0.0.0", "::", "")
 
 
@@ -186,12 +185,13 @@ class Instance:
     # Process names, spelled here only: the compiler renders them, process control uses them.
     @property
     def program_name(self) -> str:
-        """supervisord program (in group ``engines``)."""
+        """supervisord program. Not in a group: supervisord restarts every program of a
+        group whose membership changes, and adding an engine must not touch the others."""
         return f"engine-{self.name}"
 
     @property
     def supervisor_name(self) -> str:
-        return f"{ENGINE_GROUP}:{self.program_name}"
+        return self.program_name
 
     @property
     def unit_stem(self) -> str:

@@ -42,10 +42,12 @@ class Controller:
         self.process = process or ProcessControl()
         self.traffic = traffic
         self.metrics = metrics
+        self.adapter_factory = adapter_factory
         self.entries: Dict[str, ModelEntry] = {
             inst.model: ModelEntry(inst, adapter_factory(inst), clock()) for inst in cfg.instances}
+        self.health_loops: Dict[str, gevent.Greenlet] = {}
         self.transitions = Transitions(self)
-        self._loops: List[gevent.Greenlet] = []
+        self.loops: List[gevent.Greenlet] = []
         self.memo = StateFile(cfg.router.state_file or (
             os.path.join(cfg.base_dir, ".kvrouter-state.json") if cfg.base_dir else None))
         # Read before any probe: an engine this router put to sleep before a restart may not
@@ -238,7 +240,7 @@ class Controller:
         self._asked_process_at[entry.name] = now
         return self.process.is_running(entry.inst) is False
 
-    def _loop(self, entry: ModelEntry) -> None:
+    def health_loop(self, entry: ModelEntry) -> None:
         while True:
             try:
                 self._probe_once(entry)
@@ -297,9 +299,9 @@ class Controller:
 
     def start(self) -> None:
         for entry in self.entries.values():
-            self._loops.append(gevent.spawn(self._loop, entry))
-        self._loops.append(gevent.spawn(self._policy_loop))
+            self.health_loops[entry.name] = gevent.spawn(self.health_loop, entry)
+        self.loops.append(gevent.spawn(self._policy_loop))
 
     def stop_loops(self) -> None:
-        gevent.killall(self._loops, block=False)
-        self._loops = []
+        gevent.killall(self.loops + list(self.health_loops.values()), block=False)
+        self.loops, self.health_loops = [], {}

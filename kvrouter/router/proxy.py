@@ -65,6 +65,11 @@ class Proxy:
         self.clock = clock
         self.pool_for = pool_for
         self.responses: "OrderedDict[str, ModelEntry]" = OrderedDict()
+        self.configure(cfg)
+
+    def configure(self, cfg: Config) -> None:
+        """Settings from the config (again after a reload)."""
+        self.cfg = cfg
         r = cfg.router
         self.timeouts = (r.connect_timeout_seconds, r.request_timeout_seconds,
                          r.stream_idle_timeout_seconds)

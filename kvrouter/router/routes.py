@@ -12,10 +12,16 @@ class RouteTable:
     def __init__(self, entries: Iterable[ModelEntry]):
         self._by_name: Dict[str, ModelEntry] = {}
         self._entries: List[ModelEntry] = []
-        for entry in entries:
-            self._entries.append(entry)
+        self.rebuild(entries)
+
+    def rebuild(self, entries: Iterable[ModelEntry]) -> None:
+        """Route to these entries from now on (a reload); swapped in one step."""
+        by_name: Dict[str, ModelEntry] = {}
+        listed = list(entries)
+        for entry in listed:
             for name in entry.inst.route_names:
-                self._by_name[name] = entry
+                by_name[name] = entry
+        self._by_name, self._entries = by_name, listed
 
     def get(self, name: str) -> Optional[ModelEntry]:
         return self._by_name.get(name)

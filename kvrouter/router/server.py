@@ -9,9 +9,12 @@ from typing import Optional
 
 import gevent
 
+from kvrouter.config import load_config
 from kvrouter.config.schema import Config
 from kvrouter.control.controller import Controller
 from kvrouter.control.process import ProcessControl, process_control_for
+from kvrouter.control.reload import reconfigure
+from kvrouter.errors import KvrouterError
 from kvrouter.http.server import HTTPServer, ServerLimits, wsgi_handler
 from kvrouter.http.sockio import raise_open_files_limit
 from kvrouter.metrics import RouterMetrics
@@ -38,6 +41,42 @@ class RouterContext:
         self.routes = RouteTable(self.controller.entries.values())
         self.proxy = Proxy(cfg, self.controller, self.traffic, self.routes)
         self.app = create_app(self)
+        self.server: Optional[HTTPServer] = None
+
+    # --- reload (SIGHUP) ----------------------------------------------------------------------
+    def reload(self, cfg: Config) -> dict:
+        """Take a new config without dropping a request: models added or removed, sleep
+        settings, aliases, keys, budgets, timeouts. Unchanged models keep their state."""
+        report = reconfigure(self.controller, cfg)
+        for name in report["added"] + report["changed"]:
+            self.traffic.add_model(name)
+            self.metrics.add_model(name)
+        for name in report["removed"]:
+            self.traffic.remove_model(name)
+        self.routes.rebuild(self.controller.entries.values())
+        self.proxy.configure(cfg)
+        old, self.cfg = self.cfg, cfg
+        if self.server is not None:
+            apply_limits(self.server.limits, cfg)
+        if (old.router.router_host, old.router.router_port) != \
+                (cfg.router.router_host, cfg.router.router_port):
+            log.warning("reload: the listen address changed to %s:%d; restart the router to "
+                        "move it", cfg.router.router_host, cfg.router.router_port)
+        logging.getLogger().setLevel(cfg.router.log_level.upper())
+        return report
+
+    def reload_from_file(self) -> bool:
+        """Read the config file again; a bad one is refused, and the old one kept."""
+        try:
+            cfg = load_config(self.cfg.source)
+        except KvrouterError as err:
+            log.error("reload refused, still serving with the previous config:\n%s", err)
+            return False
+        report = self.reload(cfg)
+        log.info("reloaded %s: %s", cfg.source, "; ".join(
+            f"{k} {', '.join(v)}" for k, v in report.items() if v and k != "kept")
+            or "no model added, removed or changed")
+        return True
 
     def handler(self):
         proxy_handle = self.proxy.handle
@@ -57,22 +96,28 @@ class RouterContext:
         return handle
 
 
+def apply_limits(limits: ServerLimits, cfg: Config) -> None:
+    r = cfg.router
+    limits.max_body_bytes = int(r.max_body_mb * 1024 * 1024)
+    limits.write_timeout = r.stream_idle_timeout_seconds
+    limits.header_timeout = r.header_timeout_seconds
+    limits.keepalive_timeout = r.keepalive_timeout_seconds
+
+
 def build_server(ctx: RouterContext, listener=None) -> HTTPServer:
     r = ctx.cfg.router
-    limits = ServerLimits(max_body_bytes=int(r.max_body_mb * 1024 * 1024),
-                          write_timeout=r.stream_idle_timeout_seconds,
-                          header_timeout=r.header_timeout_seconds,
-                          keepalive_timeout=r.keepalive_timeout_seconds,
-                          max_connections=r.max_connections)
-    keys = r.api_keys
+    limits = ServerLimits(max_connections=r.max_connections)
+    apply_limits(limits, ctx.cfg)
 
     def precheck(req) -> None:
         """The API key is checked on the headers: an unauthenticated body is never read."""
+        keys = ctx.cfg.router.api_keys
         if keys and req.path.startswith("/v1/"):
             require_api_key(req.headers.get("authorization"), keys)
 
-    return HTTPServer(listener or (r.router_host, r.router_port), ctx.handler(), limits,
-                      precheck=precheck)
+    ctx.server = HTTPServer(listener or (r.router_host, r.router_port), ctx.handler(), limits,
+                            precheck=precheck)
+    return ctx.server
 
 
 def serve(cfg: Config) -> None:
@@ -96,4 +141,5 @@ def serve(cfg: Config) -> None:
 
     gevent.signal_handler(signal.SIGTERM, _stop)
     gevent.signal_handler(signal.SIGINT, _stop)
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(ctx.reload_from_file))
     server.serve_forever()

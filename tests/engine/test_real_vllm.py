@@ -172,7 +172,7 @@ def test_automatic_sleep(real):
 
 def test_engine_killed_is_restarted_by_supervisord_and_serves_again(real):
     sup = real["sup"]
-    name = "engines:engine-vllm-a"
+    name = "engine-vllm-a"
     pid = sup.process_info(name)["pid"]
     os.killpg(pid, signal.SIGKILL)  # the API server and its engine children
     wait_until(lambda: sup.process_info(name)["pid"] not in (0, pid), 30,

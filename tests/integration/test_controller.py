@@ -137,11 +137,11 @@ def test_no_sleep_while_a_request_is_in_flight_and_request_during_drain(stack):
 def test_deep_sleep_stops_the_process_and_a_request_starts_it(stack):
     sup = stack["sup"]
     wait_until(lambda: model_states(stack["base"])[DEEP] == "stopped", 20, what="deep sleep")
-    assert sup.process_info("engines:engine-deep")["statename"] == "STOPPED"
+    assert sup.process_info("engine-deep")["statename"] == "STOPPED"
     r = _client(stack).completions.create(model=DEEP, prompt="x", max_tokens=2)
     assert r.usage.completion_tokens == 2
     # started again (RUNNING once supervisord's startsecs have passed)
-    assert sup.process_info("engines:engine-deep")["statename"] in ("STARTING", "RUNNING")
+    assert sup.process_info("engine-deep")["statename"] in ("STARTING", "RUNNING")
     _, st = get_json(stack["base"] + "/sleep/status")
     assert st["models"][DEEP]["state"] == "ready"
 
@@ -150,7 +150,7 @@ def test_engine_killed_mid_stream_in_band_error_restart_and_serve(stack):
     sup = stack["sup"]
     c = _client(stack)
     c.completions.create(model=LLAMA, prompt="x", max_tokens=1)
-    pid = sup.process_info("engines:engine-llama")["pid"]
+    pid = sup.process_info("engine-llama")["pid"]
     got = 0
     with pytest.raises(openai.APIError):
         for _ in c.completions.create(model=LLAMA, prompt="x", max_tokens=500, stream=True,
@@ -158,7 +158,7 @@ def test_engine_killed_mid_stream_in_band_error_restart_and_serve(stack):
             got += 1
             if got == 5:
                 os.killpg(pid, signal.SIGKILL)
-    wait_until(lambda: sup.process_info("engines:engine-llama")["pid"] not in (0, pid), 20,
+    wait_until(lambda: sup.process_info("engine-llama")["pid"] not in (0, pid), 20,
                what="supervisord restarted the engine")
     r = c.completions.create(model=LLAMA, prompt="x", max_tokens=2)  # waits for readiness
     assert r.usage.completion_tokens == 2

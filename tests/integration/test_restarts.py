@@ -50,7 +50,7 @@ def _restart_router(stack):
 
 
 def test_router_restart_keeps_a_sleeping_sglang_engine_alive(stack):
-    sup, name = stack["sup"], "engines:engine-sgl"
+    sup, name = stack["sup"], "engine-sgl"
     assert http("POST", stack["base"] + "/model/sleep/r%2Fsgl")[0] == 200
     pid = sup.process_info(name)["pid"]
     _restart_router(stack)
@@ -66,7 +66,7 @@ def test_router_restart_keeps_a_sleeping_sglang_engine_alive(stack):
 
 
 def test_router_restart_over_a_stopped_engine_and_a_request_starts_it(stack):
-    sup, name = stack["sup"], "engines:engine-deep"
+    sup, name = stack["sup"], "engine-deep"
     assert http("POST", stack["base"] + "/model/sleep/r%2Fdeep")[0] == 200
     wait_until(lambda: model_states(stack["base"]).get(DEEP) == "stopped", 10, what="deep sleep")
     assert sup.process_info(name)["statename"] == "STOPPED"
@@ -79,7 +79,7 @@ def test_router_restart_over_a_stopped_engine_and_a_request_starts_it(stack):
 
 
 def test_wake_against_an_engine_that_stops_answering(stack):
-    sup, name = stack["sup"], "engines:engine-hang"
+    sup, name = stack["sup"], "engine-hang"
     assert http("POST", stack["base"] + "/model/sleep/r%2Fhang")[0] == 200
     pid = sup.process_info(name)["pid"]
     os.killpg(pid, signal.SIGSTOP)  # the engine stops answering: /wake_up never returns

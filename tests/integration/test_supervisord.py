@@ -72,10 +72,10 @@ def test_render_start_reach_stop_logs(short_tmp):
         again = subprocess.run([PY, "-m", "kvrouter", "render", cfg_path, "--out", out,
                                 "--apply"], capture_output=True, text=True)
         assert again.returncode == 0 and "supervisord updated" in again.stdout
-        assert sup.process_info("engines:engine-one")["statename"] == "RUNNING"
+        assert sup.process_info("engine-one")["statename"] == "RUNNING"
 
-        sup.stop("engines:engine-one")
-        assert sup.process_info("engines:engine-one")["statename"] == "STOPPED"
+        sup.stop("engine-one")
+        assert sup.process_info("engine-one")["statename"] == "STOPPED"
         def port_closed():
             try:
                 socket.create_connection(("127.0.0.1", p1), timeout=1).close()

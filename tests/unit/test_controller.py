@@ -307,3 +307,21 @@ def test_router_restart_remembers_sleep_for_engines_that_cannot_tell():
     e2.adapter.is_sleeping = lambda: None
     again._probe_once(e2)
     assert e2.state is State.SLEEPING and e2.adapter.released is True
+
+
+def test_reconfigure_keeps_unchanged_models_and_their_state():
+    from kvrouter.control.reload import reconfigure
+
+    ctl, _, _ = make(instances=[("a", "m/a", ""), ("b", "m/b", "")])
+    a = ctl.entries["m/a"]
+    ctl.sleep(a)
+    text = ("sleep_manager: {idle_threshold_seconds: 42}\ninstances:\n"
+            "  - {name: a, model: m/a, engine: vllm, engine_args: ['--port 9000']}\n"
+            "  - {name: c, model: m/c, engine: vllm, engine_args: ['--port 9005']}\n")
+    cfg = parse_config_text(text, base_dir=ctl.cfg.base_dir)
+    report = reconfigure(ctl, cfg)
+    assert report == {"added": ["m/c"], "removed": ["m/b"], "changed": ["m/a"], "kept": []}
+    assert ctl.entries["m/a"] is a and a.state is State.SLEEPING  # state kept
+    assert a.inst.idle_threshold_seconds == 42 and ctl.cfg is cfg
+    assert set(ctl.entries) == {"m/a", "m/c"}
+    assert ctl.entries["m/c"].state is State.STARTING
