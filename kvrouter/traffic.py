@@ -102,7 +102,7 @@ class ModelTraffic:
 
 
 class RequestRecord:
-    __slots__ = ("model", "start", "wait", "first_byte", "stream", "ended")
+    __slots__ = ("model", "start", "wait", "first_byte", "stream", "ended", "outcome")
 
     def __init__(self, model: ModelTraffic, start: float):
         self.model = model
@@ -111,6 +111,7 @@ class RequestRecord:
         self.first_byte: Optional[float] = None
         self.stream = False
         self.ended = False
+        self.outcome = ""
 
     @property
     def ttft(self) -> Optional[float]:
@@ -155,6 +156,7 @@ class TrafficMonitor:
         if rec.ended:
             return
         rec.ended = True
+        rec.outcome = outcome
         now = self.clock()
         m.in_flight -= 1
         m.total += 1

@@ -83,6 +83,9 @@ class RouterConfig:
         "what the open files limit allows, two descriptors a connection.", min=1)
     log_level: str = setting("info", "Router log level.",
                              choices=("debug", "info", "warning", "error"))
+    access_log: bool = setting(
+        True, "One line per /v1 request in the router's log (method, path, model, status, "
+        "bytes, duration, TTFT of streams, request id).")
     state_file: Optional[str] = setting(
         None, "Where the router remembers which models it put to sleep, for engines that "
         "cannot say so themselves (SGLang) after a router restart (default: "

@@ -33,6 +33,7 @@ from kvrouter.router.routes import RouteTable
 from kvrouter.traffic import TrafficMonitor
 
 log = logging.getLogger("kvrouter.proxy")
+access_log = logging.getLogger("kvrouter.access")
 _PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _JSON_HEADERS = [("Content-Type", "application/json")]
@@ -106,6 +107,9 @@ class Proxy:
             entry, payload = self._parse(req)
         except ApiError as err:
             self.traffic.unrouted += 1
+            if self.cfg.router.access_log:
+                access_log.info("%s %s model=- status=%d rid=- outcome=unrouted (%s)",
+                                req.method, req.path, err.status, err.code or err.type)
             return error_response(err)
         return self._run(req, entry, payload)
 
@@ -113,10 +117,24 @@ class Proxy:
         rid = req.headers.get("x-request-id") or os.urandom(16).hex()
         rec = self.traffic.start(entry.name)
         try:
-            return self._forward(req, entry, payload, rid, rec)
+            resp = self._forward(req, entry, payload, rid, rec)
         except ClientGone:
             self.traffic.end(rec, "disconnect")
+            self.access(req, entry.name, 499, 0, rec, rid)
             raise
+        if isinstance(resp, Response):  # a stream logs its line when it ends
+            self.access(req, entry.name, resp.status, len(resp.body), rec, rid)
+        return resp
+
+    def access(self, req: Request, model: str, status: int, nbytes: int, rec, rid: str) -> None:
+        """One access-log line per /v1 request (``router.access_log``), at its end."""
+        if not self.cfg.router.access_log:
+            return
+        ttft = rec.ttft if rec.stream else None
+        access_log.info('%s %s model=%s status=%d bytes=%d duration=%.3fs%s rid=%s outcome=%s',
+                        req.method, req.path, model, status, nbytes,
+                        self.clock() - rec.start, f" ttft={ttft:.3f}s" if ttft else "", rid,
+                        rec.outcome or "open")
 
     # --- /v1/responses/{id}: stateful, must go to the engine that made the response ---------
     def remember_response(self, response_id: str, entry: ModelEntry) -> None:
@@ -219,12 +237,13 @@ class Proxy:
         rec.stream = True
         out_headers += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
         return StreamResponse(resp.status, out_headers, self._relay(
-            resp, rec, entry, track_id=req.path == "/v1/responses"))
+            req, rid, resp, rec, entry, track_id=req.path == "/v1/responses"))
 
-    def _relay(self, resp, rec, entry, track_id=False):
+    def _relay(self, req, rid, resp, rec, entry, track_id=False):
         outcome = "disconnect"
         prompt = completion = 0
         chunks = 0
+        sent = 0
         first = last = None
         clean = True
         try:
@@ -243,6 +262,7 @@ class Proxy:
                         if found:
                             self.remember_response(found.group(1).decode(), entry)
                     clean = chunk.endswith(b"\n\n")
+                    sent += len(chunk)
                     yield chunk
                 outcome = "success"
             except UpstreamError as err:
@@ -258,3 +278,4 @@ class Proxy:
             itl = (last - first) / (chunks - 1) \
                 if chunks > 1 and first is not None and last is not None else None
             self.traffic.end(rec, outcome, prompt, completion, itl)
+            self.access(req, entry.name, resp.status, sent, rec, rid)

@@ -9,6 +9,7 @@ from typing import Optional
 
 import gevent
 
+from kvrouter import logs
 from kvrouter.config import load_config
 from kvrouter.config.schema import Config
 from kvrouter.control.controller import Controller
@@ -121,8 +122,7 @@ def build_server(ctx: RouterContext, listener=None) -> HTTPServer:
 
 
 def serve(cfg: Config) -> None:
-    logging.basicConfig(level=cfg.router.log_level.upper(), stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(cfg.router.log_level)
     nofile = raise_open_files_limit()
     ctx = RouterContext(cfg, process_control_for(cfg))
     server = build_server(ctx)

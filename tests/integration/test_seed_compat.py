@@ -6,6 +6,7 @@ way it reads it: models with activity from ``traffic_stats``, ``idle_models`` af
 pause, ``active_models``, ``model_stats`` with ``model_name``, ``total_requests`` and
 ``request_rate``."""
 import json
+import re
 import time
 
 import pytest
@@ -135,3 +136,20 @@ def test_sleep_status_candidates_and_actions(stack):
     woke = json.loads(body)
     assert status == 200 and woke["success"] is True and woke["model_name"] == B
     assert get_json(base + "/sleep/status")[1]["sleeping_models"] == {}
+
+
+def test_access_log_line_per_request_and_one_line_refusals(stack):
+    r = stack["router"]
+    status, headers, _ = http("POST", r.base + "/v1/completions",
+                              {"model": A, "prompt": "hi", "max_tokens": 2, "stream": True})
+    assert status == 200
+    rid = headers["X-Request-Id"]
+    http("POST", r.base + "/action/wakeup/seed%2Fnope")
+    time.sleep(0.2)
+    out = r.proc.output()
+    line = [x for x in out.splitlines() if f"rid={rid}" in x]
+    assert len(line) == 1, out[-2000:]
+    assert re.search(r"kvrouter\.access: POST /v1/completions model=seed/a status=200 "
+                     r"bytes=\d+ duration=\d+\.\d+s ttft=\d+\.\d+s rid=\w+ outcome=success",
+                     line[0]), line
+    assert "POST /action/wakeup/seed/nope: 404" in out and "Traceback" not in out

@@ -5,10 +5,14 @@ was created with), so a test can build an app around any context and call them.
 """
 from __future__ import annotations
 
+import logging
+
 from flask import Flask, jsonify, request
 
 from kvrouter.errors import ApiError, MethodNotAllowed, NotFound
 from kvrouter.router.api import health, models, sleep, traffic
+
+log = logging.getLogger("kvrouter.admin")
 
 
 def create_app(ctx) -> Flask:
@@ -21,6 +25,8 @@ def create_app(ctx) -> Flask:
 
     @app.errorhandler(ApiError)
     def _api_error(err: ApiError):
+        if request.method == "POST":  # a refused admin action: one line, never a traceback
+            log.warning("%s %s: %d %s", request.method, request.path, err.status, err.message)
         return jsonify(err.body()), err.status, err.headers
 
     @app.errorhandler(404)
