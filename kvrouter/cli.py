@@ -1,6 +1,7 @@
 """The ``kvrouter`` command line."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Optional
@@ -31,6 +32,23 @@ def _load(path: str, strict: bool = False):
     return cfg
 
 
+def with_config(fn):
+    """CONFIG as an optional positional argument or as ``--config/-c``, the same on every
+    command (default ``etc/kvrouter.yaml``)."""
+
+    @functools.wraps(fn)
+    def inner(*args, config_pos=None, config_opt=None, **kw):
+        if config_pos and config_opt and config_pos != config_opt:
+            raise click.UsageError(f"two configs given: {config_pos} and --config {config_opt}")
+        return fn(*args, config=config_opt or config_pos or DEFAULT_CONFIG, **kw)
+
+    inner = click.option("--config", "-c", "config_opt", default=None,
+                         type=click.Path(dir_okay=False),
+                         help=f"The YAML config (also positional; default {DEFAULT_CONFIG}).")(inner)
+    return click.argument("config_pos", metavar="[CONFIG]", required=False,
+                          type=click.Path(dir_okay=False))(inner)
+
+
 class _Group(click.Group):
     """Turn user mistakes (KvrouterError) into one ``Error:`` line and exit 2, no traceback."""
 
@@ -48,7 +66,7 @@ def cli():
 
 
 @cli.command()
-@click.argument("config", default=DEFAULT_CONFIG, type=click.Path(dir_okay=False))
+@with_config
 @click.option("--strict", is_flag=True, help="Treat warnings (missing venv_path) as errors.")
 def validate(config, strict):
     """Check CONFIG and print a summary of its instances."""
@@ -61,7 +79,7 @@ def validate(config, strict):
 
 
 @cli.command()
-@click.argument("config", default=DEFAULT_CONFIG, type=click.Path(dir_okay=False))
+@with_config
 @click.option("--out", "out_dir", default="etc", show_default=True,
               help="Folder for supervisord.conf and systemd/.")
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
@@ -119,12 +137,22 @@ def _config_changed(source: str, digest_path: str) -> bool:
 
 
 @cli.command()
-@click.argument("config", default=DEFAULT_CONFIG, type=click.Path(dir_okay=False))
-def serve(config):
+@with_config
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="Listen on this port instead of router.router_port (the seed's --port).")
+@click.option("--host", default=None, help="Listen on this address instead of router_host.")
+def serve(config, port, host):
     """Run the router for CONFIG (one process, gevent)."""
+    import dataclasses
+
     from kvrouter.router.server import serve as run
 
-    run(_load(config))
+    cfg = _load(config)
+    if port is not None or host is not None:
+        cfg = dataclasses.replace(cfg, router=dataclasses.replace(
+            cfg.router, router_port=port or cfg.router.router_port,
+            router_host=host or cfg.router.router_host))
+    run(cfg)
 
 
 def _admin(config: str, method: str, path: str, token: Optional[str] = None):
@@ -159,7 +187,7 @@ def _quote(model: str) -> str:
 
 
 @cli.command()
-@click.option("--config", "config", default=DEFAULT_CONFIG, show_default=True)
+@with_config
 def status(config):
     """A table of every model: state, in flight, idle time, rate, memory."""
     _, sleep = _admin(config, "GET", "/model/sleep/status")
@@ -186,7 +214,7 @@ def status(config):
 
 @cli.command("sleep")
 @click.argument("model")
-@click.option("--config", "config", default=DEFAULT_CONFIG, show_default=True)
+@with_config
 @click.option("--level", type=click.IntRange(1, 2), default=None)
 @click.option("--token", default=None, help="admin token (default: router.admin_token)")
 def sleep_cmd(model, config, level, token):
@@ -202,7 +230,7 @@ def sleep_cmd(model, config, level, token):
 
 @cli.command("wake")
 @click.argument("model")
-@click.option("--config", "config", default=DEFAULT_CONFIG, show_default=True)
+@with_config
 @click.option("--token", default=None, help="admin token (default: router.admin_token)")
 def wake_cmd(model, config, token):
     """Wake MODEL through the router."""
@@ -222,7 +250,7 @@ def config_reference():
 
 
 @cli.command("wait-ready")
-@click.argument("config", default=DEFAULT_CONFIG, type=click.Path(dir_okay=False))
+@with_config
 @click.option("--timeout", type=float, default=60.0, show_default=True)
 def wait_ready(config, timeout):
     """Wait until the router of CONFIG answers and every model is ready."""

@@ -47,6 +47,7 @@ class _Ctx:
         self.source = source
         self.base_dir = os.path.abspath(base_dir)
         self.errors: list[ConfigError] = []
+        self.warnings: list[str] = []
 
     def error(self, path: str, message: str, line: Optional[int] = None) -> None:
         self.errors.append(ConfigError(message, path=path, source=self.source, line=line))
@@ -398,7 +399,44 @@ def _semantics(cfg: schema.Config, raw: dict, ctx: _Ctx, strict: bool) -> schema
                                               "venv_path"))
             else:
                 warnings.append(f"{ctx.source}: {msg}")
-    return dataclasses.replace(cfg, instances=tuple(instances), warnings=tuple(warnings))
+    return dataclasses.replace(cfg, instances=tuple(instances),
+                               warnings=tuple(ctx.warnings) + tuple(warnings))
+
+
+def _seed_forms(raw: dict, ctx: _Ctx) -> None:
+    """Accept the seed loader's lenient forms, each with a located warning: an instance
+    without ``name`` (the model's basename), ``args`` for ``engine_args``, ``engine_args``
+    as one string, ``engine: sgl``."""
+    instances = raw.get("instances")
+    if not isinstance(instances, list):
+        return
+    for i, d in enumerate(instances):
+        if not isinstance(d, LineDict):
+            continue
+        path = f"instances[{i}]"
+
+        def warn(key: str, message: str) -> None:
+            line = _line_of(d, key)
+            ctx.warnings.append(f"{ctx.source}{f':{line}' if line else ''}: {path}.{key}: "
+                                f"{message}")
+
+        if "args" in d and "engine_args" not in d:
+            d["engine_args"] = d.pop("args")
+            d.lines["engine_args"] = d.lines.get("args", d.line)
+            warn("engine_args", "read from `args` (the seed's spelling)")
+        if isinstance(d.get("engine_args"), str):
+            one = LineList([d["engine_args"]])
+            one.line = _line_of(d, "engine_args")
+            one.lines = [one.line]
+            d["engine_args"] = one
+            warn("engine_args", "one string: read as a list of one item")
+        if d.get("engine") == "sgl":
+            d["engine"] = "sglang"
+            warn("engine", "`sgl` read as `sglang`")
+        if "name" not in d and isinstance(d.get("model"), str) and d["model"]:
+            d["name"] = re.sub(r"[^A-Za-z0-9._-]", "-", os.path.basename(d["model"].rstrip("/")))
+            d.lines["name"] = _line_of(d, "model")
+            warn("name", f"missing: named {d['name']!r} after the model, as the seed does")
 
 
 def parse_config_text(text: str, source: str = "<config>", base_dir: str = ".",
@@ -415,6 +453,7 @@ def parse_config_text(text: str, source: str = "<config>", base_dir: str = ".",
     if not isinstance(raw, dict):
         raise ConfigErrors([ConfigError(f"expected a mapping at the top level, found "
                                         f"{_type_name(raw)}", source=source)])
+    _seed_forms(raw, ctx)
     cfg = _build(schema.Config, raw, "", ctx)
     if cfg is _BAD or ctx.errors:
         raise ConfigErrors(ctx.errors)

@@ -219,6 +219,13 @@ class Controller:
         state = entry.state
         if state in IN_TRANSITION or entry.lock.locked():
             return  # a transition owns the model now
+        if state is State.READY and entry.adapter.is_sleeping():
+            # put to sleep (or released) by someone else: requests must wait for a wake
+            entry.level = entry.adapter.observed_level() or entry.level
+            entry.sleep_manual, entry.slept_at = True, self.clock()
+            self.set_state(entry, State.SLEEPING, "the engine reports it was put to sleep "
+                           "outside kvrouter")
+            return
         released = True if state is State.SLEEPING else False if state is State.READY else None
         ok = entry.adapter.probe(memory_released=released)
         if ok and state in (State.STARTING, State.FAILED):

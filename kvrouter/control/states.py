@@ -38,7 +38,8 @@ S = State
 ALLOWED: Dict[State, FrozenSet[State]] = {
     # adoption finds the engine up (READY), asleep (SLEEPING) or not running (STOPPED)
     S.STARTING: frozenset({S.READY, S.SLEEPING, S.STOPPED, S.FAILED}),
-    S.READY: frozenset({S.DRAINING, S.FAILED}),
+    # READY -> SLEEPING: the engine was put to sleep outside kvrouter (seen by a probe)
+    S.READY: frozenset({S.DRAINING, S.FAILED, S.SLEEPING}),
     S.DRAINING: frozenset({S.SLEEPING, S.READY, S.FAILED}),
     S.SLEEPING: frozenset({S.WAKING, S.STOPPED, S.FAILED}),
     S.WAKING: frozenset({S.READY, S.FAILED}),

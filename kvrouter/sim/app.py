@@ -91,6 +91,12 @@ class SimEngine:
             ("GET", "/sim/stats"): self.sim_stats,
             ("POST", "/sim/fail"): self.sim_fail,
         }
+        if self.cfg.dialect == "vllm":
+            # vLLM registers the OpenAI routes of the model's tasks only: a generative model
+            # has no /v1/embeddings (404), a pooling model no completions or chat
+            generate = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+            for path in (generate if self.cfg.runner == "pooling" else ("/v1/embeddings",)):
+                common.pop(("POST", path))
         r.update(common)
         if self.cfg.dialect == "vllm":
             r[("GET", "/health")] = self.vllm_health

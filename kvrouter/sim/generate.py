@@ -165,8 +165,9 @@ class Generator:
                 f"{per_prompt + (max_tokens or 0)} tokens ({per_prompt} in the messages, "
                 f"{max_tokens or 0} in the completion). Please reduce the length of the messages "
                 "or completion.", "max_tokens" if max_tokens else "messages")
-        if max_tokens is None:
-            max_tokens = limit - per_prompt
+        if max_tokens is None:  # vLLM's and SGLang's defaults: 16 for completions (as
+            # OpenAI's), the rest of the context for chat
+            max_tokens = limit - per_prompt if chat else min(16, limit - per_prompt)
         return {"model": model, "prompts": prompts, "max_tokens": max_tokens, "n": n,
                 "stream": stream, "include_usage": include_usage, "chat": chat,
                 "ignore_eos": bool(body.get("ignore_eos", False)),

@@ -51,6 +51,9 @@ class SimConfig:
     seed: int = opt(0)
     version: str = opt("", "version to report (default: a recent one of the dialect)",
                        flags=("--version-string",))
+    runner: str = opt("generate", "vLLM: `generate` serves completions and chat, `pooling` "
+                      "serves /v1/embeddings only (vLLM registers routes by the model's tasks)",
+                      choices=("generate", "pooling"))
     enable_sleep_mode: bool = opt(False)
     enable_memory_saver: bool = opt(False)
     weights_cpu_backup: bool = opt(False, flags=("--enable-weights-cpu-backup",))

@@ -99,6 +99,9 @@ def _requests(model):
         ("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2, "stream": True,
                              "temperature": 0, "ignore_eos": True}),
         ("/v1/completions", {"model": "nope", "prompt": "x"}),
+        ("/v1/embeddings", {"model": model, "input": "x"}),           # generative: no route
+        ("/v1/completions", {"model": model, "prompt": "hi", "ignore_eos": True,
+                             "temperature": 0}),                      # vLLM's default length
         ("/v1/completions", {"model": model, "prompt": "x", "max_tokens": -1}),
     ]
 
@@ -122,8 +125,10 @@ def test_fidelity_sim_matches_real_vllm(real):
                                  _shape(chunks[0]), _shape(chunks[-1]),
                                  [_shape(c) for c in chunks[1:-1]][:1])
                 else:
-                    got[name] = (status, headers["content-type"].split(";")[0],
-                                 _shape(json.loads(raw)))
+                    obj = json.loads(raw)
+                    got[name] = (status, headers["content-type"].split(";")[0], _shape(obj))
+                    if path == "/v1/completions" and "max_tokens" not in body:
+                        assert obj["usage"]["completion_tokens"] == 16, (name, obj)
             assert got["sim"] == got["real"], (path, body)
         real_models = get_json(real["engines"]["tiny-a"] + "/v1/models")[1]
         sim_models = get_json(sim.base + "/v1/models")[1]

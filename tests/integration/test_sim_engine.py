@@ -21,10 +21,44 @@ def engine(request):
     eng.stop()
 
 
-@pytest.mark.parametrize("check", conformance.ALL, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("check", conformance.NO_EMBEDDINGS, ids=lambda f: f.__name__)
 def test_conformance(engine, check):
     client = openai.OpenAI(base_url=engine.base + "/v1", api_key="x", max_retries=0)
     check(client, engine.model)
+
+
+def test_embeddings_follow_the_model_runner():
+    """SGLang serves embeddings beside generation; vLLM only for a pooling model (a
+    generative one has no /v1/embeddings route), and a pooling model does not generate."""
+    sgl = SimEngine("sglang", model="org/emb")
+    gen = SimEngine("vllm", model="org/gen")
+    pool = SimEngine("vllm", model="org/pool", args=["--runner", "pooling"])
+    try:
+        for eng in (sgl, pool):
+            conformance.check_embeddings(
+                openai.OpenAI(base_url=eng.base + "/v1", api_key="x", max_retries=0), eng.model)
+        status, _, body = http("POST", gen.base + "/v1/embeddings",
+                               {"model": "org/gen", "input": "x"})
+        assert status == 404 and json.loads(body) == {"detail": "Not Found"}
+        status, _, _ = http("POST", pool.base + "/v1/completions",
+                            {"model": "org/pool", "prompt": "x"})
+        assert status == 404
+    finally:
+        for eng in (sgl, gen, pool):
+            eng.stop()
+
+
+@pytest.mark.parametrize("dialect", ["vllm", "sglang"])
+def test_completion_without_max_tokens_gets_the_engines_default_length(dialect):
+    eng = SimEngine(dialect, model="org/len", args=["--min-output-tokens", "100"])
+    try:
+        status, _, body = http("POST", eng.base + "/v1/completions",
+                               {"model": "org/len", "prompt": "hello", "ignore_eos": True})
+        got = json.loads(body)
+        assert status == 200 and got["usage"]["completion_tokens"] == 16
+        assert got["choices"][0]["finish_reason"] == "length"
+    finally:
+        eng.stop()
 
 
 def test_error_shapes_per_dialect(engine):

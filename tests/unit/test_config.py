@@ -163,3 +163,21 @@ def test_level2_refused_for_old_vllm_in_venv(tmp_path):
         parse_config_text(text, source="k.yaml", base_dir=str(tmp_path))
     (site / "vllm-0.9.2.dist-info").rename(site / "vllm-0.11.0.dist-info")
     assert parse_config_text(text, source="k.yaml", base_dir=str(tmp_path)).instances[0]
+
+
+def test_seed_loader_forms_are_accepted_with_located_warnings():
+    cfg = parse_config_text(
+        "instances:\n"
+        "  - model: meta-llama/Llama-3.2-1B\n"
+        "    engine: sgl\n"
+        "    args: '--port 12346 --mem-fraction-static 0.5'\n",
+        source="seed.yaml")
+    inst = cfg.instances[0]
+    assert (inst.name, inst.engine, inst.port) == ("Llama-3.2-1B", "sglang", 12346)
+    assert inst.argv_args == ("--port", "12346", "--mem-fraction-static", "0.5")
+    text = "\n".join(cfg.warnings)
+    for expected in ("seed.yaml:4: instances[0].engine_args: read from `args`",
+                     "seed.yaml:4: instances[0].engine_args: one string",
+                     "seed.yaml:3: instances[0].engine: `sgl` read as `sglang`",
+                     "seed.yaml:2: instances[0].name: missing: named 'Llama-3.2-1B'"):
+        assert expected in text, text

@@ -325,3 +325,12 @@ def test_reconfigure_keeps_unchanged_models_and_their_state():
     assert a.inst.idle_threshold_seconds == 42 and ctl.cfg is cfg
     assert set(ctl.entries) == {"m/a", "m/c"}
     assert ctl.entries["m/c"].state is State.STARTING
+
+
+def test_sleep_done_outside_the_router_is_noticed_and_a_request_wakes_it():
+    ctl, _, _ = make()
+    e = ctl.entries["m/a"]
+    e.adapter.asleep = True                   # someone called /sleep on the engine directly
+    ctl._probe_once(e)
+    assert e.state is State.SLEEPING and "outside kvrouter" in e.reason
+    assert ctl.ensure_ready(e) >= 0 and e.state is State.READY and e.adapter.wakes == 1
