@@ -10,7 +10,7 @@ SUPERVISORCTL := $(VENV)/bin/supervisorctl -c $(OUT)/supervisord.conf
 PYTEST_ARGS ?=
 
 .PHONY: install engine-env render demo demo-stop status test lint test-unit test-integration \
-        test-engine bench install-units clean
+        test-systemd test-engine bench install-units clean
 
 install: $(VENV)/.installed
 
@@ -48,9 +48,10 @@ demo-stop:
 status:
 	$(SUPERVISORCTL) status
 
-## every tier (the engine tier must run: KVROUTER_REQUIRE_ENGINE), after ruff and mypy
+## every tier (the systemd and engine tiers must run, not skip), after ruff and mypy
 test: install engine-env lint
-	KVROUTER_REQUIRE_ENGINE=1 $(PY) -m pytest -q tests/unit tests/integration tests/engine $(PYTEST_ARGS)
+	KVROUTER_REQUIRE_ENGINE=1 KVROUTER_REQUIRE_SYSTEMD=1 $(PY) -m pytest -q tests/unit \
+	    tests/integration tests/systemd tests/engine $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -61,6 +62,10 @@ test-unit: install
 
 test-integration: install
 	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
+
+## the rendered units under a real systemd --user and journald (../shared/scripts/user-systemd)
+test-systemd: install
+	KVROUTER_REQUIRE_SYSTEMD=1 $(PY) -m pytest -q tests/systemd $(PYTEST_ARGS)
 
 ## a real vLLM (CPU build, tiny local model) under kvrouter's supervisord config
 test-engine: install engine-env

@@ -1,4 +1,4 @@
-"""Every test belongs to a tier, named by its folder: unit, integration or engine. The
+"""Every test belongs to a tier, named by its folder: unit, integration, systemd or engine. The
 marker is applied here (``pytest -m unit`` selects a tier; ``--strict-markers`` is on)."""
 import os
 import sys
@@ -8,7 +8,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-TIERS = ("unit", "integration", "engine")
+TIERS = ("unit", "integration", "systemd", "engine")
 TESTS = os.path.join(ROOT, "tests")
 
 
