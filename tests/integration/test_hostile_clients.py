@@ -178,3 +178,32 @@ def test_connection_cap_from_the_descriptor_limit_keeps_room_for_real_requests(e
         for s in hogs:
             s.close()
         r.stop()
+
+
+def test_out_of_descriptors_is_503_for_the_request_never_a_failed_engine(engine, tmp_path):
+    """60 streams under a 64-descriptor limit: each one is served or refused at once with
+    a clear 503; none hangs, and the (healthy) engine is never marked failed."""
+    from tests.helpers import get_json, run_concurrently
+
+    r = Router(router_config(engine, free_port(), ", max_connections: 1000"), str(tmp_path),
+               open_files=64)
+    try:
+        r.wait_models_ready()
+
+        def one(i):
+            status, _, body = http("POST", r.base + "/v1/completions",
+                                   {"model": MODEL, "prompt": f"p{i}", "max_tokens": 20,
+                                    "stream": True}, headers=AUTH, timeout=30)
+            if status == 503:
+                assert json.loads(body)["error"]["code"] in ("router_overloaded",
+                                                             "server_busy"), body
+            return status
+
+        statuses, errors = run_concurrently(one, 60, timeout=60)
+        assert errors == [] and len(statuses) == 60
+        assert set(statuses) <= {200, 503} and statuses.count(200) > 0
+        _, health = get_json(r.base + "/health/all")
+        assert [m["state"] for m in health["models"]] == ["ready"]
+        assert "marked failed" not in r.proc.output() and "-> failed" not in r.proc.output()
+    finally:
+        r.stop()
