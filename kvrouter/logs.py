@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Mapping, Optional
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -24,13 +25,52 @@ class JournalFormatter(logging.Formatter):
         return f"<{priority}>" + super().format(record).replace("\n", f"\n<{priority}>")
 
 
+class AccessLog:
+    """Access lines, written without the logging machinery (a LogRecord, a lock and a
+    timestamp per line cost ~10 µs, over 10% of a request): the same look as the other
+    lines (``... INFO kvrouter.access: ...``) into the same stdout buffer, so order is kept;
+    they reach the file when the buffer is flushed (by any other log line, or
+    ``flush()``, which the router calls twice a second), like nginx's buffered
+    access_log."""
+
+    def __init__(self, stream=None, journal: bool = False):
+        self.stream = stream
+        self.journal = journal
+        self._second = -1
+        self._stamp = ""
+
+    def write(self, message: str) -> None:
+        stream = self.stream or sys.stdout
+        if self.journal:
+            stream.write(f"<6>INFO kvrouter.access: {message}\n")
+            return
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        stream.write(f"{self._stamp},{int((now - second) * 1000):03d} INFO kvrouter.access: "
+                     f"{message}\n")
+
+    def flush(self) -> None:
+        try:
+            (self.stream or sys.stdout).flush()
+        except (OSError, ValueError):
+            pass
+
+
+ACCESS = AccessLog()
+
+
 def setup(level: str, environ: Optional[Mapping[str, str]] = None) -> None:
     environ = os.environ if environ is None else environ
     handler = logging.StreamHandler(sys.stdout)
-    if environ.get("JOURNAL_STREAM"):
+    journal = bool(environ.get("JOURNAL_STREAM"))
+    if journal:
         handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: %(message)s"))
     else:
         handler.setFormatter(logging.Formatter(FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    ACCESS.stream, ACCESS.journal = None, journal

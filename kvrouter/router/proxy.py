@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
+from kvrouter import logs
 from kvrouter.config.schema import Config
 from kvrouter.control.controller import Controller
 from kvrouter.control.entry import ModelEntry
@@ -33,7 +34,6 @@ from kvrouter.router.routes import RouteTable
 from kvrouter.traffic import TrafficMonitor
 
 log = logging.getLogger("kvrouter.proxy")
-access_log = logging.getLogger("kvrouter.access")
 _PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _JSON_HEADERS = [("Content-Type", "application/json")]
@@ -108,8 +108,8 @@ class Proxy:
         except ApiError as err:
             self.traffic.unrouted += 1
             if self.cfg.router.access_log:
-                access_log.info("%s %s model=- status=%d rid=- outcome=unrouted (%s)",
-                                req.method, req.path, err.status, err.code or err.type)
+                logs.ACCESS.write(f"{req.method} {req.path} model=- status={err.status} "
+                                  f"rid=- outcome=unrouted ({err.code or err.type})")
             return error_response(err)
         return self._run(req, entry, payload)
 
@@ -131,10 +131,10 @@ class Proxy:
         if not self.cfg.router.access_log:
             return
         ttft = rec.ttft if rec.stream else None
-        access_log.info('%s %s model=%s status=%d bytes=%d duration=%.3fs%s rid=%s outcome=%s',
-                        req.method, req.path, model, status, nbytes,
-                        self.clock() - rec.start, f" ttft={ttft:.3f}s" if ttft else "", rid,
-                        rec.outcome or "open")
+        logs.ACCESS.write(f"{req.method} {req.path} model={model} status={status} "
+                          f"bytes={nbytes} duration={self.clock() - rec.start:.3f}s"
+                          f"{f' ttft={ttft:.3f}s' if ttft else ''} rid={rid} "
+                          f"outcome={rec.outcome or 'open'}")
 
     # --- /v1/responses/{id}: stateful, must go to the engine that made the response ---------
     def remember_response(self, response_id: str, entry: ModelEntry) -> None:

@@ -142,4 +142,11 @@ def serve(cfg: Config) -> None:
     gevent.signal_handler(signal.SIGTERM, _stop)
     gevent.signal_handler(signal.SIGINT, _stop)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(ctx.reload_from_file))
+
+    def _flush_access_log():
+        while True:
+            gevent.sleep(0.5)
+            logs.ACCESS.flush()
+
+    gevent.spawn(_flush_access_log)
     server.serve_forever()

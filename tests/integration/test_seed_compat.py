@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.helpers import Router, SimEngine, free_port, get_json, http, instance_yaml
+from tests.helpers import Router, SimEngine, free_port, get_json, http, instance_yaml, wait_until
 
 A, B, UNUSED = "seed/a", "seed/b", "seed/unused"
 
@@ -145,7 +145,8 @@ def test_access_log_line_per_request_and_one_line_refusals(stack):
     assert status == 200
     rid = headers["X-Request-Id"]
     http("POST", r.base + "/action/wakeup/seed%2Fnope")
-    time.sleep(0.2)
+    # access lines are buffered like nginx's and flushed twice a second
+    wait_until(lambda: f"rid={rid}" in r.proc.output(), 5, what="the access line")
     out = r.proc.output()
     line = [x for x in out.splitlines() if f"rid={rid}" in x]
     assert len(line) == 1, out[-2000:]

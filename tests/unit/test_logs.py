@@ -24,3 +24,14 @@ def test_journal_lines_start_with_their_priority():
 def test_plain_lines_elsewhere():
     line = _emit({}, logging.INFO, "hello")
     assert not line.startswith("<") and line.rstrip().endswith("INFO kvrouter.test: hello")
+
+
+def test_access_lines_look_like_the_other_lines_and_carry_the_journal_priority():
+    buf = io.StringIO()
+    logs.AccessLog(buf).write("POST /v1/completions model=m status=200")
+    line = buf.getvalue()
+    assert line.endswith(" INFO kvrouter.access: POST /v1/completions model=m status=200\n")
+    assert line[:4].isdigit() and line[4] == "-"          # a timestamp as logging writes it
+    buf = io.StringIO()
+    logs.AccessLog(buf, journal=True).write("GET /x")
+    assert buf.getvalue() == "<6>INFO kvrouter.access: GET /x\n"
