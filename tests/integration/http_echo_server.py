@@ -43,6 +43,7 @@ def handle(req):
 
 if __name__ == "__main__":
     limits = ServerLimits(max_header_bytes=4096, max_body_bytes=10000, keepalive_timeout=1.0,
+                          max_pending_body_bytes=25000,
                           header_timeout=1.0)
     server = HTTPServer(("127.0.0.1", int(sys.argv[1])), handle, limits)
     server.serve_forever()

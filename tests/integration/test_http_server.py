@@ -208,3 +208,30 @@ def test_tcp_nodelay_small_responses_are_fast(server):
         read_response(s)
     # without TCP_NODELAY each small response would wait ~40 ms (delayed ACK + Nagle)
     assert (time.perf_counter() - t0) / 20 < 0.030
+
+
+def test_request_bodies_in_progress_are_bounded_together(server):
+    """Each body is under the per-request limit, but together they may not hold more than
+    max_pending_body_bytes (25,000 here): the next one is refused at once, not buffered."""
+    port, base = server
+    socks = []
+    try:
+        for _ in range(2):  # 2 x 9,000 bytes announced and partly sent: 18,000 reserved
+            s = conn(port)
+            s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 9000\r\n\r\n" + b"a" * 10)
+            socks.append(s)
+        time.sleep(0.2)
+        s = conn(port)
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 9000\r\n\r\n")
+        head, body, _ = read_response(s)
+        s.close()
+        assert head.startswith(b"HTTP/1.1 503") and b"server_busy" in body
+        for s in socks:  # the first two finish normally and release their share
+            s.sendall(b"a" * 8990)
+            head, _, _ = read_response(s)
+            assert head.startswith(b"HTTP/1.1 200")
+        status, _, _ = http("POST", base + "/echo", b"b" * 9000)
+        assert status == 200
+    finally:
+        for s in socks:
+            s.close()

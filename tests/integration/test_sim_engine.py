@@ -331,3 +331,17 @@ def test_kvcached_segment(tmp_path):
     finally:
         eng.stop()
     assert not os.path.exists(path)  # unlinked on clean exit
+
+
+def test_a_bad_request_never_leaves_the_engine_busy(engine):
+    """A lone surrogate cannot be tokenized: 400, as the engines answer, and the engine's
+    bookkeeping is released (a stuck running counter would keep the model from sleeping)."""
+    raw = b'{"model": "org/sim-model", "prompt": "\\ud800 hi", "max_tokens": 3}'
+    status, _, body = http("POST", engine.base + "/v1/completions", raw)
+    assert status == 400 and b"surrogate" in body
+    deep = b'{"model": "org/sim-model", "prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    assert http("POST", engine.base + "/v1/completions", deep)[0] == 400
+    stats = engine.stats()
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    ok = b'{"model": "org/sim-model", "prompt": "\\ud83d\\ude00 hi", "max_tokens": 3}'
+    assert http("POST", engine.base + "/v1/completions", ok)[0] == 200  # a valid pair is fine
