@@ -19,11 +19,13 @@ What it does:
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import logging
 import resource
 import socket
 import sys
+import termios
 from http import HTTPStatus
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 from urllib.parse import unquote_to_bytes
@@ -146,6 +148,7 @@ class _Connection:
         self.precheck = precheck
         self.budget = budget or _BodyBudget(limits.max_pending_body_bytes)
         self.reserved = 0              # of the budget, for the request being received
+        self.served = 0                # requests answered on this connection
         self.header_deadline = 0.0
         self.headers_done = False
         self.parser = httptools.HttpRequestParser(self)
@@ -280,7 +283,7 @@ class _Connection:
                     sock.settimeout(timeout)
                     waiting = self.cur is None  # between requests: may be closed to make room
                     if waiting:
-                        self.idle[self] = None
+                        self.idle[self] = self.loop.now()
                     try:
                         data = sock.recv(65536)
                     except (socket.timeout, OSError):
@@ -342,6 +345,7 @@ class _Connection:
 
     def _serve(self, req: Request) -> bool:
         """Run the handler for one request and write its response; False closes the connection."""
+        self.served += 1
         # Watch for the client going away only once the handler has run a while: a quick
         # request then costs no extra syscalls (the watcher's read registers the socket),
         # and only a libev timer, not a greenlet.
@@ -489,12 +493,23 @@ class _StreamServer(StreamServer):
         self._timer.start(self._start_accepting_if_started)  # type: ignore[call-arg,attr-defined]
 
 
+def _bytes_waiting(sock) -> int:
+    """Bytes in the socket's receive buffer (FIONREAD: no read, no wait)."""
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(buf, sys.byteorder)
+
+
 class HTTPServer:
     """Serve ``handler(Request) -> Response | StreamResponse`` on a gevent StreamServer.
 
     At most ``limits.max_connections`` connections are served at once (more wait in the
     listen backlog). ``precheck(request)``, when given, runs once a request's headers are
     in and may raise an ApiError: it is answered at once and the body is never read."""
+
+    FRESH_GRACE = 0.5
 
     def __init__(self, listener, handler: Callable, limits: Optional[ServerLimits] = None,
                  backlog: int = 2048, precheck: Optional[Callable[[Request], None]] = None):
@@ -504,16 +519,27 @@ class HTTPServer:
         self.budget = _BodyBudget(self.limits.max_pending_body_bytes)
         self.pool = Pool(self.limits.max_connections)
         # connections waiting for their next request, oldest first: closed when room is short
-        self.idle: Dict[_Connection, None] = {}
+        self.idle: Dict[_Connection, float] = {}   # connection -> idle since (loop time)
         self.server = _StreamServer(listener, self._handle, backlog=backlog, spawn=self.pool)
         self.server.drain = self.drain_idle
+        self._reaper: Optional[gevent.Greenlet] = None
 
     def drain_idle(self, n: int) -> int:
-        """Close up to ``n`` idle keep-alive connections, oldest first (nginx does the same
-        when it runs short of connections): a client that waits for nothing yields its slot
-        to one with a request."""
+        """Close up to ``n`` idle connections (nginx does the same when it runs short of
+        connections): a client that waits for nothing yields its slot to one with a request.
+        Keep-alive connections that were served go first, oldest first; a connection that
+        never sent a request only after ``FRESH_GRACE`` seconds; one whose request bytes
+        have already arrived (not read yet) never."""
+        now = self.server.loop.now()
+        kept = sorted((c for c in self.idle if c.served), key=self.idle.__getitem__)
+        fresh = sorted((c for c in self.idle if not c.served
+                        and now - self.idle[c] >= self.FRESH_GRACE), key=self.idle.__getitem__)
         closed = 0
-        for conn in list(self.idle)[:n]:
+        for conn in kept + fresh:
+            if closed >= n:
+                break
+            if _bytes_waiting(conn.sock):
+                continue
             self.idle.pop(conn, None)
             conn.closed = True
             try:
@@ -538,6 +564,15 @@ class HTTPServer:
         self.server.init_socket()
         _set_nodelay(self.server.socket)
         self.server.start()
+        self._reaper = gevent.spawn(self._reap)
+
+    def _reap(self) -> None:
+        """While every slot is taken (new clients wait in the listen backlog), close idle
+        connections a few at a time, so a client with a request gets in."""
+        while True:
+            gevent.sleep(0.25)
+            if self.pool.free_count() == 0:
+                self.drain_idle(max(1, self.limits.max_connections // 16))
 
     def serve_forever(self) -> None:
         if not self.server.started:
@@ -545,6 +580,8 @@ class HTTPServer:
         self.server._stop_event.wait()  # type: ignore[attr-defined]
 
     def stop(self, timeout: Optional[float] = None) -> None:
+        if self._reaper is not None:
+            self._reaper.kill(block=False)
         self.server.stop(timeout=timeout)
 
 

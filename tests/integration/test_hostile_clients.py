@@ -151,7 +151,7 @@ def test_descriptor_exhaustion_under_a_lowered_limit(engine, tmp_path):
                 hogs.append(socket.create_connection(("127.0.0.1", r.port), timeout=2))
             except OSError:
                 break
-        time.sleep(0.5)
+        time.sleep(1.0)  # connections that never sent a request are closed after 0.5 s idle
         status, _, body = completion(r, timeout=15)
         assert status == 200, body
         out = r.proc.output()
