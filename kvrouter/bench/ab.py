@@ -19,13 +19,14 @@ import time
 from kvrouter.bench import speed
 
 
-def _router(tree: str, backend: int):
+def _router(tree: str, backend: int, router_extra: str = ""):
     port = speed.free_port()
     cfg = os.path.join(tempfile.mkdtemp(prefix="kvr-ab-"), "kvrouter.yaml")
     with open(cfg, "w") as fh:
-        fh.write("router: {router_host: 127.0.0.1, router_port: %d}\ninstances:\n"
+        fh.write("router: {router_host: 127.0.0.1, router_port: %d%s}\ninstances:\n"
                  "  - {name: fast, model: bench/model, engine: sim,"
-                 " engine_args: ['--host 127.0.0.1 --port %d']}\n" % (port, backend))
+                 " engine_args: ['--host 127.0.0.1 --port %d']}\n"
+                 % (port, f", {router_extra}" if router_extra else "", backend))
     proc = subprocess.Popen([sys.executable, "-m", "kvrouter", "serve", cfg], cwd=tree,
                             env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("new")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--new-router", default="", metavar="YAML",
+                    help="more router settings for NEW only, e.g. 'access_log: false'")
     args = ap.parse_args(argv)
     backend = speed.free_port()
     child = speed.Child([sys.executable, "-m", "kvrouter.bench.backends", "fast", "--port",
@@ -50,7 +53,8 @@ def main(argv=None) -> int:
         speed.wait_port(backend)
         for n in range(args.rounds):
             for tree in (args.old, args.new):
-                proc, port = _router(tree, backend)
+                proc, port = _router(tree, backend,
+                                     args.new_router if tree == args.new else "")
                 try:
                     speed.sse_streams(port, 8, seconds=1, expect_events=100)  # warm up
                     sse = speed.sse_streams(port, 32, seconds=args.seconds, expect_events=100)
