@@ -290,6 +290,68 @@ def sim_engine(args):
     serve(parse_sim_args(list(args)))
 
 
+@cli.group("kv")
+def kv():
+    """kvcached KV pools of the config's engines: list them, set a limit (like kvctl)."""
+
+
+def _pools(cfg):
+    from kvrouter import kvpool
+
+    for inst in cfg.instances:
+        ipc = dict(inst.env).get("KVCACHED_IPC_NAME") if inst.kvcached_enabled else None
+        if ipc:
+            yield inst, kvpool.segment_path(ipc)
+
+
+@kv.command("list")
+@with_config
+def kv_list(config):
+    """Each kvcached-enabled model: its pool's limit, used, preallocated and free bytes."""
+    from kvrouter import kvpool
+
+    cfg = _load(config)
+    rows = [("MODEL", "LIMIT", "USED", "PREALLOC", "FREE", "SEGMENT")]
+    for inst, path in _pools(cfg):
+        info = kvpool.read(path)
+        if info is None:
+            rows.append((inst.model, "-", "-", "-", "-", f"{path} (not created yet)"))
+        else:
+            rows.append((inst.model, kvpool.human(info.total), kvpool.human(info.used),
+                         kvpool.human(info.prealloc), kvpool.human(info.free), path))
+    if len(rows) == 1:
+        raise KvrouterError(f"{config}: no instance has kvcached enabled (ENABLE_KVCACHED)")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@kv.command("limit")
+@click.argument("model")
+@click.argument("size")
+@with_config
+def kv_limit(model, size, config):
+    """Set MODEL's KV pool limit to SIZE (8G, 512M, bytes); the engine follows it."""
+    from kvrouter import kvpool
+
+    cfg = _load(config)
+    try:
+        total = kvpool.parse_size(size)
+    except ValueError as err:
+        raise KvrouterError(str(err)) from None
+    for inst, path in _pools(cfg):
+        if model in inst.route_names:
+            try:
+                info = kvpool.set_limit(path, total)
+            except FileNotFoundError:
+                raise KvrouterError(f"{model}: no kvcached pool at {path} (is the engine "
+                                    "running with ENABLE_KVCACHED?)") from None
+            click.echo(f"{inst.model}: KV limit {kvpool.human(info.total)} (used "
+                       f"{kvpool.human(info.used)})")
+            return
+    raise KvrouterError(f"{model}: not a kvcached-enabled model of {config}")
+
+
 def _add_bench():
     from kvrouter.bench.cli import bench
 

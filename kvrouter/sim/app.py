@@ -283,7 +283,11 @@ class SimEngine:
         return _json(200, {**st.counters, "running": st.running, "waiting": st.waiting,
                            "sleeping": st.is_sleeping(), "asleep_tags": sorted(st.asleep_tags),
                            "released": sorted(st.released), "weights_valid": st.weights_valid,
-                           "gpu_memory_bytes": st.gpu_memory_bytes(), "pid": os.getpid()})
+                           "gpu_memory_bytes": st.gpu_memory_bytes(), "pid": os.getpid(),
+                           "kv_limit_bytes": st.kv_limit_bytes(),
+                           "kv_used_bytes": st.kv_used_bytes(),
+                           "kv_capacity_tokens": st.kv_capacity_tokens(),
+                           "tokens_in_flight": st.tokens_in_flight})
 
     def sim_fail(self, req):
         """Make the engine dead: /health 503, generations 500; ?exit=1 also ends the process."""

@@ -174,8 +174,10 @@ class Generator:
                 "prompt_tokens": prompt_tokens}
 
     # --- the engine loop for one request -------------------------------------------------------
-    def _wait_admitted(self) -> float:
-        """Gate on sleep (the quirks), wait for a slot; return the queue time."""
+    def _wait_admitted(self, need_tokens: int) -> float:
+        """Gate on sleep (the quirks), wait for a slot and for room in the KV pool for
+        ``need_tokens`` (prompt + output; with kvcached the pool's limit can change while
+        it runs); return the queue time."""
         st = self.state
         if st.dead:
             raise SimError(500, "EngineCore encountered an issue. See stack trace for the root "
@@ -191,6 +193,18 @@ class Generator:
             while st.paused:
                 gevent.sleep(0.01)
             st.slots.acquire()
+            polls = 0
+            # with kvcached the pool's limit gates admission (a request larger than the
+            # whole pool runs alone rather than never); without it, only the slots do
+            while st.segment is not None and st.tokens_in_flight and \
+                    st.tokens_in_flight + need_tokens > st.kv_capacity_tokens():
+                gevent.sleep(0.01)
+                polls += 1
+                if polls % 5 == 0:
+                    st.segment.refresh()  # the limit may have been raised meanwhile
+        except BaseException:
+            st.slots.release()
+            raise
         finally:
             st.waiting -= 1
         return time.monotonic() - queued
@@ -207,9 +221,13 @@ class Generator:
         st, cfg = self.state, self.cfg
         st.counters["requests"] += 1
         start = time.monotonic()
-        queue_time = self._wait_admitted()
+        lengths = [self._lengths(req, prompt) for prompt in req["prompts"]
+                   for _ in range(req["n"])]
+        need = req["prompt_tokens"] + sum(lengths)
+        queue_time = self._wait_admitted(need)
         st.running += 1
-        reserved = 0
+        st.tokens_in_flight += need   # no yield since the room was found: it is still there
+        reserved = need
         produced = 0
         finished_reason: Optional[str] = "abort"
         try:  # from here on, whatever happens, the bookkeeping is released in `finally`
@@ -220,9 +238,7 @@ class Generator:
                     index = p_i * req["n"] + k
                     gib = not st.weights_valid or (cfg.dialect == "sglang" and bool(st.released))
                     choices.append([index, T.TokenStream(cfg.seed, prompt, k, gib),
-                                    self._lengths(req, prompt), 0])
-            reserved = req["prompt_tokens"] + sum(c[2] for c in choices)
-            st.tokens_in_flight += reserved
+                                    lengths[index], 0])
             st.update_segment()
             prefill = (cfg.ttft_ms + cfg.prefill_ms_per_token * req["prompt_tokens"]) / 1000.0
             gevent.sleep(prefill)

@@ -1,11 +1,9 @@
 """The simulated engine's state: sleep and memory, request slots, counters, kvcached segment."""
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import re
-import struct
 import time
 from typing import Optional, Set
 
@@ -13,6 +11,7 @@ import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
 
+from kvrouter import kvpool
 from kvrouter.sim.options import SimConfig
 
 log = logging.getLogger("kvrouter.sim")
@@ -28,26 +27,31 @@ def crash(reason: str) -> None:
 
 
 class KvcachedSegment:
-    """A kvcached-style /dev/shm segment: 3 little-endian int64s [total, used, prealloc]."""
+    """The engine's kvcached pool segment (``kvrouter.kvpool``): created at start with
+    kv_cache_gb as its limit; the engine writes its usage and reads back the limit, which
+    kvrouter or ``kvctl`` may change while it runs."""
 
-    def __init__(self, name: str, total_bytes: int, folder: str = "/dev/shm"):
+    RESERVE = 5 * 2 * 1024 ** 2  # kvcached's default: 5 reserved 2 MiB pages, ahead of use
+
+    def __init__(self, name: str, total_bytes: int, folder: str = kvpool.SHM_DIR):
         safe = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64]
-        self.path = os.path.join(folder, safe)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        self._fd = fd
-        os.ftruncate(fd, 24)
-        self.write(total_bytes, 0, 0)
+        self.path = kvpool.segment_path(safe, folder=folder)
+        self.limit = kvpool.create(self.path, total_bytes).total
 
-    def write(self, total: int, used: int, prealloc: int) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            os.pwrite(self._fd, struct.pack("<qqq", total, used, prealloc), 0)
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+    def report(self, used: int) -> int:
+        """Write ``used`` (and what is preallocated); return the current limit."""
+        prealloc = max(0, min(self.RESERVE, self.limit - used))
+        self.limit = kvpool.report_usage(self.path, used, prealloc).total
+        return self.limit
+
+    def refresh(self) -> int:
+        info = kvpool.read(self.path)
+        if info is not None:
+            self.limit = info.total
+        return self.limit
 
     def close(self) -> None:
         try:
-            os.close(self._fd)
             os.unlink(self.path)
         except OSError:
             pass
@@ -94,25 +98,40 @@ class EngineState:
             return "kv_cache" not in self.asleep_tags
         return "kv_cache" not in self.released
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes one token holds: kv_cache_gb fits 8 sequences of max_model_len."""
+        return max(1, int(self.cfg.kv_cache_gb * GB / max(1, self.cfg.max_model_len * 8)))
+
+    def kv_limit_bytes(self) -> int:
+        """The KV pool's size: the kvcached segment's limit when there is one."""
+        if self.segment is not None:
+            return self.segment.limit
+        return int(self.cfg.kv_cache_gb * GB)
+
+    def kv_capacity_tokens(self) -> int:
+        return self.kv_limit_bytes() // self.kv_bytes_per_token
+
     def kv_used_bytes(self) -> int:
-        per_token = int(self.cfg.kv_cache_gb * GB / max(1, self.cfg.max_model_len * 8))
-        return min(int(self.cfg.kv_cache_gb * GB), self.tokens_in_flight * per_token)
+        return min(self.kv_limit_bytes(), self.tokens_in_flight * self.kv_bytes_per_token) \
+            if self.segment is None else self.tokens_in_flight * self.kv_bytes_per_token
 
     def gpu_memory_bytes(self) -> int:
         used = 0
         if self.weights_resident:
             used += int(self.cfg.weights_gb * GB)
         if self.kv_resident:
-            used += int(self.cfg.kv_cache_gb * GB)
+            # with kvcached the pool maps pages as they are used (plus a small reserve)
+            used += (self.kv_used_bytes() + KvcachedSegment.RESERVE if self.segment is not None
+                     else int(self.cfg.kv_cache_gb * GB))
         return used
 
     def update_segment(self) -> None:
         if self.segment is not None:
-            total = int(self.cfg.kv_cache_gb * GB)
-            self.segment.write(total, self.kv_used_bytes(), 0)
+            self.segment.report(self.kv_used_bytes())
 
     def kv_usage(self) -> float:
-        total = self.cfg.kv_cache_gb * GB
+        total = self.kv_limit_bytes()
         return round(self.kv_used_bytes() / total, 6) if total else 0.0
 
     # --- readiness and sleep ----------------------------------------------------------------

@@ -1,0 +1,95 @@
+"""The simulated engine follows its kvcached pool's limit while it runs: requests whose KV
+does not fit wait (TTFT rises), and `kvrouter kv limit` changes it as kvctl would."""
+import os
+import subprocess
+import threading
+import time
+import uuid
+
+from kvrouter import kvpool
+from tests.helpers import PY, SimEngine, free_port, get_json, http, instance_yaml, run_concurrently
+
+# 4,096 context x 8 sequences fit kv_cache_gb; one request here needs ~2 + 100 tokens
+ARGS = ["--kv-cache-gb", "8", "--max-model-len", "4096", "--itl-ms", "5", "--ttft-ms", "1"]
+
+
+def _burst(eng, n=4):
+    def one(i):
+        t0 = time.monotonic()
+        status, _, _ = http("POST", eng.base + "/v1/completions",
+                            {"model": eng.model, "prompt": "hi", "max_tokens": 100,
+                             "ignore_eos": True}, timeout=30)
+        assert status == 200
+        return time.monotonic() - t0
+
+    start = time.monotonic()
+    times, errors = run_concurrently(one, n)
+    assert errors == []
+    return time.monotonic() - start
+
+
+def test_the_engine_follows_its_pool_limit():
+    ipc = f"kvr_test_{uuid.uuid4().hex[:8]}"
+    eng = SimEngine("vllm", model="kv/m", args=ARGS,
+                    env={"ENABLE_KVCACHED": "true", "KVCACHED_IPC_NAME": ipc})
+    path = kvpool.segment_path(ipc)
+    try:
+        stats = eng.stats()
+        per_token = stats["kv_limit_bytes"] // stats["kv_capacity_tokens"]
+        assert kvpool.read(path).total == 8 << 30
+        free = _burst(eng)                                   # room for all: in parallel
+        kvpool.set_limit(path, 150 * per_token)              # room for one request at a time
+        peak = {"n": 0}
+        over = []
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                s = eng.stats()
+                peak["n"] = max(peak["n"], s["running"] - s["waiting"])
+                info = kvpool.read(path)
+                if info.used > info.total:
+                    over.append(info)
+                time.sleep(0.01)
+
+        w = threading.Thread(target=watch)
+        w.start()
+        tight = _burst(eng)
+        stop.set()
+        w.join()
+        assert tight > 2.5 * free, (free, tight)             # queued one after another
+        assert peak["n"] <= 1 and over == []                 # never over the limit
+        kvpool.set_limit(path, 8 << 30)                      # raised again: parallel again
+        assert _burst(eng) < 0.6 * tight
+        assert kvpool.read(path).used == 0                   # the engine wrote its usage
+    finally:
+        eng.stop()
+    assert not os.path.exists(path)                          # removed when the engine ends
+
+
+def test_kv_cli_lists_and_limits_pools(tmp_path):
+    ipc = f"kvr_test_{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    eng = SimEngine("vllm", model="kv/cli", port=port, args=ARGS,
+                    env={"ENABLE_KVCACHED": "true", "KVCACHED_IPC_NAME": ipc})
+    cfg = tmp_path / "k.yaml"
+    cfg.write_text("instances:\n" + instance_yaml("cli", "kv/cli", port, "vllm").replace(
+        "engine_env: [", f"kvcached_env: [ENABLE_KVCACHED=true, KVCACHED_IPC_NAME={ipc}]\n"
+        "    engine_env: ["))
+    try:
+        out = subprocess.run([PY, "-m", "kvrouter", "kv", "limit", "kv/cli", "2G", str(cfg)],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert "KV limit 2.00 GiB" in out.stdout
+        assert http("POST", eng.base + "/v1/completions",
+                    {"model": "kv/cli", "prompt": "x", "max_tokens": 2})[0] == 200
+        assert get_json(eng.base + "/sim/stats")[1]["kv_limit_bytes"] == 2 << 30
+        listed = subprocess.run([PY, "-m", "kvrouter", "kv", "list", "--config", str(cfg)],
+                                capture_output=True, text=True)
+        assert listed.returncode == 0, listed.stderr
+        assert "kv/cli" in listed.stdout and "2.00 GiB" in listed.stdout
+        bad = subprocess.run([PY, "-m", "kvrouter", "kv", "limit", "kv/cli", "lots", str(cfg)],
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and "not a size" in bad.stderr
+    finally:
+        eng.stop()
