@@ -193,16 +193,19 @@ def status(config):
     _, sleep = _admin(config, "GET", "/model/sleep/status")
     _, traffic = _admin(config, "GET", "/model/traffic/stats?window=60")
     rows = [("MODEL", "STATE", "SINCE", "IN FLIGHT", "WAITING", "IDLE", "REQ/S (60s)",
-             "GPU GB", "LAST WAKE")]
+             "GPU GB", "KV USED/LIMIT", "LAST WAKE")]
     for name, st in sleep["models"].items():
         t = traffic["models"].get(name, {})
         mem = st["memory"]
         wake = st["last_wake_seconds"]
+        pool = st.get("kv_pool") or {}
+        kv = "-" if pool.get("limit_bytes") is None else \
+            f"{pool['used_bytes'] / 2**30:.2f}/{pool['limit_bytes'] / 2**30:.2f} GiB"
         rows.append((name, st["state"] + (f" (L{st['sleep_level']}, {st['sleep_kind']})"
                                           if st["sleep_level"] else ""),
                      f"{st['since_seconds']:.0f}s", str(st["requests_in_flight"]),
                      str(st["waiting_requests"]), f"{t.get('idle_time_seconds', 0):.0f}s",
-                     f"{t.get('request_rate', 0):.2f}", f"{mem['resident_gb']:g}",
+                     f"{t.get('request_rate', 0):.2f}", f"{mem['resident_gb']:g}", kv,
                      "-" if wake is None else f"{wake:.2f}s"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -299,9 +302,8 @@ def _pools(cfg):
     from kvrouter import kvpool
 
     for inst in cfg.instances:
-        ipc = dict(inst.env).get("KVCACHED_IPC_NAME") if inst.kvcached_enabled else None
-        if ipc:
-            yield inst, kvpool.segment_path(ipc)
+        if inst.kvcached_ipc_name:
+            yield inst, kvpool.segment_path(inst.kvcached_ipc_name)
 
 
 @kv.command("list")

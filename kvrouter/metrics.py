@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from kvrouter import kvpool
 from kvrouter.control.states import State
 from kvrouter.traffic import OUTCOMES
 
@@ -116,6 +117,9 @@ class RouterMetrics:
                                     "model to become ready.", labels=["model"])
         state = GaugeMetricFamily("kvrouter_model_state", "1 for the model's current state.",
                                   labels=["model", "state"])
+        kv = GaugeMetricFamily("kvrouter_kv_pool_bytes", "kvcached KV pool of the model's "
+                               "engine, as measured: limit, used, preallocated.",
+                               labels=["model", "kind"])
         for model, s in self.series.items():
             for outcome, n in s.outcomes.items():
                 requests.add_metric([model, outcome], n)
@@ -131,12 +135,19 @@ class RouterMetrics:
             waiting.add_metric([model], entry.waiters)
             for st in State:
                 state.add_metric([model, st.value], 1 if entry.state is st else 0)
+            ipc = entry.inst.kvcached_ipc_name
+            pool = kvpool.read(kvpool.segment_path(ipc)) if ipc else None
+            if pool is not None:
+                kv.add_metric([model, "limit"], pool.total)
+                kv.add_metric([model, "used"], pool.used)
+                kv.add_metric([model, "prealloc"], pool.prealloc)
         yield requests
         yield tokens
         yield from hists.values()
         yield in_flight
         yield waiting
         yield state
+        yield kv
         yield CounterMetricFamily("kvrouter_unrouted_requests", "Requests rejected before "
                                   "routing (no or unknown model, bad JSON, auth).",
                                   value=self.traffic.unrouted)

@@ -182,6 +182,11 @@ class Instance:
         return connect_host(self.host)
 
     @property
+    def kvcached_ipc_name(self) -> Optional[str]:
+        """The engine's kvcached pool name (KVCACHED_IPC_NAME), when kvcached is on."""
+        return dict(self.env).get("KVCACHED_IPC_NAME") if self.kvcached_enabled else None
+
+    @property
     def base_url(self) -> str:
         return host_url(self.host, self.port)
 

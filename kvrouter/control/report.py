@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
+from kvrouter import kvpool
 from kvrouter.control import policy
 from kvrouter.control.controller import Controller
 from kvrouter.control.entry import ModelEntry
@@ -32,9 +33,25 @@ def model_status(ctl: Controller, entry: ModelEntry) -> dict:
         "memory": {"gpus": (inst.gpus or "0").split(","), "weights_gb": inst.weights_gb,
                    "kv_cache_gb": inst.kv_cache_gb,
                    "resident_gb": ((inst.weights_gb or 0) + (inst.kv_cache_gb or 0))
-                   if resident else 0.0},
+                   if resident else 0.0,
+                   "source": "declared"},  # the config's figures (measured: kv_pool)
+        "kv_pool": kv_pool(entry),
         "engine_version": dotted(entry.adapter.version) or None,
     }
+
+
+def kv_pool(entry: ModelEntry) -> Optional[dict]:
+    """The engine's kvcached pool as measured (its segment), or None without kvcached."""
+    ipc = entry.inst.kvcached_ipc_name
+    if not ipc:
+        return None
+    path = kvpool.segment_path(ipc)
+    info = kvpool.read(path)
+    if info is None:
+        return {"segment": path, "source": "kvcached", "limit_bytes": None,
+                "used_bytes": None, "prealloc_bytes": None}
+    return {"segment": path, "source": "kvcached", "limit_bytes": info.total,
+            "used_bytes": info.used, "prealloc_bytes": info.prealloc}
 
 
 def gpu_memory(ctl: Controller) -> dict:

@@ -93,3 +93,43 @@ def test_kv_cli_lists_and_limits_pools(tmp_path):
         assert bad.returncode == 2 and "not a size" in bad.stderr
     finally:
         eng.stop()
+
+
+def test_router_shows_pools_and_sets_limits(tmp_path):
+    """/sleep/status, /models, /metrics and `kvrouter status` show the measured pool; the
+    admin endpoint sets a limit (with the admin token) and the engine follows it."""
+    from tests.helpers import Router
+
+    ipc = f"kvr_test_{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    eng = SimEngine("vllm", model="kv/r", port=port, args=ARGS,
+                    env={"ENABLE_KVCACHED": "true", "KVCACHED_IPC_NAME": ipc})
+    rp = free_port()
+    text = ("router: {router_host: 127.0.0.1, router_port: %d, admin_token: tok}\n"
+            "instances:\n" % rp) + instance_yaml("r", "kv/r", port, "vllm").replace(
+        "engine_env: [", f"kvcached_env: [ENABLE_KVCACHED=true, KVCACHED_IPC_NAME={ipc}]\n"
+        "    engine_env: [")
+    r = Router(text, str(tmp_path))
+    try:
+        r.wait_models_ready()
+        _, st = get_json(r.base + "/sleep/status")
+        pool = st["models"]["kv/r"]["kv_pool"]
+        assert pool["limit_bytes"] == 8 << 30 and pool["source"] == "kvcached"
+        assert get_json(r.base + "/models")[1]["models"]["kv/r"]["kv_pool"]["limit_bytes"] \
+            == 8 << 30
+        assert http("POST", r.base + "/model/kv/kv%2Fr?limit=1G")[0] == 401
+        status, _, body = http("POST", r.base + "/model/kv/kv%2Fr?limit=1G",
+                               headers={"Authorization": "Bearer tok"})
+        assert status == 200, body
+        assert kvpool.read(kvpool.segment_path(ipc)).total == 1 << 30
+        metrics = http("GET", r.base + "/metrics")[2].decode()
+        assert 'kvrouter_kv_pool_bytes{kind="limit",model="kv/r"} 1.073741824e+09' in metrics
+        cfg = os.path.join(str(tmp_path), "kvrouter.yaml")
+        out = subprocess.run([PY, "-m", "kvrouter", "status", cfg], capture_output=True,
+                             text=True)
+        assert out.returncode == 0 and "0.00/1.00 GiB" in out.stdout, out.stdout + out.stderr
+        assert http("POST", r.base + "/model/kv/kv%2Fr?limit=lots",
+                    headers={"Authorization": "Bearer tok"})[0] == 400
+    finally:
+        r.stop()
+        eng.stop()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
+from kvrouter.control import report
 from kvrouter.router.api.common import api_key_required, entry_for, router
 
 bp = Blueprint("models", __name__)
@@ -13,7 +14,8 @@ def models():
     return jsonify({"models": {e.name: {"endpoint": e.inst.base_url, "instance": e.inst.name,
                                         "engine": e.inst.engine,
                                         "aliases": list(e.inst.route_names[1:]),
-                                        "state": e.state.value}
+                                        "state": e.state.value,
+                                        "kv_pool": report.kv_pool(e)}
                                for e in router().routes.entries()}})
 
 

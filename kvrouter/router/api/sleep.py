@@ -6,6 +6,7 @@ from typing import Callable, Optional
 import gevent
 from flask import Blueprint, jsonify, request
 
+from kvrouter import kvpool
 from kvrouter.control import report
 from kvrouter.control.states import ASLEEP, State, TransitionError
 from kvrouter.errors import BadRequest, Conflict
@@ -64,6 +65,32 @@ def wake_model(model):
                        frozenset({State.READY}))
 
 
+def kv_limit(model):
+    """POST /model/kv/{model}?limit=8G: set the model's kvcached pool limit (admin token);
+    the engine grows or shrinks its KV pool to it, as after `kvctl limit`."""
+    admin_required()
+    entry = entry_for(model)
+    ipc = entry.inst.kvcached_ipc_name
+    if not ipc:
+        raise Conflict(f"model {entry.name!r} does not run with kvcached (ENABLE_KVCACHED)",
+                       code="no_kv_pool")
+    raw = request.args.get("limit")
+    if raw is None:
+        raise BadRequest("limit is required, e.g. ?limit=8G", param="limit")
+    try:
+        total = kvpool.parse_size(raw)
+    except ValueError as err:
+        raise BadRequest(str(err), param="limit") from None
+    try:
+        kvpool.set_limit(kvpool.segment_path(ipc), total)
+    except FileNotFoundError:
+        raise Conflict(f"model {entry.name!r} has no kvcached pool yet (engine not started?)",
+                       code="no_kv_pool") from None
+    return jsonify({"model_name": entry.name, "success": True,
+                    "message": f"KV pool limit set to {kvpool.human(total)}",
+                    "kv_pool": report.kv_pool(entry)})
+
+
 def sleep_status():
     ctx = router()
     controller, sm = ctx.controller, ctx.cfg.sleep_manager
@@ -99,6 +126,7 @@ def candidates():
         "candidates": found})
 
 
+bp.add_url_rule("/model/kv/<path:model>", "kv_limit", kv_limit, methods=["POST"])
 for _path, _view in (("/model/sleep/<path:model>", sleep_model),
                      ("/action/sleep/<path:model>", sleep_model),
                      ("/model/wake/<path:model>", wake_model),
