@@ -254,7 +254,7 @@ def test_status_shows_observed_state_and_memory():
     ctl.sleep(e, level=2)
     st = model_status(ctl, e)
     assert st["state"] == "sleeping" and st["sleep_level"] == 2 and st["sleep_kind"] == "manual"
-    assert st["memory"] == {"gpus": ["1"], "weights_gb": 4.0, "kv_cache_gb": 2.0,
+    assert st["memory"] == {"gpus": ["1"], "weights_gb": 4.0, "kv_cache_gb": 2.0, "source": "declared",
                             "resident_gb": 0.0}
     ctl.wake(e)
     assert model_status(ctl, e)["memory"]["resident_gb"] == 6.0
