@@ -12,7 +12,7 @@ LAYERS = {
     "kvrouter.config": 1, "kvrouter.traffic": 1, "kvrouter.control.states": 1,
     "kvrouter.kvpool": 1, "kvrouter.logs": 1,
     "kvrouter.sim": 2, "kvrouter.render": 2,
-    "kvrouter.control.policy": 2, "kvrouter.control.process": 2,
+    "kvrouter.control.policy": 2, "kvrouter.control.kvplan": 2, "kvrouter.control.process": 2,
     "kvrouter.control.supervisor": 2, "kvrouter.control.memo": 2, "kvrouter.engines": 2,
     "kvrouter.control": 3, "kvrouter.metrics": 3,
     "kvrouter.router": 4,
@@ -27,7 +27,7 @@ FORBIDDEN = {
     "kvrouter.bench": ("kvrouter.router", "kvrouter.control"),
     "kvrouter.metrics": ("kvrouter.control.controller",),
 }
-PURE = ("kvrouter.control.states", "kvrouter.control.policy")
+PURE = ("kvrouter.control.states", "kvrouter.control.policy", "kvrouter.control.kvplan")
 
 
 def _layer(module):
