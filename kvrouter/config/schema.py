@@ -117,6 +117,9 @@ class SleepPolicy:
         "marked failed and its engine restarted.", min=0.1)
     gpu_memory_gb: Dict[str, float] = setting(
         factory=dict, help="Memory budget per GPU id, e.g. {\"0\": 80}; empty means no budget.")
+    kv_rebalance_seconds: float = setting(
+        2.0, "How often each budgeted GPU's memory (gpu_memory_gb) is divided again among the "
+        "kvcached KV pools on it, by demand; 0 turns it off.", min=0)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from gevent.event import Event
 from kvrouter.config.schema import Config
 from kvrouter.control import policy, states
 from kvrouter.control.entry import ModelEntry
+from kvrouter.control.kvsteer import KvSteering
 from kvrouter.control.memo import StateFile
 from kvrouter.control.process import ProcessControl
 from kvrouter.control.states import ASLEEP, IN_TRANSITION, SETTLED, State, TransitionError
@@ -47,6 +48,7 @@ class Controller:
             inst.model: ModelEntry(inst, adapter_factory(inst), clock()) for inst in cfg.instances}
         self.health_loops: Dict[str, gevent.Greenlet] = {}
         self.transitions = Transitions(self)
+        self.kv = KvSteering(self)
         self.loops: List[gevent.Greenlet] = []
         self.memo = StateFile(cfg.router.state_file or (
             os.path.join(cfg.base_dir, ".kvrouter-state.json") if cfg.base_dir else None))
@@ -308,6 +310,7 @@ class Controller:
         for entry in self.entries.values():
             self.health_loops[entry.name] = gevent.spawn(self.health_loop, entry)
         self.loops.append(gevent.spawn(self._policy_loop))
+        self.loops.append(gevent.spawn(self.kv.loop))
 
     def stop_loops(self) -> None:
         gevent.killall(self.loops + list(self.health_loops.values()), block=False)

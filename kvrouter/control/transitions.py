@@ -137,6 +137,7 @@ class Transitions:
             except BaseException:
                 ctl.set_state(entry, State.READY, "sleep interrupted")
                 raise
+            ctl.kv.on_sleep(entry)
             entry.level = level
             entry.sleep_manual = manual
             entry.slept_at = ctl.clock()
@@ -237,6 +238,7 @@ class Transitions:
                 adapter.wake(entry.level)
         else:
             adapter.wake(entry.level)
+        self.ctl.kv.on_wake(entry)  # KV room before traffic is admitted
         adapter.warm_up()
 
     # --- restart ------------------------------------------------------------------------------

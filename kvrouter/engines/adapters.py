@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
-from typing import FrozenSet, Optional, Set
+from typing import FrozenSet, Optional, Set, Tuple
 
 import gevent
 
@@ -105,9 +105,14 @@ class EngineAdapter(ABC):
         except (UpstreamError, ValueError, AttributeError):
             return {}
 
+    def load(self) -> Optional[Tuple[int, int]]:
+        """(requests running, requests waiting) in the engine; None when it cannot tell."""
+        return None
+
     def busy(self) -> Optional[int]:
         """Requests running or queued in the engine, None when it cannot tell."""
-        return None
+        load = self.load()
+        return None if load is None else load[0] + load[1]
 
     def _metrics(self) -> Optional[str]:
         try:
@@ -116,14 +121,15 @@ class EngineAdapter(ABC):
             return None
         return body.decode("utf-8", "replace") if status == 200 else None
 
-    def _busy_from_metrics(self, running_name: str, waiting_name: str) -> Optional[int]:
+    def _load_from_metrics(self, running_name: str,
+                           waiting_name: str) -> Optional[Tuple[int, int]]:
         text = self._metrics()
         if not text:
             return None
         running = metric_value(text, running_name)
         if running is None:
             return None
-        return int(running + (metric_value(text, waiting_name) or 0))
+        return int(running), int(metric_value(text, waiting_name) or 0)
 
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -185,8 +191,8 @@ class VllmAdapter(EngineAdapter):
             pass
         return self.version
 
-    def busy(self) -> Optional[int]:
-        return self._busy_from_metrics("vllm:num_requests_running", "vllm:num_requests_waiting")
+    def load(self) -> Optional[Tuple[int, int]]:
+        return self._load_from_metrics("vllm:num_requests_running", "vllm:num_requests_waiting")
 
     def is_sleeping(self) -> Optional[bool]:
         try:
@@ -272,17 +278,19 @@ class SglangAdapter(EngineAdapter):
             return False
         return status == 200
 
-    def busy(self) -> Optional[int]:
+    def load(self) -> Optional[Tuple[int, int]]:
         try:
             status, body = self._call("GET", "/get_load")
             if status == 200:
                 loads = json.loads(body)
                 if isinstance(loads, dict):
                     loads = [loads]
-                return int(sum(int(x.get("num_reqs", 0)) for x in loads))
+                total = sum(int(x.get("num_reqs", 0)) for x in loads)
+                waiting = sum(int(x.get("num_waiting_reqs", 0)) for x in loads)
+                return total - waiting, waiting
         except (UpstreamError, ValueError, TypeError, AttributeError):
             pass
-        return self._busy_from_metrics("sglang:num_running_reqs", "sglang:num_queue_reqs")
+        return self._load_from_metrics("sglang:num_running_reqs", "sglang:num_queue_reqs")
 
     def mark_released(self) -> None:
         self.released = set(SGLANG_ALL_TAGS)

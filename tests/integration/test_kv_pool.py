@@ -7,7 +7,16 @@ import time
 import uuid
 
 from kvrouter import kvpool
-from tests.helpers import PY, SimEngine, free_port, get_json, http, instance_yaml, run_concurrently
+from tests.helpers import (
+    PY,
+    SimEngine,
+    free_port,
+    get_json,
+    http,
+    instance_yaml,
+    run_concurrently,
+    wait_until,
+)
 
 # 4,096 context x 8 sequences fit kv_cache_gb; one request here needs ~2 + 100 tokens
 ARGS = ["--kv-cache-gb", "8", "--max-model-len", "4096", "--itl-ms", "5", "--ttft-ms", "1"]
@@ -133,3 +142,75 @@ def test_router_shows_pools_and_sets_limits(tmp_path):
     finally:
         r.stop()
         eng.stop()
+
+
+def test_the_router_moves_kv_memory_to_where_the_demand_is(tmp_path):
+    """Two kvcached sims on one GPU with 10 GB for KV (12 GB budget, 1 GB weights each,
+    8 GB ceilings): traffic on A grows A's pool and shrinks B's; moved to B, the reverse;
+    the limits never add up to more than 10 GB; a sleeping model gives its memory back."""
+    from tests.helpers import Router
+
+    ipcs = {m: f"kvr_test_{uuid.uuid4().hex[:8]}" for m in ("a", "b")}
+    ports = {m: free_port() for m in ipcs}
+    engines = {m: SimEngine("vllm", model=f"kv/{m}", port=ports[m],
+                            args=ARGS + ["--enable-sleep-mode", "--weights-gb", "1"],
+                            env={"ENABLE_KVCACHED": "true", "KVCACHED_IPC_NAME": ipcs[m]})
+               for m in ipcs}
+    rp = free_port()
+    text = ("router: {router_host: 127.0.0.1, router_port: %d}\n"
+            "sleep_manager: {gpu_memory_gb: {\"0\": 12}, kv_rebalance_seconds: 0.3,"
+            " min_sleep_duration: 0}\ninstances:\n" % rp) + "".join(
+        instance_yaml(m, f"kv/{m}", ports[m], "vllm",
+                      "    weights_gb: 1\n    kv_cache_gb: 8\n    gpus: 0\n").replace(
+            "engine_env: [", f"kvcached_env: [ENABLE_KVCACHED=true, KVCACHED_IPC_NAME={ipcs[m]}]"
+            "\n    engine_env: [") for m in ipcs)
+    r = Router(text, str(tmp_path))
+    paths = {m: kvpool.segment_path(ipc) for m, ipc in ipcs.items()}
+
+    def limits():
+        return {m: kvpool.read(p).total for m, p in paths.items()}
+
+    over, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            got = limits()
+            if sum(got.values()) > 10 << 30:
+                over.append(got)
+            time.sleep(0.02)
+
+    def load(model, n=40, seconds=6.0):
+        def one(i):
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                http("POST", r.base + "/v1/completions",
+                     {"model": f"kv/{model}", "prompt": f"{i}", "max_tokens": 800,
+                      "ignore_eos": True}, timeout=60)
+        t = threading.Thread(target=run_concurrently, args=(one, n, 90))
+        t.start()
+        return t
+
+    watcher = threading.Thread(target=sample)
+    try:
+        r.wait_models_ready()
+        # the engines start with 8 GB each (16 > 10): the first rebalance fixes that
+        wait_until(lambda: sum(limits().values()) <= 10 << 30, 10, what="first rebalance")
+        watcher.start()
+        t = load("a")
+        wait_until(lambda: limits()["a"] >= 7 << 30 and limits()["b"] <= 3 << 30, 10,
+                   what="A's pool grown, B's shrunk")
+        t.join(90)
+        t = load("b")
+        wait_until(lambda: limits()["b"] >= 7 << 30 and limits()["a"] <= 3 << 30, 10,
+                   what="B's pool grown, A's shrunk")
+        t.join(90)
+        assert http("POST", r.base + "/model/sleep/kv%2Fa")[0] == 200
+        wait_until(lambda: limits()["a"] == 0, 5, what="the sleeping model's limit dropped")
+        stop.set()
+        watcher.join()
+        assert over == [], over[:3]
+    finally:
+        stop.set()
+        r.stop()
+        for e in engines.values():
+            e.stop()

@@ -1,0 +1,178 @@
+"""Steering kvcached KV pools: the effects around ``kvplan.divide``.
+
+Every ``sleep_manager.kv_rebalance_seconds``, for each GPU with a budget
+(``sleep_manager.gpu_memory_gb``), the memory left after the resident models' weights
+(and the whole declared footprint of models without kvcached) is divided among the
+kvcached pools of the resident single-GPU models on it: demand is the pool's use plus
+what the engine's waiting requests need (at the engine's current bytes per running
+request). Donors shrink first; receivers grow only into memory the donors' use has left.
+A model going to sleep drops its limit to nothing; a waking one gets what is free on its
+GPU (at least its floor) before traffic is admitted. A limit set by hand (``kvctl``,
+``kvrouter kv limit``) is what the next rebalance starts from.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+import gevent
+
+from kvrouter import kvpool
+from kvrouter.control import kvplan
+from kvrouter.control.entry import ModelEntry
+from kvrouter.control.states import RESIDENT
+
+if TYPE_CHECKING:
+    from kvrouter.control.controller import Controller
+
+log = logging.getLogger("kvrouter.kv")
+GB = 1 << 30
+FLOOR_FRACTION = 1 / 8   # room for one long request when kv_cache_gb holds about eight
+DRAIN_WAIT = 2.0         # how long growing waits for the donors' use to fall
+
+
+def _path(entry: ModelEntry) -> Optional[str]:
+    ipc = entry.inst.kvcached_ipc_name
+    return kvpool.segment_path(ipc) if ipc else None
+
+
+def _gpus(entry: ModelEntry) -> List[str]:
+    return (entry.inst.gpus or "0").split(",")
+
+
+class KvSteering:
+    def __init__(self, ctl: "Controller"):
+        self.ctl = ctl
+        self.ceilings: Dict[str, int] = {}
+
+    def loop(self) -> None:
+        """Rebalance every kv_rebalance_seconds (the setting is read again each time)."""
+        while True:
+            every = self.ctl.cfg.sleep_manager.kv_rebalance_seconds
+            gevent.sleep(every or 5.0)
+            if not every or not self.active():
+                continue
+            try:
+                self.rebalance()
+            except Exception:
+                log.exception("KV rebalance failed")
+
+    def active(self) -> bool:
+        return bool(self.ctl.cfg.sleep_manager.gpu_memory_gb) and any(
+            _path(e) for e in self.ctl.entries.values())
+
+    def _ceiling(self, entry: ModelEntry, info: kvpool.PoolInfo) -> int:
+        if entry.inst.kv_cache_gb:
+            return int(entry.inst.kv_cache_gb * GB)
+        return self.ceilings.setdefault(entry.name, info.total)  # the pool it started with
+
+    def _steerable(self, entry: ModelEntry) -> bool:
+        return _path(entry) is not None and len(_gpus(entry)) == 1
+
+    def _available(self, gpu: str) -> int:
+        """Bytes of ``gpu``'s budget the steerable pools on it may share."""
+        total = self.ctl.cfg.sleep_manager.gpu_memory_gb.get(gpu, 0.0) * GB
+        for e in self.ctl.entries.values():
+            if e.state not in RESIDENT or gpu not in _gpus(e):
+                continue
+            share = 1 / len(_gpus(e))
+            total -= (e.inst.weights_gb or 0) * GB * share
+            if not self._steerable(e):
+                total -= (e.inst.kv_cache_gb or 0) * GB * share
+        return max(0, int(total))
+
+    def _pools(self, gpu: str) -> Dict[str, kvplan.Pool]:
+        pools = {}
+        for e in self.ctl.entries.values():
+            if e.state not in RESIDENT or not self._steerable(e) or _gpus(e)[0] != gpu:
+                continue
+            info = kvpool.read(_path(e) or "")
+            if info is None:
+                continue
+            ceiling = self._ceiling(e, info)
+            load = e.adapter.load()
+            running, waiting = load if load is not None else (0, 0)
+            per_request = info.used / running if running else ceiling * FLOOR_FRACTION
+            waiting += e.waiters
+            pools[e.name] = kvplan.Pool(e.name, info.total, info.used,
+                                        int(info.used + waiting * per_request),
+                                        int(ceiling * FLOOR_FRACTION), ceiling)
+        return pools
+
+    def rebalance(self) -> List[kvplan.Change]:
+        """Divide every budgeted GPU's KV memory again; the changes made."""
+        made: List[kvplan.Change] = []
+        for gpu in self.ctl.cfg.sleep_manager.gpu_memory_gb:
+            pools = self._pools(gpu)
+            if pools:
+                available = self._available(gpu)
+                made += self._apply(kvplan.divide(available, list(pools.values())), pools,
+                                    available)
+        return made
+
+    def _apply(self, plan: List[kvplan.Change], pools: Dict[str, kvplan.Pool],
+               available: int) -> List[kvplan.Change]:
+        limits = {m: p.limit for m, p in pools.items()}
+        used = {m: p.used for m, p in pools.items()}
+        made = []
+        shrinks = [c for c in plan if c.shrink]
+        for c in shrinks:
+            self._set(c.model, c.new)
+            limits[c.model] = c.new
+            made.append(c)
+        if shrinks:  # grow only into what the donors' use has left
+            deadline = self.ctl.clock() + DRAIN_WAIT
+            while True:
+                for c in shrinks:
+                    info = kvpool.read(_path(self.ctl.entries[c.model]) or "")
+                    used[c.model] = info.used if info else 0
+                if all(used[c.model] <= c.new for c in shrinks) or \
+                        self.ctl.clock() >= deadline:
+                    break
+                gevent.sleep(0.05)
+        for c in plan:
+            if c.shrink:
+                continue
+            others = sum(max(limits[m], used[m]) for m in limits if m != c.model)
+            new = min(c.new, available - others)
+            if new > limits[c.model]:
+                self._set(c.model, new)
+                limits[c.model] = new
+                made.append(kvplan.Change(c.model, c.old, new))
+        return made
+
+    def _set(self, model: str, limit: int) -> None:
+        entry = self.ctl.entries.get(model)
+        path = _path(entry) if entry else None
+        if path is None:
+            return
+        try:
+            kvpool.set_limit(path, max(0, limit))
+            log.info("%s: KV limit %s", model, kvpool.human(limit))
+        except OSError as err:
+            log.warning("%s: cannot set the KV limit: %s", model, err)
+
+    # --- around sleep and wake ------------------------------------------------------------
+    def on_sleep(self, entry: ModelEntry) -> None:
+        """An asleep model holds no KV: its limit goes to the others at the next rebalance."""
+        if self.active() and self._steerable(entry):
+            self._set(entry.name, 0)
+
+    def on_wake(self, entry: ModelEntry) -> None:
+        """Before traffic is admitted: what is free on the model's GPU, at least its floor."""
+        path = _path(entry)
+        if not self.active() or not self._steerable(entry) or path is None:
+            return
+        info = kvpool.read(path)
+        if info is None:
+            return
+        gpu = _gpus(entry)[0]
+        taken = 0
+        for e in self.ctl.entries.values():
+            if e is not entry and e.state in RESIDENT and self._steerable(e) and \
+                    _gpus(e)[0] == gpu:
+                other = kvpool.read(_path(e) or "")
+                taken += max(other.total, other.used) if other else 0
+        ceiling = self._ceiling(entry, info)
+        free = self._available(gpu) - taken
+        self._set(entry.name, min(ceiling, max(int(ceiling * FLOOR_FRACTION), free)))
