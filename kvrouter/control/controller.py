@@ -276,7 +276,7 @@ class Controller:
                 pinned=inst.sleep.pinned, idle_threshold=inst.idle_threshold_seconds,
                 stop_after=inst.stop_after_seconds, level=e.level,
                 gpus=tuple((inst.gpus or "0").split(",")),
-                weights_gb=inst.weights_gb or 0.0, kv_cache_gb=inst.kv_cache_gb or 0.0,
+                weights_gb=inst.weights_gb or 0.0, kv_cache_gb=self.kv.policy_kv_gb(e),
                 last_used=last))
         return policy.Snapshot(tuple(views), sm.auto_sleep_enabled, dict(sm.gpu_memory_gb))
 

@@ -152,6 +152,23 @@ class KvSteering:
         except OSError as err:
             log.warning("%s: cannot set the KV limit: %s", model, err)
 
+    def policy_kv_gb(self, entry: ModelEntry) -> float:
+        """The KV memory the sleep policy counts for a model (eviction, "no room").
+
+        The config's kv_cache_gb, unless the model's kvcached pool can be measured and
+        steered: then what it holds can shrink to what it uses, so a resident model counts
+        its KV in use (at least its floor), and a model to be woken needs its floor."""
+        declared = entry.inst.kv_cache_gb or 0.0
+        if not self.active() or not self._steerable(entry):
+            return declared
+        info = kvpool.read(_path(entry) or "")
+        if info is None:
+            return declared
+        floor = self._ceiling(entry, info) * FLOOR_FRACTION
+        if entry.state in RESIDENT:
+            return max(info.used, floor) / GB
+        return floor / GB
+
     # --- around sleep and wake ------------------------------------------------------------
     def on_sleep(self, entry: ModelEntry) -> None:
         """An asleep model holds no KV: its limit goes to the others at the next rebalance."""

@@ -2,6 +2,7 @@
 
 gevent greenlets, no sockets: engines are objects whose calls the test gates.
 """
+import os
 import tempfile
 
 import gevent
@@ -334,3 +335,35 @@ def test_sleep_done_outside_the_router_is_noticed_and_a_request_wakes_it():
     ctl._probe_once(e)
     assert e.state is State.SLEEPING and "outside kvrouter" in e.reason
     assert ctl.ensure_ready(e) >= 0 and e.state is State.READY and e.adapter.wakes == 1
+
+
+def test_measured_kv_decides_eviction_where_kvcached_pools_exist():
+    """Declared: a (5 + 10 GB) and b (5 + 10 GB) do not fit 20 GB, so waking b would evict
+    a. Measured: a uses 2 GB of its pool (it can shrink to that) and b needs its floor
+    (10/8 GB) to wake: both fit, nothing is evicted."""
+    import uuid
+
+    from kvrouter import kvpool
+
+    tag = uuid.uuid4().hex[:8]
+    ipc = {n: f"kvr_unit_{n}_{tag}" for n in ("a", "b")}
+    extra = {n: f", weights_gb: 5, kv_cache_gb: 10, gpus: 0, kvcached_env: "
+                f"[ENABLE_KVCACHED=true, KVCACHED_IPC_NAME={ipc[n]}]" for n in ipc}
+    paths = {n: kvpool.segment_path(i) for n, i in ipc.items()}
+    try:
+        for n, p in paths.items():
+            kvpool.create(p, 10 << 30)
+        kvpool.report_usage(paths["a"], 2 << 30)
+        ctl, _, traffic = make(extra_sleep=', gpu_memory_gb: {"0": 20}',
+                               instances=[("a", "m/a", extra["a"]), ("b", "m/b", extra["b"])])
+        b = ctl.entries["m/b"]
+        ctl.sleep(b)
+        views = {v.name: v for v in ctl.snapshot().models}
+        assert views["m/a"].kv_cache_gb == 2.0 and views["m/b"].kv_cache_gb == 1.25
+        ctl.ensure_ready(b)
+        assert ctl.entries["m/a"].state is State.READY and b.state is State.READY
+        assert kvpool.read(paths["b"]).total >= (10 << 30) // 8  # room given before traffic
+    finally:
+        for p in paths.values():
+            if os.path.exists(p):
+                os.remove(p)
