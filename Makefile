@@ -10,7 +10,7 @@ SUPERVISORCTL := $(VENV)/bin/supervisorctl -c $(OUT)/supervisord.conf
 PYTEST_ARGS ?=
 
 .PHONY: install engine-env render demo demo-stop status test lint test-unit test-integration \
-        test-systemd test-engine bench install-units clean
+        test-systemd test-engine bench bench-kv install-units clean
 
 install: $(VENV)/.installed
 
@@ -77,6 +77,10 @@ engine-env:
 ## speed figures: router vs direct vs aiohttp baseline, sim engine, load generator (prints, no asserts)
 bench: install
 	$(PY) -m kvrouter.bench.speed --seconds 5 --out bench-results/speed.json
+
+## the KV arbiter vs a static equal split of one simulated GPU (about 2.5 minutes; prints)
+bench-kv: install
+	$(PY) -m kvrouter.bench.arbiter --out bench-results/kv-arbiter.json
 
 ## copy the rendered systemd user units and reload: then `systemctl --user start kvrouter`
 install-units: install
