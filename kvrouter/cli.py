@@ -212,7 +212,10 @@ def status(config):
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     for gpu, m in sleep.get("gpu_memory", {}).items():
         budget = "no budget" if m["budget_gb"] is None else f"budget {m['budget_gb']:g} GB"
-        click.echo(f"GPU {gpu}: {m['used_gb']:g} GB resident, {budget}")
+        nv = m.get("nvml")
+        seen = f"; NVML: {nv['used_bytes'] / 2**30:.1f} of {nv['total_bytes'] / 2**30:.1f} GiB " \
+            "used" if nv else ""
+        click.echo(f"GPU {gpu}: {m['used_gb']:g} GB resident ({m['source']}), {budget}{seen}")
 
 
 @cli.command("sleep")

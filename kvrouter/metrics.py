@@ -148,6 +148,13 @@ class RouterMetrics:
         yield waiting
         yield state
         yield kv
+        gpu = GaugeMetricFamily("kvrouter_gpu_memory_bytes", "GPU memory as NVML measures it "
+                                "(nvidia-ml-py installed and a GPU present).",
+                                labels=["gpu", "kind"])
+        for index, mem in self.controller.nvml.gpus().items():
+            gpu.add_metric([index, "total"], mem["total_bytes"])
+            gpu.add_metric([index, "used"], mem["used_bytes"])
+        yield gpu
         yield CounterMetricFamily("kvrouter_unrouted_requests", "Requests rejected before "
                                   "routing (no or unknown model, bad JSON, auth).",
                                   value=self.traffic.unrouted)

@@ -21,6 +21,7 @@ from kvrouter.control import policy, states
 from kvrouter.control.entry import ModelEntry
 from kvrouter.control.kvsteer import KvSteering
 from kvrouter.control.memo import StateFile
+from kvrouter.control.nvml import Nvml
 from kvrouter.control.process import ProcessControl
 from kvrouter.control.states import ASLEEP, IN_TRANSITION, SETTLED, State, TransitionError
 from kvrouter.control.transitions import Result, Transitions
@@ -49,6 +50,7 @@ class Controller:
         self.health_loops: Dict[str, gevent.Greenlet] = {}
         self.transitions = Transitions(self)
         self.kv = KvSteering(self)
+        self.nvml = Nvml()
         self.loops: List[gevent.Greenlet] = []
         self.memo = StateFile(cfg.router.state_file or (
             os.path.join(cfg.base_dir, ".kvrouter-state.json") if cfg.base_dir else None))

@@ -42,6 +42,10 @@ class ProcessControl:
         """Whether the process manager runs (or is starting) the engine; None: cannot say."""
         return None
 
+    def pid(self, inst: Instance) -> Optional[int]:
+        """The engine's main process id, when the process manager knows it."""
+        return None
+
 
 class SupervisorControl(ProcessControl):
     available = True
@@ -72,6 +76,12 @@ class SupervisorControl(ProcessControl):
         if state in ("STOPPED", "EXITED", "FATAL"):
             return False
         return True  # STARTING, RUNNING, BACKOFF (it retries), STOPPING
+
+    def pid(self, inst: Instance) -> Optional[int]:
+        try:
+            return int(self.sup.process_info(inst.supervisor_name)["pid"]) or None
+        except (OSError, xmlrpc.client.Error, KeyError, TypeError, ValueError):
+            return None
 
     def stop(self, inst: Instance) -> None:
         self._call("stop", inst, "NOT_RUNNING", wait=True)
@@ -106,6 +116,14 @@ class SystemdControl(ProcessControl):
         if state in ("active", "activating", "reloading", "deactivating"):
             return True
         return None
+
+    def pid(self, inst: Instance) -> Optional[int]:
+        try:
+            out = subprocess.run(["systemctl", "--user", "show", "-p", "MainPID", "--value",
+                                  inst.unit_name], capture_output=True, text=True, timeout=10)
+            return int(out.stdout.strip() or 0) or None
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            return None
 
     def stop(self, inst: Instance) -> None:
         self._run("stop", inst)

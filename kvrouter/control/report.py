@@ -36,6 +36,7 @@ def model_status(ctl: Controller, entry: ModelEntry) -> dict:
                    if resident else 0.0,
                    "source": "declared"},  # the config's figures (measured: kv_pool)
         "kv_pool": kv_pool(entry),
+        "gpu_process_bytes": engine_gpu_bytes(ctl, entry),
         "engine_version": dotted(entry.adapter.version) or None,
     }
 
@@ -55,10 +56,22 @@ def kv_pool(entry: ModelEntry) -> Optional[dict]:
 
 
 def gpu_memory(ctl: Controller) -> dict:
+    """Per GPU: the budget and what the policy counts on it (declared figures, or the
+    measured KV where kvcached pools are steered), and NVML's total/used where present."""
     budget = dict(ctl.cfg.sleep_manager.gpu_memory_gb)
     used = policy.gpu_usage(ctl.snapshot().models)
-    return {g: {"budget_gb": budget.get(g), "used_gb": round(used.get(g, 0.0), 3)}
-            for g in sorted(set(budget) | set(used))}
+    measured = ctl.nvml.gpus()
+    return {g: {"budget_gb": budget.get(g), "used_gb": round(used.get(g, 0.0), 3),
+                "source": "declared", **({"nvml": measured[g]} if g in measured else {})}
+            for g in sorted(set(budget) | set(used) | set(measured))}
+
+
+def engine_gpu_bytes(ctl: Controller, entry: ModelEntry) -> Optional[int]:
+    """What the engine's processes hold on the GPUs (NVML), None when it cannot be said."""
+    if not ctl.nvml.ok:
+        return None
+    pid = ctl.process.pid(entry.inst)
+    return ctl.nvml.used_by([pid]) if pid else None
 
 
 def sleeping_models(ctl: Controller, wall: Callable[[], float] = time.time) -> Dict[str, dict]:

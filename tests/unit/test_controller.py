@@ -259,7 +259,7 @@ def test_status_shows_observed_state_and_memory():
                             "resident_gb": 0.0}
     ctl.wake(e)
     assert model_status(ctl, e)["memory"]["resident_gb"] == 6.0
-    assert gpu_memory(ctl) == {"1": {"budget_gb": None, "used_gb": 6.0}}
+    assert gpu_memory(ctl) == {"1": {"budget_gb": None, "used_gb": 6.0, "source": "declared"}}
 
 
 def test_remembered_sleep_is_known_before_the_first_probe_and_survives_adoption():
