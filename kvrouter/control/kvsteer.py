@@ -1,7 +1,8 @@
 """Steering kvcached KV pools: the effects around ``kvplan.divide``.
 
 Every ``sleep_manager.kv_rebalance_seconds``, for each GPU with a budget
-(``sleep_manager.gpu_memory_gb``), the memory left after the resident models' weights
+(``sleep_manager.gpu_memory_gb``, else NVML's total), the memory left after the resident
+models' weights
 (and the whole declared footprint of models without kvcached) is divided among the
 kvcached pools of the resident single-GPU models on it: demand is the pool's use plus
 what the engine's waiting requests need (at the engine's current bytes per running
@@ -57,9 +58,15 @@ class KvSteering:
             except Exception:
                 log.exception("KV rebalance failed")
 
+    def budgets(self) -> Dict[str, float]:
+        """GB per GPU: ``sleep_manager.gpu_memory_gb``, else NVML's totals where present."""
+        configured = self.ctl.cfg.sleep_manager.gpu_memory_gb
+        if configured:
+            return dict(configured)
+        return {g: m["total_bytes"] / GB for g, m in self.ctl.nvml.gpus().items()}
+
     def active(self) -> bool:
-        return bool(self.ctl.cfg.sleep_manager.gpu_memory_gb) and any(
-            _path(e) for e in self.ctl.entries.values())
+        return any(_path(e) for e in self.ctl.entries.values()) and bool(self.budgets())
 
     def _ceiling(self, entry: ModelEntry, info: kvpool.PoolInfo) -> int:
         if entry.inst.kv_cache_gb:
@@ -71,7 +78,7 @@ class KvSteering:
 
     def _available(self, gpu: str) -> int:
         """Bytes of ``gpu``'s budget the steerable pools on it may share."""
-        total = self.ctl.cfg.sleep_manager.gpu_memory_gb.get(gpu, 0.0) * GB
+        total = self.budgets().get(gpu, 0.0) * GB
         for e in self.ctl.entries.values():
             if e.state not in RESIDENT or gpu not in _gpus(e):
                 continue
@@ -102,7 +109,7 @@ class KvSteering:
     def rebalance(self) -> List[kvplan.Change]:
         """Divide every budgeted GPU's KV memory again; the changes made."""
         made: List[kvplan.Change] = []
-        for gpu in self.ctl.cfg.sleep_manager.gpu_memory_gb:
+        for gpu in self.budgets():
             pools = self._pools(gpu)
             if pools:
                 available = self._available(gpu)

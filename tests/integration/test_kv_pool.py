@@ -206,6 +206,7 @@ def test_the_router_moves_kv_memory_to_where_the_demand_is(tmp_path):
         t.join(90)
         assert http("POST", r.base + "/model/sleep/kv%2Fa")[0] == 200
         wait_until(lambda: limits()["a"] == 0, 5, what="the sleeping model's limit dropped")
+        wait_until(lambda: limits()["b"] >= 7 << 30, 5, what="its memory went to the other")
         stop.set()
         watcher.join()
         assert over == [], over[:3]
