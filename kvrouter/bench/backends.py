@@ -29,7 +29,8 @@ def fast(port: int, events: int, interval_ms: float) -> None:
     monkey.patch_all()
     import gevent
 
-    from kvrouter.http.server import HTTPServer, Response, StreamResponse
+    from kvrouter.http.messages import Response, StreamResponse
+    from kvrouter.http.server import HTTPServer
 
     json_h = [("Content-Type", "application/json")]
     sse_h = [("Content-Type", "text/event-stream")]

@@ -2,7 +2,7 @@
 
 Why not pywsgi: on the hot path it spends most of its time in Python header
 parsing and WSGI plumbing; see docs/performance.md for the measurements. The
-management routes still run as a WSGI app (Flask) through ``wsgi_handler``.
+management routes still run as a WSGI app (Flask) through ``http/wsgi.py``.
 
 What it does:
 - keep-alive and pipelining, HTTP/1.0 and 1.1; request bodies by Content-Length
@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import io
 import logging
 import resource
 import socket
 import sys
 import termios
 from http import HTTPStatus
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 from urllib.parse import unquote_to_bytes
 
 import gevent
@@ -35,103 +34,16 @@ import httptools
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from kvrouter.errors import ApiError, InternalError, ServiceUnavailable, api_error
+from kvrouter.errors import ApiError, InternalError, api_error
+from kvrouter.http.limits import BodyBudget, ServerLimits
+from kvrouter.http.messages import ClientGone, Headers, Request, Response, StreamResponse
 from kvrouter.http.sockio import send_all
 
 log = logging.getLogger("kvrouter.http")
 
-Headers = List[Tuple[str, str]]
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _INTERNAL_ERROR = InternalError("internal server error").to_json()
 WATCH_AFTER = 0.02  # seconds a handler runs before its client's socket is watched
-
-
-class ClientGone(BaseException):
-    """Raised inside a handler when its client disconnected (BaseException: not swallowed)."""
-
-
-class Request:
-    __slots__ = ("method", "url", "path", "query", "headers", "body", "version",
-                 "keep_alive", "remote")
-
-    def __init__(self):
-        self.method = ""
-        self.url = b""
-        self.path = ""
-        self.query = ""
-        self.headers: dict = {}
-        self.body = b""
-        self.version = "1.1"
-        self.keep_alive = True
-        self.remote = None
-
-    def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
-        return self.headers.get(name, default)
-
-
-class Response:
-    __slots__ = ("status", "headers", "body")
-
-    def __init__(self, status: int = 200, headers: Optional[Headers] = None, body: bytes = b""):
-        self.status = status
-        self.headers = headers or []
-        self.body = body
-
-
-class StreamResponse:
-    """A response whose body is produced piece by piece; ``chunks`` is closed when done."""
-
-    __slots__ = ("status", "headers", "chunks")
-
-    def __init__(self, status: int, headers: Headers, chunks: Iterable[bytes]):
-        self.status = status
-        self.headers = headers
-        self.chunks = chunks
-
-
-def default_max_connections(reserve: int = 64) -> int:
-    """Client connections that fit the descriptor limit: each may need a second descriptor
-    for its engine connection, and a few are kept for logs, probes and the listener."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        soft = 1 << 20
-    return max(16, (soft - reserve) // 2)
-
-
-class ServerLimits:
-    """What one client may take. ``header_timeout`` bounds the whole header block (not each
-    read: a byte every few seconds does not keep a connection); ``max_pipeline_bytes`` is
-    what a client may send while its request is served; ``max_pending_body_bytes`` bounds
-    the request bodies being received by all connections together."""
-
-    def __init__(self, max_header_bytes: int = 64 * 1024, max_body_bytes: int = 32 * 1024 * 1024,
-                 keepalive_timeout: float = 75.0, header_timeout: float = 30.0,
-                 write_timeout: float = 120.0, max_pipeline_bytes: int = 1024 * 1024,
-                 max_connections: Optional[int] = None,
-                 max_pending_body_bytes: Optional[int] = None):
-        self.max_header_bytes = max_header_bytes
-        self.max_body_bytes = max_body_bytes
-        self.keepalive_timeout = keepalive_timeout
-        self.header_timeout = header_timeout
-        self.write_timeout = write_timeout
-        self.max_pipeline_bytes = max_pipeline_bytes
-        self.max_connections = max_connections or default_max_connections()
-        self.max_pending_body_bytes = max_pending_body_bytes or max(
-            4 * max_body_bytes, 256 * 1024 * 1024)
-
-
-class _BodyBudget:
-    """Bytes of request bodies being received, all connections together."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.used = 0
-
-    def take(self, n: int) -> None:
-        if self.used + n > self.limit:
-            raise ServiceUnavailable("the server is receiving too many request bodies; retry",
-                                     code="server_busy", headers={"Retry-After": "1"})
-        self.used += n
 
 
 class _Connection:
@@ -139,14 +51,14 @@ class _Connection:
 
     def __init__(self, sock, addr, handler, limits: ServerLimits,
                  precheck: Optional[Callable[[Request], None]] = None,
-                 budget: Optional[_BodyBudget] = None, idle: Optional[dict] = None):
+                 budget: Optional[BodyBudget] = None, idle: Optional[dict] = None):
         self.sock = sock
         self.idle = idle if idle is not None else {}  # the server's idle connections
         self.addr = addr
         self.handler = handler
         self.limits = limits
         self.precheck = precheck
-        self.budget = budget or _BodyBudget(limits.max_pending_body_bytes)
+        self.budget = budget or BodyBudget(limits.max_pending_body_bytes)
         self.reserved = 0              # of the budget, for the request being received
         self.served = 0                # requests answered on this connection
         self.header_deadline = 0.0
@@ -516,7 +428,7 @@ class HTTPServer:
         self.handler = handler
         self.limits = limits or ServerLimits()
         self.precheck = precheck
-        self.budget = _BodyBudget(self.limits.max_pending_body_bytes)
+        self.budget = BodyBudget(self.limits.max_pending_body_bytes)
         self.pool = Pool(self.limits.max_connections)
         # connections waiting for their next request, oldest first: closed when room is short
         self.idle: Dict[_Connection, float] = {}   # connection -> idle since (loop time)
@@ -583,60 +495,3 @@ class HTTPServer:
         if self._reaper is not None:
             self._reaper.kill(block=False)
         self.server.stop(timeout=timeout)
-
-
-# --- WSGI bridge (Flask for the management routes) -------------------------------------------
-
-def wsgi_handler(app, server_name: str = "localhost", server_port: int = 0) -> Callable:
-    """Adapt a WSGI app to the server's handler interface."""
-
-    def handle(req: Request):
-        environ = {
-            "REQUEST_METHOD": req.method,
-            "SCRIPT_NAME": "",
-            "PATH_INFO": req.path,
-            "QUERY_STRING": req.query,
-            "RAW_URI": req.url.decode("latin-1"),
-            "REQUEST_URI": req.url.decode("latin-1"),
-            "SERVER_NAME": server_name,
-            "SERVER_PORT": str(server_port),
-            "SERVER_PROTOCOL": f"HTTP/{req.version}",
-            "REMOTE_ADDR": req.remote[0] if req.remote else "",
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "http",
-            "wsgi.input": io.BytesIO(req.body),
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": False,
-            "wsgi.multiprocess": False,
-            "wsgi.run_once": False,
-        }
-        for k, v in req.headers.items():
-            if k == "content-type":
-                environ["CONTENT_TYPE"] = v
-            elif k == "content-length":
-                environ["CONTENT_LENGTH"] = v
-            else:
-                environ["HTTP_" + k.upper().replace("-", "_")] = v
-        if "CONTENT_LENGTH" not in environ and req.body:
-            environ["CONTENT_LENGTH"] = str(len(req.body))
-        state: Dict[str, Any] = {}
-
-        def start_response(status, headers, exc_info=None):
-            state["status"] = int(status.split(" ", 1)[0])
-            state["headers"] = headers
-            return lambda data: None  # write() callable: unused by Flask
-
-        result = app(environ, start_response)
-        headers = [(k, v) for k, v in state["headers"]
-                   if k.lower() not in ("content-length", "connection", "transfer-encoding")]
-        has_length = any(k.lower() == "content-length" for k, _ in state["headers"])
-        if has_length:
-            try:
-                body = b"".join(result)
-            finally:
-                if hasattr(result, "close"):
-                    result.close()
-            return Response(state["status"], headers, body)
-        return StreamResponse(state["status"], headers, result)
-
-    return handle

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from kvrouter.errors import ApiError, envelope, error_type
-from kvrouter.http.server import Response
+from kvrouter.http.messages import Response
 
 
 def error_response(err: ApiError) -> Response:

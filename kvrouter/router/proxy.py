@@ -27,7 +27,7 @@ from kvrouter.errors import (
     ServiceUnavailable,
 )
 from kvrouter.http.client import UpstreamError, UpstreamPool, UpstreamTimeout
-from kvrouter.http.server import ClientGone, Request, Response, StreamResponse
+from kvrouter.http.messages import ClientGone, Request, Response, StreamResponse
 from kvrouter.router.auth import require_api_key
 from kvrouter.router.errors import error_response, normalize_error_body, stream_error_event
 from kvrouter.router.routes import RouteTable

@@ -16,8 +16,10 @@ from kvrouter.control.controller import Controller
 from kvrouter.control.process import ProcessControl, process_control_for
 from kvrouter.control.reload import reconfigure
 from kvrouter.errors import KvrouterError
-from kvrouter.http.server import HTTPServer, ServerLimits, wsgi_handler
+from kvrouter.http.limits import ServerLimits
+from kvrouter.http.server import HTTPServer
 from kvrouter.http.sockio import raise_open_files_limit
+from kvrouter.http.wsgi import wsgi_handler
 from kvrouter.metrics import RouterMetrics
 from kvrouter.router.api import create_app
 from kvrouter.router.auth import require_api_key

@@ -14,7 +14,8 @@ from urllib.parse import parse_qs
 
 import gevent
 
-from kvrouter.http.server import HTTPServer, Request, Response, StreamResponse
+from kvrouter.http.messages import Request, Response, StreamResponse
+from kvrouter.http.server import HTTPServer
 from kvrouter.http.sockio import raise_open_files_limit
 from kvrouter.sim import text as T
 from kvrouter.sim.generate import Generator, SimError

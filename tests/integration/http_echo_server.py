@@ -8,7 +8,9 @@ import sys  # noqa: E402
 
 import gevent  # noqa: E402
 
-from kvrouter.http.server import HTTPServer, Response, ServerLimits, StreamResponse  # noqa: E402
+from kvrouter.http.limits import ServerLimits  # noqa: E402
+from kvrouter.http.messages import Response, StreamResponse  # noqa: E402
+from kvrouter.http.server import HTTPServer  # noqa: E402
 
 STATE = {"stream_closed": 0, "handler_gone": 0}
 

@@ -8,7 +8,7 @@ import pytest
 from kvrouter.config import parse_config_text
 from kvrouter.control.entry import ModelEntry
 from kvrouter.http.client import UpstreamError, UpstreamTimeout
-from kvrouter.http.server import Request, StreamResponse
+from kvrouter.http.messages import Request, StreamResponse
 from kvrouter.router.proxy import Proxy
 from kvrouter.router.routes import RouteTable
 from kvrouter.traffic import TrafficMonitor
