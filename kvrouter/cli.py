@@ -302,11 +302,10 @@ def kv():
 
 
 def _pools(cfg):
-    from kvrouter import kvpool
 
     for inst in cfg.instances:
-        if inst.kvcached_ipc_name:
-            yield inst, kvpool.segment_path(inst.kvcached_ipc_name)
+        if inst.kv_pool_path:
+            yield inst, inst.kv_pool_path
 
 
 @kv.command("list")

@@ -135,8 +135,8 @@ class RouterMetrics:
             waiting.add_metric([model], entry.waiters)
             for st in State:
                 state.add_metric([model, st.value], 1 if entry.state is st else 0)
-            ipc = entry.inst.kvcached_ipc_name
-            pool = kvpool.read(kvpool.segment_path(ipc)) if ipc else None
+            path = entry.inst.kv_pool_path
+            pool = kvpool.read(path) if path else None
             if pool is not None:
                 kv.add_metric([model, "limit"], pool.total)
                 kv.add_metric([model, "used"], pool.used)

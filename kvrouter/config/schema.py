@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
+from kvrouter import kvpool
+
 ENGINES = ("vllm", "sglang", "sim")
 DIALECTS = ("vllm", "sglang")
 PROCESS_MANAGERS = ("supervisord", "systemd")
@@ -188,6 +190,12 @@ class Instance:
     def kvcached_ipc_name(self) -> Optional[str]:
         """The engine's kvcached pool name (KVCACHED_IPC_NAME), when kvcached is on."""
         return dict(self.env).get("KVCACHED_IPC_NAME") if self.kvcached_enabled else None
+
+    @property
+    def kv_pool_path(self) -> Optional[str]:
+        """The engine's kvcached pool segment (/dev/shm/<name>), when kvcached is on."""
+        ipc = self.kvcached_ipc_name
+        return kvpool.segment_path(ipc) if ipc else None
 
     @property
     def base_url(self) -> str:

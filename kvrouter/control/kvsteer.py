@@ -33,8 +33,7 @@ DRAIN_WAIT = 2.0         # how long growing waits for the donors' use to fall
 
 
 def _path(entry: ModelEntry) -> Optional[str]:
-    ipc = entry.inst.kvcached_ipc_name
-    return kvpool.segment_path(ipc) if ipc else None
+    return entry.inst.kv_pool_path
 
 
 def _gpus(entry: ModelEntry) -> List[str]:

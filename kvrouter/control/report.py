@@ -43,10 +43,9 @@ def model_status(ctl: Controller, entry: ModelEntry) -> dict:
 
 def kv_pool(entry: ModelEntry) -> Optional[dict]:
     """The engine's kvcached pool as measured (its segment), or None without kvcached."""
-    ipc = entry.inst.kvcached_ipc_name
-    if not ipc:
+    path = entry.inst.kv_pool_path
+    if not path:
         return None
-    path = kvpool.segment_path(ipc)
     info = kvpool.read(path)
     if info is None:
         return {"segment": path, "source": "kvcached", "limit_bytes": None,

@@ -70,8 +70,8 @@ def kv_limit(model):
     the engine grows or shrinks its KV pool to it, as after `kvctl limit`."""
     admin_required()
     entry = entry_for(model)
-    ipc = entry.inst.kvcached_ipc_name
-    if not ipc:
+    path = entry.inst.kv_pool_path
+    if not path:
         raise Conflict(f"model {entry.name!r} does not run with kvcached (ENABLE_KVCACHED)",
                        code="no_kv_pool")
     raw = request.args.get("limit")
@@ -82,7 +82,7 @@ def kv_limit(model):
     except ValueError as err:
         raise BadRequest(str(err), param="limit") from None
     try:
-        kvpool.set_limit(kvpool.segment_path(ipc), total)
+        kvpool.set_limit(path, total)
     except FileNotFoundError:
         raise Conflict(f"model {entry.name!r} has no kvcached pool yet (engine not started?)",
                        code="no_kv_pool") from None
