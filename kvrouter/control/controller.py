@@ -173,13 +173,6 @@ class Controller:
             raise TransitionError(result.message)
         return entry.state
 
-    def stop(self, entry: ModelEntry, reason: str) -> State:
-        """Deep sleep: stop the engine process. Raises TransitionError when it cannot."""
-        result = self.transitions.stop(entry, reason)
-        if not result.ok:
-            raise TransitionError(result.message)
-        return entry.state
-
     def request_wake(self, entry: ModelEntry, reason: str) -> gevent.Greenlet:
         """Start the wake unless one runs (single flight). The greenlet's value is a Result."""
         task = entry.wake_task
