@@ -19,6 +19,7 @@ from typing import Callable, Deque, Dict, Iterable, List, Optional, Tuple
 
 WINDOW_MAX = 3600
 SAMPLES = 4096
+GAPS = 256          # idle gaps remembered per model (the adaptive policy learns from them)
 OUTCOMES = ("success", "client_error", "upstream_error", "timeout", "disconnect", "rejected")
 
 
@@ -85,6 +86,7 @@ class ModelTraffic:
         self.total = 0
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.in_flight = 0
+        self.gaps: Deque[float] = deque(maxlen=GAPS)   # idle gaps: last end to next start
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.streams = 0
@@ -144,8 +146,11 @@ class TrafficMonitor:
     # --- recording (hot path) --------------------------------------------------------------
     def start(self, model: str) -> RequestRecord:
         m = self.models[model]
+        now = self.clock()
+        if not m.in_flight and m.last_end_mono is not None:
+            m.gaps.append(now - m.last_end_mono)
         m.in_flight += 1
-        return RequestRecord(m, self.clock())
+        return RequestRecord(m, now)
 
     def waited(self, rec: RequestRecord, seconds: float) -> None:
         rec.wait += seconds

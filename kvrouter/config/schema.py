@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from kvrouter import kvpool
+from kvrouter.sim.timing import (DEFAULT_KV_CACHE_GB, DEFAULT_MAX_MODEL_LEN, DEFAULT_WEIGHTS_GB,
+                                 Timing)
 
 ENGINES = ("vllm", "sglang", "sim")
 DIALECTS = ("vllm", "sglang")
 PROCESS_MANAGERS = ("supervisord", "systemd")
 BENCH_TOOLS = ("builtin", "vllm", "sglang", "guidellm")
+SLEEP_POLICIES = ("lru", "seed", "ttl", "ollama", "static", "adaptive")  # control/policies.py
 _ANY_ADDRESS = ("0.0.0.0", "::", "")
 
 
@@ -96,6 +99,10 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class SleepPolicy:
+    policy: str = setting(
+        "lru", "Which sleep policy decides (README, \"Choosing a sleep policy\"): lru (the "
+        "idle threshold, least recently used evicted first), adaptive (learns each model's "
+        "idle gaps), seed, ttl, ollama, static (never sleeps).", choices=SLEEP_POLICIES)
     idle_threshold_seconds: float = setting(
         300.0, "Idle time (since the end of the last request) before a model is put to sleep.",
         min=0)
@@ -143,6 +150,19 @@ class SimOptions:
     startup_seconds: float = setting(1.0, "Simulated model load time before the engine is ready.",
                                      min=0)
     max_concurrency: int = setting(256, "Requests decoded at once; more wait in a queue.", min=1)
+    prefill_ms_per_token: float = setting(0.02, "Prefill time per prompt token, in ms.", min=0)
+    batch_slowdown: float = setting(
+        0.0001, "Extra decode step time per running request, as a fraction of itl_ms.", min=0)
+    kv_bytes_per_token: int = setting(
+        0, "KV cache bytes per token (0: the size at which kv_cache_gb holds eight sequences "
+        "of the maximum length).", min=0)
+    wake_bandwidth_gbps: float = setting(
+        48.0, "GB/s at which weights are copied to host memory and back (sleep, level-1 "
+        "wake); 48 is pinned host->GPU on an H100.", min=0.001)
+    wake_overhead_seconds: float = setting(
+        0.05, "Fixed time added to every sleep, wake and weights reload.", min=0)
+    disk_bandwidth_gbps: float = setting(
+        2.0, "GB/s at which weights load from disk (the wake after a level-2 sleep).", min=0.001)
 
 
 @dataclass(frozen=True)
@@ -168,7 +188,9 @@ class Instance:
     startup_timeout_seconds: float = setting(
         600.0, "Longest the engine may take to become ready after a start.", min=1)
     sleep: InstanceSleep = setting(factory=InstanceSleep, help="Per-instance sleep policy.")
-    sim: SimOptions = setting(factory=SimOptions, help="Options of engine: sim.")
+    sim: SimOptions = setting(
+        factory=SimOptions, help="The engine's timing and memory model: what `engine: sim` "
+        "imitates, and what `kvrouter simulate` models for every engine.")
     # Derived by the loader from engine_args and the environment keys.
     host: str = derived("localhost")
     port: int = derived(0)
@@ -224,6 +246,14 @@ class Instance:
     @property
     def dialect(self) -> str:
         return self.sim.dialect if self.engine == "sim" else self.engine
+
+    @property
+    def timing(self) -> Timing:
+        """The engine's timing and memory (its `sim:` block and sizes)."""
+        return Timing.of(
+            self.sim, max_model_len=DEFAULT_MAX_MODEL_LEN,
+            weights_gb=DEFAULT_WEIGHTS_GB if self.weights_gb is None else self.weights_gb,
+            kv_cache_gb=DEFAULT_KV_CACHE_GB if self.kv_cache_gb is None else self.kv_cache_gb)
 
 
 @dataclass(frozen=True)

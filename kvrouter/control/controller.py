@@ -17,7 +17,7 @@ import gevent
 from gevent.event import Event
 
 from kvrouter.config.schema import Config
-from kvrouter.control import policy, states
+from kvrouter.control import policies, policy, states
 from kvrouter.control.entry import ModelEntry
 from kvrouter.control.kvsteer import KvSteering
 from kvrouter.control.memo import StateFile
@@ -65,6 +65,7 @@ class Controller:
                 if memo.get("level") in entry.adapter.sleep_levels:
                     entry.level = memo["level"]
         self._asked_process_at: Dict[str, float] = {}
+        self._policy: Optional[policies.Policy] = None
 
     # --- state ------------------------------------------------------------------------------
     def set_state(self, entry: ModelEntry, state: State, reason: str) -> None:
@@ -255,6 +256,14 @@ class Controller:
             entry.poke.wait(timeout=interval)
 
     # --- policy -----------------------------------------------------------------------------------
+    @property
+    def policy(self) -> policies.Policy:
+        """The policy in force (``sleep_manager.policy``; a reload may change it)."""
+        name = self.cfg.sleep_manager.policy
+        if self._policy is None or self._policy.name != name:
+            self._policy = policies.get(name)
+        return self._policy
+
     def snapshot(self) -> policy.Snapshot:
         sm = self.cfg.sleep_manager
         now = self.clock()
@@ -272,12 +281,13 @@ class Controller:
                 stop_after=inst.stop_after_seconds, level=e.level,
                 gpus=tuple((inst.gpus or "0").split(",")),
                 weights_gb=inst.weights_gb or 0.0, kv_cache_gb=self.kv.policy_kv_gb(e),
-                last_used=last))
+                last_used=last, gaps=tuple(t.gaps) if t is not None else (),
+                wake_seconds=e.last_wake_seconds or e.inst.timing.wake_seconds(e.level)))
         return policy.Snapshot(tuple(views), sm.auto_sleep_enabled, dict(sm.gpu_memory_gb))
 
     def tick(self) -> List[policy.Action]:
         """Apply the policy once (the policy loop calls this every check interval)."""
-        actions = policy.decide(self.snapshot())
+        actions = self.policy.decide(self.snapshot())
         for action in actions:
             if action.kind == "stop" and not self.process.available:
                 continue
@@ -295,7 +305,7 @@ class Controller:
 
     def _policy_loop(self) -> None:
         while True:
-            gevent.sleep(self.cfg.sleep_manager.check_interval_seconds)
+            gevent.sleep(self.policy.interval(self.cfg.sleep_manager.check_interval_seconds))
             try:
                 self.tick()
             except Exception:

@@ -3,11 +3,15 @@
 - ``decide``: which idle models to put to sleep, which sleeping ones to stop.
 - ``plan_room``: before waking or starting a model, which idle models on its GPUs
   must sleep or stop so that its weights and KV cache fit the GPU budgets.
+
+Both take the rules that differ between the named policies (``policies.py``) as
+arguments: when a model is idle enough, when a sleeping one is stopped, which model is
+evicted first, how many may be resident on a GPU.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from kvrouter.control.states import RESIDENT, State
 
@@ -28,6 +32,8 @@ class ModelView:
     weights_gb: float
     kv_cache_gb: float
     last_used: float            # monotonic time of the last request end (LRU order)
+    gaps: Tuple[float, ...] = ()  # recent idle gaps (end of a request to the next start)
+    wake_seconds: float = 0.0   # what a wake costs (measured, else the engine's model)
 
     @property
     def footprint_gb(self) -> float:
@@ -58,23 +64,43 @@ def evictable(m: ModelView) -> bool:
     return m.state is State.READY and not m.pinned and m.in_flight == 0 and m.waiting == 0
 
 
-def sleep_candidate(m: ModelView) -> bool:
+Rule = Callable[[ModelView], Optional[float]]
+
+
+def configured_threshold(m: ModelView) -> float:
+    return m.idle_threshold
+
+
+def configured_stop_after(m: ModelView) -> Optional[float]:
+    return m.stop_after
+
+
+def least_recent(m: ModelView) -> float:
+    return m.last_used
+
+
+def sleep_candidate(m: ModelView, threshold: Rule = configured_threshold) -> bool:
     """Idle long enough to be put to sleep (what /sleep/candidates lists)."""
-    return evictable(m) and m.idle_seconds >= m.idle_threshold
+    limit = threshold(m)
+    return evictable(m) and limit is not None and m.idle_seconds >= limit
 
 
-def decide(snap: Snapshot) -> List[Action]:
+def decide(snap: Snapshot, threshold: Rule = configured_threshold,
+           stop_after: Rule = configured_stop_after) -> List[Action]:
+    """Sleep the models idle for ``threshold(m)`` (None: never); stop the models asleep
+    for ``stop_after(m)`` (None: never)."""
     actions: List[Action] = []
     for m in snap.models:
         if m.pinned:
             continue
-        if snap.auto_sleep and sleep_candidate(m):
+        if snap.auto_sleep and sleep_candidate(m, threshold):
             actions.append(Action("sleep", m.name, m.level,
-                                  f"idle {m.idle_seconds:.0f}s >= {m.idle_threshold:g}s"))
-        elif (m.state is State.SLEEPING and m.stop_after is not None and m.waiting == 0
-              and m.state_seconds >= m.stop_after):
-            actions.append(Action("stop", m.name, m.level,
-                                  f"asleep {m.state_seconds:.0f}s >= {m.stop_after:g}s"))
+                                  f"idle {m.idle_seconds:.0f}s >= {threshold(m):.3g}s"))
+        elif m.state is State.SLEEPING and m.waiting == 0:
+            after = stop_after(m)
+            if after is not None and m.state_seconds >= after:
+                actions.append(Action("stop", m.name, m.level,
+                                      f"asleep {m.state_seconds:.0f}s >= {after:g}s"))
     return actions
 
 
@@ -88,37 +114,53 @@ def gpu_usage(models: Sequence[ModelView]) -> Dict[str, float]:
     return used
 
 
-def plan_room(snap: Snapshot, target: str) -> List[Action]:
-    """Actions that make room for ``target`` (empty when it fits or there is no budget)."""
-    if not snap.gpu_budget_gb:
-        return []
+def plan_room(snap: Snapshot, target: str, order: Callable[[ModelView], float] = least_recent,
+              max_resident: Optional[int] = None) -> List[Action]:
+    """Actions that make room for ``target`` (empty when it fits or there is no budget):
+    idle models on its GPUs are put to sleep, lowest ``order`` first, until its footprint
+    fits every budget and (``max_resident``) each GPU holds fewer models than that."""
     by_name = {m.name: m for m in snap.models}
     t = by_name[target]
-    need = t.footprint_gb / max(1, len(t.gpus))
     others = [m for m in snap.models if m.name != target]
-    used = gpu_usage(others)
-    over = {g: used.get(g, 0.0) + need - snap.gpu_budget_gb[g]
-            for g in t.gpus if g in snap.gpu_budget_gb}
-    over = {g: v for g, v in over.items() if v > 1e-9}
-    if not over:
+    over: Dict[str, float] = {}
+    if snap.gpu_budget_gb:
+        need = t.footprint_gb / max(1, len(t.gpus))
+        used = gpu_usage(others)
+        over = {g: used.get(g, 0.0) + need - snap.gpu_budget_gb[g]
+                for g in t.gpus if g in snap.gpu_budget_gb}
+        over = {g: v for g, v in over.items() if v > 1e-9}
+    crowded: Dict[str, int] = {}
+    if max_resident is not None:
+        for g in t.gpus:
+            n = sum(1 for m in others if m.state in RESIDENT and g in m.gpus)
+            if n >= max_resident:
+                crowded[g] = n - max_resident + 1
+    if not over and not crowded:
         return []
     candidates = sorted(
-        (m for m in others if evictable(m) and set(m.gpus) & set(over)),
-        key=lambda m: m.last_used)
+        (m for m in others if evictable(m) and set(m.gpus) & (set(over) | set(crowded))),
+        key=order)
     actions = []
     for m in candidates:
-        if not over:
+        if not over and not crowded:
             break
+        why = sorted(set(over) | set(crowded))
         actions.append(Action("sleep", m.name, m.level,
-                              f"make room for {target} on GPU {','.join(sorted(over))}"))
+                              f"make room for {target} on GPU {','.join(why)}"))
         share = m.footprint_gb / max(1, len(m.gpus))
         for g in m.gpus:
             if g in over:
                 over[g] -= share
                 if over[g] <= 1e-9:
                     del over[g]
-    if over:
-        detail = ", ".join(f"GPU {g} short by {v:.1f} GB" for g, v in sorted(over.items()))
+            if g in crowded:
+                crowded[g] -= 1
+                if crowded[g] <= 0:
+                    del crowded[g]
+    if over or crowded:
+        detail = ", ".join([f"GPU {g} short by {v:.1f} GB" for g, v in sorted(over.items())] +
+                           [f"GPU {g} holds {max_resident} models already"
+                            for g in sorted(crowded)])
         raise NoRoom(f"no room for {target}: {detail} even after sleeping every idle, "
                      "unpinned model on it")
     return actions

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from typing import List
 
-from kvrouter.config.schema import BenchClient, Config, Instance, host_url
+from kvrouter.config.schema import BenchClient, Config, Instance, SimOptions, host_url
 
 
 @dataclass(frozen=True)
@@ -35,15 +35,19 @@ def engine_argv(inst: Instance, py: Interpreters) -> List[str]:
     if inst.engine == "sglang":
         return [python, "-m", "sglang.launch_server", "--model-path", inst.model,
                 *inst.argv_args]
-    # every option of the `sim:` block is a sim-engine flag of the same name
+    # every option of the `sim:` block is a sim-engine flag of the same name, with the same
+    # default: only the ones the config changes are written out
     args = ["--dialect", inst.sim.dialect, "--model", inst.model]
+    defaults = SimOptions()
     for f in dataclasses.fields(inst.sim):
-        if f.name != "dialect":
-            value = getattr(inst.sim, f.name)
+        value = getattr(inst.sim, f.name)
+        if f.name != "dialect" and value != getattr(defaults, f.name):
             args += ["--" + f.name.replace("_", "-"),
                      f"{value:g}" if isinstance(value, float) else str(value)]
     if inst.weights_gb is not None:
         args += ["--weights-gb", f"{inst.weights_gb:g}"]
+    if inst.kv_cache_gb is not None:
+        args += ["--kv-cache-gb", f"{inst.kv_cache_gb:g}"]
     return [python, "-m", "kvrouter", "sim-engine", *args, *inst.argv_args]
 
 

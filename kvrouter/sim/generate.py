@@ -1,10 +1,8 @@
 """OpenAI completions, chat and embeddings of the simulated engine: validation, timing, output.
 
-Timing model: a request waits for a slot (max concurrency), then prefill takes
-``ttft_ms + prefill_ms_per_token * prompt_tokens``; the first token comes out of
-prefill, then one token per decode step for every running request, where a
-step lasts ``itl_ms * (1 + batch_slowdown * (running - 1))`` (continuous
-batching). One decode clock per engine ticks the steps on absolute deadlines
+Timing model (``timing.py``, shared with ``kvrouter simulate``): a request waits for a
+slot (max concurrency) and room in the KV pool, prefills, then gets one token per decode
+step for every running request (continuous batching). One decode clock per engine ticks the steps on absolute deadlines
 and wakes every running request at once, as a real engine's batch does; this is
 also what lets one process hold hundreds of streams (one timer, not one each).
 """
@@ -94,15 +92,14 @@ class DecodeClock:
 
     def __init__(self, state: EngineState):
         self.state = state
-        self.cfg = state.cfg
+        self.timing = state.timing
         self._tick = Event()
         self._loop: Optional[gevent.Greenlet] = None
 
     def _run(self) -> None:
         deadline = time.monotonic()
         while self.state.running > 0:
-            deadline += self.cfg.itl_ms / 1000.0 * (
-                1 + self.cfg.batch_slowdown * (self.state.running - 1))
+            deadline += self.timing.step_seconds(self.state.running)
             delay = deadline - time.monotonic()
             gevent.sleep(delay if delay > 0 else 0)
             tick, self._tick = self._tick, Event()
@@ -240,8 +237,7 @@ class Generator:
                     choices.append([index, T.TokenStream(cfg.seed, prompt, k, gib),
                                     lengths[index], 0])
             st.update_segment()
-            prefill = (cfg.ttft_ms + cfg.prefill_ms_per_token * req["prompt_tokens"]) / 1000.0
-            gevent.sleep(prefill)
+            gevent.sleep(st.timing.prefill_seconds(req["prompt_tokens"]))
             first = time.monotonic()
             self.metrics.hist["queue"].observe(queue_time)
             self.metrics.hist["ttft"].observe(first - start)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from kvrouter.config.schema import DIALECTS, SimOptions
+from kvrouter.sim.timing import (DEFAULT_KV_CACHE_GB, DEFAULT_MAX_MODEL_LEN,
+                                   DEFAULT_WEIGHTS_GB, Timing)
 
 _YAML = SimOptions()  # the options a config's `sim:` block sets share their defaults
 
@@ -34,20 +36,22 @@ class SimConfig:
     host: str = opt("127.0.0.1")
     port: int = opt(8000)
     ttft_ms: float = opt(_YAML.ttft_ms, "time to first token at a short prompt")
-    prefill_ms_per_token: float = opt(0.02)
+    prefill_ms_per_token: float = opt(_YAML.prefill_ms_per_token)
     itl_ms: float = opt(_YAML.itl_ms, "inter-token latency at batch 1")
-    batch_slowdown: float = opt(0.0001, "extra step time per running request (fraction of itl)")
+    batch_slowdown: float = opt(_YAML.batch_slowdown)
     startup_seconds: float = opt(_YAML.startup_seconds, "simulated load time")
     max_concurrency: int = opt(_YAML.max_concurrency, "requests decoded at once", flags=(
         "--max-concurrency", "--max-num-seqs", "--max-running-requests"))
-    max_model_len: int = opt(4096, flags=("--max-model-len", "--context-length"))
+    max_model_len: int = opt(DEFAULT_MAX_MODEL_LEN, flags=("--max-model-len", "--context-length"))
     min_output_tokens: int = opt(16)
     max_output_tokens: int = opt(256)
     embedding_dim: int = opt(64)
-    weights_gb: float = opt(2.0)
-    kv_cache_gb: float = opt(4.0)
-    wake_bandwidth_gbps: float = opt(25.0)
-    disk_bandwidth_gbps: float = opt(2.0)
+    weights_gb: float = opt(DEFAULT_WEIGHTS_GB)
+    kv_cache_gb: float = opt(DEFAULT_KV_CACHE_GB)
+    wake_bandwidth_gbps: float = opt(_YAML.wake_bandwidth_gbps)
+    disk_bandwidth_gbps: float = opt(_YAML.disk_bandwidth_gbps)
+    kv_bytes_per_token: int = opt(_YAML.kv_bytes_per_token)
+    wake_overhead_seconds: float = opt(_YAML.wake_overhead_seconds)
     seed: int = opt(0)
     version: str = opt("", "version to report (default: a recent one of the dialect)",
                        flags=("--version-string",))
@@ -71,6 +75,10 @@ class SimConfig:
     @property
     def served_name(self) -> str:
         return self.names[0]
+
+    @property
+    def timing(self) -> Timing:
+        return Timing.of(self)
 
     @property
     def sleep_endpoints(self) -> bool:

@@ -60,6 +60,7 @@ class KvcachedSegment:
 class EngineState:
     def __init__(self, cfg: SimConfig, clock=time.monotonic):
         self.cfg = cfg
+        self.timing = cfg.timing
         self.clock = clock
         self.started_at = time.time()
         self.ready_at = clock() + (cfg.startup_seconds if cfg.dialect == "sglang" else 0.0)
@@ -101,7 +102,7 @@ class EngineState:
     @property
     def kv_bytes_per_token(self) -> int:
         """KV bytes one token holds: kv_cache_gb fits 8 sequences of max_model_len."""
-        return max(1, int(self.cfg.kv_cache_gb * GB / max(1, self.cfg.max_model_len * 8)))
+        return self.timing.bytes_per_token
 
     def kv_limit_bytes(self) -> int:
         """The KV pool's size: the kvcached segment's limit when there is one."""
@@ -110,7 +111,7 @@ class EngineState:
         return int(self.cfg.kv_cache_gb * GB)
 
     def kv_capacity_tokens(self) -> int:
-        return self.kv_limit_bytes() // self.kv_bytes_per_token
+        return self.timing.capacity_tokens(self.kv_limit_bytes())
 
     def kv_used_bytes(self) -> int:
         return min(self.kv_limit_bytes(), self.tokens_in_flight * self.kv_bytes_per_token) \
@@ -146,9 +147,6 @@ class EngineState:
             return "awake"
         return "discard_all" if self.sleep_level == 2 else "weights_offloaded"
 
-    def transfer_seconds(self, gb: float, bandwidth: float, base: float = 0.05) -> float:
-        return gb / bandwidth + base if bandwidth > 0 else base
-
     def vllm_sleep(self, level: int) -> None:
         self.counters["sleep_calls"] += 1
         if self.asleep_tags:
@@ -159,7 +157,7 @@ class EngineState:
             # vLLM >= 0.17 mode=abort: running requests finish with finish_reason "abort"
             self.abort_epoch += 1
         self.awake.clear()
-        gevent.sleep(self.transfer_seconds(self.cfg.weights_gb, self.cfg.wake_bandwidth_gbps))
+        gevent.sleep(self.timing.sleep_seconds(level))
         self.sleep_level = level
         self.asleep_tags = {"weights", "kv_cache"}
         if level == 2:
@@ -180,7 +178,7 @@ class EngineState:
             return
         started = self.clock()
         if "weights" in tags:
-            gevent.sleep(self.transfer_seconds(self.cfg.weights_gb, self.cfg.wake_bandwidth_gbps))
+            gevent.sleep(self.timing.offload_seconds())
         self.asleep_tags -= tags
         if not self.asleep_tags:
             self.sleep_level = 0
@@ -190,7 +188,7 @@ class EngineState:
         self.update_segment()
 
     def reload_weights(self) -> None:
-        gevent.sleep(self.transfer_seconds(self.cfg.weights_gb, self.cfg.disk_bandwidth_gbps))
+        gevent.sleep(self.timing.reload_seconds())
         self.weights_valid = True
 
     def sglang_release(self, tags) -> None:
@@ -201,8 +199,7 @@ class EngineState:
                   "self._is_no_request()")
         started = self.clock()
         self.awake.clear()
-        gevent.sleep(self.transfer_seconds(self.cfg.weights_gb, self.cfg.wake_bandwidth_gbps)
-                     if "weights" in tags else 0.01)
+        gevent.sleep(self.timing.offload_seconds() if "weights" in tags else 0.01)
         if "weights" in tags and not self.cfg.weights_cpu_backup:
             self.weights_valid = False
         self.released |= tags
@@ -218,7 +215,7 @@ class EngineState:
                       "KeyError in offload_tags.remove")
         started = self.clock()
         if "weights" in tags:
-            gevent.sleep(self.transfer_seconds(self.cfg.weights_gb, self.cfg.wake_bandwidth_gbps))
+            gevent.sleep(self.timing.offload_seconds())
         self.released -= tags
         if not self.released:
             self.awake.set()
