@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Callable, Deque, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 WINDOW_MAX = 3600
 SAMPLES = 4096
-GAPS = 256          # idle gaps remembered per model (the adaptive policy learns from them)
+GAPS = 64          # idle gaps remembered per model (the adaptive policy learns from them)
+ARRIVALS = 32      # request starts remembered per model (its rate while active)
 OUTCOMES = ("success", "client_error", "upstream_error", "timeout", "disconnect", "rejected")
 
 
@@ -80,6 +81,11 @@ def _percentiles(values: List[float]) -> dict:
             "mean": round(sum(values) / n, 6)}
 
 
+def arrival_gaps(arrivals: Sequence[float]) -> Tuple[float, ...]:
+    a = list(arrivals)
+    return tuple(y - x for x, y in zip(a, a[1:]))
+
+
 class ModelTraffic:
     def __init__(self, name: str, now_mono: float):
         self.name = name
@@ -87,6 +93,7 @@ class ModelTraffic:
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.in_flight = 0
         self.gaps: Deque[float] = deque(maxlen=GAPS)   # idle gaps: last end to next start
+        self.arrivals: Deque[float] = deque(maxlen=ARRIVALS)
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.streams = 0
@@ -149,6 +156,7 @@ class TrafficMonitor:
         now = self.clock()
         if not m.in_flight and m.last_end_mono is not None:
             m.gaps.append(now - m.last_end_mono)
+        m.arrivals.append(now)
         m.in_flight += 1
         return RequestRecord(m, now)
 
@@ -191,6 +199,10 @@ class TrafficMonitor:
             self.on_end(m.name, outcome, rec, latency, prompt_tokens, completion_tokens, itl)
 
     # --- queries -----------------------------------------------------------------------------
+    def arrival_gaps(self, model: str) -> Tuple[float, ...]:
+        """Seconds between the model's last ARRIVALS request starts."""
+        return arrival_gaps(self.models[model].arrivals)
+
     def idle_seconds(self, model: str) -> float:
         m = self.models[model]
         if m.in_flight:

@@ -282,7 +282,9 @@ class Controller:
                 gpus=tuple((inst.gpus or "0").split(",")),
                 weights_gb=inst.weights_gb or 0.0, kv_cache_gb=self.kv.policy_kv_gb(e),
                 last_used=last, gaps=tuple(t.gaps) if t is not None else (),
-                wake_seconds=e.last_wake_seconds or e.inst.timing.wake_seconds(e.level)))
+                wake_seconds=e.last_wake_seconds or e.inst.timing.wake_seconds(e.level),
+                arrival_gaps=self.traffic.arrival_gaps(e.name) if self.traffic is not None else (),
+                kv_wanted_gb=self.kv.wanted_gb.get(e.name, 0.0)))
         return policy.Snapshot(tuple(views), sm.auto_sleep_enabled, dict(sm.gpu_memory_gb))
 
     def tick(self) -> List[policy.Action]:

@@ -44,6 +44,7 @@ class KvSteering:
     def __init__(self, ctl: "Controller"):
         self.ctl = ctl
         self.ceilings: Dict[str, int] = {}
+        self.wanted_gb: Dict[str, float] = {}   # KV demand past each pool's limit, last seen
 
     def loop(self) -> None:
         """Rebalance every kv_rebalance_seconds (the setting is read again each time)."""
@@ -108,12 +109,16 @@ class KvSteering:
     def rebalance(self) -> List[kvplan.Change]:
         """Divide every budgeted GPU's KV memory again; the changes made."""
         made: List[kvplan.Change] = []
+        wanted: Dict[str, float] = {}
         for gpu in self.budgets():
             pools = self._pools(gpu)
+            for p in pools.values():
+                wanted[p.model] = max(0, p.demand - p.limit) / GB
             if pools:
                 available = self._available(gpu)
                 made += self._apply(kvplan.divide(available, list(pools.values())), pools,
                                     available)
+        self.wanted_gb = wanted
         return made
 
     def _apply(self, plan: List[kvplan.Change], pools: Dict[str, kvplan.Pool],

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Dict, List, Optional, Sequence, Type
 
-from kvrouter.control.policy import Action, ModelView, Snapshot, decide, plan_room, sleep_candidate
+from kvrouter.control.policy import (Action, ModelView, Snapshot, decide, evictable, plan_room,
+                                     sleep_candidate)
+from kvrouter.control.states import State
 
 
 class Policy:
@@ -114,28 +116,57 @@ def quantile(values: Sequence[float], q: float) -> float:
     return v[min(len(v) - 1, int(q * len(v)))]
 
 
-class Adaptive(Policy):
-    """Ski rental with a learned idle-gap distribution.
+def ski_rental_threshold(gaps: Sequence[float], penalty: float) -> float:
+    """The idle time after which sleeping costs least over these gaps, where a gap of g
+    costs g (awake throughout) when g <= T, and T + ``penalty`` (awake T, then a wake)
+    when it is longer: ski rental against the model's own gap distribution."""
+    g = sorted(gaps)
+    n = len(g)
+    best_t, best_cost = 0.0, n * penalty          # sleep at once
+    prefix = 0.0
+    for i, x in enumerate(g):                     # T just above x: gaps up to x stay awake
+        prefix += x
+        cost = prefix + (n - i - 1) * (x + penalty)
+        if cost < best_cost:
+            best_t, best_cost = x, cost
+    return best_t
 
-    Keeping a model awake costs memory for as long as it idles; a sleep costs a wake on the
-    request path later (its TTFT, and that of the requests that arrive meanwhile). A gap
-    longer than the model's usual ones (``GAP_FACTOR`` x its ``QUANTILE`` gap) says it went
-    quiet; ``K`` x its wake cost keeps cheap-to-keep, costly-to-wake models up longer. The
-    configured idle threshold stays the longest a model idles awake. With too little history
-    (fewer than ``MIN_GAPS`` gaps) the configured threshold applies.
+
+def misses_per_wake(m: ModelView) -> float:
+    """Requests a wake makes late: the one that starts it, and those that follow it within
+    the wake time. Arrivals come in clumps (bursty traffic): with p the share of the
+    model's recent inter-arrival gaps shorter than a wake, a clump continues past each
+    arrival with probability p, so 1 / (1 - p) requests in all."""
+    if not m.arrival_gaps:
+        return 1.0
+    p = sum(1 for g in m.arrival_gaps if g < m.wake_seconds) / len(m.arrival_gaps)
+    return 1.0 / (1.0 - min(p, 0.95))
+
+
+class Adaptive(Policy):
+    """Ski rental with the model's learned idle-gap distribution.
+
+    Keeping an idle model awake costs its memory for as long as it idles; sleeping it costs
+    a wake on the request path later: the request that wakes it and those arriving during
+    the wake miss their TTFT SLO (1 + its rate when active x its wake time). A missed request
+    is priced at ``MISS_GB_SECONDS`` of idle GPU memory, which turns a wake into idle seconds
+    of this model (``penalty``); the threshold is the one that would have cost least over
+    its recent gaps. Busy, costly-to-wake models stay up longer; rarely used ones sleep soon
+    after their usual gaps. The configured idle threshold stays the longest a model idles
+    awake; with too little history (fewer than ``MIN_GAPS`` gaps) it applies as is.
     """
 
     name = "adaptive"
-    summary = "ski rental on each model's idle-gap history and wake cost"
-    K = 20.0
-    QUANTILE = 0.95
-    GAP_FACTOR = 2.0
+    summary = "ski rental on each model's idle-gap history, rate and wake cost"
+    MISS_GB_SECONDS = 500.0
     MIN_GAPS = 8
+    QUIET_SECONDS = 10.0
 
     def threshold(self, m: ModelView) -> Optional[float]:
         if len(m.gaps) < self.MIN_GAPS:
             return m.idle_threshold
-        learned = max(self.GAP_FACTOR * quantile(m.gaps, self.QUANTILE), self.K * m.wake_seconds)
+        penalty = self.MISS_GB_SECONDS * misses_per_wake(m) / max(m.footprint_gb, 0.1)
+        learned = ski_rental_threshold(m.gaps, penalty) * 1.05 + 2 * m.wake_seconds
         return min(learned, m.idle_threshold)
 
     def evict_order(self, m: ModelView) -> float:
@@ -143,6 +174,37 @@ class Adaptive(Policy):
         in units of that threshold (a model well past its usual gaps went quiet)."""
         limit = self.threshold(m) or m.idle_threshold or 1.0
         return -m.idle_seconds / max(limit, 1e-3)
+
+    def quiet(self, m: ModelView) -> bool:
+        """Idle longer than nine in ten of its gaps (and twice its wake): likely between
+        bursts rather than inside one."""
+        usual = quantile(m.gaps, 0.9) if len(m.gaps) >= self.MIN_GAPS else self.QUIET_SECONDS
+        return m.idle_seconds >= max(usual, 2 * m.wake_seconds)
+
+    def decide(self, snap: Snapshot) -> List[Action]:
+        """The ski-rental sleeps, and under memory pressure more: when the busy models on a
+        GPU want KV their pools cannot give (kvcached), quiet idle models on it sleep,
+        furthest predicted next request first, until what they free covers it."""
+        actions = super().decide(snap)
+        if not snap.auto_sleep:
+            return actions
+        chosen = {a.model for a in actions}
+        for gpu in sorted({g for m in snap.models for g in m.gpus}):
+            here = [m for m in snap.models if gpu in m.gpus]
+            wanted = sum(m.kv_wanted_gb / len(m.gpus) for m in here if m.state is State.READY)
+            wanted -= sum(m.footprint_gb / len(m.gpus) for m in here if m.name in chosen)
+            if wanted <= 0:
+                continue
+            idle = sorted((m for m in here if m.name not in chosen and not m.pinned and
+                           evictable(m) and self.quiet(m)), key=self.evict_order)
+            for m in idle:
+                if wanted <= 0:
+                    break
+                actions.append(Action("sleep", m.name, m.level, f"GPU {gpu}: busier models "
+                                      f"want {wanted:.1f} GB more KV"))
+                chosen.add(m.name)
+                wanted -= m.footprint_gb / len(m.gpus)
+        return actions
 
 
 POLICIES: Dict[str, Type[Policy]] = {

@@ -34,6 +34,8 @@ class ModelView:
     last_used: float            # monotonic time of the last request end (LRU order)
     gaps: Tuple[float, ...] = ()  # recent idle gaps (end of a request to the next start)
     wake_seconds: float = 0.0   # what a wake costs (measured, else the engine's model)
+    arrival_gaps: Tuple[float, ...] = ()  # between its last few request starts
+    kv_wanted_gb: float = 0.0   # KV its queued requests need beyond its pool's limit
 
     @property
     def footprint_gb(self) -> float:

@@ -1,0 +1,401 @@
+"""Discrete-event replay of a trace: the router's gate, the engines and a sleep policy,
+with no process, socket or clock.
+
+What runs is the real decision code (a ``policies.Policy``: ``decide`` every interval,
+``plan_room`` before a wake; ``kvplan.divide`` for kvcached pools) against the engines'
+timing and memory model (``sim/timing.py``, the one the simulated engine sleeps by):
+
+- a request for a ready model queues at its engine and is admitted when a slot is free
+  and its tokens fit the KV pool; its first token comes after the prefill, the rest one a
+  decode step each (the step at its admission's batch size);
+- a request for a sleeping or stopped model waits for the one wake it starts (after the
+  evictions ``plan_room`` asks for), as the router's gate does; no room: it is refused;
+- sleep and wake take the engine's modelled time, plus the router's 1-token warm-up;
+- kvcached pools (``elastic``) are divided again every ``kv_rebalance_seconds``;
+  ``static`` gives every model an even share of its GPU for the whole run.
+"""
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
+
+from kvrouter.config.schema import Config, Instance
+from kvrouter.control import kvplan
+from kvrouter.control.policies import Policy
+from kvrouter.control.policy import ModelView, NoRoom, Snapshot
+from kvrouter.control.states import ASLEEP, RESIDENT, State
+from kvrouter.sim.timing import GB, WARM_UP_PROMPT_TOKENS, Timing
+from kvrouter.traffic import ARRIVALS, GAPS, arrival_gaps
+
+FLOOR_FRACTION = 1 / 8   # as the live steering: a pool keeps room for one long request
+
+
+class Req:
+    __slots__ = ("t", "model", "prompt", "out", "need", "first", "end", "tpot", "cause", "ok",
+                 "queued_at")
+
+    def __init__(self, t: float, model: str, prompt: int, out: int):
+        self.t = t
+        self.model = model
+        self.prompt = prompt
+        self.out = out
+        self.need = prompt + out
+        self.first: Optional[float] = None
+        self.end: Optional[float] = None
+        self.tpot: Optional[float] = None
+        self.cause = ""      # what delayed it: wake, cold start, queue (KV), queue (slots)
+        self.ok = False
+        self.queued_at = 0.0
+
+    @property
+    def ttft(self) -> Optional[float]:
+        return None if self.first is None else self.first - self.t
+
+
+class Engine:
+    """One model's engine, as the router and the engine itself see it."""
+
+    def __init__(self, inst: Instance, timing: Timing, gpus: Tuple[str, ...]):
+        self.inst = inst
+        self.name = inst.model
+        self.t = timing
+        self.gpus = gpus
+        self.state = State.READY
+        self.since = 0.0
+        self.level = inst.sleep_level
+        self.in_flight = 0             # the router's count: waiting + queued + running
+        self.waiting: List[Req] = []   # for a wake (the router's gate)
+        self.queue: Deque[Req] = deque()  # at the engine, not admitted yet
+        self.blocked = "queue"            # why the queue last stopped moving
+        self.running = 0
+        self.tokens = 0
+        self.limit = int(timing.kv_cache_gb * GB)   # KV pool bytes
+        self.steerable = False
+        self.last_end: Optional[float] = None
+        self.gaps: Deque[float] = deque(maxlen=GAPS)
+        self.arrivals: Deque[float] = deque(maxlen=ARRIVALS)
+        self.last_wake_seconds = 0.0
+        self.wakes = 0
+        self.starts = 0
+        self.sleeps = 0
+        self.mem_gb = 0.0
+        self.version = 0               # invalidates a scheduled transition end
+
+    @property
+    def ceiling(self) -> int:
+        return int(self.t.kv_cache_gb * GB)
+
+    def kv_used(self) -> int:
+        return self.tokens * self.t.bytes_per_token
+
+
+class World:
+    def __init__(self, cfg: Config, policy: Policy, rows: Sequence[dict]):
+        self.cfg = cfg
+        self.sm = cfg.sleep_manager
+        self.policy = policy
+        self.now = 0.0
+        self.heap: List[tuple] = []
+        self.seq = 0
+        self.budget: Dict[str, float] = dict(self.sm.gpu_memory_gb)
+        self.engines: Dict[str, Engine] = {}
+        for inst in cfg.instances:
+            e = Engine(inst, inst.timing, tuple((inst.gpus or "0").split(",")))
+            self.engines[e.name] = e
+        self.routes: Dict[str, Engine] = {}
+        for e in self.engines.values():
+            for alias in e.inst.route_names or (e.name,):
+                self.routes[alias] = e
+        self.requests = [Req(r["time"], r["model"], r["prompt_tokens"], r["output_tokens"])
+                         for r in rows]
+        self.duration = max((r.t for r in self.requests), default=0.0)
+        self.unrouted = [r for r in self.requests if r.model not in self.routes]
+        self.mem_total = 0.0
+        self.mem_seconds = 0.0
+        self.last_t = 0.0
+        self._place()
+
+    # --- setup --------------------------------------------------------------------------------
+    def _place(self) -> None:
+        """All engines start awake, as many as fit their GPUs' budgets (the rest asleep);
+        ``static`` splits each GPU evenly; kvcached pools share what the weights leave."""
+        elastic = self.policy.elastic_kv
+        if not elastic and self.budget:
+            per_gpu: Dict[str, int] = {}
+            for e in self.engines.values():
+                for g in e.gpus:
+                    per_gpu[g] = per_gpu.get(g, 0) + 1
+            for e in self.engines.values():
+                share = sum(self.budget.get(g, 0.0) / per_gpu[g] for g in e.gpus)
+                if share and share < e.t.weights_gb:
+                    raise ValueError(f"static partitioning: {e.name}'s weights "
+                                     f"({e.t.weights_gb:g} GB) do not fit its share of GPU "
+                                     f"{','.join(e.gpus)} ({share:.1f} GB)")
+                if share:
+                    e.limit = int((share - e.t.weights_gb) * GB)
+        for e in self.engines.values():
+            e.steerable = (elastic and e.inst.kvcached_enabled and len(e.gpus) == 1
+                           and bool(self.budget))
+            if e.steerable:
+                e.limit = int(e.ceiling * FLOOR_FRACTION)
+            if self.budget and not self._fits(e):
+                e.state, e.level = State.SLEEPING, e.inst.sleep_level
+            self._mem(e)
+        if any(e.steerable for e in self.engines.values()):
+            self._rebalance()
+
+    def _footprint_gb(self, e: Engine) -> float:
+        return e.t.weights_gb + (e.ceiling * FLOOR_FRACTION if e.steerable else e.limit) / GB
+
+    def _fits(self, e: Engine) -> bool:
+        for g in e.gpus:
+            if g not in self.budget:
+                continue
+            used = sum(self._footprint_gb(o) / len(o.gpus) for o in self.engines.values()
+                       if o is not e and o.state in RESIDENT and g in o.gpus)
+            if used + self._footprint_gb(e) / len(e.gpus) > self.budget[g] + 1e-9:
+                return False
+        return True
+
+    # --- events -------------------------------------------------------------------------------
+    def at(self, t: float, kind: str, *args) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, args))
+
+    def run(self) -> "World":
+        for r in self.requests:
+            if r.model in self.routes:
+                self.at(r.t, "arrive", r)
+        interval = self.policy.interval(self.sm.check_interval_seconds)
+        self.at(interval, "tick", interval)
+        every = self.sm.kv_rebalance_seconds
+        if every and any(e.steerable for e in self.engines.values()):
+            self.at(every, "rebalance", every)
+        heap = self.heap
+        pop = heapq.heappop
+        while heap:
+            t, _, kind, args = pop(heap)
+            if t > self.now:
+                self._advance(t)
+            getattr(self, "_on_" + kind)(*args)
+        self._advance(max(self.now, self.duration))
+        return self
+
+    def _advance(self, t: float) -> None:
+        end = min(t, self.duration)
+        if end > self.last_t:
+            self.mem_seconds += self.mem_total * (end - self.last_t)
+            self.last_t = end
+        self.now = t
+
+    def _mem(self, e: Engine) -> None:
+        """GPU memory the engine holds: weights while resident, and its KV (with kvcached,
+        the pages in use; without, the whole pool, allocated at start)."""
+        new = 0.0
+        if e.state in RESIDENT:
+            new = e.t.weights_gb + (e.kv_used() if e.steerable else e.limit) / GB
+        self.mem_total += new - e.mem_gb
+        e.mem_gb = new
+
+    def _on_arrive(self, r: Req) -> None:
+        e = self.routes[r.model]
+        if not e.in_flight and e.last_end is not None:
+            e.gaps.append(self.now - e.last_end)
+        e.arrivals.append(self.now)
+        e.in_flight += 1
+        if e.state is State.READY:
+            self._submit(e, r)
+            return
+        r.cause = "cold start" if e.state in (State.STOPPED, State.STARTING) else "wake"
+        e.waiting.append(r)
+        if e.state in ASLEEP:
+            self._wake(e)
+
+    def _submit(self, e: Engine, r: Req) -> None:
+        r.queued_at = self.now
+        e.queue.append(r)
+        self._admit(e)
+
+    def _admit(self, e: Engine) -> None:
+        t = e.t
+        capacity = t.capacity_tokens(e.limit)
+        changed = False
+        while e.queue:
+            r = e.queue[0]
+            if e.running >= t.max_concurrency:
+                e.blocked = "queue (slots)"
+                break
+            if e.running and e.tokens + r.need > capacity:
+                e.blocked = "queue (KV full)"
+                break
+            e.queue.popleft()
+            if r.queued_at < self.now and not r.cause:
+                r.cause = e.blocked
+            e.running += 1
+            e.tokens += r.need
+            changed = True
+            r.first = self.now + t.prefill_seconds(r.prompt)
+            if r.out > 1:
+                r.tpot = t.step_seconds(e.running)
+                r.end = r.first + (r.out - 1) * r.tpot
+            else:
+                r.end = r.first
+            self.at(r.end, "done", r)
+        if changed and e.steerable:
+            self._mem(e)
+
+    def _on_done(self, r: Req) -> None:
+        e = self.routes[r.model]
+        r.ok = True
+        e.running -= 1
+        e.tokens -= r.need
+        e.in_flight -= 1
+        if not e.in_flight:
+            e.last_end = self.now
+        if e.steerable:
+            self._mem(e)
+        self._admit(e)
+
+    # --- transitions --------------------------------------------------------------------------
+    def _set(self, e: Engine, state: State) -> None:
+        e.state = state
+        e.since = self.now
+        e.version += 1
+        self._mem(e)
+
+    def _wake(self, e: Engine) -> None:
+        """The single wake the first waiting request starts: evictions, then the wake."""
+        try:
+            actions = self.policy.plan_room(self.snapshot(), e.name)
+        except NoRoom:
+            for r in e.waiting:
+                r.cause = "refused: no room"
+                e.in_flight -= 1
+            e.waiting = []
+            return
+        delay = 0.0
+        for a in actions:   # the live controller sleeps the victims one after the other
+            victim = self.engines[a.model]
+            delay += victim.t.sleep_seconds(a.level)
+            self._sleep(victim, a.level, done_at=self.now + delay)
+        stopped = e.state is State.STOPPED
+        cost = (e.t.start_seconds() if stopped else e.t.wake_seconds(e.level)) + \
+            e.t.prefill_seconds(WARM_UP_PROMPT_TOKENS)
+        self._set(e, State.STARTING if stopped else State.WAKING)
+        if e.steerable:   # before traffic: what is free on its GPU, at least its floor
+            e.limit = self._free_kv(e)
+            self._mem(e)
+        self.at(self.now + delay + cost, "woken", e, e.version, delay + cost, stopped)
+
+    def _on_woken(self, e: Engine, version: int, seconds: float, started: bool) -> None:
+        if e.version != version:
+            return
+        e.last_wake_seconds = seconds
+        if started:
+            e.starts += 1
+        else:
+            e.wakes += 1
+        self._set(e, State.READY)
+        waiting, e.waiting = e.waiting, []
+        for r in waiting:
+            self._submit(e, r)
+
+    def _sleep(self, e: Engine, level: int, done_at: Optional[float] = None) -> None:
+        self._set(e, State.DRAINING)
+        e.level = level
+        self.at(done_at if done_at is not None else self.now + e.t.sleep_seconds(level),
+                "slept", e, e.version)
+
+    def _on_slept(self, e: Engine, version: int) -> None:
+        if e.version != version:
+            return
+        e.sleeps += 1
+        if e.steerable:
+            e.limit = 0
+        self._set(e, State.SLEEPING)
+        if e.waiting:
+            self._wake(e)
+
+    def _on_tick(self, interval: float) -> None:
+        for a in self.policy.decide(self.snapshot()):
+            e = self.engines[a.model]
+            if a.kind == "sleep" and e.state is State.READY and not e.in_flight:
+                self._sleep(e, a.level)
+            elif a.kind == "stop" and e.state is State.SLEEPING and not e.waiting:
+                self._set(e, State.STOPPED)
+        if self.now < self.duration:
+            self.at(self.now + interval, "tick", interval)
+
+    # --- kvcached pools -----------------------------------------------------------------------
+    def _available(self, gpu: str) -> int:
+        total = self.budget.get(gpu, 0.0) * GB
+        for e in self.engines.values():
+            if e.state in RESIDENT and gpu in e.gpus:
+                total -= e.t.weights_gb * GB / len(e.gpus)
+                if not e.steerable:
+                    total -= e.limit / len(e.gpus)
+        return max(0, int(total))
+
+    def _free_kv(self, e: Engine) -> int:
+        gpu = e.gpus[0]
+        taken = sum(max(o.limit, o.kv_used()) for o in self.engines.values()
+                    if o is not e and o.steerable and o.state in RESIDENT and o.gpus[0] == gpu)
+        floor = int(e.ceiling * FLOOR_FRACTION)
+        return min(e.ceiling, max(floor, self._available(gpu) - taken))
+
+    def _rebalance(self) -> None:
+        by_gpu: Dict[str, List[Engine]] = {}
+        for e in self.engines.values():
+            if e.steerable and e.state in (State.READY, State.WAKING):
+                by_gpu.setdefault(e.gpus[0], []).append(e)
+        for gpu, engines in by_gpu.items():
+            available = self._available(gpu)
+            pools = {e.name: kvplan.Pool(
+                e.name, e.limit, e.kv_used(),
+                e.kv_used() + sum(r.need for r in e.queue) * e.t.bytes_per_token +
+                len(e.waiting) * int(e.ceiling * FLOOR_FRACTION),
+                int(e.ceiling * FLOOR_FRACTION), e.ceiling) for e in engines}
+            plan = kvplan.divide(available, list(pools.values()))
+            for c in plan:
+                if c.shrink:
+                    self.engines[c.model].limit = c.new
+            for c in plan:
+                if c.shrink:
+                    continue
+                e = self.engines[c.model]
+                others = sum(max(o.limit, o.kv_used()) for o in engines if o is not e)
+                e.limit = max(e.limit, min(c.new, available - others))
+                self._admit(e)
+
+    def _on_rebalance(self, every: float) -> None:
+        self._rebalance()
+        if self.now < self.duration:
+            self.at(self.now + every, "rebalance", every)
+
+    # --- what the policy sees -----------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        now = self.now
+        views = []
+        for e in self.engines.values():
+            inst = e.inst
+            wanted = 0.0
+            if e.steerable:
+                floor = e.ceiling * FLOOR_FRACTION
+                kv = (max(e.kv_used(), floor) if e.state in RESIDENT else floor) / GB
+                if e.queue:
+                    demand = e.kv_used() + sum(r.need for r in e.queue) * e.t.bytes_per_token
+                    wanted = max(0, demand - e.limit) / GB
+            else:
+                kv = e.limit / GB
+            engine_load = e.in_flight - len(e.waiting)
+            views.append(ModelView(
+                name=e.name, state=e.state, in_flight=engine_load, waiting=len(e.waiting),
+                idle_seconds=0.0 if e.in_flight else now - (e.last_end or 0.0),
+                state_seconds=now - e.since, pinned=inst.sleep.pinned,
+                idle_threshold=inst.idle_threshold_seconds, stop_after=inst.stop_after_seconds,
+                level=e.level, gpus=e.gpus, weights_gb=e.t.weights_gb, kv_cache_gb=kv,
+                last_used=e.last_end or 0.0, gaps=tuple(e.gaps),
+                wake_seconds=e.last_wake_seconds or e.t.wake_seconds(e.level),
+                arrival_gaps=arrival_gaps(e.arrivals), kv_wanted_gb=wanted))
+        return Snapshot(tuple(views), self.sm.auto_sleep_enabled, self.budget)
