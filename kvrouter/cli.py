@@ -356,6 +356,24 @@ def kv_limit(model, size, config):
     raise KvrouterError(f"{model}: not a kvcached-enabled model of {config}")
 
 
+def _add_simulate():
+    from kvrouter.lab import cli as lab_cli
+
+    @cli.command("simulate")
+    @with_config
+    @lab_cli.options
+    def simulate(config, trace_file, names, scale, find_max, target, ttft_slo_scale,
+                 tpot_slo_scale, per_model, json_out, out_dir, plot_out):
+        """Replay a trace against CONFIG's engines under each sleep policy, in seconds: no
+        process, no socket. Prints SLO attainment, goodput, TTFT, wakes and GPU memory per
+        policy (the policies' own code, the simulated engine's timing model)."""
+        from kvrouter.control import policies
+
+        lab_cli.simulate(_load(config), trace_file, names or list(policies.POLICIES), scale,
+                         find_max, target, ttft_slo_scale, tpot_slo_scale, per_model, json_out,
+                         out_dir, plot_out)
+
+
 def _add_bench():
     from kvrouter.bench.cli import bench
 
@@ -413,6 +431,7 @@ def _bench_programs(out_dir: str, names, start: bool) -> None:
 
 
 _add_bench()
+_add_simulate()
 
 
 def main() -> None:

@@ -161,6 +161,7 @@ class Adaptive(Policy):
     MISS_GB_SECONDS = 500.0
     MIN_GAPS = 8
     QUIET_SECONDS = 10.0
+    QUIET_QUANTILE = 0.9
 
     def threshold(self, m: ModelView) -> Optional[float]:
         if len(m.gaps) < self.MIN_GAPS:
@@ -178,7 +179,8 @@ class Adaptive(Policy):
     def quiet(self, m: ModelView) -> bool:
         """Idle longer than nine in ten of its gaps (and twice its wake): likely between
         bursts rather than inside one."""
-        usual = quantile(m.gaps, 0.9) if len(m.gaps) >= self.MIN_GAPS else self.QUIET_SECONDS
+        usual = quantile(m.gaps, self.QUIET_QUANTILE) if len(m.gaps) >= self.MIN_GAPS \
+            else self.QUIET_SECONDS
         return m.idle_seconds >= max(usual, 2 * m.wake_seconds)
 
     def decide(self, snap: Snapshot) -> List[Action]:
@@ -195,8 +197,10 @@ class Adaptive(Policy):
             wanted -= sum(m.footprint_gb / len(m.gpus) for m in here if m.name in chosen)
             if wanted <= 0:
                 continue
+            # most memory freed per request its later wake delays first
             idle = sorted((m for m in here if m.name not in chosen and not m.pinned and
-                           evictable(m) and self.quiet(m)), key=self.evict_order)
+                           evictable(m) and self.quiet(m)),
+                          key=lambda m: -m.footprint_gb / misses_per_wake(m))
             for m in idle:
                 if wanted <= 0:
                     break

@@ -14,6 +14,7 @@ from kvrouter.lab import outcome
 from kvrouter.lab.world import World
 
 TARGET = 0.99
+FLOOR = 0.5
 
 
 def scaled(rows: Sequence[dict], scale: float) -> List[dict]:
@@ -45,10 +46,10 @@ def max_rate(cfg: Config, policy: str, rows: Sequence[dict], slo: Dict[str, outc
              refine: int = 3) -> dict:
     """The highest rate at which ``policy`` meets ``target`` attainment, and the curve.
 
-    Scales go up by sqrt(2) from 1/8 until two in a row miss the target after one met it
-    (attainment is not monotonic: a policy that wakes models loses more at low rates);
-    the last passing scale is then refined by bisection."""
-    scales = list(scales) if scales else [2 ** (k / 2) for k in range(-6, 15)]
+    Scales go up by sqrt(2) from 1/4 to 64 until two in a row miss the target after one met
+    it (attainment is not monotonic: a policy that wakes models loses more at low rates) or
+    attainment falls under FLOOR; the last passing scale is refined by bisection."""
+    scales = list(scales) if scales else [2 ** (k / 2) for k in range(-4, 13)]
     curve: List[Tuple[float, float]] = []
     best: Optional[float] = None
     fail_above: Optional[float] = None
@@ -63,6 +64,8 @@ def max_rate(cfg: Config, policy: str, rows: Sequence[dict], slo: Dict[str, outc
             misses += 1
             if misses >= 2:
                 break
+        if att < FLOOR:   # far below: higher rates only do worse
+            break
     if best is not None and fail_above is not None:
         lo, hi = best, fail_above
         for _ in range(refine):
