@@ -139,8 +139,10 @@ class World:
                            and bool(self.budget))
             if e.steerable:
                 e.limit = int(e.ceiling * FLOOR_FRACTION)
-            if self.budget and not self._fits(e):
-                e.state, e.level = State.SLEEPING, e.inst.sleep_level
+            e.state = State.SLEEPING
+        for e in self.engines.values():   # in config order, while they fit
+            if not self.budget or self._fits(e):
+                e.state = State.READY
             self._mem(e)
         if any(e.steerable for e in self.engines.values()):
             self._rebalance()

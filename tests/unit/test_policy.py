@@ -6,11 +6,13 @@ from kvrouter.control.states import State
 
 
 def view(name, state="ready", idle=0.0, in_flight=0, waiting=0, pinned=False, threshold=300.0,
-         stop_after=None, state_seconds=0.0, gpus=("0",), weights=10.0, kv=5.0, last_used=0.0):
+         stop_after=None, state_seconds=0.0, gpus=("0",), weights=10.0, kv=5.0, last_used=0.0,
+         gaps=(), wake=0.0, arrival_gaps=(), kv_wanted=0.0):
     return ModelView(name=name, state=State(state), in_flight=in_flight, waiting=waiting,
                      idle_seconds=idle, state_seconds=state_seconds, pinned=pinned,
                      idle_threshold=threshold, stop_after=stop_after, level=1, gpus=gpus,
-                     weights_gb=weights, kv_cache_gb=kv, last_used=last_used)
+                     weights_gb=weights, kv_cache_gb=kv, last_used=last_used, gaps=gaps,
+                     wake_seconds=wake, arrival_gaps=arrival_gaps, kv_wanted_gb=kv_wanted)
 
 
 def snap(*models, auto=True, budget=None):
