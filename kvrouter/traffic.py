@@ -21,6 +21,7 @@ WINDOW_MAX = 3600
 SAMPLES = 4096
 GAPS = 64          # idle gaps remembered per model (the adaptive policy learns from them)
 ARRIVALS = 32      # request starts remembered per model (its rate while active)
+WAKE_WINDOW = 600  # seconds over which the share of requests that waited for a wake is kept
 OUTCOMES = ("success", "client_error", "upstream_error", "timeout", "disconnect", "rejected")
 
 
@@ -86,6 +87,37 @@ def arrival_gaps(arrivals: Sequence[float]) -> Tuple[float, ...]:
     return tuple(y - x for x, y in zip(a, a[1:]))
 
 
+class WakeWindow:
+    """Requests ended, and those of them that waited for a wake, per second over the last
+    WAKE_WINDOW seconds (all models): how much of the traffic sleep is costing."""
+
+    __slots__ = ("stamp", "requests", "waited")
+
+    def __init__(self):
+        self.stamp = [-1] * WAKE_WINDOW
+        self.requests = [0] * WAKE_WINDOW
+        self.waited = [0] * WAKE_WINDOW
+
+    def add(self, now: float, waited: bool) -> None:
+        sec = int(now)
+        i = sec % WAKE_WINDOW
+        if self.stamp[i] != sec:
+            self.stamp[i], self.requests[i], self.waited[i] = sec, 0, 0
+        self.requests[i] += 1
+        if waited:
+            self.waited[i] += 1
+
+    def totals(self, now: float) -> Tuple[int, int]:
+        """(requests, requests that waited for a wake) over the window."""
+        low = int(now) - WAKE_WINDOW
+        n = w = 0
+        for i, stamp in enumerate(self.stamp):
+            if stamp > low:
+                n += self.requests[i]
+                w += self.waited[i]
+        return n, w
+
+
 class ModelTraffic:
     def __init__(self, name: str, now_mono: float):
         self.name = name
@@ -140,6 +172,7 @@ class TrafficMonitor:
         now = clock()
         self.models: Dict[str, ModelTraffic] = {m: ModelTraffic(m, now) for m in models}
         self.unrouted = 0
+        self.wakes = WakeWindow()
         self.on_end = on_end  # metrics hook: on_end(model, outcome, record, now, tokens)
 
     def add_model(self, model: str) -> None:
@@ -192,6 +225,7 @@ class TrafficMonitor:
                     m.ttft.append((now, ttft))
                 if itl is not None:
                     m.itl.append((now, itl))
+        self.wakes.add(now, rec.wait > 0)
         if rec.wait:
             m.wait.append((now, rec.wait))
             m.wait_total += rec.wait

@@ -257,7 +257,7 @@ class Controller:
 
     # --- policy -----------------------------------------------------------------------------------
     @property
-    def policy(self) -> policies.Policy:
+    def sleep_policy(self) -> policies.Policy:
         """The policy in force (``sleep_manager.policy``; a reload may change it)."""
         name = self.cfg.sleep_manager.policy
         if self._policy is None or self._policy.name != name:
@@ -285,11 +285,13 @@ class Controller:
                 wake_seconds=e.last_wake_seconds or e.inst.timing.wake_seconds(e.level),
                 arrival_gaps=self.traffic.arrival_gaps(e.name) if self.traffic is not None else (),
                 kv_wanted_gb=self.kv.wanted_gb.get(e.name, 0.0)))
-        return policy.Snapshot(tuple(views), sm.auto_sleep_enabled, dict(sm.gpu_memory_gb))
+        recent, waited = self.traffic.wakes.totals(now) if self.traffic is not None else (0, 0)
+        return policy.Snapshot(tuple(views), sm.auto_sleep_enabled, dict(sm.gpu_memory_gb),
+                               recent, waited)
 
     def tick(self) -> List[policy.Action]:
         """Apply the policy once (the policy loop calls this every check interval)."""
-        actions = self.policy.decide(self.snapshot())
+        actions = self.sleep_policy.decide(self.snapshot())
         for action in actions:
             if action.kind == "stop" and not self.process.available:
                 continue
@@ -307,7 +309,7 @@ class Controller:
 
     def _policy_loop(self) -> None:
         while True:
-            gevent.sleep(self.policy.interval(self.cfg.sleep_manager.check_interval_seconds))
+            gevent.sleep(self.sleep_policy.interval(self.cfg.sleep_manager.check_interval_seconds))
             try:
                 self.tick()
             except Exception:

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Dict, List, Optional, Sequence, Type
 
-from kvrouter.control.policy import (Action, ModelView, Snapshot, decide, evictable, plan_room,
-                                     sleep_candidate)
+from kvrouter.control.policy import Action, ModelView, Snapshot, decide, evictable, plan_room, sleep_candidate
 from kvrouter.control.states import State
 
 
@@ -144,29 +143,45 @@ def misses_per_wake(m: ModelView) -> float:
 
 
 class Adaptive(Policy):
-    """Ski rental with the model's learned idle-gap distribution.
+    """Ski rental with the model's learned idle-gap distribution, within a wake budget.
 
     Keeping an idle model awake costs its memory for as long as it idles; sleeping it costs
     a wake on the request path later: the request that wakes it and those arriving during
-    the wake miss their TTFT SLO (1 + its rate when active x its wake time). A missed request
-    is priced at ``MISS_GB_SECONDS`` of idle GPU memory, which turns a wake into idle seconds
-    of this model (``penalty``); the threshold is the one that would have cost least over
-    its recent gaps. Busy, costly-to-wake models stay up longer; rarely used ones sleep soon
-    after their usual gaps. The configured idle threshold stays the longest a model idles
-    awake; with too little history (fewer than ``MIN_GAPS`` gaps) it applies as is.
+    the wake are late (``misses_per_wake``). A late request is priced in GB-seconds of idle
+    memory, which turns a wake into idle seconds of this model (the ``penalty``); the
+    threshold is the one that would have cost least over its recent gaps. The price follows
+    the traffic: it is ``MISS_GB_SECONDS`` while the share of recent requests that waited for
+    a wake is at ``WAKE_BUDGET``, and rises or falls in proportion as the share is above or
+    below it, so sleep takes as much memory back as the budget allows and no more. Busy,
+    costly-to-wake models stay up longer; rarely used big ones sleep soon after their usual
+    gaps. The configured idle threshold stays the longest a model idles awake; with too
+    little history (fewer than ``MIN_GAPS`` gaps) it applies as is.
+
+    Under memory pressure (the busy models on a GPU want KV their kvcached pools cannot
+    give) quiet idle models on that GPU sleep too, the most memory freed per late request
+    first, until what they free covers the want.
     """
 
     name = "adaptive"
-    summary = "ski rental on each model's idle-gap history, rate and wake cost"
+    summary = "ski rental on each model's idle gaps and wake cost, within a wake budget"
     MISS_GB_SECONDS = 500.0
+    WAKE_BUDGET = 0.016         # share of waiting requests at which the price is MISS_GB_SECONDS
     MIN_GAPS = 8
     QUIET_SECONDS = 10.0
     QUIET_QUANTILE = 0.9
 
-    def threshold(self, m: ModelView) -> Optional[float]:
+    def price(self, snap: Optional[Snapshot]) -> float:
+        """GB-seconds one late request is worth now (see the class)."""
+        if snap is None:
+            return self.MISS_GB_SECONDS
+        share = (snap.recent_wake_waits + 1) / (snap.recent_requests + 1 / self.WAKE_BUDGET)
+        return self.MISS_GB_SECONDS * min(20.0, max(0.1, share / self.WAKE_BUDGET))
+
+    def threshold(self, m: ModelView, price: Optional[float] = None) -> Optional[float]:
         if len(m.gaps) < self.MIN_GAPS:
             return m.idle_threshold
-        penalty = self.MISS_GB_SECONDS * misses_per_wake(m) / max(m.footprint_gb, 0.1)
+        cost = self.MISS_GB_SECONDS if price is None else price
+        penalty = cost * misses_per_wake(m) / max(m.footprint_gb, 0.1)
         learned = ski_rental_threshold(m.gaps, penalty) * 1.05 + 2 * m.wake_seconds
         return min(learned, m.idle_threshold)
 
@@ -184,10 +199,8 @@ class Adaptive(Policy):
         return m.idle_seconds >= max(usual, 2 * m.wake_seconds)
 
     def decide(self, snap: Snapshot) -> List[Action]:
-        """The ski-rental sleeps, and under memory pressure more: when the busy models on a
-        GPU want KV their pools cannot give (kvcached), quiet idle models on it sleep,
-        furthest predicted next request first, until what they free covers it."""
-        actions = super().decide(snap)
+        price = self.price(snap)
+        actions = decide(snap, lambda m: self.threshold(m, price), self.stop_after)
         if not snap.auto_sleep:
             return actions
         chosen = {a.model for a in actions}

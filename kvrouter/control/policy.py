@@ -47,6 +47,8 @@ class Snapshot:
     models: Tuple[ModelView, ...]
     auto_sleep: bool
     gpu_budget_gb: Dict[str, float]
+    recent_requests: int = 0      # requests ended lately (traffic.WAKE_WINDOW), all models
+    recent_wake_waits: int = 0    # of them, those that waited for a wake or a start
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ def sleeping_models(ctl: Controller, wall: Callable[[], float] = time.time) -> D
 def sleep_candidates(ctl: Controller) -> List[dict]:
     out = []
     for m in ctl.snapshot().models:
-        if ctl.policy.candidate(m):
+        if ctl.sleep_policy.candidate(m):
             out.append({"model": m.name, "idle_time_seconds": round(m.idle_seconds, 3),
                         "idle_threshold_seconds": m.idle_threshold, "level": m.level})
     return out

@@ -186,7 +186,7 @@ class Transitions:
         """Put idle models to sleep until ``entry`` fits its GPUs' budgets (refused: no room)."""
         ctl = self.ctl
         try:
-            actions = ctl.policy.plan_room(ctl.snapshot(), entry.name)
+            actions = ctl.sleep_policy.plan_room(ctl.snapshot(), entry.name)
         except policy.NoRoom as err:
             return refused(str(err))
         for action in actions:

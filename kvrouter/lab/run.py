@@ -18,7 +18,7 @@ FLOOR = 0.5
 
 
 def scaled(rows: Sequence[dict], scale: float) -> List[dict]:
-    return rows if scale == 1 else [dict(r, time=r["time"] / scale) for r in rows]
+    return list(rows) if scale == 1 else [dict(r, time=r["time"] / scale) for r in rows]
 
 
 def slos_for(cfg: Config, rows: Sequence[dict], ttft_scale: float = outcome.TTFT_SLO_SCALE,
@@ -43,7 +43,7 @@ def base_rate(rows: Sequence[dict]) -> float:
 
 def max_rate(cfg: Config, policy: str, rows: Sequence[dict], slo: Dict[str, outcome.Slo],
              target: float = TARGET, scales: Optional[Sequence[float]] = None,
-             refine: int = 3) -> dict:
+             refine: int = 5) -> dict:
     """The highest rate at which ``policy`` meets ``target`` attainment, and the curve.
 
     Scales go up by sqrt(2) from 1/4 to 64 until two in a row miss the target after one met

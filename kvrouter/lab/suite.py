@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import Any, Dict, List
 
 from kvrouter.bench import trace
 from kvrouter.config.load import load_config
-from kvrouter.control import policies
 from kvrouter.errors import KvrouterError
 from kvrouter.lab import report
 from kvrouter.lab import run as lab
@@ -28,39 +28,55 @@ BASELINES = ("static", "seed", "ttl", "ollama", "lru")
 # Prism's benchmarks), models active about a quarter of the time (on 60 s / off 180 s on
 # average: mostly idle, and a model's rate jumps from 0 to its peak within a minute),
 # prompt and output lengths uniform over about 8..512 tokens (Prism's input/output ranges).
-TRACE = dict(rate=20.0, alpha=1.0, on_seconds=60.0, off_seconds=180.0, prompt_tokens=260,
-             output_tokens=260, length_jitter=0.97)
-TRACES = {"cv2": dict(cv=2.0, seed=1), "cv4": dict(cv=4.0, seed=1)}
+TRACE: Dict[str, Any] = dict(rate=20.0, alpha=1.0, on_seconds=60.0, off_seconds=180.0,
+                             prompt_tokens=260, output_tokens=260, length_jitter=0.97)
+TRACES: Dict[str, Dict[str, Any]] = {"cv2-seed1": dict(cv=2.0, seed=1), "cv4-seed1": dict(cv=4.0, seed=1),
+          "cv2-seed2": dict(cv=2.0, seed=2), "cv4-seed2": dict(cv=4.0, seed=2)}
 
 
-def run_suite(config: str, out: str, duration: float) -> dict:
+def _job(args) -> tuple:
+    """One policy on one trace (a worker process): its run at the trace's rate, its max rate."""
+    config, label, path, name = args
+    cfg = load_config(config)
+    rows = trace.read(path)
+    slo = lab.slos_for(cfg, rows)
+    started = time.monotonic()
+    _, summary = lab.run(cfg, name, rows, slo)
+    seconds = time.monotonic() - started
+    return label, name, {"summary": summary, "seconds": seconds,
+                         "max_rate": lab.max_rate(cfg, name, rows, slo)}
+
+
+def run_suite(config: str, out: str, duration: float, jobs: int = 0) -> dict:
     cfg = load_config(config)
     models = [i.model for i in cfg.instances]
     os.makedirs(out, exist_ok=True)
     doc: Dict[str, dict] = {}
+    work = []
     for label, params in TRACES.items():
         rows = trace.generate(models, duration, TRACE["rate"], TRACE["alpha"], params["cv"],
                               TRACE["on_seconds"], TRACE["off_seconds"],
                               TRACE["prompt_tokens"], TRACE["output_tokens"],
                               TRACE["length_jitter"], seed=params["seed"])
-        trace.write(rows, os.path.join(out, f"{label}.jsonl"))
-        slo = lab.slos_for(cfg, rows)
-        results: Dict[str, dict] = {}
-        for name in (NEW,) + BASELINES:
-            started = time.monotonic()
-            _, summary = lab.run(cfg, name, rows, slo)
-            seconds = time.monotonic() - started
-            results[name] = {"summary": summary, "seconds": seconds,
-                             "max_rate": lab.max_rate(cfg, name, rows, slo)}
-            print(f"{label} {name}: {summary['attainment'] * 100:.2f}% at the trace's rate, "
-                  f"max {results[name]['max_rate']['max_rate'] or 0:.1f} req/s "
-                  f"({seconds:.1f} s a run)", file=sys.stderr, flush=True)
-        report.plot({n: r["max_rate"]["curve"] for n, r in results.items()},
-                    os.path.join(out, f"{label}.png"), title=f"{label}: {len(models)} models, "
-                    f"{duration:.0f} s, {lab.base_rate(rows):.1f} req/s", target=lab.TARGET)
+        path = os.path.join(out, f"{label}.jsonl")
+        trace.write(rows, path)
         doc[label] = {"trace": dict(TRACE, **params, duration=duration, models=len(models),
                                     requests=len(rows), rate=lab.base_rate(rows)),
-                      "results": results, "checks": checks(results)}
+                      "results": {}}
+        work += [(config, label, path, name) for name in (NEW,) + BASELINES]
+    with multiprocessing.Pool(jobs or os.cpu_count() or 1) as pool:
+        for label, name, result in pool.imap_unordered(_job, work):
+            doc[label]["results"][name] = result
+            print(f"{label} {name}: {result['summary']['attainment'] * 100:.2f}% at the "
+                  f"trace's rate, max {result['max_rate']['max_rate'] or 0:.1f} req/s "
+                  f"({result['seconds']:.1f} s a run)", file=sys.stderr, flush=True)
+    for label, d in doc.items():
+        d["results"] = {n: d["results"][n] for n in (NEW,) + BASELINES}
+        d["checks"] = checks(d["results"])
+        t = d["trace"]
+        report.plot({n: r["max_rate"]["curve"] for n, r in d["results"].items()},
+                    os.path.join(out, f"{label}.png"), title=f"{label}: {t['models']} models, "
+                    f"{duration:.0f} s, {t['rate']:.1f} req/s", target=lab.TARGET)
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as fh:
         json.dump(doc, fh, indent=1)
     text = markdown(doc, config)
@@ -124,9 +140,10 @@ def main(argv=None) -> int:
     p.add_argument("config", nargs="?", default="etc/lab/prism-24.yaml")
     p.add_argument("--out", default="bench-results/policy-lab")
     p.add_argument("--duration", type=float, default=1800.0)
+    p.add_argument("--jobs", type=int, default=0, help="worker processes (default: cores)")
     args = p.parse_args(argv)
     try:
-        run_suite(args.config, args.out, args.duration)
+        run_suite(args.config, args.out, args.duration, args.jobs)
     except KvrouterError as err:
         print(f"Error: {err}", file=sys.stderr)
         return 2

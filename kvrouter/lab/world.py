@@ -26,7 +26,7 @@ from kvrouter.control.policies import Policy
 from kvrouter.control.policy import ModelView, NoRoom, Snapshot
 from kvrouter.control.states import ASLEEP, RESIDENT, State
 from kvrouter.sim.timing import GB, WARM_UP_PROMPT_TOKENS, Timing
-from kvrouter.traffic import ARRIVALS, GAPS, arrival_gaps
+from kvrouter.traffic import ARRIVALS, GAPS, WakeWindow, arrival_gaps
 
 FLOOR_FRACTION = 1 / 8   # as the live steering: a pool keeps room for one long request
 
@@ -111,6 +111,7 @@ class World:
                          for r in rows]
         self.duration = max((r.t for r in self.requests), default=0.0)
         self.unrouted = [r for r in self.requests if r.model not in self.routes]
+        self.wake_window = WakeWindow()
         self.mem_total = 0.0
         self.mem_seconds = 0.0
         self.last_t = 0.0
@@ -250,6 +251,7 @@ class World:
     def _on_done(self, r: Req) -> None:
         e = self.routes[r.model]
         r.ok = True
+        self.wake_window.add(self.now, r.cause in ("wake", "cold start"))
         e.running -= 1
         e.tokens -= r.need
         e.in_flight -= 1
@@ -273,6 +275,7 @@ class World:
         except NoRoom:
             for r in e.waiting:
                 r.cause = "refused: no room"
+                self.wake_window.add(self.now, True)
                 e.in_flight -= 1
             e.waiting = []
             return
@@ -400,4 +403,5 @@ class World:
                 last_used=e.last_end or 0.0, gaps=tuple(e.gaps),
                 wake_seconds=e.last_wake_seconds or e.t.wake_seconds(e.level),
                 arrival_gaps=arrival_gaps(e.arrivals), kv_wanted_gb=wanted))
-        return Snapshot(tuple(views), self.sm.auto_sleep_enabled, self.budget)
+        recent, waited = self.wake_window.totals(now)
+        return Snapshot(tuple(views), self.sm.auto_sleep_enabled, self.budget, recent, waited)

@@ -2,9 +2,10 @@
 
 Timing model (``timing.py``, shared with ``kvrouter simulate``): a request waits for a
 slot (max concurrency) and room in the KV pool, prefills, then gets one token per decode
-step for every running request (continuous batching). One decode clock per engine ticks the steps on absolute deadlines
-and wakes every running request at once, as a real engine's batch does; this is
-also what lets one process hold hundreds of streams (one timer, not one each).
+step for every running request (continuous batching). One decode clock per engine ticks
+the steps on absolute deadlines and wakes every running request at once, as a real
+engine's batch does; this is also what lets one process hold hundreds of streams (one
+timer, not one each).
 """
 from __future__ import annotations
 
