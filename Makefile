@@ -10,7 +10,7 @@ SUPERVISORCTL := $(VENV)/bin/supervisorctl -c $(OUT)/supervisord.conf
 PYTEST_ARGS ?=
 
 .PHONY: install engine-env render demo demo-stop status test lint test-unit test-integration \
-        test-systemd test-engine bench bench-kv install-units clean
+        test-systemd test-engine bench bench-kv bench-policy install-units clean
 
 install: $(VENV)/.installed
 
@@ -81,6 +81,11 @@ bench: install
 ## the KV arbiter vs a static equal split of one simulated GPU (about 2.5 minutes; prints)
 bench-kv: install
 	$(PY) -m kvrouter.bench.arbiter --out bench-results/kv-arbiter.json
+
+## the policy lab: every sleep policy on four Prism-style traces, simulated (about 5 minutes)
+bench-policy: install
+	$(VENV)/bin/pip install -q -e '.[plot]'
+	$(PY) -m kvrouter.lab.suite etc/lab/prism-24.yaml --out bench-results/policy-lab
 
 ## copy the rendered systemd user units and reload: then `systemctl --user start kvrouter`
 install-units: install

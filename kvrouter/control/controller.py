@@ -19,6 +19,7 @@ from gevent.event import Event
 from kvrouter.config.schema import Config
 from kvrouter.control import policies, policy, states
 from kvrouter.control.entry import ModelEntry
+from kvrouter.control.events import EventLog
 from kvrouter.control.kvsteer import KvSteering
 from kvrouter.control.memo import StateFile
 from kvrouter.control.nvml import Nvml
@@ -49,6 +50,7 @@ class Controller:
             inst.model: ModelEntry(inst, adapter_factory(inst), clock()) for inst in cfg.instances}
         self.health_loops: Dict[str, gevent.Greenlet] = {}
         self.transitions = Transitions(self)
+        self.events = EventLog()
         self.kv = KvSteering(self)
         self.nvml = Nvml()
         self.loops: List[gevent.Greenlet] = []
@@ -75,6 +77,7 @@ class Controller:
             return
         states.check(entry.state, state)
         log.info("%s: %s -> %s (%s)", entry.name, entry.state.value, state.value, reason)
+        self.events.publish(entry.name, entry.state.value, state.value, reason)
         entry.state = state
         entry.since = self.clock()
         entry.reason = reason

@@ -87,9 +87,11 @@ def sleeping_models(ctl: Controller, wall: Callable[[], float] = time.time) -> D
 
 
 def sleep_candidates(ctl: Controller) -> List[dict]:
+    """Models idle past their threshold (the policy's, which may learn it per model)."""
     out = []
+    chosen = ctl.sleep_policy
     for m in ctl.snapshot().models:
-        if ctl.sleep_policy.candidate(m):
+        if chosen.candidate(m):
             out.append({"model": m.name, "idle_time_seconds": round(m.idle_seconds, 3),
-                        "idle_threshold_seconds": m.idle_threshold, "level": m.level})
+                        "idle_threshold_seconds": chosen.threshold(m), "level": m.level})
     return out

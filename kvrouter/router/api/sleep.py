@@ -102,7 +102,8 @@ def sleep_status():
                     "models": {e.name: report.model_status(controller, e)
                                for e in ctx.routes.entries()},
                     "gpu_memory": report.gpu_memory(controller),
-                    "policy": {"auto_sleep_enabled": sm.auto_sleep_enabled,
+                    "policy": {"name": controller.sleep_policy.name,
+                               "auto_sleep_enabled": sm.auto_sleep_enabled,
                                "wakeup_on_request": sm.wakeup_on_request,
                                "idle_threshold_seconds": sm.idle_threshold_seconds,
                                "min_sleep_duration": sm.min_sleep_duration,

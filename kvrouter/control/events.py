@@ -1,0 +1,53 @@
+"""Model events (every state change: sleep, wake, stop, start, failure, restart), kept
+for a while and pushed to whoever listens (``GET /events``, the dashboard's timeline)."""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable, Deque, List
+
+from gevent.event import Event
+
+KEEP = 1000
+
+
+def kind_of(old: str, new: str) -> str:
+    """A name for a move between two states, as people say it."""
+    if new == "sleeping":
+        return "sleep"
+    if new == "stopped":
+        return "stop"
+    if new == "failed":
+        return "failure"
+    if new == "ready":
+        return {"waking": "wake", "starting": "start", "draining": "sleep cancelled"}.get(
+            old, "ready")
+    if new == "waking":
+        return "waking"
+    if new == "starting":
+        return "restart" if old == "failed" else "starting"
+    return new
+
+
+class EventLog:
+    def __init__(self, wall: Callable[[], float] = time.time, keep: int = KEEP):
+        self.wall = wall
+        self.events: Deque[dict] = deque(maxlen=keep)
+        self.last_id = 0
+        self._new = Event()
+
+    def publish(self, model: str, old: str, new: str, reason: str) -> dict:
+        self.last_id += 1
+        event = {"id": self.last_id, "time": self.wall(), "model": model,
+                 "kind": kind_of(old, new), "from": old, "to": new, "reason": reason}
+        self.events.append(event)
+        new_event, self._new = self._new, Event()
+        new_event.set()
+        return event
+
+    def since(self, last_id: int) -> List[dict]:
+        return [e for e in self.events if e["id"] > last_id]
+
+    def wait(self, timeout: float) -> bool:
+        """Block (this greenlet) until the next event or ``timeout``; whether one came."""
+        return self._new.wait(timeout)
