@@ -4,5 +4,5 @@ from setuptools import find_packages, setup
 setup(
     packages=find_packages(include=["kvrouter", "kvrouter.*"]) + ["kvrouter.templates"],
     package_dir={"kvrouter.templates": "templates"},
-    package_data={"kvrouter.templates": ["*.j2"]},
+    package_data={"kvrouter.templates": ["*.j2"], "kvrouter.ui": ["*.html", "*.js", "*.css"]},
 )

@@ -218,6 +218,27 @@ def status(config):
         click.echo(f"GPU {gpu}: {m['used_gb']:g} GB resident ({m['source']}), {budget}{seen}")
 
 
+@cli.command()
+@with_config
+@click.option("--interval", type=click.FloatRange(0.2), default=2.0, show_default=True,
+              help="Seconds between two redraws.")
+@click.option("--once", is_flag=True, help="Print the view once and exit.")
+def top(config, interval, once):
+    """Models and GPUs at a glance, redrawn in the terminal (the dashboard's view)."""
+    from kvrouter import top as view
+
+    def fetch():
+        code, body = _admin(config, "GET", "/ui/state")
+        if code != 200:
+            raise KvrouterError(f"/ui/state answered {code}: {body}")
+        return body
+
+    try:
+        view.run(fetch, once, interval, click.echo)
+    except KeyboardInterrupt:
+        pass
+
+
 @cli.command("sleep")
 @click.argument("model")
 @with_config

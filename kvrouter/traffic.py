@@ -288,6 +288,21 @@ class TrafficMonitor:
             "is_idle": idle >= idle_threshold,
         }
 
+    def history(self, model: str, span: int = 900, step: int = 30) -> List[dict]:
+        """The last ``span`` seconds in ``step``-second bins, oldest first: requests/s ended
+        and the median TTFT of the streams that ended in the bin."""
+        m = self.models[model]
+        now = int(self.clock())
+        first = now - span + 1
+        bins = []
+        ttfts = [(t, v) for t, v in m.ttft if t >= first]
+        for start in range(first, now + 1, step):
+            agg = m.buckets.window(min(now, start + step - 1), min(step, now - start + 1))
+            in_bin = sorted(v for t, v in ttfts if start <= t < start + step)
+            bins.append({"ago": now - start, "rate": round(agg["count"] / step, 4),
+                         "ttft_p50": round(in_bin[len(in_bin) // 2], 6) if in_bin else None})
+        return bins
+
     def with_activity(self) -> List[str]:
         """Models that have had a request (the seed's traffic views list only these)."""
         return [m for m, t in self.models.items() if t.total]

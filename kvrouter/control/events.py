@@ -48,6 +48,11 @@ class EventLog:
     def since(self, last_id: int) -> List[dict]:
         return [e for e in self.events if e["id"] > last_id]
 
-    def wait(self, timeout: float) -> bool:
-        """Block (this greenlet) until the next event or ``timeout``; whether one came."""
-        return self._new.wait(timeout)
+    def next(self, last_id: int, timeout: float) -> List[dict]:
+        """The events after ``last_id``, waiting (this greenlet) up to ``timeout`` for one."""
+        pending = self._new   # taken first: an event published from here on sets it
+        found = self.since(last_id)
+        if found:
+            return found
+        pending.wait(timeout)
+        return self.since(last_id)

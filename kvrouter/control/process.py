@@ -17,6 +17,9 @@ from kvrouter.control.supervisor import Supervisor
 log = logging.getLogger("kvrouter.process")
 
 
+LOG_TAIL_BYTES = 16384
+
+
 class ProcessControlError(Exception):
     pass
 
@@ -45,6 +48,11 @@ class ProcessControl:
     def pid(self, inst: Instance) -> Optional[int]:
         """The engine's main process id, when the process manager knows it."""
         return None
+
+    def log_tail(self, program: str, unit: str, nbytes: int = LOG_TAIL_BYTES) -> str:
+        """The end of a program's log (supervisord program ``program``, systemd ``unit``)."""
+        raise ProcessControlError("no process manager: logs are wherever the router and "
+                                  "engines were started")
 
 
 class SupervisorControl(ProcessControl):
@@ -85,6 +93,16 @@ class SupervisorControl(ProcessControl):
 
     def stop(self, inst: Instance) -> None:
         self._call("stop", inst, "NOT_RUNNING", wait=True)
+
+    def log_tail(self, program: str, unit: str, nbytes: int = LOG_TAIL_BYTES) -> str:
+        try:
+            text, _, _ = self.sup.rpc.tailProcessStdoutLog(program, 0, nbytes)
+        except xmlrpc.client.Fault as err:
+            raise ProcessControlError(f"supervisord log of {program}: {err.faultString}") \
+                from None
+        except OSError as err:
+            raise ProcessControlError(f"supervisord unreachable: {err}") from None
+        return text
 
 
 class SystemdControl(ProcessControl):
@@ -127,6 +145,16 @@ class SystemdControl(ProcessControl):
 
     def stop(self, inst: Instance) -> None:
         self._run("stop", inst)
+
+    def log_tail(self, program: str, unit: str, nbytes: int = LOG_TAIL_BYTES) -> str:
+        try:
+            out = subprocess.run(["journalctl", "--user-unit", unit, "-n", "200", "-o", "cat",
+                                  "--no-pager"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise ProcessControlError(f"journalctl --user-unit {unit}: {err}") from None
+        if out.returncode != 0:
+            raise ProcessControlError(f"journalctl --user-unit {unit}: {out.stderr.strip()}")
+        return out.stdout[-nbytes:]
 
 
 def process_control_for(cfg: Config,

@@ -95,3 +95,77 @@ def sleep_candidates(ctl: Controller) -> List[dict]:
             out.append({"model": m.name, "idle_time_seconds": round(m.idle_seconds, 3),
                         "idle_threshold_seconds": chosen.threshold(m), "level": m.level})
     return out
+
+
+GB = 1024 ** 3
+
+
+def _last_event(ctl: Controller, model: str, kinds) -> Optional[float]:
+    for e in reversed(ctl.events.events):
+        if e["model"] == model and e["kind"] in kinds:
+            return e["time"]
+    return None
+
+
+def gpu_bars(ctl: Controller) -> List[dict]:
+    """Per GPU, what is resident on it: each model's weights, KV in use and KV limit (the
+    kvcached pool where measured, the config's figures where not), and what is free of
+    the budget (``gpu_memory_gb``, else NVML's total)."""
+    budgets = dict(ctl.cfg.sleep_manager.gpu_memory_gb)
+    measured = ctl.nvml.gpus()
+    per_gpu: Dict[str, List[dict]] = {}
+    for e in ctl.entries.values():
+        gpus = (e.inst.gpus or "0").split(",")
+        share = 1 / len(gpus)
+        pool = kv_pool(e) if e.state in RESIDENT else None
+        resident = e.state in RESIDENT
+        if pool and pool["limit_bytes"] is not None:
+            kv_used, kv_limit, source = pool["used_bytes"] / GB, pool["limit_bytes"] / GB, \
+                "kvcached"
+        else:
+            kv_used, kv_limit, source = None, (e.inst.kv_cache_gb or 0.0), "config"
+        for g in gpus:
+            per_gpu.setdefault(g, []).append({
+                "model": e.name, "state": e.state.value,
+                "weights_gb": round((e.inst.weights_gb or 0.0) * share, 3) if resident else 0.0,
+                "kv_used_gb": None if kv_used is None or not resident else
+                round(kv_used * share, 3),
+                "kv_limit_gb": round(kv_limit * share, 3) if resident else 0.0,
+                "source": source})
+    out = []
+    for g in sorted(set(per_gpu) | set(budgets) | set(measured)):
+        models = per_gpu.get(g, [])
+        held = sum(m["weights_gb"] + m["kv_limit_gb"] for m in models)
+        nvml = measured.get(g)
+        total = budgets.get(g) or (nvml["total_bytes"] / GB if nvml else None)
+        out.append({"gpu": g, "total_gb": total,
+                    "total_source": "config" if g in budgets else "nvml" if nvml else None,
+                    "free_gb": round(total - held, 3) if total is not None else None,
+                    "nvml": nvml, "models": models})
+    return out
+
+
+def overview(ctl: Controller, traffic, entries) -> dict:
+    """Everything the dashboard and `kvrouter top` show, in one answer."""
+    models = []
+    for e in entries:
+        st = model_status(ctl, e)
+        tr = traffic.stats(e.name, window=60.0)
+        models.append({
+            "model": e.name, "instance": e.inst.name, "engine": e.inst.engine,
+            "aliases": [a for a in e.inst.route_names if a != e.name],
+            "state": st["state"], "reason": st["reason"], "since_seconds": st["since_seconds"],
+            "sleep_level": st["sleep_level"], "pinned": st["pinned"],
+            "in_flight": st["requests_in_flight"], "waiting": st["waiting_requests"],
+            "request_rate": tr["request_rate"], "total_requests": tr["total_requests"],
+            "ttft": tr["time_to_first_token"], "itl": tr["inter_token_latency"],
+            "idle_seconds": tr["idle_time_seconds"],
+            "last_wake_time": _last_event(ctl, e.name, ("wake", "start")),
+            "last_wake_seconds": st["last_wake_seconds"], "wakes": st["wakes"],
+            "sleeps": st["sleeps"], "memory": st["memory"], "kv_pool": st["kv_pool"],
+            "history": traffic.history(e.name)})
+    return {"time": time.time(), "policy": ctl.sleep_policy.name,
+            "auto_sleep_enabled": ctl.cfg.sleep_manager.auto_sleep_enabled,
+            "admin_token_required": bool(ctl.cfg.router.admin_token),
+            "process_manager": ctl.process.kind, "models": models, "gpus": gpu_bars(ctl),
+            "events": list(ctl.events.events)[-50:]}

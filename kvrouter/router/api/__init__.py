@@ -1,4 +1,4 @@
-"""Management routes (Flask), one Blueprint each: health, models, traffic, sleep.
+"""Management routes (Flask), one Blueprint each: health, models, traffic, sleep, ui.
 
 Views reach the router's state through ``common.router()`` (the RouterContext the app
 was created with), so a test can build an app around any context and call them.
@@ -10,7 +10,7 @@ import logging
 from flask import Flask, jsonify, request
 
 from kvrouter.errors import ApiError, MethodNotAllowed, NotFound
-from kvrouter.router.api import health, models, sleep, traffic
+from kvrouter.router.api import health, models, sleep, traffic, ui
 
 log = logging.getLogger("kvrouter.admin")
 
@@ -20,7 +20,7 @@ def create_app(ctx) -> Flask:
     app = Flask("kvrouter")
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["kvrouter"] = ctx
-    for bp in (health.bp, models.bp, traffic.bp, sleep.bp):
+    for bp in (health.bp, models.bp, traffic.bp, sleep.bp, ui.bp):
         app.register_blueprint(bp)
 
     @app.errorhandler(ApiError)

@@ -1,0 +1,1 @@
+"""The dashboard's files (served at /ui by the router)."""
