@@ -50,7 +50,8 @@ status:
 
 ## every tier (the systemd and engine tiers must run, not skip), after ruff and mypy
 test: install engine-env lint
-	KVROUTER_REQUIRE_ENGINE=1 KVROUTER_REQUIRE_SYSTEMD=1 $(PY) -m pytest -q tests/unit \
+	KVROUTER_REQUIRE_ENGINE=1 KVROUTER_REQUIRE_SYSTEMD=1 KVROUTER_REQUIRE_BROWSER=1 \
+	    $(PY) -m pytest -q tests/unit \
 	    tests/integration tests/systemd tests/engine $(PYTEST_ARGS)
 
 lint: install

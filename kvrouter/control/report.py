@@ -152,7 +152,8 @@ def overview(ctl: Controller, traffic, entries) -> dict:
         st = model_status(ctl, e)
         tr = traffic.stats(e.name, window=60.0)
         models.append({
-            "model": e.name, "instance": e.inst.name, "engine": e.inst.engine,
+            "model": e.name, "instance": e.inst.name,
+            "engine": e.inst.engine if e.inst.engine != "sim" else f"sim ({e.inst.dialect})",
             "aliases": [a for a in e.inst.route_names if a != e.name],
             "state": st["state"], "reason": st["reason"], "since_seconds": st["since_seconds"],
             "sleep_level": st["sleep_level"], "pinned": st["pinned"],

@@ -91,6 +91,12 @@ def test_start_serves_and_journal_shows_the_router(stack):
 
     text = wait_until(logged, 15, what="router lines in the journal")
     assert "POST /v1/completions model=sd/a status=200" in text
+    # the dashboard's log panel reads the same journal
+    status, body = get_json(base + "/ui/logs/router")
+    assert status == 200 and body["source"] == "systemd", body
+    assert "POST /v1/completions model=sd/a status=200" in body["text"]
+    status, body = get_json(base + f"/ui/logs/{A}")
+    assert status == 200 and body["unit"] == "kvrouter-engine-a.service", body
 
 
 def test_a_killed_engine_is_restarted_and_serves_again(stack):
