@@ -48,6 +48,6 @@ def test_top_renders_models_gpus_and_events():
     for part in ("sleeping L1", "75s", "0/2", "1.50", "31/200 ms", "12 ms", "0.41s", "▁▂▄█"):
         assert part in row, (part, row)
     gpu = next(line for line in screen if line.startswith("GPU 0"))
-    # 30 columns: weights 20/80, KV in use 10/80, reserved 10/80, free 40/80
-    assert "[########===----...............] 80.0 GB (budget), 40.0 GB free" in gpu
+    # 30 columns: weights 20/80 (8), KV in use 10/80 (4), reserved 10/80 (4), the rest free
+    assert "[########====----..............] 80.0 GB (budget), 40.0 GB free" in gpu
     assert screen[-1].endswith("a/llama sleep: idle")
