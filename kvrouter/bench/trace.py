@@ -1,7 +1,7 @@
 """Multi-model traces: a generator in the style of the Prism paper, and reading trace files.
 
-Trace file: JSON lines ``{"time": s, "model": M, "prompt_tokens": n, "output_tokens": n}``
-sorted by time.
+Trace file: JSON lines ``{"time": s, "model": M, "prompt_tokens": n, "output_tokens": n}``,
+or a CSV file (``.csv``) with those columns.
 
 Generator: model popularity follows a power law (weight of the i-th model
 ``1 / i**alpha``); each model's arrivals are a gamma renewal process with the
@@ -11,6 +11,7 @@ arriving only while active, so models go idle long enough to sleep.
 """
 from __future__ import annotations
 
+import csv
 import json
 import random
 from typing import List
@@ -72,22 +73,34 @@ def write(rows: List[dict], path: str) -> None:
             fh.write(json.dumps(r) + "\n")
 
 
+def _row(r: dict) -> dict:
+    return {"time": float(r["time"]), "model": str(r["model"]),
+            "prompt_tokens": int(r["prompt_tokens"]), "output_tokens": int(r["output_tokens"])}
+
+
 def read(path: str) -> List[dict]:
+    """JSON lines, or CSV with a header naming the same columns (``.csv``; more columns are
+    ignored)."""
     rows: List[dict] = []
+    expected = '{"time", "model", "prompt_tokens", "output_tokens"}'
     try:
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
+        with open(path, encoding="utf-8", newline="") as fh:
+            if path.endswith(".csv"):
+                reader = csv.DictReader(fh)
+                missing = {"time", "model", "prompt_tokens", "output_tokens"} - set(
+                    reader.fieldnames or ())
+                if missing:
+                    raise KvrouterError(f"{path}:1: the header lacks {', '.join(sorted(missing))}"
+                                        f"; expected the columns {expected}")
+                records = enumerate(reader, 2)
+            else:
+                records = ((n, line) for n, line in enumerate(fh, 1) if line.strip())
+            for n, record in records:
                 try:
-                    r = json.loads(line)
-                    rows.append({"time": float(r["time"]), "model": str(r["model"]),
-                                 "prompt_tokens": int(r["prompt_tokens"]),
-                                 "output_tokens": int(r["output_tokens"])})
-                except (ValueError, KeyError, TypeError) as err:
+                    rows.append(_row(record if isinstance(record, dict) else json.loads(record)))
+                except (ValueError, KeyError, TypeError, AttributeError) as err:
                     raise KvrouterError(f"{path}:{n}: bad trace row ({err}); expected "
-                                        '{"time", "model", "prompt_tokens", "output_tokens"}') \
-                        from None
+                                        f"{expected}") from None
     except OSError as err:
         raise KvrouterError(f"{path}: cannot read trace: {err.strerror}") from None
     rows.sort(key=lambda r: r["time"])

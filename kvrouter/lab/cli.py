@@ -79,7 +79,7 @@ def options(fn):
         click.option("--trace", "trace_file", required=True,
                      type=click.Path(exists=True, dir_okay=False),
                      help="JSON lines {time, model, prompt_tokens, output_tokens} "
-                     "(`kvrouter bench gen-trace` writes them)."),
+                     "(`kvrouter bench gen-trace` writes them), or a .csv with those columns."),
         click.option("--policy", "names", multiple=True,
                      help=f"Repeat for several (default: all of {', '.join(policies.POLICIES)})."),
         click.option("--scale", type=float, default=1.0, show_default=True,

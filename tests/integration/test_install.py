@@ -64,6 +64,8 @@ def test_every_package_and_template_is_in_the_sdist_and_the_wheel(installed):
         assert f"{pkg}/__init__.py" in sdist_names, f"{pkg} is missing from the sdist"
     assert "kvrouter/templates/supervisord.conf.j2" in names
     assert "templates/supervisord.conf.j2" in sdist_names
+    for asset in ("index.html", "app.js", "app.css"):   # the dashboard works offline
+        assert f"kvrouter/ui/{asset}" in names and f"kvrouter/ui/{asset}" in sdist_names
 
 
 def test_kvrouter_comes_from_the_wheel_not_the_source_tree(installed):

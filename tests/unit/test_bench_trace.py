@@ -56,3 +56,26 @@ def test_report_stats_and_goodput():
     assert out["goodput"]["requests_meeting_slo"] == 5
     assert abs(out["tpot"]["mean"] - 0.1) < 1e-9
     assert out["request_throughput"] == 1.0 and out["output_token_throughput"] == 10.0
+
+
+def test_csv_traces_and_bad_rows_say_where(tmp_path):
+    import pytest
+
+    from kvrouter.errors import KvrouterError
+
+    good = tmp_path / "t.csv"
+    good.write_text("time,model,prompt_tokens,output_tokens,user\n2.5,b,10,5,x\n1.0,a,20,7,y\n")
+    assert trace.read(str(good)) == [
+        {"time": 1.0, "model": "a", "prompt_tokens": 20, "output_tokens": 7},
+        {"time": 2.5, "model": "b", "prompt_tokens": 10, "output_tokens": 5}]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("time,model,prompt_tokens\n1,a,3\n")
+    with pytest.raises(KvrouterError, match=r"bad.csv:1: the header lacks output_tokens"):
+        trace.read(str(bad))
+    bad.write_text("time,model,prompt_tokens,output_tokens\n1,a,3,4\nsoon,a,3,4\n")
+    with pytest.raises(KvrouterError, match=r"bad.csv:3: bad trace row"):
+        trace.read(str(bad))
+    lines = tmp_path / "bad.jsonl"
+    lines.write_text('{"time": 1, "model": "a", "prompt_tokens": 1, "output_tokens": 1}\n\n{"x": 1}\n')
+    with pytest.raises(KvrouterError, match=r"bad.jsonl:3: bad trace row"):
+        trace.read(str(lines))
