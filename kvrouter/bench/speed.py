@@ -310,9 +310,13 @@ def wake_and_readiness(rounds: int = 5) -> dict:
     how long after an engine turns healthy the router routes to it."""
     import urllib.request
 
+    from kvrouter.sim.options import parse_sim_args
+
     sim_port, router_port = free_port(), free_port()
-    weights_gb, ttft_ms = 5.0, 10.0
-    wake_s = weights_gb / 25.0 + 0.05  # the sim's level-1 wake: weights / 25 GB/s + 0.05 s
+    sim_args = ["--port", str(sim_port), "--model", "w", "--startup-seconds", "0",
+                "--enable-sleep-mode", "--weights-gb", "5", "--ttft-ms", "10"]
+    timing = parse_sim_args(sim_args, environ={}).timing
+    wake_s, ttft_ms = timing.wake_seconds(1), timing.ttft_ms   # what the sim engine sleeps
     router = start_router(
         router_port, "  - {name: w, model: w, engine: sim, engine_env: "
         "['VLLM_SERVER_DEV_MODE=1'], engine_args: ['--host 127.0.0.1 --port %d "
@@ -328,9 +332,8 @@ def wake_and_readiness(rounds: int = 5) -> dict:
 
     try:
         wait_port(router_port, "/health")
-        sim = Child([PY, "-m", "kvrouter", "sim-engine", "--port", str(sim_port), "--model", "w",
-                     "--startup-seconds", "0", "--enable-sleep-mode", "--weights-gb",
-                     str(weights_gb), "--ttft-ms", str(ttft_ms)], env={"VLLM_SERVER_DEV_MODE": "1"})
+        sim = Child([PY, "-m", "kvrouter", "sim-engine", *sim_args],
+                    env={"VLLM_SERVER_DEV_MODE": "1"})
         healthy_at = None
         while True:  # the engine turns healthy; when does the router call it ready?
             now = time.perf_counter()
