@@ -39,8 +39,11 @@ def simulate(cfg: Config, trace_file: str, names: Sequence[str], scale: float,
     for name in names:
         try:
             world, summary = lab.run(cfg, name, rows, slo, scale)
-        except ValueError as err:
-            raise KvrouterError(f"policy {name}: {err}") from None
+        except ValueError as err:   # the deployment cannot run this way (static: no fit)
+            if len(names) == 1:
+                raise KvrouterError(f"policy {name}: {err}") from None
+            click.echo(f"warning: policy {name} left out: {err}", err=True)
+            continue
         results[name] = {"summary": summary,
                          "max_rate": lab.max_rate(cfg, name, rows, slo, target)
                          if find_max else None}
@@ -67,7 +70,7 @@ def simulate(cfg: Config, trace_file: str, names: Sequence[str], scale: float,
         click.echo(f"results: {json_out}")
     if out_dir:
         click.echo(f"per-policy results (for `kvrouter bench --compare`): {out_dir}/")
-    if plot_out:
+    if plot_out and results:
         report.plot({n: r["max_rate"]["curve"] for n, r in results.items()}, plot_out,
                     title=os.path.basename(trace_file), target=target)
         click.echo(f"plot: {plot_out}")

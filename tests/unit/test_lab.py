@@ -148,3 +148,18 @@ def test_simulate_command(tmp_path):
     bad = subprocess.run([PY, "-m", "kvrouter", "simulate", cfg.source, "--trace", str(trace),
                           "--plot", str(tmp_path / "p.png")], capture_output=True, text=True)
     assert bad.returncode == 2 and "--plot draws attainment against rate" in bad.stderr
+
+
+def test_simulate_leaves_out_a_policy_the_deployment_cannot_run(tmp_path):
+    cfg = config(tmp_path, sleep=", gpu_memory_gb: {'0': 30}")   # 16 GB models: 15 GB each
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(json.dumps(req(0.0)) + "\n")
+    both = subprocess.run([PY, "-m", "kvrouter", "simulate", cfg.source, "--trace", str(trace),
+                           "--policy", "static", "--policy", "lru"], capture_output=True,
+                          text=True)
+    assert both.returncode == 0, both.stderr
+    assert "warning: policy static left out: static partitioning: m0's weights" in both.stderr
+    assert "\nlru " in both.stdout and "\nstatic " not in both.stdout
+    alone = subprocess.run([PY, "-m", "kvrouter", "simulate", cfg.source, "--trace",
+                            str(trace), "--policy", "static"], capture_output=True, text=True)
+    assert alone.returncode == 2 and "Error: policy static: static partitioning" in alone.stderr
