@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from typing import List
+from typing import Any, Iterable, List, Tuple
 
 from kvrouter.errors import KvrouterError
 
@@ -92,7 +92,7 @@ def read(path: str) -> List[dict]:
                 if missing:
                     raise KvrouterError(f"{path}:1: the header lacks {', '.join(sorted(missing))}"
                                         f"; expected the columns {expected}")
-                records = enumerate(reader, 2)
+                records: Iterable[Tuple[int, Any]] = enumerate(reader, 2)
             else:
                 records = ((n, line) for n, line in enumerate(fh, 1) if line.strip())
             for n, record in records:
