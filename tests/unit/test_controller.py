@@ -367,3 +367,23 @@ def test_measured_kv_decides_eviction_where_kvcached_pools_exist():
         for p in paths.values():
             if os.path.exists(p):
                 os.remove(p)
+
+
+def test_the_configured_policy_decides_and_a_reload_switches_it():
+    import dataclasses
+
+    ctl, _, traffic = make(extra_sleep=", auto_sleep_enabled: true, idle_threshold_seconds: 0,"
+                                       " policy: static")
+    assert ctl.sleep_policy.name == "static" and ctl.tick() == []
+    # the controller's snapshot carries what the adaptive policy learns from
+    for _ in range(3):
+        traffic.end(traffic.start("m/a"), "success")
+    view = ctl.snapshot().models[0]
+    assert len(view.gaps) == 2 and len(view.arrival_gaps) == 2 and view.wake_seconds > 0
+    assert ctl.snapshot().recent_requests == 3
+    sm = dataclasses.replace(ctl.cfg.sleep_manager, policy="seed")
+    ctl.cfg = dataclasses.replace(ctl.cfg, sleep_manager=sm)
+    assert ctl.sleep_policy.name == "seed" and ctl.tick() == []   # 300 s idle: not yet
+    sm = dataclasses.replace(sm, policy="lru")
+    ctl.cfg = dataclasses.replace(ctl.cfg, sleep_manager=sm)
+    assert [a.kind for a in ctl.tick()] == ["sleep"]
