@@ -164,6 +164,7 @@ def overview(ctl: Controller, traffic, entries) -> dict:
             "last_wake_time": _last_event(ctl, e.name, ("wake", "start")),
             "last_wake_seconds": st["last_wake_seconds"], "wakes": st["wakes"],
             "sleeps": st["sleeps"], "memory": st["memory"], "kv_pool": st["kv_pool"],
+            "gpu_process_bytes": st["gpu_process_bytes"],
             "history": traffic.history(e.name)})
     return {"time": time.time(), "policy": ctl.sleep_policy.name,
             "auto_sleep_enabled": ctl.cfg.sleep_manager.auto_sleep_enabled,

@@ -25,7 +25,8 @@ def table(results: Dict[str, dict]) -> str:
     """One row per policy: ``results[name] = {"summary": ..., "max_rate": ... | None}``."""
     rows: List[Sequence[str]] = [(
         "policy", "SLO att.", "TTFT att.", "TPOT att.", "goodput/s", "TTFT p50/p99 ms",
-        "wakes (on path)", "cold starts", "GPU mem GB avg", "max rate @SLO", "misses by cause")]
+        "wakes (on path)", "cold starts", "GPU GB avg (GB*h)", "max rate @SLO",
+        "misses by cause")]
     for name, res in results.items():
         s = res["summary"]
         mr = res.get("max_rate")
@@ -37,7 +38,8 @@ def table(results: Dict[str, dict]) -> str:
                      f"{_ms(s['ttft']['p50'])}/{_ms(s['ttft']['p99'])}",
                      f"{s['wakes']} ({s['wakes_on_request_path']} req)",
                      f"{s['cold_starts']} ({s['cold_starts_on_request_path']} req)",
-                     f"{s['mean_gpu_memory_gb']:.1f}", rate, misses))
+                     f"{s['mean_gpu_memory_gb']:.1f} "
+                     f"({s['gpu_memory_gb_seconds'] / 3600:.0f})", rate, misses))
     return _grid(rows)
 
 

@@ -90,7 +90,9 @@
       "<dt>ITL</dt><dd>p50 " + ms(m.itl.p50) + " / p99 " + ms(m.itl.p99) + " ms</dd>" +
       "<dt>last wake</dt><dd>" + clock(m.last_wake_time) +
         (m.last_wake_seconds ? " (" + m.last_wake_seconds.toFixed(2) + " s)" : "") + "</dd>" +
-      "<dt>memory</dt><dd>weights " + gb(m.memory.weights_gb) + " GB, KV " + kv + "</dd>" +
+      "<dt>memory</dt><dd>weights " + gb(m.memory.weights_gb) + " GB, KV " + kv +
+        (m.gpu_process_bytes != null ? "; on the GPU (NVML) " + gb(m.gpu_process_bytes / 2 ** 30) +
+          " GB" : "") + "</dd>" +
       "</dl>" +
       '<div class="spark-label">requests/s, last 15 min (max ' + rateMax.toFixed(2) + ")</div>" +
       spark(m.history, "rate", "#2563eb") +
