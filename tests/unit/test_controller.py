@@ -387,3 +387,35 @@ def test_the_configured_policy_decides_and_a_reload_switches_it():
     sm = dataclasses.replace(sm, policy="lru")
     ctl.cfg = dataclasses.replace(ctl.cfg, sleep_manager=sm)
     assert [a.kind for a in ctl.tick()] == ["sleep"]
+
+
+def test_gpu_bars_show_measured_pools_and_declared_figures_labelled():
+    """The dashboard's per-GPU bar: a kvcached pool as measured, a plain engine as declared,
+    a sleeping model holding nothing, and what is left of the budget free."""
+    import uuid
+
+    from kvrouter import kvpool
+    from kvrouter.control.report import gpu_bars
+
+    ipc = f"kvr_unit_bar_{uuid.uuid4().hex[:8]}"
+    path = kvpool.segment_path(ipc)
+    try:
+        kvpool.create(path, 8 << 30)
+        kvpool.report_usage(path, 3 << 30)
+        ctl, _, _ = make(extra_sleep=', gpu_memory_gb: {"0": 40}', instances=[
+            ("a", "m/a", f", weights_gb: 6, kv_cache_gb: 8, gpus: 0, kvcached_env: "
+                         f"[ENABLE_KVCACHED=true, KVCACHED_IPC_NAME={ipc}]"),
+            ("b", "m/b", ", weights_gb: 4, kv_cache_gb: 10, gpus: 0"),
+            ("c", "m/c", ", weights_gb: 9, kv_cache_gb: 1, gpus: 0")])
+        ctl.sleep(ctl.entries["m/c"])
+        (bar,) = gpu_bars(ctl)
+        assert bar["gpu"] == "0" and bar["total_gb"] == 40 and bar["total_source"] == "config"
+        by = {m["model"]: m for m in bar["models"]}
+        assert by["m/a"] == {"model": "m/a", "state": "ready", "weights_gb": 6.0,
+                             "kv_used_gb": 3.0, "kv_limit_gb": 8.0, "source": "kvcached"}
+        assert by["m/b"]["kv_used_gb"] is None and by["m/b"]["source"] == "config"
+        assert by["m/c"]["weights_gb"] == 0.0 and by["m/c"]["kv_limit_gb"] == 0.0
+        assert bar["free_gb"] == 40 - (6 + 8) - (4 + 10)
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
