@@ -155,6 +155,26 @@ def serve(config, port, host):
     run(cfg)
 
 
+@cli.command(hidden=True)
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--slot", type=int, required=True)
+@click.option("--owner-port", type=int, required=True)
+@click.option("--shared", "shared_path", required=True)
+@click.option("--host", default=None)
+@click.option("--port", type=int, default=None)
+def worker(config, slot, owner_port, shared_path, host, port):
+    """A router worker process (started by `kvrouter serve` when router.workers > 1)."""
+    import dataclasses
+
+    from kvrouter.router.worker import run_worker
+
+    cfg = _load(config)
+    cfg = dataclasses.replace(cfg, router=dataclasses.replace(
+        cfg.router, router_port=port or cfg.router.router_port,
+        router_host=host or cfg.router.router_host))
+    run_worker(cfg, slot, owner_port, shared_path)
+
+
 def _admin(config: str, method: str, path: str, token: Optional[str] = None):
     import json
     import urllib.error

@@ -1,7 +1,7 @@
 """Process entry point. Serving commands monkey-patch with gevent before anything else loads."""
 import sys
 
-GEVENT_COMMANDS = ("serve", "sim-engine", "bench")
+GEVENT_COMMANDS = ("serve", "worker", "sim-engine", "bench")
 
 
 def main() -> None:

@@ -74,3 +74,12 @@ def setup(level: str, environ: Optional[Mapping[str, str]] = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     ACCESS.stream, ACCESS.journal = None, journal
+
+
+def flush_forever(every: float = 0.5) -> None:
+    """Write the buffered access-log lines out every ``every`` seconds (a greenlet)."""
+    import gevent
+
+    while True:
+        gevent.sleep(every)
+        ACCESS.flush()

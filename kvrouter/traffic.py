@@ -174,6 +174,8 @@ class TrafficMonitor:
         self.unrouted = 0
         self.wakes = WakeWindow()
         self.on_end = on_end  # metrics hook: on_end(model, outcome, record, now, tokens)
+        # requests other processes serve now (router workers), by model
+        self.external: Optional[Callable[[str], int]] = None
 
     def add_model(self, model: str) -> None:
         if model not in self.models:
@@ -197,13 +199,14 @@ class TrafficMonitor:
         rec.wait += seconds
 
     def end(self, rec: RequestRecord, outcome: str, prompt_tokens: int = 0,
-            completion_tokens: int = 0, itl: Optional[float] = None) -> None:
+            completion_tokens: int = 0, itl: Optional[float] = None,
+            now: Optional[float] = None) -> None:
         m = rec.model
         if rec.ended:
             return
         rec.ended = True
         rec.outcome = outcome
-        now = self.clock()
+        now = self.clock() if now is None else now
         m.in_flight -= 1
         m.total += 1
         m.outcomes[outcome] += 1
@@ -232,14 +235,34 @@ class TrafficMonitor:
         if self.on_end is not None:
             self.on_end(m.name, outcome, rec, latency, prompt_tokens, completion_tokens, itl)
 
+    def replay(self, model: str, start: float, end: float, outcome: str, wait: float = 0.0,
+               first_byte: Optional[float] = None, stream: bool = False, prompt_tokens: int = 0,
+               completion_tokens: int = 0, itl: Optional[float] = None) -> None:
+        """Count a request another process (a router worker) served, as if served here."""
+        m = self.models.get(model)
+        if m is None:
+            return
+        if m.last_end_mono is not None and start > m.last_end_mono and not self.in_flight(model):
+            m.gaps.append(start - m.last_end_mono)
+        m.arrivals.append(start)
+        rec = RequestRecord(m, start)
+        rec.wait, rec.first_byte, rec.stream = wait, first_byte, stream
+        m.in_flight += 1
+        self.end(rec, outcome, prompt_tokens, completion_tokens, itl, now=end)
+
     # --- queries -----------------------------------------------------------------------------
+    def in_flight(self, model: str) -> int:
+        """Requests in flight for ``model``, in this process and in the router's workers."""
+        n = self.models[model].in_flight
+        return n + self.external(model) if self.external is not None else n
+
     def arrival_gaps(self, model: str) -> Tuple[float, ...]:
         """Seconds between the model's last ARRIVALS request starts."""
         return arrival_gaps(self.models[model].arrivals)
 
     def idle_seconds(self, model: str) -> float:
         m = self.models[model]
-        if m.in_flight:
+        if self.in_flight(model):
             return 0.0
         since = m.last_end_mono if m.last_end_mono is not None else m.created_mono
         return max(0.0, self.clock() - since)
@@ -264,7 +287,7 @@ class TrafficMonitor:
             "failed_requests": failed,
             "failures": {k: v for k, v in m.outcomes.items() if k != "success"},
             "success_rate": round(m.outcomes["success"] / m.total, 6) if m.total else None,
-            "requests_in_flight": m.in_flight,
+            "requests_in_flight": self.in_flight(model),
             "request_rate": round(agg["count"] / w, 6),
             "window_requests": agg["count"],
             "window_failed": agg["failed"],

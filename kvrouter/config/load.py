@@ -85,6 +85,14 @@ def _convert_scalar(tp, value, meta, path, line, ctx) -> Any:
         ctx.error(path, f"expected a GPU id, a list of ids or \"0,1\", found {_type_name(value)}",
                   line)
         return _BAD
+    if kind == "workers":
+        if value == "auto":
+            return 0
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 256:
+            return value
+        ctx.error(path, f"expected a number of processes (1 to 256) or auto, found "
+                  f"{value!r}", line)
+        return _BAD
     if kind == "path":
         if not isinstance(value, str) or not value:
             ctx.error(path, f"expected a path, found {_type_name(value)}", line)

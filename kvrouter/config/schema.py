@@ -85,6 +85,11 @@ class RouterConfig:
     max_connections: Optional[int] = setting(
         None, "Client connections served at once (more wait in the listen backlog); default: "
         "what the open files limit allows, two descriptors a connection.", min=1)
+    workers: int = setting(
+        1, "Router processes serving the port (SO_REUSEPORT); `auto`: one per CPU core. With "
+        "more than one, a supervising process owns every model's state (sleep, wake, policy) "
+        "and the workers serve ready models directly and ask it for the rest. In the config "
+        "file 0 is written `auto`.", kind="workers")
     log_level: str = setting("info", "Router log level.",
                              choices=("debug", "info", "warning", "error"))
     access_log: bool = setting(

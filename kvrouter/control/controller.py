@@ -166,7 +166,7 @@ class Controller:
         """Requests being served by the engine (those waiting in ensure_ready excluded)."""
         if self.traffic is None:
             return 0
-        return max(0, self.traffic.models[entry.name].in_flight - entry.waiters)
+        return max(0, self.traffic.in_flight(entry.name) - entry.waiters)
 
     # --- transitions (the admin API and the policy) -------------------------------------------
     def sleep(self, entry: ModelEntry, level: Optional[int] = None, manual: bool = True,
@@ -278,7 +278,8 @@ class Controller:
             last = (t.last_end_mono if t is not None and t.last_end_mono is not None
                     else (t.created_mono if t is not None else 0.0))
             views.append(policy.ModelView(
-                name=e.name, state=e.state, in_flight=t.in_flight if t else 0,
+                name=e.name, state=e.state,
+                in_flight=self.traffic.in_flight(e.name) if self.traffic is not None else 0,
                 waiting=e.waiters, idle_seconds=idle, state_seconds=now - e.since,
                 pinned=inst.sleep.pinned, idle_threshold=inst.idle_threshold_seconds,
                 stop_after=inst.stop_after_seconds, level=e.level,

@@ -35,12 +35,15 @@ class EventLog:
         self.events: Deque[dict] = deque(maxlen=keep)
         self.last_id = 0
         self._new = Event()
+        self.listeners: List[Callable[[dict], None]] = []   # called on every event, in order
 
     def publish(self, model: str, old: str, new: str, reason: str) -> dict:
         self.last_id += 1
         event = {"id": self.last_id, "time": self.wall(), "model": model,
                  "kind": kind_of(old, new), "from": old, "to": new, "reason": reason}
         self.events.append(event)
+        for listener in self.listeners:
+            listener(event)
         new_event, self._new = self._new, Event()
         new_event.set()
         return event

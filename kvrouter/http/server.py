@@ -432,7 +432,8 @@ class HTTPServer:
         self.pool = Pool(self.limits.max_connections)
         # connections waiting for their next request, oldest first: closed when room is short
         self.idle: Dict[_Connection, float] = {}   # connection -> idle since (loop time)
-        self.server = _StreamServer(listener, self._handle, backlog=backlog, spawn=self.pool)
+        self.server = _StreamServer(listener, self._handle, spawn=self.pool,
+                                    backlog=None if hasattr(listener, "accept") else backlog)
         self.server.drain = self.drain_idle
         self._reaper: Optional[gevent.Greenlet] = None
 

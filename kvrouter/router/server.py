@@ -124,6 +124,11 @@ def build_server(ctx: RouterContext, listener=None) -> HTTPServer:
 
 
 def serve(cfg: Config) -> None:
+    if cfg.router.workers != 1:
+        from kvrouter.router.owner import serve_with_workers
+
+        serve_with_workers(cfg)
+        return
     logs.setup(cfg.router.log_level)
     nofile = raise_open_files_limit()
     ctx = RouterContext(cfg, process_control_for(cfg))
@@ -145,10 +150,5 @@ def serve(cfg: Config) -> None:
     gevent.signal_handler(signal.SIGINT, _stop)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(ctx.reload_from_file))
 
-    def _flush_access_log():
-        while True:
-            gevent.sleep(0.5)
-            logs.ACCESS.flush()
-
-    gevent.spawn(_flush_access_log)
+    gevent.spawn(logs.flush_forever)
     server.serve_forever()

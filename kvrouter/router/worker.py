@@ -1,0 +1,209 @@
+"""A router worker process (``router.workers`` > 1).
+
+Workers accept on the router's port together (``SO_REUSEPORT``: the kernel spreads the
+connections). A worker serves a ``POST /v1/...`` itself when the model is ready (one byte of
+shared memory says so: no lock, no round trip), and hands everything else to the owner
+process, which holds the controller: requests for a model that is not ready (so every
+worker's requests join the owner's one wake), the management routes, ``/events``,
+``/metrics`` and ``/v1/responses/{id}``. What a worker served reaches the owner's traffic
+monitor and metrics in batches every ``FLUSH_SECONDS``; its requests in flight are counted
+in its own slot of the shared memory, which the owner reads before it puts a model to sleep.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import List
+from urllib.parse import quote
+
+import gevent
+
+from kvrouter import logs
+from kvrouter.config.schema import Config
+from kvrouter.control.entry import ModelEntry
+from kvrouter.engines.adapters import adapter_for
+from kvrouter.errors import ApiError, NotFound, ServiceUnavailable
+from kvrouter.http.client import UpstreamError, UpstreamPool
+from kvrouter.http.messages import Response, StreamResponse
+from kvrouter.router.errors import error_response
+from kvrouter.router.proxy import Proxy
+from kvrouter.router.routes import RouteTable
+from kvrouter.router.shared import SharedState
+from kvrouter.traffic import TrafficMonitor
+
+log = logging.getLogger("kvrouter.worker")
+FLUSH_SECONDS = 0.05
+DRAIN_SECONDS = 30.0
+SECRET_HEADER = "x-kvrouter-owner-secret"
+HOP = ("content-length", "transfer-encoding", "connection", "keep-alive", "host")
+
+
+def reuseport_listener(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class Owner:
+    """The owner process, as seen from a worker: its internal HTTP port."""
+
+    def __init__(self, port: int, secret: str):
+        self.pool = UpstreamPool("127.0.0.1", port)
+        self.secret = secret
+
+    def post(self, path: str, doc) -> None:
+        body = json.dumps(doc).encode()
+        try:
+            self.pool.request("POST", path, {"Content-Type": "application/json",
+                                             SECRET_HEADER: self.secret}, body).read()
+        except UpstreamError as err:
+            log.warning("owner process not reachable (%s): %s", path, err)
+
+
+class WorkerGate:
+    """The controller's place in a worker's Proxy: the worker only proxies ready models."""
+
+    def __init__(self, shared: SharedState, owner: Owner):
+        self.shared = shared
+        self.owner = owner
+
+    def ensure_ready(self, entry: ModelEntry) -> float:
+        if self.shared.ready(entry.name):
+            return 0.0
+        raise ServiceUnavailable(f"model {entry.name!r} is "
+                                 f"{self.shared.state(entry.name).value}", code="model_not_ready",
+                                 headers={"Retry-After": "1"})
+
+    def upstream_failed(self, entry: ModelEntry, reason: str) -> None:
+        gevent.spawn(self.owner.post, f"/internal/upstream-failed/{quote(entry.name, safe='')}",
+                     {"reason": reason})
+
+
+class WorkerProxy(Proxy):
+    owner: Owner
+
+    def remember_response(self, response_id: str, entry: ModelEntry) -> None:
+        super().remember_response(response_id, entry)
+        self.owner.post("/internal/response", {"id": response_id, "model": entry.name})
+
+
+class Worker:
+    def __init__(self, cfg: Config, slot: int, owner: Owner, shared: SharedState):
+        self.cfg = cfg
+        self.slot = slot
+        self.owner = owner
+        self.shared = shared
+        self.traffic = TrafficMonitor([i.model for i in cfg.instances], on_end=self._ended)
+        now = time.monotonic()
+        self.routes = RouteTable([ModelEntry(i, adapter_for(i), now) for i in cfg.instances])
+        self.proxy = WorkerProxy(cfg, WorkerGate(shared, owner), self.traffic,  # type: ignore
+                                 self.routes)
+        self.proxy.owner = owner
+        self.batch: List[list] = []
+        r = cfg.router
+        self.forward_timeouts = (r.connect_timeout_seconds, r.request_timeout_seconds +
+                                 cfg.sleep_manager.wake_timeout_seconds +
+                                 r.ready_timeout_seconds, r.stream_idle_timeout_seconds)
+
+    def _ended(self, model, outcome, rec, latency, prompt, completion, itl) -> None:
+        self.shared.add(self.slot, model, -1)
+        self.batch.append([model, rec.start, rec.start + latency, outcome, rec.wait,
+                           rec.first_byte, rec.stream, prompt, completion, itl])
+
+    def flush(self) -> None:
+        if self.batch:
+            batch, self.batch = self.batch, []
+            self.owner.post("/internal/records", batch)
+
+    def _flush_loop(self) -> None:
+        while True:
+            gevent.sleep(FLUSH_SECONDS)
+            try:
+                self.flush()
+            except Exception:
+                log.exception("pushing traffic records failed")
+
+    def handle(self, req):
+        path = req.path
+        if path.startswith("/internal/"):
+            return error_response(NotFound(f"no route {req.method} {path}"))
+        if req.method == "POST" and path.startswith("/v1/") and \
+                not path.startswith("/v1/responses/"):
+            try:
+                entry, payload = self.proxy._parse(req)
+            except ApiError:
+                return self.forward(req)   # the owner answers (and counts) what is wrong
+            # counted before the state is read: the owner sets DRAINING before it reads the
+            # counts, so a sleep never starts under a request a worker let through
+            self.shared.add(self.slot, entry.name, 1)
+            if self.shared.ready(entry.name):
+                return self.proxy._run(req, entry, payload)
+            self.shared.add(self.slot, entry.name, -1)
+        return self.forward(req)
+
+    def forward(self, req):
+        """The request, as it came, to the owner process; its answer streamed back."""
+        headers = {k: v for k, v in req.headers.items() if k not in HOP}
+        target = req.path + ("?" + req.query if req.query else "")
+        connect, first_byte, idle = self.forward_timeouts
+        try:
+            resp = self.owner.pool.request(req.method, target, headers, req.body,
+                                           connect_timeout=connect,
+                                           first_byte_timeout=first_byte, idle_timeout=idle)
+        except UpstreamError as err:
+            return error_response(ServiceUnavailable(
+                f"the router's owner process is not reachable: {err}", code="owner_unreachable"))
+        out = [(k, v) for k, v in resp.headers if k.lower() not in HOP]
+        if resp.header("content-length") is not None:
+            return Response(resp.status, out, resp.read())
+        return StreamResponse(resp.status, out, resp.chunks())
+
+
+def run_worker(cfg: Config, slot: int, owner_port: int, shared_path: str) -> None:
+    from kvrouter.http.limits import ServerLimits
+    from kvrouter.http.server import HTTPServer
+    from kvrouter.http.sockio import raise_open_files_limit
+    from kvrouter.router.auth import require_api_key
+    from kvrouter.router.server import apply_limits  # the owner's limits, the same settings
+
+    logs.setup(cfg.router.log_level)
+    raise_open_files_limit()
+    secret = os.environ.pop("KVROUTER_OWNER_SECRET", "")
+    owner = Owner(owner_port, secret)
+    shared = SharedState(shared_path)
+    worker = Worker(cfg, slot, owner, shared)
+    r = cfg.router
+    limits = ServerLimits(max_connections=r.max_connections)
+    apply_limits(limits, cfg)
+
+    def precheck(req) -> None:
+        if r.api_keys and req.path.startswith("/v1/"):
+            require_api_key(req.headers.get("authorization"), r.api_keys)
+
+    server = HTTPServer(reuseport_listener(r.router_host, r.router_port), worker.handle, limits,
+                        precheck=precheck)
+    server.start()
+    gevent.spawn(worker._flush_loop)
+    gevent.spawn(logs.flush_forever)
+    log.info("worker %d (pid %d) serving %s:%d", slot, os.getpid(), r.router_host,
+             r.router_port)
+
+    def _stop(*_):
+        server.stop(timeout=DRAIN_SECONDS)   # stop accepting; let the requests finish
+        worker.flush()
+        logs.ACCESS.flush()
+        sys.exit(0)
+
+    gevent.signal_handler(signal.SIGTERM, _stop)
+    gevent.signal_handler(signal.SIGINT, _stop)
+    server.serve_forever()
