@@ -16,12 +16,12 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 from typing import List
 from urllib.parse import quote
 
 import gevent
+from gevent.event import Event
 
 from kvrouter import logs
 from kvrouter.config.schema import Config
@@ -110,6 +110,7 @@ class Worker:
                                  self.routes)
         self.proxy.owner = owner
         self.batch: List[list] = []
+        self.tag = f"{slot}/{os.getpid()}"   # answers say which worker served them
         r = cfg.router
         self.forward_timeouts = (r.connect_timeout_seconds, r.request_timeout_seconds +
                                  cfg.sleep_manager.wake_timeout_seconds +
@@ -134,6 +135,11 @@ class Worker:
                 log.exception("pushing traffic records failed")
 
     def handle(self, req):
+        resp = self._handle(req)
+        resp.headers.append(("X-Kvrouter-Worker", self.tag))
+        return resp
+
+    def _handle(self, req):
         path = req.path
         if path.startswith("/internal/"):
             return error_response(NotFound(f"no route {req.method} {path}"))
@@ -198,12 +204,12 @@ def run_worker(cfg: Config, slot: int, owner_port: int, shared_path: str) -> Non
     log.info("worker %d (pid %d) serving %s:%d", slot, os.getpid(), r.router_host,
              r.router_port)
 
-    def _stop(*_):
-        server.stop(timeout=DRAIN_SECONDS)   # stop accepting; let the requests finish
-        worker.flush()
-        logs.ACCESS.flush()
-        sys.exit(0)
-
-    gevent.signal_handler(signal.SIGTERM, _stop)
-    gevent.signal_handler(signal.SIGINT, _stop)
-    server.serve_forever()
+    stopping = Event()
+    gevent.signal_handler(signal.SIGTERM, stopping.set)
+    gevent.signal_handler(signal.SIGINT, stopping.set)
+    stopping.wait()
+    # stop accepting (the other workers take the new connections); let the requests finish
+    server.drain_idle(1 << 30)   # idle keep-alive connections now; busy ones when done
+    server.stop(timeout=DRAIN_SECONDS)
+    worker.flush()
+    logs.ACCESS.flush()
