@@ -68,13 +68,20 @@ class Child:
                 pass
 
 
-def start_router(port: int, instances: str, extra: str = ""):
+def start_router(port: int, instances: str, extra: str = "", workers: int = 1):
     """Write a router config (``instances`` is YAML list items) and run ``kvrouter serve``."""
     path = os.path.join(tempfile.mkdtemp(prefix="kvr-bench-"), "kvrouter.yaml")
     with open(path, "w") as fh:
-        fh.write("router: {router_host: 127.0.0.1, router_port: %d, log_level: warning}\n"
-                 "%sinstances:\n%s" % (port, extra, instances))
+        fh.write("router: {router_host: 127.0.0.1, router_port: %d, log_level: warning, "
+                 "workers: %d}\n%sinstances:\n%s" % (port, workers, extra, instances))
     return Child([PY, "-m", "kvrouter", "serve", path])
+
+
+def peer_router() -> Optional[str]:
+    """The Rust vllm-router, when installed (``VLLM_ROUTER`` or on PATH; `make bench`
+    installs it into .venv-peer when PyPI has it)."""
+    path = os.environ.get("VLLM_ROUTER") or shutil.which("vllm-router")
+    return path if path and os.access(path, os.X_OK) else None
 
 
 def wait_port(port: int, path: str = "/health", timeout: float = 20.0) -> None:
@@ -364,6 +371,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--out", default="bench-results/speed.json")
     ap.add_argument("--skip-aiohttp", action="store_true")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="router processes of the multi-worker run (default: CPU cores)")
     args = ap.parse_args(argv)
     secs = args.seconds
     have_wrk = shutil.which("wrk") is not None
@@ -371,19 +380,32 @@ def main(argv=None) -> int:
         (lambda port, c: builtin_load(port, c, secs))
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                      "load_tool": "wrk" if have_wrk else "kvrouter-bench"}
-    backend_port, slow_port, router_port, aio_port = (free_port() for _ in range(4))
-    router = start_router(router_port, "".join(
+    backend_port, slow_port, router_port, aio_port, workers_port, peer_port = (
+        free_port() for _ in range(6))
+    instances = "".join(
         "  - {name: %s, model: %s, engine: sim, engine_args: ['--host 127.0.0.1 --port %d']}\n"
         % (name, model, port) for name, model, port in
-        (("fast", "bench/model", backend_port), ("slow", "bench/slow", slow_port))))
+        (("fast", "bench/model", backend_port), ("slow", "bench/slow", slow_port)))
+    router = start_router(router_port, instances)
+    n_workers = args.workers or os.cpu_count() or 2
+    with_workers = start_router(workers_port, instances, workers=n_workers)
     children = [
         Child([PY, "-m", "kvrouter.bench.backends", "fast", "--port", str(backend_port),
                "--events", "100"]),
         Child([PY, "-m", "kvrouter.bench.backends", "fast", "--port", str(slow_port),
                "--events", "50", "--interval-ms", "100"]),
     ]
-    children.append(router)
-    targets = {"direct": backend_port, "kvrouter": router_port}
+    children += [router, with_workers]
+    targets = {"direct": backend_port, "kvrouter": router_port,
+               f"kvrouter {n_workers} workers": workers_port}
+    peer = peer_router()
+    if peer:
+        children.append(Child([peer, "--host", "127.0.0.1", "--port", str(peer_port),
+                               "--worker-urls", f"http://127.0.0.1:{backend_port}",
+                               "--log-level", "warning"]))
+        targets["vllm-router"] = peer_port
+    else:
+        print("vllm-router not installed: no peer (pip install vllm-router; VLLM_ROUTER=path)")
     if not args.skip_aiohttp:
         try:
             import aiohttp  # noqa: F401
@@ -398,7 +420,10 @@ def main(argv=None) -> int:
         wait_port(backend_port)
         wait_port(slow_port)
         wait_port(router_port, "/health")
-        time.sleep(0.5)  # readiness probes
+        wait_port(workers_port, "/health")
+        if "vllm-router" in targets:
+            wait_port(peer_port, "/health", timeout=60)
+        time.sleep(1.0)  # readiness probes
         if "aiohttp" in targets:
             wait_port(aio_port, "/")  # any answer
     except RuntimeError:
@@ -452,7 +477,8 @@ def report(r: dict) -> str:
     for name, v in ns.items():
         lines.append(f"  {name:<24} {v['rps']:>8.0f} {v['p50_ms'] or 0:>9.3f} "
                      f"{v['p99_ms'] or 0:>8.3f} {v['errors']:>8}")
-    for target in ("kvrouter", "aiohttp"):
+    for target in [n[:-len(" c=1")] for n in ns if n.endswith(" c=1") and
+                   not n.startswith("direct")]:
         if f"{target} c=1" in ns:
             d1, t1 = ns["direct c=1"], ns[f"{target} c=1"]
             lines.append(f"  {target} added latency at c=1: p50 "
@@ -461,6 +487,12 @@ def report(r: dict) -> str:
     if "aiohttp c=32" in ns:
         lines.append(f"  kvrouter / aiohttp throughput at c=32: "
                      f"{ns['kvrouter c=32']['rps'] / max(1.0, ns['aiohttp c=32']['rps']):.2f}x")
+    many = [n for n in ns if " workers c=32" in n]
+    for n in many:
+        for peer in ("kvrouter c=32", "vllm-router c=32"):
+            if peer in ns:
+                lines.append(f"  {n[:-5]} / {peer[:-5]} throughput at c=32: "
+                             f"{ns[n]['rps'] / max(1.0, ns[peer]['rps']):.2f}x")
     lines += ["", "streamed, 100 events each     events/s (c=32)  errors   TTFB p50 ms (c=1)"]
     for name, v in r["stream"].items():
         lines.append(f"  {name:<28} {v['events_per_s']:>15.0f} {v['errors']:>7} "
@@ -468,6 +500,12 @@ def report(r: dict) -> str:
     if "kvrouter" in r["stream"]:
         added = r["stream"]["kvrouter"]["ttfb_c1_p50_ms"] - r["stream"]["direct"]["ttfb_c1_p50_ms"]
         lines.append(f"  kvrouter added time to first byte (c=1, p50): {added:.3f} ms")
+    for n in [k for k in r["stream"] if k.endswith(" workers")]:
+        for peer in ("kvrouter", "vllm-router"):
+            if peer in r["stream"]:
+                ratio = r["stream"][n]["events_per_s"] / max(
+                    1.0, r["stream"][peer]["events_per_s"])
+                lines.append(f"  {n} / {peer} streamed events/s at c=32: {ratio:.2f}x")
     s = r["streams_1000"]
     lines += ["", f"1,000 concurrent streams through kvrouter: {s['streams']} done, "
               f"{s['errors']} errors, router RSS idle {r['router_rss_idle_mb']:.0f} MB, "
