@@ -194,3 +194,20 @@ def test_reload_replaces_the_workers_without_dropping_a_stream_and_sigterm_drain
         router.stop()
         a.stop()
         b.stop()
+
+
+def test_responses_made_on_any_worker_are_found_from_any_worker(stack):
+    import openai
+
+    made = []
+    for _ in range(6):   # new clients, new connections: spread over the workers
+        c = openai.OpenAI(base_url=stack["base"] + "/v1", api_key="x", max_retries=0)
+        r = c.responses.with_raw_response.create(model=A, input="hello", max_output_tokens=4)
+        made.append((r.headers.get("x-kvrouter-worker"), r.parse()))
+        c.close()
+    assert len({w for w, _ in made}) >= 2, made
+    for _, resp in made:
+        c = openai.OpenAI(base_url=stack["base"] + "/v1", api_key="x", max_retries=0)
+        again = c.responses.retrieve(resp.id)
+        assert again.id == resp.id and again.output_text == resp.output_text
+        c.close()
