@@ -184,6 +184,7 @@ def run_worker(cfg: Config, slot: int, owner_port: int, shared_path: str) -> Non
 
     logs.setup(cfg.router.log_level)
     raise_open_files_limit()
+    _die_with_parent()
     secret = os.environ.pop("KVROUTER_OWNER_SECRET", "")
     owner = Owner(owner_port, secret)
     shared = SharedState(shared_path)
@@ -213,3 +214,14 @@ def run_worker(cfg: Config, slot: int, owner_port: int, shared_path: str) -> Non
     server.stop(timeout=DRAIN_SECONDS)
     worker.flush()
     logs.ACCESS.flush()
+
+
+def _die_with_parent() -> None:
+    """A worker whose owner is gone (killed outright) must not keep the port: Linux sends it
+    SIGTERM then (PR_SET_PDEATHSIG), and it drains and exits."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        log.warning("cannot ask to be stopped with the owner process (not Linux?)")

@@ -211,3 +211,26 @@ def test_responses_made_on_any_worker_are_found_from_any_worker(stack):
         again = c.responses.retrieve(resp.id)
         assert again.id == resp.id and again.output_text == resp.output_text
         c.close()
+
+
+def test_workers_stop_when_their_owner_is_killed(tmp_path):
+    a = SimEngine("vllm", A, args=["--enable-sleep-mode"])
+    rp = free_port()
+    router = Router(f"router: {{router_port: {rp}, workers: 2}}\ninstances:\n"
+                    + instance_yaml("a", A, a.port, "vllm"), str(tmp_path))
+    try:
+        wait_until(lambda: len(_workers(router)) == 2, 15, what="two workers")
+        pids = _workers(router)
+        os.kill(router.proc.p.pid, signal.SIGKILL)
+
+        def alive(pid):
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    return fh.read().split(")")[-1].split()[0] != "Z"
+            except OSError:
+                return False
+
+        wait_until(lambda: not any(alive(p) for p in pids), 40, what="the workers gone")
+    finally:
+        router.stop()
+        a.stop()
