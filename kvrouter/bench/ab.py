@@ -16,11 +16,11 @@ import sys
 import tempfile
 import time
 
-from kvrouter.bench import speed
+from kvrouter.bench import harness
 
 
 def _router(tree: str, backend: int, router_extra: str = ""):
-    port = speed.free_port()
+    port = harness.free_port()
     cfg = os.path.join(tempfile.mkdtemp(prefix="kvr-ab-"), "kvrouter.yaml")
     with open(cfg, "w") as fh:
         fh.write("router: {router_host: 127.0.0.1, router_port: %d%s}\ninstances:\n"
@@ -30,7 +30,7 @@ def _router(tree: str, backend: int, router_extra: str = ""):
     proc = subprocess.Popen([sys.executable, "-m", "kvrouter", "serve", cfg], cwd=tree,
                             env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    speed.wait_port(port, "/health")
+    harness.wait_port(port, "/health")
     time.sleep(0.5)
     return proc, port
 
@@ -44,20 +44,20 @@ def main(argv=None) -> int:
     ap.add_argument("--new-router", default="", metavar="YAML",
                     help="more router settings for NEW only, e.g. 'access_log: false'")
     args = ap.parse_args(argv)
-    backend = speed.free_port()
-    child = speed.Child([sys.executable, "-m", "kvrouter.bench.backends", "fast", "--port",
+    backend = harness.free_port()
+    child = harness.Child([sys.executable, "-m", "kvrouter.bench.backends", "fast", "--port",
                          str(backend), "--events", "100"])
-    load = speed.wrk if shutil.which("wrk") else speed.builtin_load
+    load = harness.wrk if shutil.which("wrk") else harness.builtin_load
     results: dict = {args.old: [], args.new: []}
     try:
-        speed.wait_port(backend)
+        harness.wait_port(backend)
         for n in range(args.rounds):
             for tree in (args.old, args.new):
                 proc, port = _router(tree, backend,
                                      args.new_router if tree == args.new else "")
                 try:
-                    speed.sse_streams(port, 8, seconds=1, expect_events=100)  # warm up
-                    sse = speed.sse_streams(port, 32, seconds=args.seconds, expect_events=100)
+                    harness.sse_streams(port, 8, seconds=1, expect_events=100)  # warm up
+                    sse = harness.sse_streams(port, 32, seconds=args.seconds, expect_events=100)
                     plain = load(port, 32, args.seconds)
                 finally:
                     proc.terminate()

@@ -24,7 +24,7 @@ import uuid  # noqa: E402
 from typing import Dict, List  # noqa: E402
 
 from kvrouter import kvpool  # noqa: E402
-from kvrouter.bench import prompts, speed, trace  # noqa: E402
+from kvrouter.bench import harness, prompts, trace  # noqa: E402
 from kvrouter.bench.loadgen import Job, LoadGenerator, LoadSpec  # noqa: E402
 
 MODELS = ["kv/alpha", "kv/beta", "kv/gamma"]
@@ -42,12 +42,12 @@ def _pct(values: List[float], q: float) -> float:
 
 def run_mode(mode: str, rows: List[dict], slo_ttft: float) -> Dict[str, dict]:
     ipc = {m: f"kvr_bench_{uuid.uuid4().hex[:8]}" for m in MODELS}
-    ports = {m: speed.free_port() for m in MODELS}
-    children = [speed.Child([sys.executable, "-m", "kvrouter", "sim-engine", "--model", m,
+    ports = {m: harness.free_port() for m in MODELS}
+    children = [harness.Child([sys.executable, "-m", "kvrouter", "sim-engine", "--model", m,
                              "--port", str(ports[m]), *SIM],
                             env={"ENABLE_KVCACHED": "true", "KVCACHED_IPC_NAME": ipc[m]})
                 for m in MODELS]
-    rp = speed.free_port()
+    rp = harness.free_port()
     rebalance = 0.5 if mode == "arbiter" else 0
     text = ("router: {router_host: 127.0.0.1, router_port: %d, access_log: false}\n"
             "sleep_manager: {gpu_memory_gb: {\"0\": 15}, kv_rebalance_seconds: %g}\n"
@@ -60,11 +60,11 @@ def run_mode(mode: str, rows: List[dict], slo_ttft: float) -> Dict[str, dict]:
     path = os.path.join(folder, "kvrouter.yaml")
     with open(path, "w") as fh:
         fh.write(text)
-    router = speed.Child([sys.executable, "-m", "kvrouter", "serve", path])
+    router = harness.Child([sys.executable, "-m", "kvrouter", "serve", path])
     try:
         for m in MODELS:
-            speed.wait_port(ports[m], "/health")
-        speed.wait_port(rp, "/health")
+            harness.wait_port(ports[m], "/health")
+        harness.wait_port(rp, "/health")
         if mode == "static":
             for m in MODELS:
                 kvpool.set_limit(kvpool.segment_path(ipc[m]), 4 * GB)

@@ -2,8 +2,9 @@
 
 Runs side by side, on this machine, in one run:
   1. non-streamed requests/s and latency at concurrency 1 and 32: direct to a
-     fixed-JSON backend, through kvrouter, through an aiohttp proxy baseline
-     (wrk when installed, else kvrouter's own load generator);
+     fixed-JSON backend, through kvrouter (one process, and N workers), through an
+     aiohttp proxy baseline and the Rust vllm-router when installed (wrk when installed,
+     else kvrouter's own load generator; the processes and tools are in ``harness.py``);
   2. streamed SSE events/s and time to first byte through each;
   3. kvrouter's RSS with 1,000 concurrent streams, and their errors;
   4. the simulated engine with 500 concurrent streams at 20 ms inter-token latency;
@@ -20,225 +21,23 @@ monkey.patch_all()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import re  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
-from typing import Optional  # noqa: E402
 
 import gevent  # noqa: E402
-import httptools  # noqa: E402
 
-from kvrouter.http.sse import SSEDecoder  # noqa: E402
-
-PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Child:
-    def __init__(self, argv, env=None):
-        self.log = tempfile.TemporaryFile()
-        self.p = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                  start_new_session=True, env=dict(os.environ, **(env or {})))
-
-    def rss_mb(self) -> float:
-        with open(f"/proc/{self.p.pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-        return 0.0
-
-    def stop(self):
-        try:
-            os.killpg(self.p.pid, signal.SIGTERM)
-            self.p.wait(5)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def start_router(port: int, instances: str, extra: str = "", workers: int = 1):
-    """Write a router config (``instances`` is YAML list items) and run ``kvrouter serve``."""
-    path = os.path.join(tempfile.mkdtemp(prefix="kvr-bench-"), "kvrouter.yaml")
-    with open(path, "w") as fh:
-        fh.write("router: {router_host: 127.0.0.1, router_port: %d, log_level: warning, "
-                 "workers: %d}\n%sinstances:\n%s" % (port, workers, extra, instances))
-    return Child([PY, "-m", "kvrouter", "serve", path])
-
-
-def peer_router() -> Optional[str]:
-    """The Rust vllm-router, when installed (``VLLM_ROUTER`` or on PATH; `make bench`
-    installs it into .venv-peer when PyPI has it)."""
-    path = os.environ.get("VLLM_ROUTER") or shutil.which("vllm-router")
-    return path if path and os.access(path, os.X_OK) else None
-
-
-def wait_port(port: int, path: str = "/health", timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=1)
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            if s.recv(100).startswith(b"HTTP/1.1 200"):
-                s.close()
-                return
-            s.close()
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing answered on port {port}")
-
-
-BODY = json.dumps({"model": "bench/model", "prompt": "hello", "max_tokens": 1}).encode()
-STREAM_BODY = json.dumps({"model": "bench/model", "prompt": "hello", "max_tokens": 100,
-                          "stream": True}).encode()
-
-
-# --- non-streamed ------------------------------------------------------------------------------
-def wrk(port: int, conns: int, seconds: float) -> dict:
-    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
-    script.write('wrk.method = "POST"\nwrk.body = \'%s\'\n'
-                 'wrk.headers["Content-Type"] = "application/json"\n' % BODY.decode())
-    script.close()
-    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{max(1, int(round(seconds)))}s", "--latency", "-s",
-                          script.name, f"http://127.0.0.1:{port}/v1/completions"],
-                         capture_output=True, text=True).stdout
-    os.unlink(script.name)
-
-    def ms(label):
-        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)", out, re.M)
-        if not m:
-            return None
-        v = float(m.group(1))
-        return v / 1000.0 if m.group(2) == "us" else v if m.group(2) == "ms" else v * 1000
-
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": float(rps.group(1)) if rps else 0.0, "p50_ms": ms("50"), "p99_ms": ms("99"),
-            "errors": int(errors.group(1)) if errors else 0, "tool": "wrk"}
-
-
-def builtin_load(port: int, conns: int, seconds: float) -> dict:
-    from kvrouter.http.client import UpstreamError, UpstreamPool
-
-    pool = UpstreamPool("127.0.0.1", port, max_idle=conns)
-    lat, errors = [], 0
-    deadline = time.perf_counter() + seconds
-
-    def worker():
-        nonlocal errors
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            try:
-                r = pool.request("POST", "/v1/completions", {"Content-Type": "application/json"},
-                                 BODY)
-                r.read()
-                if r.status != 200:
-                    errors += 1
-            except UpstreamError:
-                errors += 1
-            lat.append(time.perf_counter() - t0)
-
-    start = time.perf_counter()
-    gevent.joinall([gevent.spawn(worker) for _ in range(conns)])
-    elapsed = time.perf_counter() - start
-    lat.sort()
-    return {"rps": len(lat) / elapsed, "p50_ms": lat[len(lat) // 2] * 1000,
-            "p99_ms": lat[int(len(lat) * 0.99)] * 1000, "errors": errors, "tool": "kvrouter-bench"}
-
-
-# --- streams -----------------------------------------------------------------------------------
-class _EventCounter:
-    """httptools callbacks: de-chunk the body and count its SSE events ([DONE] apart)."""
-
-    def __init__(self):
-        self.decoder = SSEDecoder()
-        self.events = 0
-        self.done = False
-
-    def on_body(self, data: bytes) -> None:
-        for event in self.decoder.feed(data):
-            if event.data == "[DONE]":
-                self.done = True
-            else:
-                self.events += 1
-
-    def on_message_complete(self) -> None:
-        self.done = True
-
-
-def sse_streams(port: int, conns: int, seconds: Optional[float] = None,
-                streams_each: Optional[int] = None, expect_events: Optional[int] = None,
-                body: bytes = STREAM_BODY, sample=None) -> dict:
-    """Each connection runs streams back to back; count events, time to first byte."""
-    events = 0
-    ttfb = []
-    itls = []
-    errors = 0
-    done = 0
-    deadline = time.perf_counter() + seconds if seconds else None
-    req = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-
-    def worker():
-        nonlocal events, errors, done
-        n = 0
-        while (deadline is None or time.perf_counter() < deadline) and \
-                (streams_each is None or n < streams_each):
-            n += 1
-            try:
-                s = socket.create_connection(("127.0.0.1", port), timeout=60)
-                t0 = time.perf_counter()
-                s.sendall(req)
-                first = True
-                body = _EventCounter()
-                parser = httptools.HttpResponseParser(body)
-                while not body.done:
-                    data = s.recv(65536)
-                    if not data:
-                        break
-                    now = time.perf_counter()
-                    if first:
-                        ttfb.append(now - t0)
-                        first_at = now
-                        first = False
-                    last_at = now
-                    parser.feed_data(data)
-                s.close()
-                got = body.events
-                events += got
-                if got > 1:
-                    itls.append((last_at - first_at) / (got - 1))
-                if expect_events is not None and got != expect_events:
-                    errors += 1
-                done += 1
-            except OSError:
-                errors += 1
-
-    start = time.perf_counter()
-    workers = [gevent.spawn(worker) for _ in range(conns)]
-    if sample:
-        sampler = gevent.spawn(sample)
-    gevent.joinall(workers)
-    if sample:
-        sampler.kill()
-    elapsed = time.perf_counter() - start
-    ttfb.sort()
-    return {"events_per_s": events / elapsed, "streams": done, "errors": errors,
-            "ttfb_p50_ms": ttfb[len(ttfb) // 2] * 1000 if ttfb else None,
-            "itl_mean_ms": sum(itls) / len(itls) * 1000 if itls else None,
-            "seconds": elapsed}
+from kvrouter.bench.harness import (  # noqa: E402
+    PY,
+    Child,
+    builtin_load,
+    free_port,
+    peer_router,
+    sse_streams,
+    start_router,
+    wait_port,
+    wrk,
+)
 
 
 def sim_itl(streams: int, itl_ms: float, tokens: int) -> dict:
