@@ -5,7 +5,7 @@ import logging
 import signal
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import gevent
 
@@ -107,19 +107,26 @@ def apply_limits(limits: ServerLimits, cfg: Config) -> None:
     limits.keepalive_timeout = r.keepalive_timeout_seconds
 
 
-def build_server(ctx: RouterContext, listener=None) -> HTTPServer:
-    r = ctx.cfg.router
-    limits = ServerLimits(max_connections=r.max_connections)
-    apply_limits(limits, ctx.cfg)
+def router_http_server(listener, handler, get_cfg: Callable[[], Config]) -> HTTPServer:
+    """The router's HTTP server (the single process, the owner, each worker): its limits
+    from the config, the API key checked on the headers, so an unauthenticated body is
+    never read (``get_cfg``: the config in force, which a reload replaces)."""
+    cfg = get_cfg()
+    limits = ServerLimits(max_connections=cfg.router.max_connections)
+    apply_limits(limits, cfg)
 
     def precheck(req) -> None:
-        """The API key is checked on the headers: an unauthenticated body is never read."""
-        keys = ctx.cfg.router.api_keys
+        keys = get_cfg().router.api_keys
         if keys and req.path.startswith("/v1/"):
             require_api_key(req.headers.get("authorization"), keys)
 
-    ctx.server = HTTPServer(listener or (r.router_host, r.router_port), ctx.handler(), limits,
-                            precheck=precheck)
+    return HTTPServer(listener, handler, limits, precheck=precheck)
+
+
+def build_server(ctx: RouterContext, listener=None) -> HTTPServer:
+    r = ctx.cfg.router
+    ctx.server = router_http_server(listener or (r.router_host, r.router_port), ctx.handler(),
+                                    lambda: ctx.cfg)
     return ctx.server
 
 

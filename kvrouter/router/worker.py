@@ -30,9 +30,11 @@ from kvrouter.engines.adapters import adapter_for
 from kvrouter.errors import ApiError, NotFound, ServiceUnavailable
 from kvrouter.http.client import UpstreamError, UpstreamPool
 from kvrouter.http.messages import Response, StreamResponse
+from kvrouter.http.sockio import raise_open_files_limit
 from kvrouter.router.errors import error_response
 from kvrouter.router.proxy import Proxy
 from kvrouter.router.routes import RouteTable
+from kvrouter.router.server import router_http_server
 from kvrouter.router.shared import SharedState
 from kvrouter.traffic import TrafficMonitor
 
@@ -176,12 +178,6 @@ class Worker:
 
 
 def run_worker(cfg: Config, slot: int, owner_port: int, shared_path: str) -> None:
-    from kvrouter.http.limits import ServerLimits
-    from kvrouter.http.server import HTTPServer
-    from kvrouter.http.sockio import raise_open_files_limit
-    from kvrouter.router.auth import require_api_key
-    from kvrouter.router.server import apply_limits  # the owner's limits, the same settings
-
     logs.setup(cfg.router.log_level)
     raise_open_files_limit()
     _die_with_parent()
@@ -190,15 +186,8 @@ def run_worker(cfg: Config, slot: int, owner_port: int, shared_path: str) -> Non
     shared = SharedState(shared_path)
     worker = Worker(cfg, slot, owner, shared)
     r = cfg.router
-    limits = ServerLimits(max_connections=r.max_connections)
-    apply_limits(limits, cfg)
-
-    def precheck(req) -> None:
-        if r.api_keys and req.path.startswith("/v1/"):
-            require_api_key(req.headers.get("authorization"), r.api_keys)
-
-    server = HTTPServer(reuseport_listener(r.router_host, r.router_port), worker.handle, limits,
-                        precheck=precheck)
+    server = router_http_server(reuseport_listener(r.router_host, r.router_port),
+                                worker.handle, lambda: cfg)
     server.start()
     gevent.spawn(worker._flush_loop)
     gevent.spawn(logs.flush_forever)
