@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
+FLOOR_FRACTION = 1 / 8   # a pool's floor: room for one long request when it holds about eight
+
 
 @dataclass(frozen=True)
 class Pool:

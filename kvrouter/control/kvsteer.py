@@ -21,6 +21,7 @@ import gevent
 from kvrouter import kvpool
 from kvrouter.control import kvplan
 from kvrouter.control.entry import ModelEntry
+from kvrouter.control.kvplan import FLOOR_FRACTION
 from kvrouter.control.states import RESIDENT
 
 if TYPE_CHECKING:
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvrouter.kv")
 GB = 1 << 30
-FLOOR_FRACTION = 1 / 8   # room for one long request when kv_cache_gb holds about eight
 DRAIN_WAIT = 2.0         # how long growing waits for the donors' use to fall
 
 

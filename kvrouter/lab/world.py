@@ -22,13 +22,12 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 from kvrouter.config.schema import Config, Instance
 from kvrouter.control import kvplan
+from kvrouter.control.kvplan import FLOOR_FRACTION
 from kvrouter.control.policies import Policy
 from kvrouter.control.policy import ModelView, NoRoom, Snapshot
 from kvrouter.control.states import ASLEEP, RESIDENT, State
 from kvrouter.sim.timing import GB, WARM_UP_PROMPT_TOKENS, Timing
 from kvrouter.traffic import ARRIVALS, GAPS, WakeWindow, arrival_gaps
-
-FLOOR_FRACTION = 1 / 8   # as the live steering: a pool keeps room for one long request
 
 
 class Req:
