@@ -227,9 +227,10 @@ def status(config):
                      str(st["waiting_requests"]), f"{t.get('idle_time_seconds', 0):.0f}s",
                      f"{t.get('request_rate', 0):.2f}", f"{mem['resident_gb']:g}", kv,
                      "-" if wake is None else f"{wake:.2f}s"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    from kvrouter.bench.report import grid
+
+    for line in grid(rows):
+        click.echo(line)
     for gpu, m in sleep.get("gpu_memory", {}).items():
         budget = "no budget" if m["budget_gb"] is None else f"budget {m['budget_gb']:g} GB"
         nv = m.get("nvml")
@@ -366,9 +367,10 @@ def kv_list(config):
                          kvpool.human(info.prealloc), kvpool.human(info.free), path))
     if len(rows) == 1:
         raise KvrouterError(f"{config}: no instance has kvcached enabled (ENABLE_KVCACHED)")
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    from kvrouter.bench.report import grid
+
+    for line in grid(rows):
+        click.echo(line)
 
 
 @kv.command("limit")

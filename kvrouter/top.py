@@ -5,6 +5,8 @@ import shutil
 import time
 from typing import List, Optional, Sequence
 
+from kvrouter.bench.report import grid
+
 BAR = 30
 
 
@@ -19,8 +21,7 @@ def _ago(s: Optional[float]) -> str:
 
 
 def _grid(rows: List[Sequence[str]], width: int) -> List[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())[:width] for r in rows]
+    return [line[:width] for line in grid(rows)]
 
 
 def spark(values: Sequence[Optional[float]]) -> str:

@@ -17,7 +17,7 @@ Error classes: ``http_4xx``, ``http_5xx``, ``connect``, ``timeout``, ``stream_er
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 SCHEMA = "kvrouter-bench/1"
 
@@ -100,6 +100,12 @@ def build(samples: List[Sample], duration: float, config: dict, started: float,
             "total": summarize(samples, duration, slo)}
 
 
+def grid(rows: Sequence[Sequence[str]]) -> List[str]:
+    """Rows of cells as aligned text lines (two spaces between columns)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
 def _ms(v):
     return "-" if v is None else f"{v * 1000:.1f}"
 
@@ -119,8 +125,7 @@ def table(result: dict) -> str:
                      f"{_ms(m['itl']['p50'])}/{_ms(m['itl']['p99'])}",
                      _ms(m["tpot"]["mean"]),
                      f"{_ms(m['e2e']['p50'])}/{_ms(m['e2e']['p99'])}", errs))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    return "\n".join(grid(rows))
 
 
 def compare(a: dict, b: dict) -> str:

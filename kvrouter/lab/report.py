@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
+from kvrouter.bench.report import grid
 from kvrouter.errors import KvrouterError
 
 SCHEMA = "kvrouter-simulate/1"
@@ -17,8 +18,7 @@ def _ms(v: Optional[float]) -> str:
 
 
 def _grid(rows: List[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join(grid(rows))
 
 
 def table(results: Dict[str, dict]) -> str:
