@@ -85,11 +85,15 @@ def validate(config, strict):
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
 @click.option("--apply", is_flag=True,
               help="Then start supervisord with the result, or reread+update a running one.")
-def render(config, out_dir, strict, apply):
+@click.option("--host", "host", default=None, metavar="NAME",
+              help="Render only what runs on this host of cluster.hosts (its engines, and its "
+              "router when it runs one).")
+def render(config, out_dir, strict, apply, host):
     """Render supervisord and systemd files for CONFIG into --out."""
+    from kvrouter.config.cluster import on_host
     from kvrouter.render import RenderOptions, compile_config, socket_path, write_files
 
-    cfg = _load(config, strict)
+    cfg = on_host(_load(config, strict), host)
     user = None
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         user = "root"
@@ -141,18 +145,32 @@ def _config_changed(source: str, digest_path: str) -> bool:
 @click.option("--port", type=click.IntRange(1, 65535), default=None,
               help="Listen on this port instead of router.router_port (the seed's --port).")
 @click.option("--host", default=None, help="Listen on this address instead of router_host.")
-def serve(config, port, host):
+@click.option("--cluster-host", "node", default=None, metavar="NAME",
+              help="Be the router of this host of cluster.hosts (needed when several run one).")
+def serve(config, port, host, node):
     """Run the router for CONFIG (one process, gevent)."""
-    import dataclasses
-
     from kvrouter.router.server import serve as run
 
-    cfg = _load(config)
-    if port is not None or host is not None:
-        cfg = dataclasses.replace(cfg, router=dataclasses.replace(
-            cfg.router, router_port=port or cfg.router.router_port,
-            router_host=host or cfg.router.router_host))
-    run(cfg)
+    shape = _router_shape(node, host, port)
+    run(shape(_load(config)), shape)
+
+
+def _router_shape(node, host, port):
+    """The router's view of a config (its cluster host, the listen address of the command
+    line), applied again to the config a reload reads."""
+    import dataclasses
+
+    from kvrouter.config.cluster import as_router
+
+    def shape(cfg):
+        cfg = as_router(cfg, node)
+        if port is not None or host is not None:
+            cfg = dataclasses.replace(cfg, router=dataclasses.replace(
+                cfg.router, router_port=port or cfg.router.router_port,
+                router_host=host or cfg.router.router_host))
+        return cfg
+
+    return shape
 
 
 @cli.command(hidden=True)
@@ -162,17 +180,12 @@ def serve(config, port, host):
 @click.option("--shared", "shared_path", required=True)
 @click.option("--host", default=None)
 @click.option("--port", type=int, default=None)
-def worker(config, slot, owner_port, shared_path, host, port):
+@click.option("--cluster-host", "node", default=None)
+def worker(config, slot, owner_port, shared_path, host, port, node):
     """A router worker process (started by `kvrouter serve` when router.workers > 1)."""
-    import dataclasses
-
     from kvrouter.router.worker import run_worker
 
-    cfg = _load(config)
-    cfg = dataclasses.replace(cfg, router=dataclasses.replace(
-        cfg.router, router_port=port or cfg.router.router_port,
-        router_host=host or cfg.router.router_host))
-    run_worker(cfg, slot, owner_port, shared_path)
+    run_worker(_router_shape(node, host, port)(_load(config)), slot, owner_port, shared_path)
 
 
 def _admin(config: str, method: str, path: str, token: Optional[str] = None):

@@ -176,6 +176,8 @@ class TrafficMonitor:
         self.on_end = on_end  # metrics hook: on_end(model, outcome, record, now, tokens)
         # requests other processes serve now (router workers), by model
         self.external: Optional[Callable[[str], int]] = None
+        # requests the other routers of a cluster serve now, by model
+        self.peers: Optional[Callable[[str], int]] = None
 
     def add_model(self, model: str) -> None:
         if model not in self.models:
@@ -200,7 +202,7 @@ class TrafficMonitor:
 
     def end(self, rec: RequestRecord, outcome: str, prompt_tokens: int = 0,
             completion_tokens: int = 0, itl: Optional[float] = None,
-            now: Optional[float] = None) -> None:
+            now: Optional[float] = None, remote: bool = False) -> None:
         m = rec.model
         if rec.ended:
             return
@@ -232,13 +234,15 @@ class TrafficMonitor:
         if rec.wait:
             m.wait.append((now, rec.wait))
             m.wait_total += rec.wait
-        if self.on_end is not None:
+        if self.on_end is not None and not remote:
             self.on_end(m.name, outcome, rec, latency, prompt_tokens, completion_tokens, itl)
 
     def replay(self, model: str, start: float, end: float, outcome: str, wait: float = 0.0,
                first_byte: Optional[float] = None, stream: bool = False, prompt_tokens: int = 0,
-               completion_tokens: int = 0, itl: Optional[float] = None) -> None:
-        """Count a request another process (a router worker) served, as if served here."""
+               completion_tokens: int = 0, itl: Optional[float] = None,
+               remote: bool = False) -> None:
+        """Count a request another process served (a router worker; with ``remote``, another
+        router of the cluster: not this router's own metrics), as if served here."""
         m = self.models.get(model)
         if m is None:
             return
@@ -248,13 +252,21 @@ class TrafficMonitor:
         rec = RequestRecord(m, start)
         rec.wait, rec.first_byte, rec.stream = wait, first_byte, stream
         m.in_flight += 1
-        self.end(rec, outcome, prompt_tokens, completion_tokens, itl, now=end)
+        last = m.last_end_mono
+        self.end(rec, outcome, prompt_tokens, completion_tokens, itl, now=end, remote=remote)
+        if last is not None and last > end:
+            m.last_end_mono = last   # records may arrive out of order
 
     # --- queries -----------------------------------------------------------------------------
-    def in_flight(self, model: str) -> int:
-        """Requests in flight for ``model``, in this process and in the router's workers."""
+    def local_in_flight(self, model: str) -> int:
+        """Requests in flight for ``model`` on this router (this process and its workers)."""
         n = self.models[model].in_flight
         return n + self.external(model) if self.external is not None else n
+
+    def in_flight(self, model: str) -> int:
+        """Requests in flight for ``model``: this router's, and the other routers'."""
+        n = self.local_in_flight(model)
+        return n + self.peers(model) if self.peers is not None else n
 
     def arrival_gaps(self, model: str) -> Tuple[float, ...]:
         """Seconds between the model's last ARRIVALS request starts."""

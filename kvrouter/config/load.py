@@ -313,7 +313,8 @@ def _resolve_instance(cfg: schema.Config, inst: schema.Instance, index: int,
         env["KVCACHED_IPC_NAME"] = _ipc_name(inst.name)
     sm, own = cfg.sleep_manager, inst.sleep
     return dataclasses.replace(
-        inst, host=args.host or "localhost", port=port, argv_args=args.argv,
+        inst, listen_host=args.host or schema.ENGINE_LISTEN_DEFAULT[inst.engine], port=port,
+        argv_args=args.argv,
         upstream_model=upstream, route_names=route_names, env=tuple(env.items()),
         kvcached_enabled=enabled, sleep_level=own.level or sm.level,
         idle_threshold_seconds=(own.idle_threshold_seconds
@@ -373,18 +374,27 @@ def _semantics(cfg: schema.Config, raw: dict, ctx: _Ctx, strict: bool) -> schema
     names = lambda i: f"instances[{i}]"  # noqa: E731
     _check_unique(ctx, instances, "instance name", lambda x: [x.name], names, raw_instances)
     _check_unique(ctx, instances, "model name", lambda x: x.route_names, names, raw_instances)
+    instances = _place_on_hosts(cfg, instances, raw, ctx)
     ports: dict = {}
     for i, inst in enumerate(instances):
         if not inst.port:
             continue
-        if inst.port in ports:
+        where = (inst.host, inst.port)   # one port per host
+        if where in ports:
             ctx.error(f"instances[{i}].engine_args", f"duplicate port {inst.port} (also in "
-                      f"instances[{ports[inst.port]}])", _line_of(raw_instances, i))
-        ports.setdefault(inst.port, i)
-    if cfg.router.enable_router and cfg.router.router_port in ports:
+                      f"instances[{ports[where]}])", _line_of(raw_instances, i))
+        ports.setdefault(where, i)
+    if cfg.router.enable_router and not cfg.cluster.hosts and \
+            (None, cfg.router.router_port) in ports:
         ctx.error("router.router_port", f"port {cfg.router.router_port} is also used by "
-                  f"instances[{ports[cfg.router.router_port]}]",
+                  f"instances[{ports[(None, cfg.router.router_port)]}]",
                   _line_of(raw.get("router"), "router_port"))
+    for h in cfg.cluster.router_hosts:
+        port = h.router_port or cfg.router.router_port
+        if (h.name, port) in ports:
+            ctx.error(f"cluster.hosts[{cfg.cluster.hosts.index(h)}]", f"the router's port "
+                      f"{port} on host {h.name!r} is also used by "
+                      f"instances[{ports[(h.name, port)]}]", None)
     clients = cfg.benchmark.clients
     raw_bench = raw.get("benchmark") if isinstance(raw, dict) else None
     raw_clients = raw_bench.get("clients") if isinstance(raw_bench, dict) else None
@@ -409,6 +419,67 @@ def _semantics(cfg: schema.Config, raw: dict, ctx: _Ctx, strict: bool) -> schema
                 warnings.append(f"{ctx.source}: {msg}")
     return dataclasses.replace(cfg, instances=tuple(instances),
                                warnings=tuple(ctx.warnings) + tuple(warnings))
+
+
+def _place_on_hosts(cfg: schema.Config, instances: list, raw: dict, ctx: _Ctx) -> list:
+    """The cluster: each instance on a named host (routers connect to its address), host
+    names unique, credentials for the supervisord that other hosts call, one router without
+    Redis. Returns the instances with their ``address``."""
+    cl = cfg.cluster
+    raw_cl = raw.get("cluster") if isinstance(raw.get("cluster"), dict) else {}
+    raw_hosts = raw_cl.get("hosts") if isinstance(raw_cl, dict) else None
+    raw_instances = raw.get("instances")
+    hosts = {h.name: h for h in cl.hosts}
+    _check_unique(ctx, cl.hosts, "host name", lambda h: [h.name],
+                  lambda i: f"cluster.hosts[{i}]", raw_hosts)
+    for i, h in enumerate(cl.hosts):
+        data = raw_hosts[i] if isinstance(raw_hosts, list) else None
+        if not _NAME_RE.match(h.name):
+            ctx.error(f"cluster.hosts[{i}].name", "expected letters, digits, '.', '_' or '-', "
+                      f"found {h.name!r}", _line_of(data, "name"))
+        if h.supervisor_port and not (cl.supervisor_username and cl.supervisor_password):
+            ctx.error(f"cluster.hosts[{i}].supervisor_port", "needs cluster.supervisor_username "
+                      "and cluster.supervisor_password: supervisord's TCP port must not be open "
+                      "without credentials", _line_of(data, "supervisor_port"))
+    if cl.hosts and cfg.router.enable_router and not cl.router_hosts:
+        ctx.error("cluster.hosts", "no host runs the router: set `router: true` on the hosts "
+                  "that run one (or router.enable_router: false)", _line_of(raw_cl, "hosts"))
+    if len(cl.router_hosts) > 1 and not cl.redis_url:
+        ctx.error("cluster.redis_url", f"{len(cl.router_hosts)} hosts run a router "
+                  f"({', '.join(h.name for h in cl.router_hosts)}): routers share their state "
+                  "through Redis; set cluster.redis_url", _line_of(raw_cl, "hosts"))
+    if cl.redis_url and not cl.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        ctx.error("cluster.redis_url", f"expected redis://HOST:PORT/DB, rediss://... or "
+                  f"unix://PATH, found {cl.redis_url!r}", _line_of(raw_cl, "redis_url"))
+    out = []
+    for i, inst in enumerate(instances):
+        data = raw_instances[i] if isinstance(raw_instances, list) else None
+        path = f"instances[{i}].host"
+        if inst.host is None:
+            if cl.hosts:
+                ctx.error(path, f"is required when cluster.hosts is set (one of "
+                          f"{', '.join(hosts)})", _line_of(data, "name"))
+            out.append(inst)
+            continue
+        place = hosts.get(inst.host)
+        if place is None:
+            close = difflib.get_close_matches(inst.host, list(hosts), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            ctx.error(path, f"no host {inst.host!r} in cluster.hosts{hint}; known hosts: "
+                      f"{', '.join(hosts) or 'none'}", _line_of(data, "host"))
+            out.append(inst)
+            continue
+        if inst.listen_host not in ("0.0.0.0", "::", place.address):
+            ctx.error(f"instances[{i}].engine_args", f"the engine listens on "
+                      f"{inst.listen_host}, but host {place.name!r} is reached at "
+                      f"{place.address}: give --host {place.address} (or 0.0.0.0)",
+                      _line_of(data, "engine_args"))
+        out.append(dataclasses.replace(inst, address=place.address))
+    if cfg.process_manager == "systemd" and any(h.supervisor_port for h in cl.hosts):
+        ctx.warnings.append(f"{ctx.source}: cluster.hosts: supervisor_port is ignored with "
+                            "process_manager: systemd (engines on other hosts cannot be "
+                            "stopped or restarted by a router: no deep sleep for them)")
+    return out
 
 
 def _seed_forms(raw: dict, ctx: _Ctx) -> None:

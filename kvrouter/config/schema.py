@@ -18,6 +18,9 @@ from kvrouter.sim.timing import DEFAULT_KV_CACHE_GB, DEFAULT_MAX_MODEL_LEN, DEFA
 
 ENGINES = ("vllm", "sglang", "sim")
 DIALECTS = ("vllm", "sglang")
+# where an engine listens without --host: vLLM on every address, SGLang and the simulator on
+# loopback
+ENGINE_LISTEN_DEFAULT = {"vllm": "0.0.0.0", "sglang": "127.0.0.1", "sim": "127.0.0.1"}
 PROCESS_MANAGERS = ("supervisord", "systemd")
 BENCH_TOOLS = ("builtin", "vllm", "sglang", "guidellm")
 SLEEP_POLICIES = ("lru", "seed", "ttl", "ollama", "static", "adaptive")  # control/policies.py
@@ -195,8 +198,12 @@ class Instance:
     sim: SimOptions = setting(
         factory=SimOptions, help="The engine's timing and memory model: what `engine: sim` "
         "imitates, and what `kvrouter simulate` models for every engine.")
+    host: Optional[str] = setting(
+        None, "The cluster host (a name in cluster.hosts) the engine runs on; routers connect "
+        "to that host's address. Required when cluster.hosts is set.")
     # Derived by the loader from engine_args and the environment keys.
-    host: str = derived("localhost")
+    listen_host: str = derived("localhost")   # the engine's --host
+    address: str = derived("")                # where routers connect (its host's address)
     port: int = derived(0)
     argv_args: Tuple[str, ...] = derived(())
     upstream_model: str = derived("")
@@ -210,7 +217,7 @@ class Instance:
 
     @property
     def connect_host(self) -> str:
-        return connect_host(self.host)
+        return self.address or connect_host(self.listen_host)
 
     @property
     def kvcached_ipc_name(self) -> Optional[str]:
@@ -225,7 +232,7 @@ class Instance:
 
     @property
     def base_url(self) -> str:
-        return host_url(self.host, self.port)
+        return host_url(self.connect_host, self.port)
 
     # Process names, spelled here only: the compiler renders them, process control uses them.
     @property
@@ -294,6 +301,67 @@ class BenchmarkConfig:
 
 
 @dataclass(frozen=True)
+class ClusterHost:
+    name: str = setting(None, "Host name: instances name it in `host:`, and `kvrouter render "
+                        "CONFIG --host NAME` renders what runs there.", required=True)
+    address: str = setting(None, "Address the routers (and the other hosts) reach this host "
+                           "at; its engines must listen on it (or on 0.0.0.0).", required=True)
+    router: bool = setting(False, "A router runs on this host (`kvrouter serve CONFIG "
+                           "--cluster-host NAME`, rendered with the host's programs).")
+    router_host: Optional[str] = setting(
+        None, "Address this host's router listens on (default: router.router_host).")
+    router_port: Optional[int] = setting(
+        None, "Port this host's router listens on (default: router.router_port).",
+        min=1, max=65535)
+    supervisor_port: Optional[int] = setting(
+        None, "TCP port of this host's supervisord XML-RPC (inet_http_server on its address, "
+        "with cluster.supervisor_username/password): routers on other hosts stop, start and "
+        "restart its engines through it (deep sleep). None: only a router on this host can.",
+        min=1, max=65535)
+
+    @property
+    def supervisor_url(self) -> Optional[str]:
+        return host_url(self.address, self.supervisor_port) if self.supervisor_port else None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    redis_url: Optional[str] = setting(
+        None, "Redis (or Valkey) holding the state the routers share: redis://[:PASSWORD@]"
+        "HOST:PORT/DB. None (the default): every router keeps its state in its own process.")
+    key_prefix: str = setting(
+        "kvrouter", "Prefix of every Redis key and channel (two deployments may share a Redis "
+        "with two prefixes).")
+    hosts: Tuple[ClusterHost, ...] = setting(
+        (), "The machines of the deployment: where engines run and where routers run.")
+    leader_lease_seconds: float = setting(
+        3.0, "Sleep decisions are made by one router, the holder of a lease of this length "
+        "(renewed while it lives); when it dies another takes over within this time.",
+        min=0.3, max=600)
+    wake_lease_seconds: float = setting(
+        5.0, "A router waking or putting a model to sleep holds the model's lease, renewed "
+        "while it works; if it dies, another router may take over after this long.",
+        min=0.3, max=600)
+    heartbeat_seconds: float = setting(
+        0.1, "How often each router publishes its requests in flight and last activity per "
+        "model (kept in Redis for five heartbeats, at least a second).", min=0.01, max=10)
+    supervisor_username: Optional[str] = setting(
+        None, "User name of the hosts' supervisord inet_http_server.", kind="secret")
+    supervisor_password: Optional[str] = setting(
+        None, "Password of the hosts' supervisord inet_http_server.", kind="secret")
+
+    def host(self, name: Optional[str]) -> Optional[ClusterHost]:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        return None
+
+    @property
+    def router_hosts(self) -> Tuple[ClusterHost, ...]:
+        return tuple(h for h in self.hosts if h.router)
+
+
+@dataclass(frozen=True)
 class Config:
     instances: Tuple[Instance, ...] = setting((), "Engines to run and route to.", required=True)
     router: RouterConfig = setting(factory=RouterConfig, help="Router settings.")
@@ -308,7 +376,11 @@ class Config:
                                           min=0)
     log_dir: Optional[str] = setting(None, "Folder for supervisord log files (default: "
                                      "<render output>/logs).", kind="path")
+    cluster: ClusterConfig = setting(
+        factory=ClusterConfig, help="Several hosts and routers (docs/cluster.md). Without it "
+        "everything runs on this machine and each router keeps its state in process.")
     # Derived.
+    node: Optional[str] = derived(None)   # the cluster host this process acts for
     source: str = derived("")
     base_dir: str = derived(".")
     warnings: Tuple[str, ...] = derived(())

@@ -18,6 +18,7 @@ from gevent.event import Event
 
 from kvrouter.config.schema import Config
 from kvrouter.control import policies, policy, states
+from kvrouter.control.coordination import Coordinator
 from kvrouter.control.entry import ModelEntry
 from kvrouter.control.events import EventLog
 from kvrouter.control.kvsteer import KvSteering
@@ -68,16 +69,21 @@ class Controller:
                     entry.level = memo["level"]
         self._asked_process_at: Dict[str, float] = {}
         self._policy: Optional[policies.Policy] = None
+        self.coord = Coordinator()   # the other routers (kvrouter.cluster), or none
 
     # --- state ------------------------------------------------------------------------------
-    def set_state(self, entry: ModelEntry, state: State, reason: str) -> None:
-        """The only place a model's state changes (checked against ``states.ALLOWED``)."""
+    def set_state(self, entry: ModelEntry, state: State, reason: str,
+                  origin: Optional[str] = None) -> None:
+        """The only place a model's state changes (checked against ``states.ALLOWED``, except
+        a change another router made, ``origin``: it is what that router observed)."""
         if entry.state is state:
             entry.reason = reason
             return
-        states.check(entry.state, state)
-        log.info("%s: %s -> %s (%s)", entry.name, entry.state.value, state.value, reason)
-        self.events.publish(entry.name, entry.state.value, state.value, reason)
+        if origin is None:
+            states.check(entry.state, state)
+        log.info("%s: %s -> %s (%s)%s", entry.name, entry.state.value, state.value, reason,
+                 f" [router {origin}]" if origin else "")
+        self.events.publish(entry.name, entry.state.value, state.value, reason, origin)
         entry.state = state
         entry.since = self.clock()
         entry.reason = reason
@@ -155,6 +161,25 @@ class Controller:
             retry = 2
         return ServiceUnavailable(message, code="model_not_ready",
                                   headers={"Retry-After": str(retry)})
+
+    def apply_remote(self, entry: ModelEntry, state: State, reason: str, level: Optional[int],
+                     origin: str) -> None:
+        """Another router changed the model's state (it holds the model's lease): take it,
+        with what it means for the engine's memory."""
+        if state is entry.state:
+            return
+        if level in entry.adapter.sleep_levels:
+            entry.level = level
+        if state in ASLEEP and entry.state not in ASLEEP:
+            entry.slept_at = self.clock()
+        if state is State.SLEEPING:
+            entry.adapter.mark_released()
+        elif state is State.READY:
+            entry.adapter.process_started()
+            entry.slept_at = None
+        elif state is State.STOPPED:
+            entry.pool.close_idle()
+        self.set_state(entry, state, reason, origin=origin)
 
     def upstream_failed(self, entry: ModelEntry, reason: str) -> None:
         """A request could not reach the engine: it is not ready until a probe says so."""
@@ -280,7 +305,8 @@ class Controller:
             views.append(policy.ModelView(
                 name=e.name, state=e.state,
                 in_flight=self.traffic.in_flight(e.name) if self.traffic is not None else 0,
-                waiting=e.waiters, idle_seconds=idle, state_seconds=now - e.since,
+                waiting=e.waiters + self.coord.peers_waiting(e.name), idle_seconds=idle,
+                state_seconds=now - e.since,
                 pinned=inst.sleep.pinned, idle_threshold=inst.idle_threshold_seconds,
                 stop_after=inst.stop_after_seconds, level=e.level,
                 gpus=tuple((inst.gpus or "0").split(",")),
@@ -297,9 +323,10 @@ class Controller:
         """Apply the policy once (the policy loop calls this every check interval)."""
         actions = self.sleep_policy.decide(self.snapshot())
         for action in actions:
-            if action.kind == "stop" and not self.process.available:
+            entry = self.entries[action.model]
+            if action.kind == "stop" and not self.process.can_control(entry.inst):
                 continue
-            gevent.spawn(self._apply, self.entries[action.model], action)
+            gevent.spawn(self._apply, entry, action)
         return actions
 
     def _apply(self, entry: ModelEntry, action: policy.Action) -> None:
@@ -314,6 +341,8 @@ class Controller:
     def _policy_loop(self) -> None:
         while True:
             gevent.sleep(self.sleep_policy.interval(self.cfg.sleep_manager.check_interval_seconds))
+            if not self.coord.decides():
+                continue   # another router (the leader) makes the sleep decisions
             try:
                 self.tick()
             except Exception:

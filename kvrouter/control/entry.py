@@ -8,6 +8,7 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 
 from kvrouter.config.schema import Instance
+from kvrouter.control.coordination import Lease
 from kvrouter.control.states import State
 from kvrouter.engines.adapters import EngineAdapter
 from kvrouter.http.client import UpstreamPool
@@ -41,3 +42,5 @@ class ModelEntry:
         self.wakes = 0
         self.restart_failures = 0
         self.next_restart_at = 0.0
+        self.lease: Optional[Lease] = None   # held by this router's transition now
+        self.fence_seen = 0                  # the highest lease token seen (cluster)

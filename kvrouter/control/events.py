@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Callable, Deque, List
+from typing import Callable, Deque, List, Optional
 
 from gevent.event import Event
 
@@ -37,10 +37,14 @@ class EventLog:
         self._new = Event()
         self.listeners: List[Callable[[dict], None]] = []   # called on every event, in order
 
-    def publish(self, model: str, old: str, new: str, reason: str) -> dict:
+    def publish(self, model: str, old: str, new: str, reason: str,
+                origin: Optional[str] = None) -> dict:
+        """``origin``: the router that made the change, when it is another one."""
         self.last_id += 1
         event = {"id": self.last_id, "time": self.wall(), "model": model,
                  "kind": kind_of(old, new), "from": old, "to": new, "reason": reason}
+        if origin is not None:
+            event["router"] = origin
         self.events.append(event)
         for listener in self.listeners:
             listener(event)

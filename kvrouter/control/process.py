@@ -9,7 +9,7 @@ import logging
 import os
 import subprocess
 import xmlrpc.client
-from typing import Mapping, Optional
+from typing import Dict, Mapping, Optional
 
 from kvrouter.config.schema import Config, Instance
 from kvrouter.control.supervisor import Supervisor
@@ -54,13 +54,17 @@ class ProcessControl:
         raise ProcessControlError("no process manager: logs are wherever the router and "
                                   "engines were started")
 
+    def can_control(self, inst: Instance) -> bool:
+        """Whether this can start and stop ``inst``'s engine (deep sleep, restarts)."""
+        return self.available
+
 
 class SupervisorControl(ProcessControl):
     available = True
     kind = "supervisord"
 
-    def __init__(self, socket_path: str):
-        self.sup = Supervisor(socket_path, timeout=30.0)
+    def __init__(self, socket_path: str, username: str = "", password: str = ""):
+        self.sup = Supervisor(socket_path, timeout=30.0, username=username, password=password)
 
     def _call(self, verb: str, inst: Instance, harmless_fault: str, wait: bool) -> None:
         name = inst.supervisor_name
@@ -157,8 +161,69 @@ class SystemdControl(ProcessControl):
         return out.stdout[-nbytes:]
 
 
+class HostsControl(ProcessControl):
+    """Engines on several hosts (cluster.hosts): this host's through its own process
+    manager, another host's through that host's supervisord over TCP (``inet_http_server``
+    with the cluster's credentials), never a shell over ssh."""
+
+    available = True
+
+    def __init__(self, cfg: Config, local: ProcessControl):
+        self.local = local
+        self.kind = local.kind
+        self.by_host: Dict[str, ProcessControl] = {}
+        cl = cfg.cluster
+        for h in cl.hosts:
+            if h.name == cfg.node and local.available:
+                self.by_host[h.name] = local
+            elif h.supervisor_url and cfg.process_manager == "supervisord":
+                self.by_host[h.name] = SupervisorControl(
+                    h.supervisor_url, cl.supervisor_username or "", cl.supervisor_password or "")
+            else:
+                self.by_host[h.name] = _Unreachable(h.name)
+
+    def _for(self, inst: Instance) -> ProcessControl:
+        return self.by_host.get(inst.host or "", self.local)
+
+    def can_control(self, inst: Instance) -> bool:
+        return self._for(inst).available
+
+    def start(self, inst: Instance) -> None:
+        self._for(inst).start(inst)
+
+    def stop(self, inst: Instance) -> None:
+        self._for(inst).stop(inst)
+
+    def restart(self, inst: Instance) -> None:
+        self._for(inst).restart(inst)
+
+    def is_running(self, inst: Instance) -> Optional[bool]:
+        return self._for(inst).is_running(inst)
+
+    def pid(self, inst: Instance) -> Optional[int]:
+        return self._for(inst).pid(inst) if self._for(inst) is self.local else None
+
+    def log_tail(self, program: str, unit: str, nbytes: int = LOG_TAIL_BYTES) -> str:
+        return self.local.log_tail(program, unit, nbytes)
+
+
+class _Unreachable(ProcessControl):
+    def __init__(self, host: str):
+        self.host = host
+
+    def start(self, inst: Instance) -> None:
+        raise ProcessControlError(f"the engine runs on host {self.host!r}, whose process "
+                                  "manager this router cannot reach (give that host a "
+                                  "supervisor_port in cluster.hosts)")
+
+
 def process_control_for(cfg: Config,
                         environ: Optional[Mapping[str, str]] = None) -> ProcessControl:
+    local = _local_control(cfg, environ)
+    return HostsControl(cfg, local) if cfg.cluster.hosts else local
+
+
+def _local_control(cfg: Config, environ: Optional[Mapping[str, str]]) -> ProcessControl:
     environ = os.environ if environ is None else environ
     if cfg.process_manager == "systemd":
         return SystemdControl()

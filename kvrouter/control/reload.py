@@ -25,7 +25,7 @@ def reconfigure(ctl: "Controller", cfg: Config) -> Dict[str, List[str]]:
     report: Dict[str, List[str]] = {"added": [], "removed": [], "changed": [], "kept": []}
     for inst in cfg.instances:
         entry = old.get(inst.model)
-        if entry is not None and (entry.inst.host, entry.inst.port) == (inst.host, inst.port):
+        if entry is not None and entry.inst.base_url == inst.base_url:
             if entry.inst != inst:
                 report["changed"].append(inst.model)
                 entry.inst = entry.adapter.inst = inst

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import xmlrpc.client
+from urllib.parse import quote
 
 from kvrouter.errors import KvrouterError
 
@@ -34,13 +35,37 @@ class _UnixTransport(xmlrpc.client.Transport):
         return _UnixConnection(self._path, self._timeout)
 
 
-class Supervisor:
-    """A running supervisord, reached through its unix socket."""
+class _TcpTransport(xmlrpc.client.Transport):
+    """HTTP with a timeout (the standard transport has none)."""
 
-    def __init__(self, socket_path: str, timeout: float = 10.0):
+    def __init__(self, timeout: float):
+        super().__init__()
+        self._timeout = timeout
+
+    def make_connection(self, host):
+        conn = super().make_connection(host)
+        conn.timeout = self._timeout
+        return conn
+
+
+class Supervisor:
+    """A running supervisord, reached through its unix socket, or over TCP
+    (``inet_http_server``) when ``socket_path`` is an ``http://HOST:PORT`` URL; ``username``
+    and ``password`` are its credentials."""
+
+    def __init__(self, socket_path: str, timeout: float = 10.0, username: str = "",
+                 password: str = ""):
         self.socket_path = socket_path
-        self._proxy = xmlrpc.client.ServerProxy(
-            "http://localhost", transport=_UnixTransport(socket_path, timeout), allow_none=True)
+        if socket_path.startswith("http://"):
+            hostport = socket_path[len("http://"):].rstrip("/")
+            auth = f"{quote(username, safe='')}:{quote(password, safe='')}@" if username else ""
+            self._proxy = xmlrpc.client.ServerProxy(
+                f"http://{auth}{hostport}/RPC2", transport=_TcpTransport(timeout),
+                allow_none=True)
+        else:
+            self._proxy = xmlrpc.client.ServerProxy(
+                "http://localhost", transport=_UnixTransport(socket_path, timeout),
+                allow_none=True)
 
     @property
     def rpc(self):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import gevent
 
 from kvrouter.control import policy
+from kvrouter.control.coordination import Lease, LeaseLost
 from kvrouter.control.entry import ModelEntry
 from kvrouter.control.process import ProcessControlError
 from kvrouter.control.states import ASLEEP, State
@@ -117,35 +118,55 @@ class Transitions:
                 return refused(f"model {entry.name!r} is pinned")
             if not manual and entry.adapter.busy():
                 return refused("the engine reports requests running")
-            ctl.set_state(entry, State.DRAINING, reason)
-            started = ctl.clock()
-            why_not = self._drain(entry, manual, started)
+            why_not = ctl.coord.refuse_sleep(entry)
             if why_not:
-                self._record(entry, "sleep", False, ctl.clock() - started)
-                ctl.set_state(entry, State.READY, f"sleep cancelled: {why_not}")
                 return refused(why_not)
+            lease = ctl.coord.acquire(entry)
+            if lease is None:
+                return refused(f"another router is changing model {entry.name!r}")
+            entry.lease = lease
             try:
-                _under_deadline(ctl.cfg.sleep_manager.sleep_timeout_seconds, "sleep",
-                                lambda: entry.adapter.sleep(level))
-            except Deadline as err:
-                return self._fail(entry, "sleep", started, str(err))
-            except EngineError as err:
-                # the engine refused: it still holds its memory and serves
-                self._record(entry, "sleep", False, ctl.clock() - started)
-                ctl.set_state(entry, State.READY, f"sleep cancelled: {err}")
+                return self._sleep(entry, lease, level, manual, reason)
+            except LeaseLost as err:
                 return refused(str(err))
-            except BaseException:
-                ctl.set_state(entry, State.READY, "sleep interrupted")
-                raise
-            ctl.kv.on_sleep(entry)
-            entry.level = level
-            entry.sleep_manual = manual
-            entry.slept_at = ctl.clock()
-            entry.last_sleep_seconds = entry.slept_at - started
-            entry.sleeps += 1
-            self._record(entry, "sleep", True, entry.last_sleep_seconds)
-            ctl.set_state(entry, State.SLEEPING, f"{reason}; level {level}, took "
-                          f"{entry.last_sleep_seconds:.3f}s")
+            finally:
+                entry.lease = None
+                lease.release()
+
+    def _sleep(self, entry: ModelEntry, lease: Lease, level: int, manual: bool,
+               reason: str) -> Result:
+        ctl = self.ctl
+        ctl.set_state(entry, State.DRAINING, reason)
+        started = ctl.clock()
+        why_not = self._drain(entry, manual, started) or ctl.coord.drain(
+            entry, lease, manual, started + self.DRAIN_TIMEOUT)
+        if why_not:
+            self._record(entry, "sleep", False, ctl.clock() - started)
+            ctl.set_state(entry, State.READY, f"sleep cancelled: {why_not}")
+            return refused(why_not)
+        lease.check()
+        try:
+            _under_deadline(ctl.cfg.sleep_manager.sleep_timeout_seconds, "sleep",
+                            lambda: entry.adapter.sleep(level))
+        except Deadline as err:
+            return self._fail(entry, "sleep", started, str(err))
+        except EngineError as err:
+            # the engine refused: it still holds its memory and serves
+            self._record(entry, "sleep", False, ctl.clock() - started)
+            ctl.set_state(entry, State.READY, f"sleep cancelled: {err}")
+            return refused(str(err))
+        except BaseException:
+            ctl.set_state(entry, State.READY, "sleep interrupted")
+            raise
+        ctl.kv.on_sleep(entry)
+        entry.level = level
+        entry.sleep_manual = manual
+        entry.slept_at = ctl.clock()
+        entry.last_sleep_seconds = entry.slept_at - started
+        entry.sleeps += 1
+        self._record(entry, "sleep", True, entry.last_sleep_seconds)
+        ctl.set_state(entry, State.SLEEPING, f"{reason}; level {level}, took "
+                      f"{entry.last_sleep_seconds:.3f}s")
         if entry.waiters:
             ctl.request_wake(entry, reason="requests arrived while it went to sleep")
         return done()
@@ -170,10 +191,16 @@ class Transitions:
         with entry.lock:
             if entry.state is not State.SLEEPING:
                 return refused(f"model {entry.name!r} is {entry.state.value}")
+            lease = ctl.coord.acquire(entry)
+            if lease is None:
+                return refused(f"another router is changing model {entry.name!r}")
             try:
+                lease.check()
                 ctl.process.stop(entry.inst)
-            except ProcessControlError as err:
+            except (ProcessControlError, LeaseLost) as err:
                 return refused(str(err))
+            finally:
+                lease.release()
             entry.pool.close_idle()
             self._record(entry, "stop", True, 0.0)
             ctl.set_state(entry, State.STOPPED, reason)
@@ -202,50 +229,98 @@ class Transitions:
         with entry.lock:
             if entry.state not in ASLEEP:
                 return done(f"model {entry.name!r} is {entry.state.value}")
-            started = ctl.clock()
-            stopped = entry.state is State.STOPPED
-            action = "start" if stopped else "wake"
-            room = self.make_room(entry)
-            if not room.ok:
-                log.warning("%s: not woken: %s", entry.name, room.message)
-                return room   # stays asleep; nothing to restart on a GPU that is full
-            limit = ctl.cfg.sleep_manager.wake_timeout_seconds
-            if stopped:
-                limit += entry.inst.startup_timeout_seconds
-                ctl.set_state(entry, State.STARTING, f"start ({reason})")
-            else:
-                ctl.set_state(entry, State.WAKING, reason)
+            why_not = ctl.coord.refuse_wake(entry)
+            if why_not:
+                return refused(why_not)
+            lease = self._wake_lease(entry)
+            if lease is None:
+                return done(f"model {entry.name!r} is {entry.state.value} (another router "
+                            "woke it)")
+            entry.lease = lease
             try:
-                _under_deadline(limit, action, lambda: self._bring_up(entry, stopped))
-            except _ENGINE_FAILURES as err:
-                return self._fail(entry, action, started, str(err) or "failed")
-            entry.last_wake_seconds = ctl.clock() - started
-            entry.wakes += 1
-            entry.slept_at = None
-            entry.restart_failures = 0
-            self._record(entry, action, True, entry.last_wake_seconds)
-            ctl.set_state(entry, State.READY, f"{reason}; took {entry.last_wake_seconds:.3f}s")
-            return done()
+                return self._wake(entry, lease, reason)
+            except LeaseLost as err:
+                # another router carries on with the wake: its outcome arrives as a state
+                log.warning("%s: %s", entry.name, err)
+                return done(str(err))
+            finally:
+                entry.lease = None
+                lease.release()
 
-    def _bring_up(self, entry: ModelEntry, stopped: bool) -> None:
+    def _wake_lease(self, entry: ModelEntry) -> Optional[Lease]:
+        """The model's lease for a wake; while another router holds it, wait for that
+        router's wake (None once the model is no longer asleep)."""
+        ctl = self.ctl
+        deadline = ctl.clock() + ctl.cfg.sleep_manager.wake_timeout_seconds + \
+            entry.inst.startup_timeout_seconds
+        while True:
+            lease = ctl.coord.acquire(entry)
+            if lease is not None:
+                if entry.state in ASLEEP:
+                    return lease
+                lease.release()   # what the holder did reached this router meanwhile
+                return None
+            if entry.state not in ASLEEP or ctl.clock() > deadline:
+                return None
+            entry.changed.wait(timeout=self.NOT_READY_POLL * 2)
+
+    def _wake(self, entry: ModelEntry, lease: Lease, reason: str) -> Result:
+        ctl = self.ctl
+        started = ctl.clock()
+        stopped = entry.state is State.STOPPED
+        action = "start" if stopped else "wake"
+        room = self.make_room(entry)
+        if not room.ok:
+            log.warning("%s: not woken: %s", entry.name, room.message)
+            return room   # stays asleep; nothing to restart on a GPU that is full
+        limit = ctl.cfg.sleep_manager.wake_timeout_seconds
+        if stopped:
+            limit += entry.inst.startup_timeout_seconds
+            ctl.set_state(entry, State.STARTING, f"start ({reason})")
+        else:
+            ctl.set_state(entry, State.WAKING, reason)
+        try:
+            _under_deadline(limit, action, lambda: self._bring_up(entry, lease, stopped))
+        except _ENGINE_FAILURES as err:
+            return self._fail(entry, action, started, str(err) or "failed")
+        lease.check()
+        entry.last_wake_seconds = ctl.clock() - started
+        entry.wakes += 1
+        entry.slept_at = None
+        entry.restart_failures = 0
+        self._record(entry, action, True, entry.last_wake_seconds)
+        ctl.set_state(entry, State.READY, f"{reason}; took {entry.last_wake_seconds:.3f}s")
+        return done()
+
+    def _bring_up(self, entry: ModelEntry, lease: Lease, stopped: bool) -> None:
+        """Every engine call is made while the lease is this router's (fencing)."""
         adapter = entry.adapter
         if stopped:
+            lease.check()
             self.ctl.process.start(entry.inst)
             adapter.process_started()
             while not adapter.probe():
                 gevent.sleep(self.NOT_READY_POLL)
             if adapter.is_sleeping():
+                lease.check()
                 adapter.wake(entry.level)
+        elif adapter.is_sleeping() is False:
+            # awake already (another router's wake went through before it died; or someone
+            # woke it outside kvrouter): a second wake could break it (SGLang)
+            log.info("%s: the engine reports it is awake; not woken again", entry.name)
+            adapter.process_started()
         else:
+            lease.check()
             adapter.wake(entry.level)
         self.ctl.kv.on_wake(entry)  # KV room before traffic is admitted
+        lease.check()
         adapter.warm_up()
 
     # --- restart ------------------------------------------------------------------------------
     def restart(self, entry: ModelEntry) -> None:
         """Restart a failed engine through the process manager, with backoff (no storms)."""
         ctl = self.ctl
-        if not ctl.process.available:
+        if not ctl.process.can_control(entry.inst):
             return
         now = ctl.clock()
         if now < entry.next_restart_at:

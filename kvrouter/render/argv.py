@@ -52,7 +52,8 @@ def engine_argv(inst: Instance, py: Interpreters) -> List[str]:
 
 
 def router_argv(cfg: Config, py: Interpreters) -> List[str]:
-    return [py.kvrouter, "-m", "kvrouter", "serve", cfg.source]
+    node = ["--cluster-host", cfg.node] if cfg.node else []
+    return [py.kvrouter, "-m", "kvrouter", "serve", cfg.source, *node]
 
 
 def router_url(cfg: Config) -> str:

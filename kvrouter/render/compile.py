@@ -126,12 +126,19 @@ def compile_config(cfg: Config, opts: RenderOptions) -> Dict[str, str]:
                         "comment": f"{client.model}, {client.tool}",
                         "command": supervisor_command(argv), "exec": systemd_exec(argv)})
     common = {"version": __version__, "source": cfg.source, "base_dir": cfg.base_dir,
-              "router": router, "open_files": opts.open_files}
+              "router": router, "open_files": opts.open_files, "node": cfg.node}
+    inet = None
+    host = cfg.cluster.host(cfg.node)
+    if host is not None and host.supervisor_port and cfg.process_manager == "supervisord":
+        # other hosts' routers stop and start this host's engines through it (deep sleep)
+        inet = {"port": f"{host.address}:{host.supervisor_port}",
+                "username": cfg.cluster.supervisor_username,
+                "password": cfg.cluster.supervisor_password}
     env = _templates_env()
     files: Dict[str, str] = {}
     try:
         files["supervisord.conf"] = env.get_template("supervisord.conf.j2").render(
-            engines=engines, benches=benches, socket=socket_path(out), log_dir=log_dir,
+            engines=engines, benches=benches, socket=socket_path(out), log_dir=log_dir, inet=inet,
             run_dir=os.path.join(out, "run"), user=opts.user, **common)
         files["supervisord-bench.conf"] = env.get_template("supervisord-bench.conf.j2").render(
             benches=benches, log_dir=log_dir, **common)

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import gevent
 from flask import Blueprint, abort, jsonify, request
@@ -93,7 +93,8 @@ class Workers:
         cfg = self.ctx.cfg
         argv = [sys.executable, "-m", "kvrouter", "worker", cfg.source, "--slot", str(slot),
                 "--owner-port", str(self.owner_port), "--shared", self.shared.path,
-                "--host", cfg.router.router_host, "--port", str(cfg.router.router_port)]
+                "--host", cfg.router.router_host, "--port", str(cfg.router.router_port)] + (
+                    ["--cluster-host", cfg.node] if cfg.node else [])
         self.shared.reset_slot(slot)
         self.procs[slot] = subprocess.Popen(argv, env=dict(os.environ,
                                                            KVROUTER_OWNER_SECRET=self.secret))
@@ -150,21 +151,21 @@ class Workers:
                 p.kill()
 
 
-def serve_with_workers(cfg: Config) -> None:
+def serve_with_workers(cfg: Config, shape: Callable[[Config], Config] = lambda c: c) -> None:
     logs.setup(cfg.router.log_level)
     raise_open_files_limit()
     secret = os.urandom(16).hex()
     shared = SharedState(f"/dev/shm/kvrouter-{cfg.router.router_port}-{os.getpid()}",
                          create=True)
     shared.register([i.model for i in cfg.instances])
-    ctx = RouterContext(cfg, process_control_for(cfg))
+    ctx = RouterContext(cfg, process_control_for(cfg), shape)
     ctx.traffic.external = shared.in_flight
     ctx.controller.events.listeners.append(
         lambda ev: shared.set_state(ev["model"], State(ev["to"])))
     ctx.app.register_blueprint(internal_routes(ctx, secret))
     server = build_server(ctx, listener=("127.0.0.1", 0))
     server.start()
-    ctx.controller.start()
+    ctx.start()
     workers = Workers(ctx, server.address[1], secret, shared)
     workers.start()
     log.info("kvrouter on http://%s:%d with %d workers routing %s (config %s; owner on "
@@ -174,7 +175,7 @@ def serve_with_workers(cfg: Config) -> None:
     def _stop(*_):
         log.info("shutting down: the workers drain")
         workers.stop()
-        ctx.controller.stop_loops()
+        ctx.stop()
         server.stop(timeout=5)
         shared.close(unlink=True)
         sys.exit(0)

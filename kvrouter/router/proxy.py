@@ -12,7 +12,7 @@ import os
 import re
 import time
 from collections import OrderedDict
-from typing import Callable
+from typing import Any, Callable
 
 from kvrouter import logs
 from kvrouter.config.schema import Config
@@ -66,6 +66,7 @@ class Proxy:
         self.clock = clock
         self.pool_for = pool_for
         self.responses: "OrderedDict[str, ModelEntry]" = OrderedDict()
+        self.shared_responses: Any = None   # the cluster's map, so any router can answer
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
@@ -142,6 +143,15 @@ class Proxy:
         self.responses.move_to_end(response_id)
         while len(self.responses) > RESPONSES_KEPT:
             self.responses.popitem(last=False)
+        if self.shared_responses is not None:
+            self.shared_responses.remember_response(response_id, entry.name)
+
+    def _response_entry(self, response_id: str):
+        entry = self.responses.get(response_id)
+        if entry is None and self.shared_responses is not None:
+            model = self.shared_responses.response_model(response_id)   # another router's
+            entry = self.routes.get(model) if model else None
+        return entry
 
     def handle_response_id(self, req: Request):
         """GET/DELETE /v1/responses/{id}[/...] and POST .../cancel: to the engine that
@@ -149,7 +159,7 @@ class Proxy:
         try:
             require_api_key(req.headers.get("authorization"), self.cfg.router.api_keys)
             response_id = req.path[len("/v1/responses/"):].split("/", 1)[0]
-            entry = self.responses.get(response_id)
+            entry = self._response_entry(response_id)
             if entry is None:
                 raise NotFound(f"Response with id '{response_id}' not found (kvrouter routes a "
                                "response id to the engine that created it through this router)",

@@ -5,7 +5,7 @@ import logging
 import signal
 import sys
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import gevent
 
@@ -27,14 +27,19 @@ from kvrouter.router.proxy import Proxy
 from kvrouter.router.routes import RouteTable
 from kvrouter.traffic import TrafficMonitor
 
+if TYPE_CHECKING:
+    from kvrouter.cluster import Cluster
+
 log = logging.getLogger("kvrouter")
 
 
 class RouterContext:
     """The one owner of the router's state (one process; gevent gives the concurrency)."""
 
-    def __init__(self, cfg: Config, process: Optional[ProcessControl] = None):
+    def __init__(self, cfg: Config, process: Optional[ProcessControl] = None,
+                 shape: Callable[[Config], Config] = lambda cfg: cfg):
         self.cfg = cfg
+        self.shape = shape   # applied to the config a reload reads (--cluster-host, --port)
         self.started = time.time()
         self.traffic = TrafficMonitor([i.model for i in cfg.instances])
         self.controller = Controller(cfg, process=process, traffic=self.traffic)
@@ -43,8 +48,38 @@ class RouterContext:
         self.traffic.on_end = self.metrics.on_end
         self.routes = RouteTable(self.controller.entries.values())
         self.proxy = Proxy(cfg, self.controller, self.traffic, self.routes)
+        self.cluster: Optional["Cluster"] = None
+        if cfg.cluster.redis_url:
+            self._join_cluster()
         self.app = create_app(self)
         self.server: Optional[HTTPServer] = None
+
+    def _join_cluster(self) -> None:
+        """Share model state with the other routers through Redis (``kvrouter.cluster``)."""
+        from kvrouter.cluster import Cluster
+
+        cluster = self.cluster = Cluster(self.cfg, self.controller, self.traffic)
+        self.controller.coord = cluster
+        self.traffic.peers = cluster.peers_in_flight
+        metrics_end = self.metrics.on_end
+
+        def on_end(*args) -> None:
+            metrics_end(*args)
+            cluster.on_end(*args)
+
+        self.traffic.on_end = on_end
+        self.proxy.shared_responses = cluster
+
+    def start(self) -> None:
+        """The controller's loops (and the cluster's), once the server listens."""
+        self.controller.start()
+        if self.cluster is not None:
+            self.cluster.start()
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+        self.controller.stop_loops()
 
     # --- reload (SIGHUP) ----------------------------------------------------------------------
     def reload(self, cfg: Config) -> dict:
@@ -71,7 +106,7 @@ class RouterContext:
     def reload_from_file(self) -> bool:
         """Read the config file again; a bad one is refused, and the old one kept."""
         try:
-            cfg = load_config(self.cfg.source)
+            cfg = self.shape(load_config(self.cfg.source))
         except KvrouterError as err:
             log.error("reload refused, still serving with the previous config:\n%s", err)
             return False
@@ -130,26 +165,27 @@ def build_server(ctx: RouterContext, listener=None) -> HTTPServer:
     return ctx.server
 
 
-def serve(cfg: Config) -> None:
+def serve(cfg: Config, shape: Callable[[Config], Config] = lambda cfg: cfg) -> None:
+    """``shape``: the command line's view of a config (a reload reads the file again)."""
     if cfg.router.workers != 1:
         from kvrouter.router.owner import serve_with_workers
 
-        serve_with_workers(cfg)
+        serve_with_workers(cfg, shape)
         return
     logs.setup(cfg.router.log_level)
     nofile = raise_open_files_limit()
-    ctx = RouterContext(cfg, process_control_for(cfg))
+    ctx = RouterContext(cfg, process_control_for(cfg), shape)
     server = build_server(ctx)
     log.info("open files limit %d: up to %d client connections at once", nofile,
              server.limits.max_connections)
     server.start()
-    ctx.controller.start()
+    ctx.start()
     log.info("kvrouter on http://%s:%d routing %s (config %s)", cfg.router.router_host,
              server.address[1], ", ".join(ctx.routes.names()), cfg.source)
 
     def _stop(*_):
         log.info("shutting down")
-        ctx.controller.stop_loops()
+        ctx.stop()
         server.stop(timeout=5)
         sys.exit(0)
 

@@ -42,7 +42,7 @@ def test_invalid_cases_cover_the_issue_list():
 def test_seed_config_validates_unchanged():
     cfg = load_config(SEED_CONFIG)
     a, b = cfg.instances
-    assert (a.name, a.engine, a.port, a.host) == ("instance1", "vllm", 12346, "localhost")
+    assert (a.name, a.engine, a.port, a.connect_host) == ("instance1", "vllm", 12346, "127.0.0.1")
     assert (b.name, b.engine, b.port) == ("instance2", "sglang", 30000)
     # "--gpu-memory-utilization 0.5" is one item holding a flag and its value
     assert a.argv_args[3:5] == ("--gpu-memory-utilization", "0.5")

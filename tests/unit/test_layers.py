@@ -14,7 +14,7 @@ LAYERS = {
     "kvrouter.sim": 2, "kvrouter.render": 2,
     "kvrouter.control.policy": 2, "kvrouter.control.kvplan": 2, "kvrouter.control.process": 2,
     "kvrouter.control.supervisor": 2, "kvrouter.control.memo": 2, "kvrouter.engines": 2,
-    "kvrouter.control": 3, "kvrouter.metrics": 3,
+    "kvrouter.control": 3, "kvrouter.metrics": 3, "kvrouter.cluster": 3,
     "kvrouter.router": 4,
     "kvrouter.control.policies": 2,
     "kvrouter.cli": 5, "kvrouter.entry": 5, "kvrouter.__main__": 5, "kvrouter.bench": 5,
@@ -28,6 +28,8 @@ FORBIDDEN = {
                         "kvrouter.sim", "kvrouter.metrics"),
     "kvrouter.bench": ("kvrouter.router", "kvrouter.control"),
     "kvrouter.metrics": ("kvrouter.control.controller",),
+    # the cluster implements the controller's Coordinator; the router wires it in
+    "kvrouter.cluster": ("kvrouter.router", "kvrouter.metrics"),
     # the policy lab runs the policies' pure code, never the live controller or a socket
     "kvrouter.lab": ("kvrouter.router", "kvrouter.control.controller",
                      "kvrouter.control.transitions", "kvrouter.control.kvsteer",

@@ -28,9 +28,16 @@ def health():
     counts: dict = {}
     for entry in ctx.routes.entries():
         counts[entry.state.value] = counts.get(entry.state.value, 0) + 1
-    return jsonify({"status": "healthy", "version": __version__,
-                    "uptime_seconds": round(time.time() - ctx.started, 3),
-                    "models": len(ctx.routes.entries()), "states": counts})
+    body = {"status": "healthy", "version": __version__,
+            "uptime_seconds": round(time.time() - ctx.started, 3),
+            "models": len(ctx.routes.entries()), "states": counts}
+    cluster = ctx.controller.coord.status()
+    if cluster:
+        body["cluster"] = cluster
+        if "degraded" in cluster:   # still serving: 200, for the load balancer
+            body["status"] = "degraded"
+            body["message"] = cluster["degraded"]
+    return jsonify(body)
 
 
 def engine_answers(entry) -> dict:

@@ -1,0 +1,510 @@
+"""This router as a member of a cluster of routers sharing state through Redis.
+
+- **States.** Every state change this router makes is written to ``P:states`` and published
+  with the token of the lease it holds; every other router applies it (fencing: a change
+  carrying an older token than one already seen is dropped). Engines stay the authority:
+  each router keeps probing them.
+- **Leases.** A wake, sleep or deep sleep holds the model's lease (``P:lease:MODEL``, renewed
+  while it runs; each taking gets a new token). Requests on other routers wait for the
+  holder's outcome: one wake call at the engine. Before each engine call the holder checks
+  the lease is still its own.
+- **Leader.** One router holds ``P:leader`` and makes the sleep decisions. It puts a model to
+  sleep only once every live router has seen it DRAINING (acks in their heartbeats) and has
+  no request for it in flight or waiting.
+- **Heartbeats.** Every ``heartbeat_seconds`` (at once after a state change) each router
+  publishes its in-flight and waiting counts per model, with a TTL; finished requests go to
+  the others' traffic monitors, so statistics and idle times are the cluster's.
+- **Redis down.** Requests keep flowing on local state; no sleep (no leader, no lease), a
+  wake only where the engine can say whether it sleeps; ``/health`` says so; all of it comes
+  back with Redis.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+
+import gevent
+from gevent.queue import Queue
+
+from kvrouter.cluster.store import Store, StoreDown
+from kvrouter.config.schema import Config
+from kvrouter.control.coordination import Coordinator, Lease, LeaseLost
+from kvrouter.control.entry import ModelEntry
+from kvrouter.control.states import IN_TRANSITION, State
+from kvrouter.traffic import TrafficMonitor
+
+if TYPE_CHECKING:
+    from kvrouter.control.controller import Controller
+
+log = logging.getLogger("kvrouter.cluster")
+ACK_SECONDS = 2.0        # an automatic sleep waits this long for every router to see DRAINING
+RETRY_SECONDS = 0.5      # how often an unreachable Redis is tried again
+
+
+@dataclass
+class Peer:
+    """Another router, as its last heartbeat told."""
+
+    router_id: str
+    seen: float
+    url: str = ""
+    leader: bool = False
+    models: Dict[str, List[int]] = field(default_factory=dict)   # model -> [in flight, waiting]
+    acks: Dict[str, int] = field(default_factory=dict)           # model -> lease token seen
+
+
+class RedisLease(Lease):
+    def __init__(self, member: "Cluster", model: str, token: int):
+        self.member = member
+        self.model = model
+        self.token = token
+        self.holder = member.router_id
+        self.key = member.store.key("lease", model)
+        self.value = f"{member.router_id}|{token}"
+        self.lost: Optional[str] = None
+        self._keeper = gevent.spawn(self._keep)
+
+    def _keep(self) -> None:
+        seconds = self.member.cfg.cluster.wake_lease_seconds
+        while self.lost is None:
+            gevent.sleep(seconds / 3)
+            try:
+                if not self.member.store.renew(self.key, self.value, seconds):
+                    self.lost = "its lease expired or was taken over"
+            except StoreDown:
+                pass   # nobody can take it while Redis is down; check() asks again
+
+    def check(self) -> None:
+        if self.lost is None:
+            try:
+                now = self.member.store.get(self.key)
+            except StoreDown:
+                return   # no other router can take it while Redis is down
+            if now != self.value:
+                holder = (now or "").split("|")[0]
+                self.lost = f"router {holder} holds it now" if holder else "its lease expired"
+        if self.lost is not None:
+            raise LeaseLost(f"this router lost the lease of model {self.model!r} "
+                            f"(token {self.token}): {self.lost}")
+
+    def release(self) -> None:
+        self._keeper.kill(block=False)
+        if self.lost is None:
+            try:
+                self.member.store.release(self.key, self.value)
+            except StoreDown:
+                pass   # it expires
+
+
+class Cluster(Coordinator):
+    shared = True
+
+    def __init__(self, cfg: Config, ctl: "Controller", traffic: TrafficMonitor,
+                 store: Optional[Store] = None, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
+        cl = cfg.cluster
+        assert cl.redis_url
+        self.cfg = cfg
+        self.ctl = ctl
+        self.traffic = traffic
+        self.clock, self.wall = clock, wall
+        self.store = store or Store(cl.redis_url, cl.key_prefix)
+        self.router_id = cfg.node or f"{socket.gethostname()}:{cfg.router.router_port}"
+        self.url = f"http://{cfg.router.router_host}:{cfg.router.router_port}"
+        self.ttl = max(1.0, 5 * cl.heartbeat_seconds)
+        self.peers: Dict[str, Peer] = {}
+        self.up = True
+        self.down_since: Optional[float] = None
+        self.down_reason = ""
+        self.is_leader = False
+        self.leader_id: Optional[str] = None
+        self.leader_since: Optional[float] = None
+        self.outbox: Queue = Queue()
+        self.records: List[list] = []
+        self._beat_due = True
+        self._last_beat = 0.0
+        self._loops: List[gevent.Greenlet] = []
+        ctl.events.listeners.append(self._on_event)
+
+    # --- Coordinator --------------------------------------------------------------------------
+    def acquire(self, entry: ModelEntry) -> Optional[Lease]:
+        if not self.up:
+            return Lease()   # Redis down: alone (refuse_wake and refuse_sleep said when)
+        try:
+            token = self.store.acquire(entry.name, self.router_id,
+                                       self.cfg.cluster.wake_lease_seconds)
+            if not token:
+                return None
+            self._freshen(entry)
+        except StoreDown as err:
+            self._down(err)
+            return Lease()
+        entry.fence_seen = max(entry.fence_seen, token)
+        return RedisLease(self, entry.name, token)
+
+    def _freshen(self, entry: ModelEntry) -> None:
+        """Take a state change this router missed (e.g. while Redis was away)."""
+        doc = self.store.states().get(entry.name)
+        if doc and doc.get("router") != self.router_id and \
+                int(doc.get("fence", 0)) > entry.fence_seen:
+            self._apply(entry, doc)
+
+    def refuse_wake(self, entry: ModelEntry) -> Optional[str]:
+        if self.up or len(self.cfg.cluster.router_hosts) <= 1:
+            return None
+        if entry.state is State.SLEEPING and entry.adapter.is_sleeping() is None:
+            return (f"Redis is unreachable ({self.down_reason}) and the engine of "
+                    f"{entry.name!r} cannot say whether it sleeps: waking it could wake it twice "
+                    "from two routers")
+        return None
+
+    def refuse_sleep(self, entry: ModelEntry) -> Optional[str]:
+        if not self.up:
+            return (f"Redis is unreachable ({self.down_reason}): a sleep could hit another "
+                    "router's requests; sleeps resume when it is back")
+        return None
+
+    def drain(self, entry: ModelEntry, lease: Lease, manual: bool,
+              deadline: float) -> Optional[str]:
+        model = entry.name
+        self._beat_due = True
+        started = self.clock()
+        while True:
+            if not self.up:
+                return f"Redis is unreachable ({self.down_reason})"
+            pending, busy, waiting = [], [], []
+            for p in self.alive():
+                if p.acks.get(model, 0) < lease.token:
+                    pending.append(p.router_id)
+                in_flight, queued = (p.models.get(model) or [0, 0])[:2]
+                if queued:
+                    waiting.append(p.router_id)
+                if in_flight:
+                    busy.append(p.router_id)
+            if waiting and not manual:
+                return f"a request arrived on router {waiting[0]} while draining"
+            if busy and not manual:
+                return f"requests in flight on router {busy[0]}"
+            if not pending and not busy and not waiting:
+                return None
+            now = self.clock()
+            if now > deadline or (not manual and now - started > ACK_SECONDS):
+                if pending:
+                    return (f"router(s) {', '.join(pending)} did not confirm they stopped "
+                            f"sending requests to {model!r}")
+                return f"requests still in flight on router(s) {', '.join(busy + waiting)}"
+            gevent.sleep(min(0.02, self.cfg.cluster.heartbeat_seconds / 2))
+
+    def decides(self) -> bool:
+        return self.up and self.is_leader
+
+    def peers_waiting(self, model: str) -> int:
+        return sum((p.models.get(model) or [0, 0])[1] for p in self.alive())
+
+    def peers_in_flight(self, model: str) -> int:
+        return sum((p.models.get(model) or [0, 0])[0] for p in self.alive())
+
+    def alive(self) -> List[Peer]:
+        now = self.clock()
+        return [p for p in self.peers.values() if now - p.seen <= self.ttl]
+
+    def status(self) -> Dict[str, object]:
+        out: Dict[str, object] = {
+            "router_id": self.router_id, "redis": "ok" if self.up else "unreachable",
+            "leader": self.leader_id, "this_router_leads": self.decides(),
+            "routers": sorted([self.router_id] + [p.router_id for p in self.alive()]),
+            "auto_sleep": "on" if self.up else "paused (Redis unreachable)"}
+        if not self.up:
+            out["degraded"] = (f"Redis at {self.cfg.cluster.redis_url} unreachable for "
+                               f"{self.clock() - (self.down_since or self.clock()):.0f}s "
+                               f"({self.down_reason}): serving on this router's own state; no "
+                               "automatic sleep until it is back")
+        return out
+
+    # --- the responses map --------------------------------------------------------------------
+    def remember_response(self, response_id: str, model: str) -> None:
+        self.outbox.put(("response", response_id, model))
+
+    def response_model(self, response_id: str) -> Optional[str]:
+        if not self.up:
+            return None
+        try:
+            return self.store.response_model(response_id)
+        except StoreDown as err:
+            self._down(err)
+            return None
+
+    # --- outgoing -----------------------------------------------------------------------------
+    def _on_event(self, ev: dict) -> None:
+        """A state change on this router: to Redis and the others (in order, off the caller's
+        greenlet: no Redis round trip inside a transition or a request)."""
+        if ev.get("router", self.router_id) != self.router_id:
+            return   # applied from another router
+        entry = self.ctl.entries.get(ev["model"])
+        if entry is None:
+            return
+        fence = entry.lease.token if entry.lease is not None and entry.lease.token else \
+            entry.fence_seen
+        self.outbox.put(("state", ev["model"], fence, {
+            "model": ev["model"], "state": ev["to"], "reason": ev["reason"],
+            "level": entry.level, "router": self.router_id, "fence": fence,
+            "time": ev["time"]}))
+
+    def on_end(self, model, outcome, rec, latency, prompt, completion, itl) -> None:
+        """A request this router (or one of its workers) finished: for the others' stats."""
+        end_wall = self.wall()
+        first = rec.first_byte - rec.start if rec.first_byte is not None else None
+        self.records.append([model, round(end_wall - latency, 4), round(end_wall, 4), outcome,
+                             round(rec.wait, 4), first, rec.stream, prompt, completion, itl])
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self.outbox.get()
+            while True:
+                try:
+                    self._send(item)
+                    break
+                except StoreDown as err:
+                    self._down(err)
+                    if item[0] != "state":
+                        break   # a lost response id or record is not worth waiting for
+                    gevent.sleep(RETRY_SECONDS)
+
+    def _send(self, item) -> None:
+        if item[0] == "state":
+            _, model, fence, doc = item
+            if not self.store.put_state(model, fence, doc):
+                log.warning("%s: state %s not published: a router with a newer lease "
+                            "changed it", model, doc["state"])
+        elif item[0] == "response":
+            self.store.remember_response(item[1], item[2])
+
+    def _beat_doc(self) -> dict:
+        models = {}
+        for e in list(self.ctl.entries.values()):
+            in_flight = max(0, self.traffic.local_in_flight(e.name) - e.waiters)
+            models[e.name] = [in_flight, e.waiters]
+        return {"id": self.router_id, "url": self.url, "leader": self.is_leader,
+                "time": self.wall(), "models": models,
+                "acks": {e.name: e.fence_seen for e in list(self.ctl.entries.values())}}
+
+    def _beat_loop(self) -> None:
+        """Heartbeats (at once when something changed), records, leader lease, Redis back."""
+        cl = self.cfg.cluster
+        last_doc: Optional[dict] = None
+        next_leader = 0.0
+        while True:
+            gevent.sleep(min(cl.heartbeat_seconds, 0.05) if self._beat_due else
+                         cl.heartbeat_seconds)
+            try:
+                if not self.up:
+                    self._recover()
+                    continue
+                now = self.clock()
+                doc = self._beat_doc()
+                same = last_doc is not None and {k: v for k, v in doc.items() if k != "time"} \
+                    == {k: v for k, v in last_doc.items() if k != "time"}
+                if not same or self._beat_due or now - self._last_beat > self.ttl / 3:
+                    self._beat_due = False
+                    self.store.beat(self.router_id, doc, self.ttl)
+                    self._last_beat, last_doc = now, doc
+                if self.records:
+                    batch, self.records = self.records, []
+                    self.store.publish("records", {"router": self.router_id, "records": batch})
+                if now >= next_leader:
+                    self._lead()
+                    next_leader = now + min(cl.leader_lease_seconds / 3, cl.heartbeat_seconds)
+            except StoreDown as err:
+                self._down(err)
+            except Exception:
+                log.exception("cluster heartbeat failed")
+
+    def _lead(self) -> None:
+        cl = self.cfg.cluster
+        key = self.store.key("leader")
+        if self.is_leader:
+            if not self.store.renew(key, self.router_id, cl.leader_lease_seconds):
+                self.is_leader = False
+                log.warning("router %s is no longer the leader (its lease expired)",
+                            self.router_id)
+        elif self.store.take(key, self.router_id, cl.leader_lease_seconds):
+            self.is_leader = True
+            self.leader_since = self.clock()
+            log.info("router %s is the leader: it makes the sleep decisions", self.router_id)
+        self.leader_id = self.router_id if self.is_leader else self.store.get(key)
+
+    # --- incoming -----------------------------------------------------------------------------
+    def _subscribe_loop(self) -> None:
+        channels = {self.store.key("states"): self._on_state,
+                    self.store.key("beats"): self._on_beat,
+                    self.store.key("records"): self._on_records}
+        while True:
+            sub = None
+            try:
+                sub = self.store.subscribe(list(channels))
+                self._catch_up()
+                while True:
+                    msg = sub.next(timeout=1.0)
+                    if msg is None:
+                        continue
+                    try:
+                        channels[msg[0]](json.loads(msg[1]))
+                    except (ValueError, KeyError, TypeError) as err:
+                        log.warning("bad message on %s: %s", msg[0], err)
+            except StoreDown as err:
+                self._down(err)
+            finally:
+                if sub is not None:
+                    sub.close()
+            gevent.sleep(RETRY_SECONDS)
+
+    def _catch_up(self) -> None:
+        """After (re)subscribing: the states and routers as Redis has them now."""
+        for model, doc in self.store.states().items():
+            entry = self.ctl.entries.get(model)
+            if entry is not None and doc.get("router") != self.router_id and \
+                    int(doc.get("fence", 0)) >= entry.fence_seen:
+                self._apply(entry, doc)
+        for doc in self.store.routers():
+            if doc.get("id") != self.router_id:
+                self._on_beat(doc)
+
+    def _on_state(self, doc: dict) -> None:
+        if doc.get("router") == self.router_id:
+            return
+        entry = self.ctl.entries.get(doc.get("model", ""))
+        if entry is not None:
+            self._apply(entry, doc)
+
+    def _apply(self, entry: ModelEntry, doc: dict) -> None:
+        fence = int(doc.get("fence", 0))
+        if fence < entry.fence_seen:
+            return   # older than a change already seen (fencing)
+        entry.fence_seen = fence
+        lease = entry.lease
+        if isinstance(lease, RedisLease) and fence > lease.token and lease.lost is None:
+            lease.lost = f"router {doc.get('router')} changed the model with token {fence}"
+        try:
+            state = State(doc["state"])
+        except (KeyError, ValueError):
+            return
+        if lease is None or fence > lease.token:
+            self.ctl.apply_remote(entry, state, doc.get("reason", ""), doc.get("level"),
+                                  str(doc.get("router")))
+        self._beat_due = True   # the ack: this router has seen it
+
+    def _on_beat(self, doc: dict) -> None:
+        rid = doc.get("id")
+        if not rid or rid == self.router_id:
+            return
+        self.peers[rid] = Peer(rid, self.clock(), doc.get("url", ""), bool(doc.get("leader")),
+                               doc.get("models") or {}, doc.get("acks") or {})
+
+    def _on_records(self, doc: dict) -> None:
+        if doc.get("router") == self.router_id:
+            return
+        offset = self.traffic.clock() - self.wall()   # wall time -> this process's clock
+        replay = self.traffic.replay
+        for (model, start, end, outcome, wait, first, stream, prompt, completion,
+             itl) in doc.get("records", []):
+            replay(model, start + offset, end + offset, outcome, wait,
+                   None if first is None else start + offset + first, stream, prompt,
+                   completion, itl, remote=True)
+
+    # --- Redis away and back ------------------------------------------------------------------
+    def _down(self, err: BaseException) -> None:
+        if self.up:
+            self.up = False
+            self.down_since = self.clock()
+            log.warning("Redis at %s unreachable (%s): serving on this router's own state, "
+                        "no automatic sleep until it is back", self.cfg.cluster.redis_url, err)
+        self.down_reason = str(err) or type(err).__name__
+        if self.is_leader:
+            self.is_leader = False
+            log.warning("router %s steps down as leader (Redis unreachable)", self.router_id)
+
+    def _recover(self) -> None:
+        try:
+            self.store.ping()
+            # Redis may have lost its data: tokens must keep growing past what was seen
+            self.store.fence_floor(max([e.fence_seen for e in self.ctl.entries.values()] +
+                                       [0]) + 1)
+        except StoreDown as err:
+            self.down_reason = str(err)
+            gevent.sleep(RETRY_SECONDS)
+            return
+        log.info("Redis at %s reachable again after %.1fs: shared state resumes",
+                 self.cfg.cluster.redis_url, self.clock() - (self.down_since or self.clock()))
+        self.up, self.down_since, self._beat_due = True, None, True
+        for e in list(self.ctl.entries.values()):   # what this router knows, where missing
+            if e.state in (State.READY, State.SLEEPING, State.STOPPED):
+                self.outbox.put(("state", e.name, e.fence_seen, {
+                    "model": e.name, "state": e.state.value, "reason": e.reason,
+                    "level": e.level, "router": self.router_id, "fence": e.fence_seen,
+                    "time": self.wall()}))
+
+    # --- transitions left behind --------------------------------------------------------------
+    def _orphan_loop(self) -> None:
+        """A model left WAKING or DRAINING by a router that died (its lease expired, or Redis
+        lost it): ask the engine and settle it."""
+        while True:
+            gevent.sleep(self.cfg.cluster.wake_lease_seconds / 2)
+            if not self.up:
+                continue
+            for entry in list(self.ctl.entries.values()):
+                if entry.state not in IN_TRANSITION or entry.lock.locked():
+                    continue
+                try:
+                    held = self.store.exists(self.store.key("lease", entry.name))
+                except StoreDown as err:
+                    self._down(err)
+                    break
+                if not held:
+                    gevent.spawn(self._settle, entry)
+
+    def _settle(self, entry: ModelEntry) -> None:
+        with entry.lock:
+            if entry.state not in IN_TRANSITION:
+                return
+            lease = self.acquire(entry)
+            if lease is None:
+                return
+            try:
+                entry.lease = lease
+                asleep = entry.adapter.is_sleeping()
+                if asleep is None:
+                    asleep = entry.state is State.WAKING
+                state = State.SLEEPING if asleep else State.READY
+                reason = ("the router that was changing it is gone; the engine reports it "
+                          f"is {'asleep' if asleep else 'awake'}")
+                if asleep:
+                    entry.adapter.mark_released()
+                self.ctl.set_state(entry, state, reason, origin=self.router_id)
+            finally:
+                entry.lease = None
+                lease.release()
+        if entry.state is State.SLEEPING and entry.waiters:
+            self.ctl.request_wake(entry, reason="requests waiting")
+
+    # --- life -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loops = [gevent.spawn(f) for f in (self._send_loop, self._beat_loop,
+                                                 self._subscribe_loop, self._orphan_loop)]
+        log.info("cluster member %s (Redis %s, prefix %s)", self.router_id,
+                 self.cfg.cluster.redis_url, self.cfg.cluster.key_prefix)
+
+    def stop(self) -> None:
+        """Leave: give the leader's lease up and drop the heartbeat, so others take over now."""
+        gevent.killall(self._loops, block=False)
+        if self.up:
+            try:
+                if self.is_leader:
+                    self.store.release(self.store.key("leader"), self.router_id)
+                self.store.forget(self.router_id)
+            except StoreDown:
+                pass
+        self.is_leader = False
