@@ -120,15 +120,15 @@ class Proc:
 
 class SimEngine:
     def __init__(self, dialect="vllm", model="sim/model", port=None, args=(), env=None,
-                 wait=True):
+                 wait=True, host="127.0.0.1"):
         self.dialect = dialect
         self.model = model
         self.port = port or free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"http://{host}:{self.port}"
         e = {"VLLM_SERVER_DEV_MODE": "1"} if dialect == "vllm" else {}
         e.update(env or {})
         argv = [PY, "-m", "kvrouter", "sim-engine", "--dialect", dialect, "--model", model,
-                "--port", str(self.port), "--startup-seconds", "0", *args]
+                "--host", host, "--port", str(self.port), "--startup-seconds", "0", *args]
         self.proc = Proc(argv, env=e)
         if wait:
             self.wait_ready()
@@ -149,17 +149,21 @@ class Router:
     """``kvrouter serve`` on a config; ``open_files`` runs it under a lowered descriptor limit
     (soft and hard, so the router cannot raise it)."""
 
-    def __init__(self, config_text, tmpdir, wait=True, open_files=None):
+    def __init__(self, config_text, tmpdir, wait=True, open_files=None, cluster_host=None):
         self.port = None
         self.path = os.path.join(tmpdir, "kvrouter.yaml")
         with open(self.path, "w") as fh:
             fh.write(config_text)
         from kvrouter.config import load_config
+        from kvrouter.config.cluster import as_router
+        from kvrouter.config.schema import connect_host
 
-        cfg = load_config(self.path)
+        cfg = as_router(load_config(self.path), cluster_host)
         self.port = cfg.router.router_port
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"http://{connect_host(cfg.router.router_host)}:{self.port}"
         argv = [PY, "-m", "kvrouter", "serve", self.path]
+        if cluster_host:
+            argv += ["--cluster-host", cluster_host]
         if open_files:
             argv = ["sh", "-c", f'ulimit -n {int(open_files)} && exec "$0" "$@"', *argv]
         self.proc = Proc(argv)
