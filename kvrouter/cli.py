@@ -92,6 +92,7 @@ def render(config, out_dir, strict, apply, host):
     """Render supervisord and systemd files for CONFIG into --out."""
     from kvrouter.config.cluster import on_host
     from kvrouter.render import RenderOptions, compile_config, socket_path, write_files
+    from kvrouter.render.compile import private_files
 
     cfg = on_host(_load(config, strict), host)
     user = None
@@ -102,7 +103,7 @@ def render(config, out_dir, strict, apply, host):
     sock = socket_path(out_abs)
     dirs = [os.path.join(out_abs, "run"), cfg.log_dir or os.path.join(out_abs, "logs"),
             os.path.dirname(sock)]
-    report = write_files(out_dir, files, extra_dirs=dirs)
+    report = write_files(out_dir, files, extra_dirs=dirs, private=private_files(files))
     for rel in report["written"]:
         click.echo(f"wrote {os.path.join(out_dir, rel)}")
     for rel in report["removed"]:

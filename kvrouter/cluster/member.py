@@ -134,9 +134,16 @@ class Cluster(Coordinator):
     def acquire(self, entry: ModelEntry) -> Optional[Lease]:
         if not self.up:
             return Lease()   # Redis down: alone (refuse_wake and refuse_sleep said when)
+        seconds = self.cfg.cluster.wake_lease_seconds
         try:
-            token = self.store.acquire(entry.name, self.router_id,
-                                       self.cfg.cluster.wake_lease_seconds)
+            token = self.store.acquire(entry.name, self.router_id, seconds)
+            if token and token <= entry.fence_seen:
+                # Redis lost its counter (a restart without persistence): move it past every
+                # token seen, so that this change is not taken for an old one
+                self.store.release(self.store.key("lease", entry.name),
+                                   f"{self.router_id}|{token}")
+                self.store.fence_floor(self._max_fence())
+                token = self.store.acquire(entry.name, self.router_id, seconds)
             if not token:
                 return None
             self._freshen(entry)
@@ -145,6 +152,9 @@ class Cluster(Coordinator):
             return Lease()
         entry.fence_seen = max(entry.fence_seen, token)
         return RedisLease(self, entry.name, token)
+
+    def _max_fence(self) -> int:
+        return max([e.fence_seen for e in list(self.ctl.entries.values())] + [0])
 
     def _freshen(self, entry: ModelEntry) -> None:
         """Take a state change this router missed (e.g. while Redis was away)."""
@@ -431,8 +441,7 @@ class Cluster(Coordinator):
         try:
             self.store.ping()
             # Redis may have lost its data: tokens must keep growing past what was seen
-            self.store.fence_floor(max([e.fence_seen for e in self.ctl.entries.values()] +
-                                       [0]) + 1)
+            self.store.fence_floor(self._max_fence())
         except StoreDown as err:
             self.down_reason = str(err)
             gevent.sleep(RETRY_SECONDS)

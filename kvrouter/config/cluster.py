@@ -33,8 +33,8 @@ def _listening(cfg: Config, h: ClusterHost) -> Config:
 
 
 def on_host(cfg: Config, name: Optional[str]) -> Config:
-    """What runs on host ``name``: its engines, its router, and (on the first router host)
-    the benchmark clients. Without cluster.hosts, the config as it is (``name`` None)."""
+    """What runs on host ``name``: its engines and its router (the benchmark clients run on
+    the first router host). Without cluster.hosts, the config as it is (``name`` None)."""
     if name is None:
         if cfg.cluster.hosts:
             raise ConfigErrors([ConfigError(
@@ -43,13 +43,8 @@ def on_host(cfg: Config, name: Optional[str]) -> Config:
                 source=cfg.source)])
         return cfg
     h = _host(cfg, name, "--host")
-    routers = cfg.cluster.router_hosts
-    first_router = routers[0].name if routers else None
-    out = _listening(cfg, h)
-    return dataclasses.replace(
-        out, instances=tuple(i for i in cfg.instances if i.host == name),
-        benchmark=cfg.benchmark if name == first_router else dataclasses.replace(
-            cfg.benchmark, clients=()))
+    return dataclasses.replace(_listening(cfg, h),
+                               instances=tuple(i for i in cfg.instances if i.host == name))
 
 
 def router_host_name(cfg: Config, name: Optional[str]) -> Optional[str]:

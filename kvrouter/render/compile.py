@@ -45,7 +45,11 @@ def hard_open_files_limit(cap: int = 1 << 20) -> int:
 
 
 def bench_clients(cfg: Config) -> Tuple[BenchClient, ...]:
-    """The configured benchmark clients, or (as the seed's benchmark.py) one per model."""
+    """The configured benchmark clients, or (as the seed's benchmark.py) one per model. On
+    several hosts, they run on the first host with a router, against that router."""
+    routers = cfg.cluster.router_hosts
+    if cfg.node is not None and (not routers or cfg.node != routers[0].name):
+        return ()
     if cfg.benchmark.clients:
         return cfg.benchmark.clients
     return tuple(BenchClient(name=inst.name, model=inst.model) for inst in cfg.instances)
@@ -161,3 +165,8 @@ def compile_config(cfg: Config, opts: RenderOptions) -> Dict[str, str]:
     except jinja2.TemplateError as err:  # pragma: no cover - template bug
         raise RenderError(f"template error: {err}") from err
     return files
+
+
+def private_files(files: Dict[str, str]) -> List[str]:
+    """The rendered files that hold credentials (supervisord's TCP user and password)."""
+    return [rel for rel, text in files.items() if "\n[inet_http_server]\n" in text]

@@ -26,8 +26,10 @@ def _read_manifest(out_dir: str) -> List[str]:
             from None
 
 
-def write_files(out_dir: str, files: Dict[str, str], extra_dirs=()) -> Dict[str, List[str]]:
-    """Write ``files`` under out_dir; return {"written": [...], "unchanged": [...], "removed": [...]}."""
+def write_files(out_dir: str, files: Dict[str, str], extra_dirs=(),
+                private=()) -> Dict[str, List[str]]:
+    """Write ``files`` under out_dir (those in ``private``, which hold credentials, readable
+    by their owner only); return {"written": [...], "unchanged": [...], "removed": [...]}."""
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     owned = set(_read_manifest(out_dir))
@@ -45,12 +47,15 @@ def write_files(out_dir: str, files: Dict[str, str], extra_dirs=()) -> Dict[str,
         try:
             with open(path, encoding="utf-8") as fh:
                 if fh.read() == files[rel]:
+                    if rel in private:
+                        os.chmod(path, 0o600)
                     report["unchanged"].append(rel)
                     continue
         except FileNotFoundError:
             pass
         tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                          0o600 if rel in private else 0o666), "w", encoding="utf-8") as fh:
             fh.write(files[rel])
         os.replace(tmp, path)
         report["written"].append(rel)

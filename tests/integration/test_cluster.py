@@ -409,3 +409,25 @@ def test_remote_deep_sleep_through_supervisord_tcp(redis_server, tmp_path):
             router.stop()
         local.shutdown()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_render_per_host_keeps_credentials_private(tmp_path):
+    """`kvrouter render --host NAME`: that host's part only; a file holding supervisord's
+    password is readable by its owner only; a host that is not in the file is an error that
+    names the known ones."""
+    from tests.unit.test_render import CLUSTER
+
+    out = tmp_path / "gpu-a"
+    r = subprocess.run([PY, "-m", "kvrouter", "render", CLUSTER, "--host", "gpu-a", "--out",
+                        str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert oct(os.stat(out / "supervisord.conf").st_mode & 0o777) == "0o600"
+    assert oct(os.stat(out / "systemd" / "kvrouter.service").st_mode & 0o777) != "0o600"
+    r = subprocess.run([PY, "-m", "kvrouter", "render", CLUSTER, "--host", "gpu-c", "--out",
+                        str(tmp_path / "x")], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "--host gpu-c: no such host in cluster.hosts (known hosts: gpu-a, gpu-b, edge)" \
+        in r.stderr
+    r = subprocess.run([PY, "-m", "kvrouter", "render", CLUSTER, "--out", str(tmp_path / "y")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "render each with --host NAME" in r.stderr

@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from kvrouter.config import load_config, parse_config_text
+from kvrouter.config.cluster import on_host
 from kvrouter.errors import RenderError
 from kvrouter.render import RenderOptions, compile_config, write_files
 from kvrouter.render.argv import Interpreters, engine_argv
@@ -25,12 +26,18 @@ def _fixed(path):
                              base_dir="/srv/kvrouter/etc")
 
 
-CASES = {"seed": SEED_CONFIG, "full": os.path.join(DATA, "full.yaml")}
+CLUSTER = os.path.join(DATA, "cluster.yaml")
+# case -> (config, cluster host rendered)
+CASES = {"seed": (SEED_CONFIG, None), "full": (os.path.join(DATA, "full.yaml"), None),
+         "cluster-gpu-a": (CLUSTER, "gpu-a"), "cluster-gpu-b": (CLUSTER, "gpu-b"),
+         "cluster-edge": (CLUSTER, "edge")}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden(case):
-    files = compile_config(_fixed(CASES[case]), RenderOptions("/srv/kvrouter/etc", PY, open_files=1048576))
+    path, host = CASES[case]
+    cfg = on_host(_fixed(path), host)
+    files = compile_config(cfg, RenderOptions("/srv/kvrouter/etc", PY, open_files=1048576))
     folder = os.path.join(GOLDEN, case)
     if UPDATE:
         for rel, text in files.items():
@@ -49,7 +56,7 @@ def test_golden(case):
 
 
 def test_rendering_is_deterministic():
-    cfg = _fixed(CASES["full"])
+    cfg = _fixed(CASES["full"][0])
     assert compile_config(cfg, RenderOptions("/x", PY)) == compile_config(cfg, RenderOptions("/x", PY))
 
 
@@ -62,7 +69,7 @@ def _supervisor_programs(conf_path):
 
 
 def test_supervisord_parses_back_the_same_argv_and_env(tmp_path):
-    cfg = load_config(CASES["full"])
+    cfg = load_config(CASES["full"][0])
     out = tmp_path / "out"
     files = compile_config(cfg, RenderOptions(str(out), PY))
     write_files(str(out), files, extra_dirs=[str(out / "run"), cfg.log_dir])

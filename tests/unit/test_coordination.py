@@ -1,0 +1,318 @@
+"""The controller with other routers: leases (single flight across routers, fencing),
+the drain barrier, the leader, and Redis away. The cluster member runs against an
+in-memory store with Redis's semantics (the real one is in tests/integration/test_cluster.py).
+"""
+import gevent
+import pytest
+
+from kvrouter.cluster.member import Cluster
+from kvrouter.cluster.store import StoreDown
+from kvrouter.config import parse_config_text
+from kvrouter.control.coordination import Coordinator, Lease, LeaseLost
+from kvrouter.control.states import State, TransitionError
+from tests.unit.test_controller import make
+
+
+class MemoryStore:
+    """Store's interface on dicts (one process: every 'router' shares it)."""
+
+    def __init__(self):
+        self.kv, self.states_, self.fence, self.published = {}, {}, 0, []
+        self.down = False
+
+    def _check(self):
+        if self.down:
+            raise StoreDown("ConnectionError: refused")
+
+    def key(self, *parts):
+        return ":".join(("kvrouter",) + parts)
+
+    def acquire(self, name, holder, seconds):
+        self._check()
+        key = self.key("lease", name)
+        if key in self.kv:
+            return 0
+        self.fence += 1
+        self.kv[key] = f"{holder}|{self.fence}"
+        return self.fence
+
+    def renew(self, key, value, seconds):
+        self._check()
+        return self.kv.get(key) == value
+
+    def release(self, key, value):
+        self._check()
+        if self.kv.get(key) == value:
+            del self.kv[key]
+            return True
+        return False
+
+    def get(self, key):
+        self._check()
+        return self.kv.get(key)
+
+    def exists(self, key):
+        self._check()
+        return key in self.kv
+
+    def take(self, key, value, seconds):
+        self._check()
+        if key in self.kv:
+            return False
+        self.kv[key] = value
+        return True
+
+    def fence_floor(self, floor):
+        self.fence = max(self.fence, floor)
+
+    def put_state(self, model, fence, doc):
+        self._check()
+        cur = self.states_.get(model)
+        if cur and cur["fence"] > fence:
+            return False
+        self.states_[model] = doc
+        self.published.append(doc)
+        return True
+
+    def states(self):
+        self._check()
+        return dict(self.states_)
+
+    def beat(self, router_id, doc, ttl):
+        self._check()
+
+    def routers(self):
+        return []
+
+    def publish(self, channel, doc):
+        self._check()
+
+    def remember_response(self, rid, model):
+        self.kv[self.key("resp", rid)] = model
+
+    def response_model(self, rid):
+        self._check()
+        return self.kv.get(self.key("resp", rid))
+
+    def forget(self, router_id):
+        pass
+
+    def ping(self):
+        self._check()
+        return True
+
+
+def member(ctl, store, name):
+    import dataclasses
+
+    cfg = dataclasses.replace(ctl.cfg, node=name, cluster=dataclasses.replace(
+        ctl.cfg.cluster, redis_url="redis://127.0.0.1:1/0"))
+    m = Cluster(cfg, ctl, ctl.traffic, store=store)
+    ctl.coord = m
+    return m
+
+
+class LosingLease(Lease):
+    """A lease that is taken over by another router after ``keep`` checks."""
+
+    token = 7
+
+    def __init__(self, keep):
+        self.keep = keep
+        self.released = False
+
+    def check(self):
+        if self.keep <= 0:
+            raise LeaseLost("router other holds it now")
+        self.keep -= 1
+
+    def release(self):
+        self.released = True
+
+
+class OneLease(Coordinator):
+    def __init__(self, lease):
+        self.lease = lease
+
+    def acquire(self, entry):
+        return self.lease
+
+
+def test_a_router_that_loses_its_lease_mid_wake_stops_touching_the_engine():
+    """Fencing: the lease is lost while the engine wakes; this router neither warms it up
+    nor declares it ready, and its waiting requests wait for the new holder's outcome
+    (not a 503)."""
+    ctl, _, _ = make()
+    e = ctl.entries["m/a"]
+    ctl.sleep(e)
+    lease = LosingLease(keep=1)   # the check before /wake_up passes, the next one fails
+    ctl.coord = OneLease(lease)
+    e.adapter.gate.clear()
+    waiter = gevent.spawn(ctl.ensure_ready, e)
+    gevent.sleep(0.01)
+    assert e.state is State.WAKING
+    e.adapter.gate.set()
+    gevent.sleep(0.05)
+    assert e.adapter.wakes == 1 and e.adapter.warmups == 0
+    assert e.state is State.WAKING and not waiter.ready()
+    assert lease.released
+    # the router that took over reports the outcome
+    ctl.apply_remote(e, State.READY, "woken", 1, "other")
+    assert waiter.get(timeout=2) >= 0
+
+
+def test_requests_wait_for_the_wake_of_the_router_holding_the_lease():
+    """Another router holds the model's lease: nothing is sent to the engine from here,
+    and every request here is released by that router's outcome."""
+    ctl, _, _ = make(extra_router=", max_queue_per_model: 64")
+    e = ctl.entries["m/a"]
+    ctl.sleep(e)
+
+    class HeldElsewhere(Coordinator):
+        def acquire(self, entry):
+            return None
+
+    ctl.coord = HeldElsewhere()
+    waiters = [gevent.spawn(ctl.ensure_ready, e) for _ in range(20)]
+    gevent.sleep(0.3)
+    assert e.adapter.wakes == 0 and not any(w.ready() for w in waiters)
+    ctl.apply_remote(e, State.WAKING, "wake (request)", 1, "other")
+    ctl.apply_remote(e, State.READY, "woken", 1, "other")
+    gevent.joinall(waiters, timeout=2, raise_error=True)
+    assert all(w.successful() for w in waiters) and e.adapter.wakes == 0
+
+
+def test_only_the_leader_ticks_and_a_refused_sleep_says_why():
+    ctl, _, _ = make(extra_sleep=", auto_sleep_enabled: true, idle_threshold_seconds: 0, "
+                     "check_interval_seconds: 0.05")
+    e = ctl.entries["m/a"]
+
+    class Follower(Coordinator):
+        def decides(self):
+            return False
+
+        def refuse_sleep(self, entry):
+            return "Redis is unreachable"
+
+    ctl.coord = Follower()
+    ctl.start()
+    try:
+        gevent.sleep(0.3)
+        assert e.state is State.READY and e.adapter.sleeps == 0
+        with pytest.raises(TransitionError, match="Redis is unreachable"):
+            ctl.sleep(e)
+        ctl.coord = Coordinator()   # alone again: it leads
+        gevent.sleep(0.3)
+        assert e.state is State.SLEEPING
+    finally:
+        ctl.stop_loops()
+
+
+def test_leases_are_single_flight_with_growing_tokens_and_stale_states_are_dropped():
+    store = MemoryStore()
+    ctl_a, _, _ = make()
+    ctl_b, _, _ = make()
+    a, b = member(ctl_a, store, "a"), member(ctl_b, store, "b")
+    ea, eb = ctl_a.entries["m/a"], ctl_b.entries["m/a"]
+    lease = a.acquire(ea)
+    assert lease.token == 1 and b.acquire(eb) is None
+    lease.release()
+    second = b.acquire(eb)
+    assert second.token == 2
+    with pytest.raises(LeaseLost, match="router b holds it now"):
+        lease.check()     # a released (or lost) lease never acts again
+    # router b's change (token 2) is applied by a; a late message of token 1 is not
+    a._on_state({"model": "m/a", "state": "sleeping", "router": "b", "fence": 2, "level": 1})
+    assert ea.state is State.SLEEPING
+    a._on_state({"model": "m/a", "state": "ready", "router": "c", "fence": 1, "level": 1})
+    assert ea.state is State.SLEEPING
+    second.release()
+
+
+def test_state_changes_are_published_with_the_lease_token():
+    store = MemoryStore()
+    ctl, _, _ = make()
+    m = member(ctl, store, "a")
+    sender = gevent.spawn(m._send_loop)
+    try:
+        ctl.sleep(ctl.entries["m/a"])
+        gevent.sleep(0.05)
+        states = [(d["state"], d["fence"], d["router"]) for d in store.published]
+        assert states == [("draining", 1, "a"), ("sleeping", 1, "a")]
+        assert store.kv == {}   # the lease was given back
+    finally:
+        sender.kill()
+
+
+def test_drain_waits_for_every_router_to_see_draining_and_cancels_for_their_requests():
+    store = MemoryStore()
+    ctl, _, _ = make()
+    m = member(ctl, store, "a")
+    e = ctl.entries["m/a"]
+    lease = m.acquire(e)
+    clock = ctl.clock
+    # b has not seen the new token yet; c has, and has nothing for the model
+    m._on_beat({"id": "b", "models": {"m/a": [0, 0]}, "acks": {"m/a": 0}})
+    m._on_beat({"id": "c", "models": {"m/a": [0, 0]}, "acks": {"m/a": lease.token}})
+    waiter = gevent.spawn(m.drain, e, lease, False, clock() + 5)
+    gevent.sleep(0.1)
+    assert not waiter.ready()
+    m._on_beat({"id": "b", "models": {"m/a": [0, 0]}, "acks": {"m/a": lease.token}})
+    assert waiter.get(timeout=1) is None
+    # a request waiting on b cancels an automatic sleep
+    m._on_beat({"id": "b", "models": {"m/a": [0, 1]}, "acks": {"m/a": lease.token}})
+    assert "a request arrived on router b" in m.drain(e, lease, False, clock() + 5)
+    # requests in flight on c: a manual sleep waits for them
+    m._on_beat({"id": "b", "models": {"m/a": [0, 0]}, "acks": {"m/a": lease.token}})
+    m._on_beat({"id": "c", "models": {"m/a": [2, 0]}, "acks": {"m/a": lease.token}})
+    manual = gevent.spawn(m.drain, e, lease, True, clock() + 5)
+    gevent.sleep(0.1)
+    assert not manual.ready()
+    m._on_beat({"id": "c", "models": {"m/a": [0, 0]}, "acks": {"m/a": lease.token}})
+    assert manual.get(timeout=1) is None
+    assert m.peers_in_flight("m/a") == 0
+    lease.release()
+
+
+def test_redis_down_serves_alone_and_says_so():
+    store = MemoryStore()
+    ctl, _, _ = make()
+    m = member(ctl, store, "a")
+    m.is_leader = True
+    store.down = True
+    e = ctl.entries["m/a"]
+    lease = m.acquire(e)          # a local lease: requests are still served
+    assert lease is not None and lease.token == 0
+    assert not m.up and not m.decides()
+    assert "Redis is unreachable" in m.refuse_sleep(e)
+    status = m.status()
+    assert status["redis"] == "unreachable" and "no automatic sleep" in status["degraded"]
+    with pytest.raises(TransitionError, match="Redis is unreachable"):
+        ctl.sleep(e)
+    store.down = False
+    m._recover()
+    assert m.up and m.refuse_sleep(e) is None and "degraded" not in m.status()
+
+
+def test_a_model_left_waking_by_a_dead_router_is_settled_from_the_engine():
+    store = MemoryStore()
+    ctl, _, _ = make()
+    m = member(ctl, store, "a")
+    e = ctl.entries["m/a"]
+    e.adapter.asleep = False     # the dead router's wake went through
+    m._on_state({"model": "m/a", "state": "waking", "router": "b", "fence": 3, "level": 1})
+    assert e.state is State.WAKING
+    m._settle(e)                 # its lease is gone (no key in the store)
+    assert e.state is State.READY and e.adapter.wakes == 0
+    kind, model, fence, doc = m.outbox.get_nowait()   # published with a newer token
+    assert (kind, model, doc["state"], doc["router"]) == ("state", "m/a", "ready", "a")
+    assert fence == 4
+
+
+def test_cluster_config_needs_redis_for_several_routers():
+    text = ("cluster:\n  hosts:\n    - {name: a, address: 10.0.0.2, router: true}\n"
+            "    - {name: b, address: 10.0.0.3, router: true}\n"
+            "instances:\n  - {name: x, model: x, engine: vllm, host: a, "
+            "engine_args: ['--port 9000']}\n")
+    with pytest.raises(Exception, match=r"cluster.redis_url: 2 hosts run a router"):
+        parse_config_text(text)
