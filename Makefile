@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 ENGINE_VENV ?= .venv-engine
 CONFIG ?= etc/kvrouter.yaml
+HOST ?=
 OUT ?= etc
 KV := $(VENV)/bin/kvrouter
 PY := $(VENV)/bin/python
@@ -20,9 +21,10 @@ $(VENV)/.installed: setup.cfg setup.py
 	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	touch $@
 
-## render CONFIG into $(OUT)/ and make sure supervisord runs with it (start, or reread+update)
+## render CONFIG into $(OUT)/ and make sure supervisord runs with it (start, or reread+update);
+## on several hosts (cluster.hosts), each host renders its part: make render HOST=gpu-a
 render: install
-	$(KV) render $(CONFIG) --out $(OUT) --apply
+	$(KV) render $(CONFIG) --out $(OUT) --apply $(if $(HOST),--host $(HOST))
 
 ## the demo: simulated engines + router under supervisord, one chat request through the router
 demo: render
@@ -51,6 +53,7 @@ status:
 ## every tier (the systemd and engine tiers must run, not skip), after ruff and mypy
 test: install engine-env lint
 	KVROUTER_REQUIRE_ENGINE=1 KVROUTER_REQUIRE_SYSTEMD=1 KVROUTER_REQUIRE_BROWSER=1 \
+	    KVROUTER_REQUIRE_REDIS=1 \
 	    $(PY) -m pytest -q tests/unit \
 	    tests/integration tests/systemd tests/engine $(PYTEST_ARGS)
 

@@ -73,7 +73,21 @@ def validate(config, strict):
     cfg = _load(config, strict)
     for inst in cfg.instances:
         names = ", ".join(inst.route_names)
-        click.echo(f"{inst.name}: {inst.engine} {names} on {inst.base_url}")
+        where = f" (host {inst.host})" if inst.host else ""
+        click.echo(f"{inst.name}: {inst.engine} {names} on {inst.base_url}{where}")
+    cl = cfg.cluster
+    for h in cl.hosts:
+        engines = [i.name for i in cfg.instances if i.host == h.name]
+        parts = [f"{len(engines)} engines ({', '.join(engines)})" if engines else "no engines"]
+        if h.router:
+            parts.append("a router")
+        if h.supervisor_url:
+            parts.append(f"supervisord XML-RPC on {h.supervisor_url}")
+        click.echo(f"host {h.name} ({h.address}): {', '.join(parts)}")
+    if cl.redis_url:
+        from kvrouter.config.cluster import redacted
+
+        click.echo(f"shared state: {redacted(cl.redis_url)} (prefix {cl.key_prefix})")
     click.echo(f"{config}: OK ({len(cfg.instances)} instances, "
                f"{len(cfg.benchmark.clients)} benchmark clients)")
 
@@ -194,24 +208,27 @@ def _admin(config: str, method: str, path: str, token: Optional[str] = None):
     import urllib.error
     import urllib.request
 
-    from kvrouter.render.argv import router_url
+    from kvrouter.config.cluster import router_urls
 
     cfg = _load(config)
-    url = router_url(cfg) + path
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
     token = token or cfg.router.admin_token
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=600) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as err:
+    failures = []
+    for base in router_urls(cfg):   # in a cluster, the first router that answers
+        url = base + path
+        req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
         try:
-            return err.code, json.load(err)
-        except ValueError:
-            return err.code, {"error": {"message": str(err)}}
-    except OSError as err:
-        raise KvrouterError(f"router at {url} not reachable: {err}") from None
+            with urllib.request.urlopen(req, timeout=600) as resp:
+                return resp.status, json.load(resp)
+        except urllib.error.HTTPError as err:
+            try:
+                return err.code, json.load(err)
+            except ValueError:
+                return err.code, {"error": {"message": str(err)}}
+        except OSError as err:
+            failures.append(f"{url}: {err}")
+    raise KvrouterError("router not reachable: " + "; ".join(failures))
 
 
 def _quote(model: str) -> str:
@@ -320,10 +337,10 @@ def wait_ready(config, timeout):
     import time
     import urllib.request
 
-    from kvrouter.render.argv import router_url
+    from kvrouter.config.cluster import router_urls
 
     cfg = _load(config)
-    url = router_url(cfg) + "/health/all"
+    url = router_urls(cfg)[0] + "/health/all"
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:

@@ -33,11 +33,22 @@ def spark(values: Sequence[Optional[float]]) -> str:
     return "".join(" " if v is None else ticks[max(1, round(v / top * 8))] for v in values)
 
 
+def cluster_line(c: dict) -> str:
+    """Who this router is among the routers, who leads, and whether Redis answers."""
+    leads = "leader" if c.get("this_router_leads") else f"leader {c.get('leader') or 'none'}"
+    line = (f"router {c['router_id']} ({leads})  routers {', '.join(c.get('routers', []))}  "
+            f"Redis {c['redis']}")
+    return line + (f"  DEGRADED: {c['degraded']}" if c.get("degraded") else "")
+
+
 def render(state: dict, width: int = 120) -> str:
     """The screen for one /ui/state answer."""
     head = (f"kvrouter  policy {state['policy']}  auto sleep "
             f"{'on' if state['auto_sleep_enabled'] else 'off'}  {state['process_manager']}  "
             f"{time.strftime('%H:%M:%S', time.localtime(state['time']))}")
+    cluster = state.get("cluster") or {}
+    if cluster:
+        head += "\n" + cluster_line(cluster)
     rows: List[Sequence[str]] = [("MODEL", "STATE", "FOR", "RUN/WAIT", "REQ/S", "TTFT p50/p99",
                                   "ITL p50", "WAKES", "LAST WAKE", "15 MIN REQ/S")]
     for m in state["models"]:

@@ -31,6 +31,7 @@ import gevent
 from gevent.queue import Queue
 
 from kvrouter.cluster.store import Store, StoreDown
+from kvrouter.config.cluster import redacted
 from kvrouter.config.schema import Config
 from kvrouter.control.coordination import Coordinator, Lease, LeaseLost
 from kvrouter.control.entry import ModelEntry
@@ -113,6 +114,7 @@ class Cluster(Coordinator):
         self.traffic = traffic
         self.clock, self.wall = clock, wall
         self.store = store or Store(cl.redis_url, cl.key_prefix)
+        self.redis_name = redacted(cl.redis_url)   # for logs and /health
         self.router_id = cfg.node or f"{socket.gethostname()}:{cfg.router.router_port}"
         self.url = f"http://{cfg.router.router_host}:{cfg.router.router_port}"
         self.ttl = max(1.0, 5 * cl.heartbeat_seconds)
@@ -229,7 +231,7 @@ class Cluster(Coordinator):
             "routers": sorted([self.router_id] + [p.router_id for p in self.alive()]),
             "auto_sleep": "on" if self.up else "paused (Redis unreachable)"}
         if not self.up:
-            out["degraded"] = (f"Redis at {self.cfg.cluster.redis_url} unreachable for "
+            out["degraded"] = (f"Redis at {self.redis_name} unreachable for "
                                f"{self.clock() - (self.down_since or self.clock()):.0f}s "
                                f"({self.down_reason}): serving on this router's own state; no "
                                "automatic sleep until it is back")
@@ -431,7 +433,7 @@ class Cluster(Coordinator):
             self.up = False
             self.down_since = self.clock()
             log.warning("Redis at %s unreachable (%s): serving on this router's own state, "
-                        "no automatic sleep until it is back", self.cfg.cluster.redis_url, err)
+                        "no automatic sleep until it is back", self.redis_name, err)
         self.down_reason = str(err) or type(err).__name__
         if self.is_leader:
             self.is_leader = False
@@ -447,7 +449,7 @@ class Cluster(Coordinator):
             gevent.sleep(RETRY_SECONDS)
             return
         log.info("Redis at %s reachable again after %.1fs: shared state resumes",
-                 self.cfg.cluster.redis_url, self.clock() - (self.down_since or self.clock()))
+                 self.redis_name, self.clock() - (self.down_since or self.clock()))
         self.up, self.down_since, self._beat_due = True, None, True
         for e in list(self.ctl.entries.values()):   # what this router knows, where missing
             if e.state in (State.READY, State.SLEEPING, State.STOPPED):
@@ -504,7 +506,7 @@ class Cluster(Coordinator):
         self._loops = [gevent.spawn(f) for f in (self._send_loop, self._beat_loop,
                                                  self._subscribe_loop, self._orphan_loop)]
         log.info("cluster member %s (Redis %s, prefix %s)", self.router_id,
-                 self.cfg.cluster.redis_url, self.cfg.cluster.key_prefix)
+                 self.redis_name, self.cfg.cluster.key_prefix)
 
     def stop(self) -> None:
         """Leave: give the leader's lease up and drop the heartbeat, so others take over now."""

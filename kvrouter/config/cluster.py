@@ -7,9 +7,9 @@ engine, on every host, listening where that host's entry says).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import List, Optional
 
-from kvrouter.config.schema import ClusterHost, Config
+from kvrouter.config.schema import _ANY_ADDRESS, ClusterHost, Config, host_url
 from kvrouter.errors import ConfigError, ConfigErrors
 
 
@@ -70,3 +70,30 @@ def as_router(cfg: Config, name: Optional[str]) -> Config:
             f"--cluster-host {name}: that host does not run a router (router: false)",
             path=f"cluster.hosts[{cfg.cluster.hosts.index(h)}].router", source=cfg.source)])
     return _listening(cfg, h)
+
+
+def router_urls(cfg: Config) -> List[str]:
+    """Where the routers answer, as another machine reaches them (the only one, or one per
+    router host: any of them answers for the whole cluster)."""
+    r = cfg.router
+    if not cfg.cluster.router_hosts:
+        return [host_url(r.router_host, r.router_port)]
+    out = []
+    for h in cfg.cluster.router_hosts:
+        listen = h.router_host or r.router_host
+        reach = h.address if listen in _ANY_ADDRESS or listen == "localhost" else listen
+        out.append(host_url(reach, h.router_port or r.router_port))
+    return out
+
+
+def redacted(url: str) -> str:
+    """A Redis URL fit for logs and /health: its password replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -260,6 +260,10 @@ class Controller:
             self._adopt(entry, "engine started outside kvrouter")
         elif not ok and state in (State.READY, State.SLEEPING):
             self.set_state(entry, State.FAILED, "health check failed")
+        elif ok and not entry.info:
+            # taken from another router (cluster): this router has not asked the engine yet
+            entry.adapter.refresh_version()
+            entry.info = entry.adapter.model_info()
         elif not ok and state is State.STARTING and self._engine_stopped(entry):
             # e.g. deep sleep before a router restart: a request starts it again
             self.set_state(entry, State.STOPPED, f"the engine is not running "

@@ -170,4 +170,4 @@ def overview(ctl: Controller, traffic, entries) -> dict:
             "auto_sleep_enabled": ctl.cfg.sleep_manager.auto_sleep_enabled,
             "admin_token_required": bool(ctl.cfg.router.admin_token),
             "process_manager": ctl.process.kind, "models": models, "gpus": gpu_bars(ctl),
-            "events": list(ctl.events.events)[-50:]}
+            "events": list(ctl.events.events)[-50:], "cluster": ctl.coord.status()}

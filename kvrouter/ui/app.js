@@ -130,9 +130,13 @@
 
   function render() {
     if (!state) return;
+    const c = state.cluster || {};
     $("#policy").textContent = "policy " + state.policy +
       (state.auto_sleep_enabled ? ", auto sleep on" : ", auto sleep off") +
-      ", " + state.process_manager;
+      ", " + state.process_manager +
+      (c.router_id ? "; router " + c.router_id + (c.this_router_leads ? " (leader)" :
+        " (leader " + (c.leader || "none") + ")") + " of " + (c.routers || []).length +
+        ", Redis " + c.redis + (c.degraded ? " - DEGRADED: " + c.degraded : "") : "");
     $("#token-btn").style.display = state.admin_token_required ? "" : "none";
     $("#models").innerHTML = state.models.map(modelCard).join("");
     $("#gpus").innerHTML = state.gpus.map(gpuBar).join("");

@@ -97,7 +97,7 @@ def _instance(i, port, sleep=""):
 
 
 def cluster_yaml(redis_url, engine_ports, router_ports, sleep_manager="", sleeps=None,
-                 lease=1.0, supervisor=None, routers=tuple(h for h, _ in HOSTS)):
+                 lease=1.0, supervisor=None, routers=tuple(h for h, _ in HOSTS), router=""):
     hosts = []
     for (name, addr), port in zip(HOSTS, router_ports):
         extra = f", supervisor_port: {supervisor[name]}" if supervisor and name in supervisor \
@@ -107,7 +107,8 @@ def cluster_yaml(redis_url, engine_ports, router_ports, sleep_manager="", sleeps
     creds = "  supervisor_username: kvrouter\n  supervisor_password: s3cret-pw\n" \
         if supervisor else ""
     sleeps = sleeps or {}
-    return (f"cluster:\n  redis_url: {redis_url}\n  leader_lease_seconds: {lease}\n"
+    return ((f"router: {{{router}}}\n" if router else "") +
+            f"cluster:\n  redis_url: {redis_url}\n  leader_lease_seconds: {lease}\n"
             f"  wake_lease_seconds: {lease}\n{creds}  hosts:\n" + "".join(hosts) +
             "sleep_manager: {check_interval_seconds: 0.2, min_sleep_duration: 0"
             f"{', ' + sleep_manager if sleep_manager else ''}}}\n"
@@ -118,7 +119,8 @@ def cluster_yaml(redis_url, engine_ports, router_ports, sleep_manager="", sleeps
 class Stack:
     """Four sim engines, three routers (one per host), all sharing one Redis."""
 
-    def __init__(self, redis, sleep_manager="", sleeps=None, engine_args=(), lease=1.0):
+    def __init__(self, redis, sleep_manager="", sleeps=None, engine_args=(), lease=1.0,
+                 router=""):
         self.redis = redis
         ports = [free_port() for _ in MODELS]
         self.engines = {}
@@ -128,7 +130,7 @@ class Stack:
                                               args=["--enable-sleep-mode", *engine_args])
         self.router_ports = [free_port() for _ in HOSTS]
         self.config = cluster_yaml(redis.url, ports, self.router_ports, sleep_manager, sleeps,
-                                   lease)
+                                   lease, router=router)
         self.routers = {}
         self.dirs = []
         try:
@@ -204,6 +206,23 @@ def test_one_wake_at_the_engine_for_300_requests_over_three_routers(stack_factor
     assert stats["wake_calls"] == 1, stats
     for h in names:
         assert model_states(stack.base(h))["m0"] == "ready"
+
+
+def test_routers_with_worker_processes_share_one_wake(stack_factory):
+    """router.workers: 2 on each of the 3 routers: the owner process of each is the cluster
+    member; its workers serve ready models and hand the rest to it."""
+    stack = stack_factory(engine_args=["--wake-overhead-seconds", "0.5"], router="workers: 2")
+    assert http("POST", stack.base("edge") + "/model/sleep/m3")[0] == 200
+    wait_until(lambda: all(model_states(stack.base(h)).get("m3") == "sleeping"
+                           for h, _ in HOSTS), 5, what="all routers see m3 sleeping")
+    names = [h for h, _ in HOSTS]
+    results, errors = run_concurrently(
+        lambda i: stack.complete(names[i % 3], "m3"), 90, timeout=90)
+    assert errors == [] and Counter(r[0] for r in results) == {200: 90}
+    assert all("X-Kvrouter-Worker" in r[1] for r in results)
+    assert stack.engines["m3"].stats()["wake_calls"] == 1
+    # the workers read the state the cluster set: a ready model is served by them directly
+    assert len({r[1]["X-Kvrouter-Worker"] for r in results}) > 3
 
 
 def test_leader_killed_another_router_takes_over_sleep_decisions(stack_factory):
@@ -352,6 +371,18 @@ def test_responses_ids_and_traffic_statistics_are_shared(stack_factory):
     # each router's Prometheus metrics stay its own (summed across routers by Prometheus)
     _, _, metrics = http("GET", stack.base("gpu-a") + "/metrics")
     assert b'model="m3",status="success"} 5' not in metrics
+    # the dashboard and `kvrouter top` say which router this is and who leads
+    cluster = get_json(stack.base("edge") + "/ui/state")[1]["cluster"]
+    assert cluster["router_id"] == "edge" and cluster["leader"] == "gpu-a"
+    assert cluster["routers"] == ["edge", "gpu-a", "gpu-b"]
+    # the command line finds a router of the cluster from the config alone
+    out = subprocess.run([PY, "-m", "kvrouter", "top", stack.routers["edge"].path, "--once"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "router gpu-a (leader)  routers edge, gpu-a, gpu-b  Redis ok" in out.stdout
+    out = subprocess.run([PY, "-m", "kvrouter", "status", stack.routers["edge"].path],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and all(m in out.stdout for m in MODELS), out.stderr
 
 
 def test_remote_deep_sleep_through_supervisord_tcp(redis_server, tmp_path):
