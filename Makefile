@@ -78,12 +78,13 @@ test-engine: install engine-env
 engine-env:
 	bash tests/engine/install_engine.sh $(ENGINE_VENV)
 
-## speed figures: router (1 and N workers) vs direct, aiohttp and vllm-router (when PyPI has it), sim engine, load generator (prints, no asserts)
+## speed figures: router (1 and N workers) vs direct, aiohttp and vllm-router (when PyPI has it), sim engine, load generator; the cluster's added latency, state propagation and leader failover (prints, no asserts)
 bench: install
 	@test -x .venv-peer/bin/vllm-router || ($(PYTHON) -m venv .venv-peer && \
 	    .venv-peer/bin/pip install -q vllm-router) || echo "vllm-router not installable: no peer"
 	VLLM_ROUTER=$$(test -x .venv-peer/bin/vllm-router && echo $(CURDIR)/.venv-peer/bin/vllm-router) \
 	    $(PY) -m kvrouter.bench.speed --seconds 5 --out bench-results/speed.json
+	$(PY) -m kvrouter.bench.cluster --out bench-results/cluster.json
 
 ## the KV arbiter vs a static equal split of one simulated GPU (about 2.5 minutes; prints)
 bench-kv: install

@@ -54,7 +54,8 @@ class Peer:
     seen: float
     url: str = ""
     leader: bool = False
-    models: Dict[str, List[int]] = field(default_factory=dict)   # model -> [in flight, waiting]
+    # model -> [in flight, waiting, wall time its last request ended here (0: never)]
+    models: Dict[str, list] = field(default_factory=dict)
     acks: Dict[str, int] = field(default_factory=dict)           # model -> lease token seen
 
 
@@ -127,10 +128,12 @@ class Cluster(Coordinator):
         self.leader_since: Optional[float] = None
         self.outbox: Queue = Queue()
         self.records: List[list] = []
+        self._ended: Dict[str, float] = {}   # model -> when its last request here ended
         self._beat_due = True
         self._last_beat = 0.0
         self._loops: List[gevent.Greenlet] = []
         ctl.events.listeners.append(self._on_event)
+        traffic.peers = self.peers_in_flight
 
     # --- Coordinator --------------------------------------------------------------------------
     def acquire(self, entry: ModelEntry) -> Optional[Lease]:
@@ -220,6 +223,11 @@ class Cluster(Coordinator):
     def peers_in_flight(self, model: str) -> int:
         return sum((p.models.get(model) or [0, 0])[0] for p in self.alive())
 
+    def peers_idle_seconds(self, model: str) -> Optional[float]:
+        ends = [m[2] for m in (p.models.get(model) for p in self.alive())
+                if m and len(m) > 2 and m[2]]
+        return max(0.0, self.wall() - max(ends)) if ends else None
+
     def alive(self) -> List[Peer]:
         now = self.clock()
         return [p for p in self.peers.values() if now - p.seen <= self.ttl]
@@ -269,6 +277,7 @@ class Cluster(Coordinator):
     def on_end(self, model, outcome, rec, latency, prompt, completion, itl) -> None:
         """A request this router (or one of its workers) finished: for the others' stats."""
         end_wall = self.wall()
+        self._ended[model] = round(end_wall, 3)
         first = rec.first_byte - rec.start if rec.first_byte is not None else None
         self.records.append([model, round(end_wall - latency, 4), round(end_wall, 4), outcome,
                              round(rec.wait, 4), first, rec.stream, prompt, completion, itl])
@@ -290,16 +299,18 @@ class Cluster(Coordinator):
         if item[0] == "state":
             _, model, fence, doc = item
             if not self.store.put_state(model, fence, doc):
-                log.warning("%s: state %s not published: a router with a newer lease "
-                            "changed it", model, doc["state"])
+                log.debug("%s: state %s not published: a router with a newer lease "
+                          "changed it since", model, doc["state"])
         elif item[0] == "response":
             self.store.remember_response(item[1], item[2])
 
     def _beat_doc(self) -> dict:
         models = {}
         for e in list(self.ctl.entries.values()):
+            if e.name not in self.traffic.models:
+                continue   # a reload is adding it
             in_flight = max(0, self.traffic.local_in_flight(e.name) - e.waiters)
-            models[e.name] = [in_flight, e.waiters]
+            models[e.name] = [in_flight, e.waiters, self._ended.get(e.name, 0.0)]
         return {"id": self.router_id, "url": self.url, "leader": self.is_leader,
                 "time": self.wall(), "models": models,
                 "acks": {e.name: e.fence_seen for e in list(self.ctl.entries.values())}}

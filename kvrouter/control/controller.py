@@ -303,6 +303,9 @@ class Controller:
         for e in self.entries.values():
             t = self.traffic.models[e.name] if self.traffic is not None else None
             idle = self.traffic.idle_seconds(e.name) if self.traffic is not None else 0.0
+            elsewhere = self.coord.peers_idle_seconds(e.name)
+            if elsewhere is not None:   # idle only when idle on every router
+                idle = min(idle, elsewhere)
             inst = e.inst
             last = (t.last_end_mono if t is not None and t.last_end_mono is not None
                     else (t.created_mono if t is not None else 0.0))

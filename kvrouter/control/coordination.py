@@ -66,6 +66,11 @@ class Coordinator:
         """Requests waiting for the model on the other routers."""
         return 0
 
+    def peers_idle_seconds(self, model: str) -> Optional[float]:
+        """How long since the model's last request ended on any other router (None: no
+        other router has served it)."""
+        return None
+
     def status(self) -> Dict[str, object]:
         """For /health: the cluster as this router sees it (empty when alone)."""
         return {}

@@ -60,7 +60,6 @@ class RouterContext:
 
         cluster = self.cluster = Cluster(self.cfg, self.controller, self.traffic)
         self.controller.coord = cluster
-        self.traffic.peers = cluster.peers_in_flight
         metrics_end = self.metrics.on_end
 
         def on_end(*args) -> None:
@@ -100,6 +99,9 @@ class RouterContext:
                 (cfg.router.router_host, cfg.router.router_port):
             log.warning("reload: the listen address changed to %s:%d; restart the router to "
                         "move it", cfg.router.router_host, cfg.router.router_port)
+        if old.cluster != cfg.cluster:
+            log.warning("reload: the cluster section changed; restart the router to apply it "
+                        "(its Redis, hosts and leases stay as they were)")
         logging.getLogger().setLevel(cfg.router.log_level.upper())
         return report
 

@@ -139,8 +139,10 @@ class Stack:
                 if name == "gpu-a":
                     wait_until(lambda: self.health("gpu-a")["cluster"]["this_router_leads"], 10,
                                what="gpu-a leads")
-            for r in self.routers.values():
-                r.wait_models_ready()
+            for name in self.routers:   # ready, or asleep already (short idle thresholds)
+                wait_until(lambda: set(model_states(self.base(name)).values()) <=
+                           {"ready", "sleeping"} and len(model_states(self.base(name))) == 4,
+                           15, what=f"router {name}: every model settled")
         except BaseException:
             self.stop()
             raise
@@ -233,6 +235,7 @@ def test_leader_killed_another_router_takes_over_sleep_decisions(stack_factory):
                           sleeps={"m3": "idle_threshold_seconds: 4"}, lease=lease)
     assert stack.health("gpu-b")["cluster"]["leader"] == "gpu-a"
     os.killpg(stack.routers["gpu-a"].proc.p.pid, signal.SIGKILL)
+    sleeps = stack.engines["m3"].stats()["sleep_calls"]   # by gpu-a, if the start was slow
     killed = time.monotonic()
 
     def new_leader():
@@ -248,10 +251,11 @@ def test_leader_killed_another_router_takes_over_sleep_decisions(stack_factory):
     other = "edge" if leader == "gpu-b" else "gpu-b"
     wait_until(lambda: stack.health(other)["cluster"]["leader"] == leader, 2,
                what=f"{other} knows the new leader")
-    # the new leader decides: m3 (idle threshold 4 s) sleeps, the others stay up
+    # the new leader decides: m3 (idle threshold 4 s), used now, sleeps; the others stay up
+    assert stack.complete(other, "m3")[0] == 200
     wait_until(lambda: model_states(stack.base(other)).get("m3") == "sleeping", 15,
                what="the new leader puts m3 to sleep")
-    assert stack.engines["m3"].stats()["sleep_calls"] == 1
+    assert stack.engines["m3"].stats()["sleep_calls"] == sleeps + 1
     assert {m: s for m, s in model_states(stack.base(leader)).items() if m != "m3"} == \
         {"m0": "ready", "m1": "ready", "m2": "ready"}
 
@@ -264,6 +268,7 @@ def test_a_model_busy_on_one_router_is_never_slept_by_the_leader(stack_factory):
                           sleeps={"m1": "idle_threshold_seconds: 1"},
                           engine_args=["--itl-ms", "50"])
     assert stack.health("gpu-a")["cluster"]["this_router_leads"]
+    assert stack.complete("gpu-b", "m1")[0] == 200   # (asleep already if the start was slow)
     seen = set()
     stop = threading.Event()
 
@@ -289,10 +294,11 @@ def test_a_model_busy_on_one_router_is_never_slept_by_the_leader(stack_factory):
         stop.set()
         watcher.join()
     assert seen == {"ready"}, seen
-    assert stack.engines["m1"].stats()["sleep_calls"] == 0
+    sleeps = stack.engines["m1"].stats()["sleep_calls"]
     # the test can fail: with the traffic gone, the leader puts it to sleep
     wait_until(lambda: model_states(stack.base("gpu-b")).get("m1") == "sleeping", 10,
                what="m1 sleeps once idle everywhere")
+    assert stack.engines["m1"].stats()["sleep_calls"] == sleeps + 1
 
 
 def test_redis_restart_during_traffic_loses_no_request(stack_factory):

@@ -274,6 +274,23 @@ def test_drain_waits_for_every_router_to_see_draining_and_cancels_for_their_requ
     lease.release()
 
 
+def test_idle_only_when_idle_on_every_router():
+    """The leader's view: a request that ended a moment ago on another router makes the
+    model busy, however long it has been idle here."""
+    store = MemoryStore()
+    ctl, _, traffic = make()
+    m = member(ctl, store, "a")
+    t0 = traffic.clock()
+    traffic.clock = lambda: t0 + 1000.0   # long idle here
+    assert ctl.snapshot().models[0].idle_seconds > 900
+    m._on_beat({"id": "b", "models": {"m/a": [0, 0, m.wall() - 2.0]}, "acks": {}})
+    view = ctl.snapshot().models[0]
+    assert 1.5 < view.idle_seconds < 3.0
+    m._on_beat({"id": "b", "models": {"m/a": [1, 2, 0]}, "acks": {}})
+    view = ctl.snapshot().models[0]
+    assert view.in_flight == 1 and view.waiting == 2
+
+
 def test_redis_down_serves_alone_and_says_so():
     store = MemoryStore()
     ctl, _, _ = make()
