@@ -78,7 +78,8 @@ def validate(config, strict):
     cl = cfg.cluster
     for h in cl.hosts:
         engines = [i.name for i in cfg.instances if i.host == h.name]
-        parts = [f"{len(engines)} engines ({', '.join(engines)})" if engines else "no engines"]
+        parts = [f"{len(engines)} engine{'s' if len(engines) > 1 else ''} "
+                 f"({', '.join(engines)})" if engines else "no engines"]
         if h.router:
             parts.append("a router")
         if h.supervisor_url:

@@ -455,6 +455,7 @@ class Cluster(Coordinator):
             self.store.ping()
             # Redis may have lost its data: tokens must keep growing past what was seen
             self.store.fence_floor(self._max_fence())
+            known = self.store.states()
         except StoreDown as err:
             self.down_reason = str(err)
             gevent.sleep(RETRY_SECONDS)
@@ -463,7 +464,7 @@ class Cluster(Coordinator):
                  self.redis_name, self.clock() - (self.down_since or self.clock()))
         self.up, self.down_since, self._beat_due = True, None, True
         for e in list(self.ctl.entries.values()):   # what this router knows, where missing
-            if e.state in (State.READY, State.SLEEPING, State.STOPPED):
+            if e.name not in known and e.state in (State.READY, State.SLEEPING, State.STOPPED):
                 self.outbox.put(("state", e.name, e.fence_seen, {
                     "model": e.name, "state": e.state.value, "reason": e.reason,
                     "level": e.level, "router": self.router_id, "fence": e.fence_seen,

@@ -475,6 +475,17 @@ def _place_on_hosts(cfg: schema.Config, instances: list, raw: dict, ctx: _Ctx) -
                       f"{place.address}: give --host {place.address} (or 0.0.0.0)",
                       _line_of(data, "engine_args"))
         out.append(dataclasses.replace(inst, address=place.address))
+    deep = cfg.sleep_manager.stop_after_seconds is not None or any(
+        i.sleep.stop_after_seconds is not None for i in instances)
+    if deep and cfg.process_manager == "supervisord":
+        routers = {h.name for h in cl.router_hosts}
+        for h in cl.hosts:
+            if any(i.host == h.name for i in instances) and not h.supervisor_port and \
+                    routers - {h.name}:
+                ctx.warnings.append(
+                    f"{ctx.source}: cluster.hosts: host {h.name!r} has no supervisor_port: "
+                    "routers on other hosts can neither stop its engines (deep sleep) nor "
+                    "start them again for a request")
     if cfg.process_manager == "systemd" and any(h.supervisor_port for h in cl.hosts):
         ctx.warnings.append(f"{ctx.source}: cluster.hosts: supervisor_port is ignored with "
                             "process_manager: systemd (engines on other hosts cannot be "
