@@ -1,10 +1,12 @@
 """``make bench`` (cluster part): what sharing state through Redis costs and how fast it is.
 
 On this machine, with a real redis-server on a free loopback port:
-  1. added latency of a request to a READY model through a router of a 3-router cluster
-     against the same router alone (no ``cluster`` section): wrk (or the built-in load) at
-     concurrency 1 and 32, runs alternated; the hot path of a ready model has no Redis
-     round trip, so the difference is noise-sized;
+  1. added latency of a request to a READY model through a cluster member against the same
+     router with no ``cluster`` section: wrk (or the built-in load) at concurrency 1 and
+     32, runs alternated; first with the member alone in its cluster (its own cost:
+     heartbeats, its finished requests published), then with two more routers on the same
+     cores (which replay what it serves); the hot path of a ready model has no Redis round
+     trip;
   2. time for every router to see a state change one router made (sleep and wake of a
      simulated engine through router 1; each router stamps the change when it applies it);
   3. leader failover: SIGKILL the leader, time until another router holds the lease.
@@ -186,14 +188,22 @@ def main(argv=None) -> int:
         shutil.copy(cluster_cfg, path)
         return Child([PY, "-m", "kvrouter", "serve", path, "--cluster-host", name])
 
-    routers = {n: start(n) for n in ROUTERS}
+    routers = {"r2": start("r2")}
     bases = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
     results: dict = {"machine": {"cpus": os.cpu_count()}, "load_tool":
                      "wrk" if have_wrk else "kvrouter-bench", "lease_seconds": args.lease}
     try:
-        for port in [fast_port, solo_port] + list(ports.values()):
+        for port in (fast_port, solo_port, ports["r2"]):
             wait_port(port, "/health")
-        time.sleep(1.5)   # readiness probes, a leader
+        time.sleep(1.5)   # readiness probes
+        # r2 alone in its cluster: its own cost (heartbeats, records out), no peer beside it
+        results["latency_alone"] = added_latency(load, solo_port, ports["r2"])
+        for n in ROUTERS:
+            if n not in routers:
+                routers[n] = start(n)
+                wait_port(ports[n], "/health")
+        time.sleep(1.5)
+        # with two peers on the same cores, replaying what r2 serves
         results["latency"] = added_latency(load, solo_port, ports["r2"])
         results["propagation"] = propagation(bases, args.rounds)
         results["failover"] = failover(start, bases, routers, 3)
@@ -214,14 +224,19 @@ def report(r: dict) -> str:
     lines = [f"kvrouter cluster ({r['machine']['cpus']} CPUs, 3 routers + Redis on loopback, "
              f"load tool: {r['load_tool']})", "",
              "ready model, non-streamed      req/s     p50 ms   p99 ms   errors"]
-    lat = r["latency"]
-    for name, v in lat.items():
-        lines.append(f"  {name:<26} {v['rps']:>8.0f} {v['p50_ms']:>9.3f} {v['p99_ms']:>8.3f} "
-                     f"{v['errors']:>8}")
-    for c in (1, 32):
-        on, off = lat[f"cluster on c={c}"], lat[f"cluster off c={c}"]
-        lines.append(f"  added by the cluster at c={c}: p50 {on['p50_ms'] - off['p50_ms']:+.3f} "
-                     f"ms, p99 {on['p99_ms'] - off['p99_ms']:+.3f} ms")
+    for key, title in (("latency_alone", "one router in the cluster (no peer)"),
+                       ("latency", "three routers, peers on the same cores")):
+        lat = r[key]
+        lines.append(f" {title}:")
+        for name, v in lat.items():
+            lines.append(f"  {name:<26} {v['rps']:>8.0f} {v['p50_ms']:>9.3f} "
+                         f"{v['p99_ms']:>8.3f} {v['errors']:>8}")
+        for c in (1, 32):
+            on, off = lat[f"cluster on c={c}"], lat[f"cluster off c={c}"]
+            lines.append(f"  added by the cluster at c={c}: p50 "
+                         f"{on['p50_ms'] - off['p50_ms']:+.3f} ms, p99 "
+                         f"{on['p99_ms'] - off['p99_ms']:+.3f} ms, throughput "
+                         f"{on['rps'] / max(1.0, off['rps']):.2f}x")
     lines.append("")
     for state, v in r["propagation"].items():
         if v["rounds"]:

@@ -127,7 +127,8 @@ class Cluster(Coordinator):
         self.leader_id: Optional[str] = None
         self.leader_since: Optional[float] = None
         self.outbox: Queue = Queue()
-        self.records: List[list] = []
+        self.records: List[str] = []         # finished requests, each a JSON array already
+        self._names: Dict[str, str] = {}     # model -> its name as a JSON string
         self._ended: Dict[str, float] = {}   # model -> when its last request here ended
         self._beat_due = True
         self._last_beat = 0.0
@@ -278,9 +279,16 @@ class Cluster(Coordinator):
         """A request this router (or one of its workers) finished: for the others' stats."""
         end_wall = self.wall()
         self._ended[model] = round(end_wall, 3)
-        first = rec.first_byte - rec.start if rec.first_byte is not None else None
-        self.records.append([model, round(end_wall - latency, 4), round(end_wall, 4), outcome,
-                             round(rec.wait, 4), first, rec.stream, prompt, completion, itl])
+        # encoded here, a few microseconds each, rather than all at once every heartbeat (a
+        # thousand records encoded in one go would hold the hub for a millisecond)
+        name = self._names.get(model)
+        if name is None:
+            name = self._names[model] = json.dumps(model)
+        first = "null" if rec.first_byte is None else f"{rec.first_byte - rec.start:.5f}"
+        self.records.append(
+            f'[{name},{end_wall - latency:.4f},{end_wall:.4f},"{outcome}",{rec.wait:.4f},'
+            f'{first},{"true" if rec.stream else "false"},{int(prompt)},{int(completion)},'
+            f'{"null" if itl is None else f"{itl:.5f}"}]')
 
     def _send_loop(self) -> None:
         while True:
@@ -337,7 +345,9 @@ class Cluster(Coordinator):
                     self._last_beat, last_doc = now, doc
                 if self.records:
                     batch, self.records = self.records, []
-                    self.store.publish("records", {"router": self.router_id, "records": batch})
+                    self.store.publish_text("records", self.router_id, '{"router":%s,"records"'
+                                            ':[%s]}' % (json.dumps(self.router_id),
+                                                        ",".join(batch)))
                 if now >= next_leader:
                     self._lead()
                     next_leader = now + min(cl.leader_lease_seconds / 3, cl.heartbeat_seconds)
@@ -362,22 +372,21 @@ class Cluster(Coordinator):
 
     # --- incoming -----------------------------------------------------------------------------
     def _subscribe_loop(self) -> None:
-        channels = {self.store.key("states"): self._on_state,
-                    self.store.key("beats"): self._on_beat,
-                    self.store.key("records"): self._on_records}
+        handlers = {"states": self._on_state, "beats": self._on_beat,
+                    "records": self._on_records}
         while True:
             sub = None
             try:
-                sub = self.store.subscribe(list(channels))
+                sub = self.store.subscribe()
                 self._catch_up()
                 while True:
                     msg = sub.next(timeout=1.0)
-                    if msg is None:
-                        continue
+                    if msg is None or msg[1] == self.router_id or msg[0] not in handlers:
+                        continue   # this router's own messages are not even parsed
                     try:
-                        channels[msg[0]](json.loads(msg[1]))
+                        handlers[msg[0]](json.loads(msg[2]))
                     except (ValueError, KeyError, TypeError) as err:
-                        log.warning("bad message on %s: %s", msg[0], err)
+                        log.warning("bad %s message from router %s: %s", msg[0], msg[1], err)
             except StoreDown as err:
                 self._down(err)
             finally:

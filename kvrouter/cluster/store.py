@@ -10,7 +10,8 @@ Keys (``P`` = cluster.key_prefix):
   P:leader           the router that makes the sleep decisions (expires)
   P:router:ID        a router's heartbeat: in-flight, waiting, acks per model (expires)
   P:resp:ID          /v1/responses id -> model
-Channels: P:states (state changes), P:beats (heartbeats), P:records (finished requests).
+Channels: P:ch:KIND:ROUTER, KIND one of states (state changes), beats (heartbeats),
+records (finished requests); a router subscribes to P:ch:* and skips its own unread.
 """
 from __future__ import annotations
 
@@ -119,10 +120,14 @@ class Store:
         self._do(lambda: self._fence_floor(keys=[self.key("fence")], args=[floor]))
 
     # --- states, heartbeats, records ----------------------------------------------------------
+    def channel(self, kind: str, router_id: str) -> str:
+        return self.key("ch", kind, router_id)
+
     def put_state(self, model: str, fence: int, doc: Dict[str, Any]) -> bool:
         text = json.dumps(doc, separators=(",", ":"))
         return bool(self._do(lambda: self._put_state(
-            keys=[self.key("states"), self.key("states")], args=[model, fence, text])))
+            keys=[self.key("states"), self.channel("states", doc["router"])],
+            args=[model, fence, text])))
 
     def states(self) -> Dict[str, dict]:
         raw = self._do(lambda: self.r.hgetall(self.key("states")))
@@ -140,7 +145,7 @@ class Store:
         def send():
             pipe = self.r.pipeline(transaction=False)
             pipe.set(self.key("router", router_id), text, px=int(ttl * 1000))
-            pipe.publish(self.key("beats"), text)
+            pipe.publish(self.channel("beats", router_id), text)
             pipe.execute()
 
         self._do(send)
@@ -160,9 +165,9 @@ class Store:
                     continue
         return out
 
-    def publish(self, channel: str, doc: Any) -> None:
-        text = json.dumps(doc, separators=(",", ":"))
-        self._do(lambda: self.r.publish(self.key(channel), text))
+    def publish_text(self, kind: str, router_id: str, text: str) -> None:
+        """Publish a message encoded already (JSON)."""
+        self._do(lambda: self.r.publish(self.channel(kind, router_id), text))
 
     def remember_response(self, response_id: str, model: str) -> None:
         self._do(lambda: self.r.set(self.key("resp", response_id), model,
@@ -175,27 +180,30 @@ class Store:
         """A router leaves: its heartbeat goes now rather than at its expiry."""
         self._do(lambda: self.r.delete(self.key("router", router_id)))
 
-    def subscribe(self, channels: List[str]) -> "Subscription":
-        return Subscription(self, channels)
+    def subscribe(self) -> "Subscription":
+        """Every router's messages (P:ch:*)."""
+        return Subscription(self)
 
     def ping(self) -> bool:
         return bool(self._do(self.r.ping))
 
 
 class Subscription:
-    """Pub/sub messages of some channels (errors are StoreDown)."""
+    """The routers' pub/sub messages (errors are StoreDown)."""
 
-    def __init__(self, store: Store, channels: List[str]):
+    def __init__(self, store: Store):
         self.store = store
+        self.prefix = store.key("ch") + ":"
         self.pubsub = store._do(lambda: store.sub_client.pubsub(ignore_subscribe_messages=True))
-        store._do(lambda: self.pubsub.subscribe(*channels))
+        store._do(lambda: self.pubsub.psubscribe(self.prefix + "*"))
 
-    def next(self, timeout: float) -> Optional[Tuple[str, str]]:
-        """(channel, data) of the next message, or None after ``timeout``."""
+    def next(self, timeout: float) -> Optional[Tuple[str, str, str]]:
+        """(kind, sending router, data) of the next message, or None after ``timeout``."""
         msg = self.store._do(lambda: self.pubsub.get_message(timeout=timeout))
-        if msg is None or msg.get("type") != "message":
+        if msg is None or msg.get("type") not in ("message", "pmessage"):
             return None
-        return str(msg["channel"]), str(msg["data"])
+        kind, _, sender = str(msg["channel"])[len(self.prefix):].partition(":")
+        return kind, sender, str(msg["data"])
 
     def close(self) -> None:
         try:

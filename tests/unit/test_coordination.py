@@ -84,7 +84,7 @@ class MemoryStore:
     def routers(self):
         return []
 
-    def publish(self, channel, doc):
+    def publish_text(self, kind, router_id, text):
         self._check()
 
     def remember_response(self, rid, model):
@@ -333,3 +333,26 @@ def test_cluster_config_needs_redis_for_several_routers():
             "engine_args: ['--port 9000']}\n")
     with pytest.raises(Exception, match=r"cluster.redis_url: 2 hosts run a router"):
         parse_config_text(text)
+
+
+def test_finished_requests_reach_the_other_routers_statistics_not_their_metrics():
+    store = MemoryStore()
+    ctl_a, _, traffic_a = make()
+    ctl_b, _, traffic_b = make()
+    a, b = member(ctl_a, store, "a"), member(ctl_b, store, "b")
+    traffic_a.on_end = a.on_end
+    ended = []
+    traffic_b.on_end = lambda *args: ended.append(args)   # b's metrics hook
+    rec = traffic_a.start("m/a")
+    rec.stream = True
+    rec.first_byte = rec.start + 0.05
+    traffic_a.end(rec, "success", prompt_tokens=7, completion_tokens=3, itl=0.01)
+    import json
+
+    b._on_records(json.loads('{"router":"a","records":[%s]}' % ",".join(a.records)))
+    stats = traffic_b.stats("m/a")
+    assert stats["total_requests"] == 1 and stats["successful_requests"] == 1
+    assert stats["prompt_tokens"] == 7 and stats["completion_tokens"] == 3
+    assert abs(stats["time_to_first_token"]["p50"] - 0.05) < 0.01
+    assert ended == []        # not counted in b's own Prometheus metrics
+    assert traffic_b.in_flight("m/a") == 0
