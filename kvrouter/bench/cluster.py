@@ -31,7 +31,14 @@ import time  # noqa: E402
 import urllib.request  # noqa: E402
 from typing import Dict, List  # noqa: E402
 
-from kvrouter.bench.harness import PY, Child, builtin_load, free_port, wait_port, wrk  # noqa: E402
+from kvrouter.bench.harness import (  # noqa: E402
+    PY,
+    Child,
+    free_port,
+    load_tool,
+    save_results,
+    wait_port,
+)
 
 ROUTERS = ("r1", "r2", "r3")
 
@@ -157,10 +164,7 @@ def main(argv=None) -> int:
     if redis_bin is None:
         print("redis-server not installed (apt-get install redis-server): no cluster figures")
         return 0
-    have_wrk = shutil.which("wrk") is not None
-    secs = args.seconds
-    load = (lambda port, c: wrk(port, c, secs)) if have_wrk else \
-        (lambda port, c: builtin_load(port, c, secs))
+    tool, load = load_tool(args.seconds)
     redis_port, fast_port, sim_port, solo_port = (free_port() for _ in range(4))
     ports = {n: free_port() for n in ROUTERS}
     redis = subprocess.Popen([redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1",
@@ -190,8 +194,8 @@ def main(argv=None) -> int:
 
     routers = {"r2": start("r2")}
     bases = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
-    results: dict = {"machine": {"cpus": os.cpu_count()}, "load_tool":
-                     "wrk" if have_wrk else "kvrouter-bench", "lease_seconds": args.lease}
+    results: dict = {"machine": {"cpus": os.cpu_count()}, "load_tool": tool,
+                     "lease_seconds": args.lease}
     try:
         for port in (fast_port, solo_port, ports["r2"]):
             wait_port(port, "/health")
@@ -212,11 +216,7 @@ def main(argv=None) -> int:
             ch.stop()
         redis.terminate()
         shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(results, fh, indent=1)
-    print(report(results))
-    print(f"\n(raw figures: {args.out})")
+    save_results(args.out, results, report(results))
     return 0
 
 

@@ -17,7 +17,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from typing import Optional  # noqa: E402
+from typing import Callable, Optional, Tuple  # noqa: E402
 
 import gevent  # noqa: E402
 import httptools  # noqa: E402
@@ -145,6 +145,22 @@ def builtin_load(port: int, conns: int, seconds: float) -> dict:
     lat.sort()
     return {"rps": len(lat) / elapsed, "p50_ms": lat[len(lat) // 2] * 1000,
             "p99_ms": lat[int(len(lat) * 0.99)] * 1000, "errors": errors, "tool": "kvrouter-bench"}
+
+
+def load_tool(seconds: float) -> Tuple[str, Callable[[int, int], dict]]:
+    """wrk when installed, else kvrouter's own load: (its name, load(port, connections))."""
+    if shutil.which("wrk") is not None:
+        return "wrk", lambda port, conns: wrk(port, conns, seconds)
+    return "kvrouter-bench", lambda port, conns: builtin_load(port, conns, seconds)
+
+
+def save_results(path: str, results: dict, text: str) -> None:
+    """Write a benchmark's raw figures as JSON and print its report."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(results, fh, indent=1)
+    print(text)
+    print(f"\n(raw figures: {path})")
 
 
 # --- streams -----------------------------------------------------------------------------------

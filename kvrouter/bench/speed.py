@@ -21,7 +21,6 @@ monkey.patch_all()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -30,13 +29,13 @@ import gevent  # noqa: E402
 from kvrouter.bench.harness import (  # noqa: E402
     PY,
     Child,
-    builtin_load,
     free_port,
+    load_tool,
     peer_router,
+    save_results,
     sse_streams,
     start_router,
     wait_port,
-    wrk,
 )
 
 
@@ -174,11 +173,9 @@ def main(argv=None) -> int:
                     help="router processes of the multi-worker run (default: CPU cores)")
     args = ap.parse_args(argv)
     secs = args.seconds
-    have_wrk = shutil.which("wrk") is not None
-    load = (lambda port, c: wrk(port, c, secs)) if have_wrk else \
-        (lambda port, c: builtin_load(port, c, secs))
+    tool, load = load_tool(secs)
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-                     "load_tool": "wrk" if have_wrk else "kvrouter-bench"}
+                     "load_tool": tool}
     backend_port, slow_port, router_port, aio_port, workers_port, peer_port = (
         free_port() for _ in range(6))
     instances = "".join(
@@ -261,11 +258,7 @@ def main(argv=None) -> int:
     results["wake"] = wake_and_readiness()
     results["monitor"] = monitor_cost()
     results["access_log"] = access_log_cost()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(results, fh, indent=1)
-    print(report(results))
-    print(f"\n(raw figures: {args.out})")
+    save_results(args.out, results, report(results))
     return 0
 
 
