@@ -52,8 +52,6 @@ class Peer:
 
     router_id: str
     seen: float
-    url: str = ""
-    leader: bool = False
     # model -> [in flight, waiting, wall time its last request ended here (0: never)]
     models: Dict[str, list] = field(default_factory=dict)
     acks: Dict[str, int] = field(default_factory=dict)           # model -> lease token seen
@@ -103,8 +101,6 @@ class RedisLease(Lease):
 
 
 class Cluster(Coordinator):
-    shared = True
-
     def __init__(self, cfg: Config, ctl: "Controller", traffic: TrafficMonitor,
                  store: Optional[Store] = None, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time):
@@ -125,7 +121,6 @@ class Cluster(Coordinator):
         self.down_reason = ""
         self.is_leader = False
         self.leader_id: Optional[str] = None
-        self.leader_since: Optional[float] = None
         self.outbox: Queue = Queue()
         self.records: List[str] = []         # finished requests, each a JSON array already
         self._names: Dict[str, str] = {}     # model -> its name as a JSON string
@@ -366,7 +361,6 @@ class Cluster(Coordinator):
                             self.router_id)
         elif self.store.take(key, self.router_id, cl.leader_lease_seconds):
             self.is_leader = True
-            self.leader_since = self.clock()
             log.info("router %s is the leader: it makes the sleep decisions", self.router_id)
         self.leader_id = self.router_id if self.is_leader else self.store.get(key)
 
@@ -433,8 +427,7 @@ class Cluster(Coordinator):
         rid = doc.get("id")
         if not rid or rid == self.router_id:
             return
-        self.peers[rid] = Peer(rid, self.clock(), doc.get("url", ""), bool(doc.get("leader")),
-                               doc.get("models") or {}, doc.get("acks") or {})
+        self.peers[rid] = Peer(rid, self.clock(), doc.get("models") or {}, doc.get("acks") or {})
 
     def _on_records(self, doc: dict) -> None:
         if doc.get("router") == self.router_id:

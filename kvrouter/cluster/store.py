@@ -74,7 +74,6 @@ class Store:
         # pub/sub waits longer than a command for its messages
         self.sub_client = redis.Redis.from_url(url, **dict(options, socket_timeout=None))
         self.prefix = prefix
-        self.url = url
         self._acquire = self.r.register_script(_ACQUIRE)
         self._renew = self.r.register_script(_RENEW)
         self._release = self.r.register_script(_RELEASE)

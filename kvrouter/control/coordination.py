@@ -37,7 +37,6 @@ class Coordinator:
     """One router alone: no other router to agree with."""
 
     router_id = "local"
-    shared = False
 
     def acquire(self, entry: "ModelEntry") -> Optional[Lease]:
         """The model's lease, or None while another router holds it (its transition's
