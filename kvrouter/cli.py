@@ -205,37 +205,9 @@ def worker(config, slot, owner_port, shared_path, host, port, node):
 
 
 def _admin(config: str, method: str, path: str, token: Optional[str] = None):
-    import json
-    import urllib.error
-    import urllib.request
+    from kvrouter import admin
 
-    from kvrouter.config.cluster import router_urls
-
-    cfg = _load(config)
-    token = token or cfg.router.admin_token
-    failures = []
-    for base in router_urls(cfg):   # in a cluster, the first router that answers
-        url = base + path
-        req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-        if token:
-            req.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=600) as resp:
-                return resp.status, json.load(resp)
-        except urllib.error.HTTPError as err:
-            try:
-                return err.code, json.load(err)
-            except ValueError:
-                return err.code, {"error": {"message": str(err)}}
-        except OSError as err:
-            failures.append(f"{url}: {err}")
-    raise KvrouterError("router not reachable: " + "; ".join(failures))
-
-
-def _quote(model: str) -> str:
-    from urllib.parse import quote
-
-    return quote(model, safe="")
+    return admin.call(_load(config), method, path, token)
 
 
 @cli.command()
@@ -299,7 +271,9 @@ def top(config, interval, once):
 @click.option("--token", default=None, help="admin token (default: router.admin_token)")
 def sleep_cmd(model, config, level, token):
     """Put MODEL to sleep through the router."""
-    path = f"/model/sleep/{_quote(model)}" + (f"?level={level}" if level else "")
+    from kvrouter.admin import model_path
+
+    path = model_path("/model/sleep", model) + (f"?level={level}" if level else "")
     code, body = _admin(config, "POST", path, token)
     if code != 200:
         raise KvrouterError(body.get("error", {}).get("message", f"HTTP {code}"))
@@ -314,7 +288,9 @@ def sleep_cmd(model, config, level, token):
 @click.option("--token", default=None, help="admin token (default: router.admin_token)")
 def wake_cmd(model, config, token):
     """Wake MODEL through the router."""
-    code, body = _admin(config, "POST", f"/model/wake/{_quote(model)}", token)
+    from kvrouter.admin import model_path
+
+    code, body = _admin(config, "POST", model_path("/model/wake", model), token)
     if code != 200:
         raise KvrouterError(body.get("error", {}).get("message", f"HTTP {code}"))
     st = body["status"]
@@ -334,29 +310,9 @@ def config_reference():
 @click.option("--timeout", type=float, default=60.0, show_default=True)
 def wait_ready(config, timeout):
     """Wait until the router of CONFIG answers and every model is ready."""
-    import json
-    import time
-    import urllib.request
+    from kvrouter.admin import wait_ready as wait
 
-    from kvrouter.config.cluster import router_urls
-
-    cfg = _load(config)
-    url = router_urls(cfg)[0] + "/health/all"
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                models = json.load(resp)["models"]
-            states = {m["model"]: m["state"] for m in models}
-            if all(s == "ready" for s in states.values()):
-                click.echo(f"ready: {', '.join(states)}")
-                return
-            last = ", ".join(f"{m}={s}" for m, s in states.items())
-        except OSError as err:
-            last = str(err)
-        time.sleep(0.2)
-    raise KvrouterError(f"not ready after {timeout:g}s ({url}: {last})")
+    click.echo(f"ready: {', '.join(wait(_load(config), timeout))}")
 
 
 @cli.command("sim-engine", context_settings={"ignore_unknown_options": True,

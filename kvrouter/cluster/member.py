@@ -30,10 +30,12 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 import gevent
 from gevent.queue import Queue
 
+from kvrouter.cluster.lease import RedisLease
+from kvrouter.cluster.records import Records
 from kvrouter.cluster.store import Store, StoreDown
 from kvrouter.config.cluster import redacted
 from kvrouter.config.schema import Config
-from kvrouter.control.coordination import Coordinator, Lease, LeaseLost
+from kvrouter.control.coordination import Coordinator, Lease, holding
 from kvrouter.control.entry import ModelEntry
 from kvrouter.control.states import IN_TRANSITION, State
 from kvrouter.traffic import TrafficMonitor
@@ -55,49 +57,6 @@ class Peer:
     # model -> [in flight, waiting, wall time its last request ended here (0: never)]
     models: Dict[str, list] = field(default_factory=dict)
     acks: Dict[str, int] = field(default_factory=dict)           # model -> lease token seen
-
-
-class RedisLease(Lease):
-    def __init__(self, member: "Cluster", model: str, token: int):
-        self.member = member
-        self.model = model
-        self.token = token
-        self.holder = member.router_id
-        self.key = member.store.key("lease", model)
-        self.value = f"{member.router_id}|{token}"
-        self.lost: Optional[str] = None
-        self._keeper = gevent.spawn(self._keep)
-
-    def _keep(self) -> None:
-        seconds = self.member.cfg.cluster.wake_lease_seconds
-        while self.lost is None:
-            gevent.sleep(seconds / 3)
-            try:
-                if not self.member.store.renew(self.key, self.value, seconds):
-                    self.lost = "its lease expired or was taken over"
-            except StoreDown:
-                pass   # nobody can take it while Redis is down; check() asks again
-
-    def check(self) -> None:
-        if self.lost is None:
-            try:
-                now = self.member.store.get(self.key)
-            except StoreDown:
-                return   # no other router can take it while Redis is down
-            if now != self.value:
-                holder = (now or "").split("|")[0]
-                self.lost = f"router {holder} holds it now" if holder else "its lease expired"
-        if self.lost is not None:
-            raise LeaseLost(f"this router lost the lease of model {self.model!r} "
-                            f"(token {self.token}): {self.lost}")
-
-    def release(self) -> None:
-        self._keeper.kill(block=False)
-        if self.lost is None:
-            try:
-                self.member.store.release(self.key, self.value)
-            except StoreDown:
-                pass   # it expires
 
 
 class Cluster(Coordinator):
@@ -122,9 +81,8 @@ class Cluster(Coordinator):
         self.is_leader = False
         self.leader_id: Optional[str] = None
         self.outbox: Queue = Queue()
-        self.records: List[str] = []         # finished requests, each a JSON array already
-        self._names: Dict[str, str] = {}     # model -> its name as a JSON string
-        self._ended: Dict[str, float] = {}   # model -> when its last request here ended
+        self.records = Records(wall)
+        self.on_end = self.records.add   # the traffic monitor's hook: a request finished here
         self._beat_due = True
         self._last_beat = 0.0
         self._loops: List[gevent.Greenlet] = []
@@ -152,7 +110,7 @@ class Cluster(Coordinator):
             self._down(err)
             return Lease()
         entry.fence_seen = max(entry.fence_seen, token)
-        return RedisLease(self, entry.name, token)
+        return RedisLease(self.store, self.router_id, entry.name, token, seconds)
 
     def _max_fence(self) -> int:
         return max([e.fence_seen for e in list(self.ctl.entries.values())] + [0])
@@ -270,21 +228,6 @@ class Cluster(Coordinator):
             "level": entry.level, "router": self.router_id, "fence": fence,
             "time": ev["time"]}))
 
-    def on_end(self, model, outcome, rec, latency, prompt, completion, itl) -> None:
-        """A request this router (or one of its workers) finished: for the others' stats."""
-        end_wall = self.wall()
-        self._ended[model] = round(end_wall, 3)
-        # encoded here, a few microseconds each, rather than all at once every heartbeat (a
-        # thousand records encoded in one go would hold the hub for a millisecond)
-        name = self._names.get(model)
-        if name is None:
-            name = self._names[model] = json.dumps(model)
-        first = "null" if rec.first_byte is None else f"{rec.first_byte - rec.start:.5f}"
-        self.records.append(
-            f'[{name},{end_wall - latency:.4f},{end_wall:.4f},"{outcome}",{rec.wait:.4f},'
-            f'{first},{"true" if rec.stream else "false"},{int(prompt)},{int(completion)},'
-            f'{"null" if itl is None else f"{itl:.5f}"}]')
-
     def _send_loop(self) -> None:
         while True:
             item = self.outbox.get()
@@ -313,7 +256,7 @@ class Cluster(Coordinator):
             if e.name not in self.traffic.models:
                 continue   # a reload is adding it
             in_flight = max(0, self.traffic.local_in_flight(e.name) - e.waiters)
-            models[e.name] = [in_flight, e.waiters, self._ended.get(e.name, 0.0)]
+            models[e.name] = [in_flight, e.waiters, self.records.ended.get(e.name, 0.0)]
         return {"id": self.router_id, "url": self.url, "leader": self.is_leader,
                 "time": self.wall(), "models": models,
                 "acks": {e.name: e.fence_seen for e in list(self.ctl.entries.values())}}
@@ -338,11 +281,9 @@ class Cluster(Coordinator):
                     self._beat_due = False
                     self.store.beat(self.router_id, doc, self.ttl)
                     self._last_beat, last_doc = now, doc
-                if self.records:
-                    batch, self.records = self.records, []
-                    self.store.publish_text("records", self.router_id, '{"router":%s,"records"'
-                                            ':[%s]}' % (json.dumps(self.router_id),
-                                                        ",".join(batch)))
+                batch = self.records.take(self.router_id)
+                if batch is not None:
+                    self.store.publish_text("records", self.router_id, batch)
                 if now >= next_leader:
                     self._lead()
                     next_leader = now + min(cl.leader_lease_seconds / 3, cl.heartbeat_seconds)
@@ -430,15 +371,7 @@ class Cluster(Coordinator):
         self.peers[rid] = Peer(rid, self.clock(), doc.get("models") or {}, doc.get("acks") or {})
 
     def _on_records(self, doc: dict) -> None:
-        if doc.get("router") == self.router_id:
-            return
-        offset = self.traffic.clock() - self.wall()   # wall time -> this process's clock
-        replay = self.traffic.replay
-        for (model, start, end, outcome, wait, first, stream, prompt, completion,
-             itl) in doc.get("records", []):
-            replay(model, start + offset, end + offset, outcome, wait,
-                   None if first is None else start + offset + first, stream, prompt,
-                   completion, itl, remote=True)
+        self.records.replay(doc, self.traffic)
 
     # --- Redis away and back ------------------------------------------------------------------
     def _down(self, err: BaseException) -> None:
@@ -498,8 +431,7 @@ class Cluster(Coordinator):
             lease = self.acquire(entry)
             if lease is None:
                 return
-            try:
-                entry.lease = lease
+            with holding(entry, lease):
                 asleep = entry.adapter.is_sleeping()
                 if asleep is None:
                     asleep = entry.state is State.WAKING
@@ -509,9 +441,6 @@ class Cluster(Coordinator):
                 if asleep:
                     entry.adapter.mark_released()
                 self.ctl.set_state(entry, state, reason, origin=self.router_id)
-            finally:
-                entry.lease = None
-                lease.release()
         if entry.state is State.SLEEPING and entry.waiters:
             self.ctl.request_wake(entry, reason="requests waiting")
 

