@@ -67,7 +67,7 @@ test-unit: install
 test-integration: install
 	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
 
-## the rendered units under a real systemd --user and journald (../shared/scripts/user-systemd)
+## the rendered units under a real systemd --user and journald (tests/systemd/user_manager.py, as root)
 test-systemd: install
 	KVROUTER_REQUIRE_SYSTEMD=1 $(PY) -m pytest -q tests/systemd $(PYTEST_ARGS)
 

@@ -19,7 +19,7 @@ if ROOT not in sys.path:
 # without ../shared beside them (test_seed_copy_is_verbatim checks it when both exist).
 SHARED_SEED = os.path.join(os.path.dirname(ROOT), "shared", "seed", "example-config.yaml")
 SEED_COPY = os.path.join(ROOT, "etc", "examples", "kvcached-vllm-sglang.yaml")
-SEED_CONFIG = SHARED_SEED if os.path.exists(SHARED_SEED) else SEED_COPY
+SEED_CONFIG = SEED_COPY  # the tests read only what the repository carries
 PY = sys.executable
 
 

@@ -1,29 +1,16 @@
-"""A real `systemd --user` and journald (../shared/scripts/user-systemd, as root; systemd
-is not PID 1 on these machines). Without the script a bare `pytest` skips this tier and
-says why; `make test` sets KVROUTER_REQUIRE_SYSTEMD, so there it fails instead."""
+"""A real `systemd --user` and journald, started by the repository's own launcher
+(tests/systemd/user_manager.py, as root; systemd is not PID 1 on these machines). Where
+the machine cannot run it a bare `pytest` skips this tier and says why; `make test` sets
+KVROUTER_REQUIRE_SYSTEMD, so there it fails instead."""
 import os
-import subprocess
 
 import pytest
 
-from tests.helpers import ROOT
-
-SCRIPT = os.environ.get("KVROUTER_USER_SYSTEMD",
-                        os.path.join(os.path.dirname(ROOT), "shared", "scripts", "user-systemd"))
-
-
-def _why_not():
-    if not os.path.exists(SCRIPT):
-        return f"systemd tier: no {SCRIPT} (it runs a real systemd --user and journald)"
-    if os.geteuid() != 0:
-        return "systemd tier: needs root (user-systemd starts systemd --user in a cgroup)"
-    if not os.path.exists("/lib/systemd/systemd"):
-        return "systemd tier: systemd is not installed"
-    return None
+from tests.systemd import user_manager
 
 
 def pytest_collection_modifyitems(config, items):
-    why = _why_not()
+    why = user_manager.why_not()
     if why is None:
         return
     if os.environ.get("KVROUTER_REQUIRE_SYSTEMD"):
@@ -36,10 +23,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def user_systemd():
     """Start the user manager; export XDG_RUNTIME_DIR to this process (and its children)."""
-    out = subprocess.run(["bash", SCRIPT, "start"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
-    for line in out.stdout.splitlines():
-        if line.startswith("export XDG_RUNTIME_DIR="):
-            os.environ["XDG_RUNTIME_DIR"] = line.split("=", 1)[1]
+    os.environ["XDG_RUNTIME_DIR"] = user_manager.start()
     yield os.environ["XDG_RUNTIME_DIR"]
-    subprocess.run(["bash", SCRIPT, "stop"], capture_output=True, text=True)
+    user_manager.stop()
