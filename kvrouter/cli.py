@@ -375,7 +375,7 @@ def kv_limit(model, size, config):
     except ValueError as err:
         raise KvrouterError(str(err)) from None
     for inst, path in _pools(cfg):
-        if model in inst.route_names:
+        if model in inst.known_as:
             try:
                 info = kvpool.set_limit(path, total)
             except FileNotFoundError:

@@ -29,6 +29,7 @@ class FakeAdapter(EngineAdapter):
         self.gate = Event()
         self.gate.set()
         self.sleeps = self.wakes = self.warmups = 0
+        self.levels = []
         self.fail_warmup = False
         self.busy_n = 0
         self.probes = []
@@ -56,6 +57,7 @@ class FakeAdapter(EngineAdapter):
         if self.hang:
             Event().wait()
         self.sleeps += 1
+        self.levels.append(level)
         self.asleep = True
 
     def wake(self, level):

@@ -255,6 +255,14 @@ class Instance:
         return f"{self.unit_stem}.service"
 
     @property
+    def known_as(self) -> Tuple[str, ...]:
+        """Every name a user may give this instance to a command: the model's route names,
+        then the instance's own name and its program's (supervisorctl, systemctl)."""
+        return self.route_names + tuple(n for n in (
+            self.name, self.program_name, self.unit_stem, self.unit_name)
+            if n not in self.route_names)
+
+    @property
     def dialect(self) -> str:
         return self.sim.dialect if self.engine == "sim" else self.engine
 

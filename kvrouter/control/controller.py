@@ -216,8 +216,10 @@ class Controller:
         asleep_for = self.clock() - (entry.slept_at or 0)
         min_sleep = self.cfg.sleep_manager.min_sleep_duration
         if entry.slept_at is not None and asleep_for < min_sleep:
-            raise TransitionError(f"model {entry.name!r} has slept {asleep_for:.1f}s, less than "
-                                  f"min_sleep_duration {min_sleep:g}s")
+            raise TransitionError(
+                f"model {entry.name!r} has slept {asleep_for:.1f}s, less than "
+                f"sleep_manager.min_sleep_duration ({min_sleep:g}s): a manual wake is allowed "
+                f"in {min_sleep - asleep_for:.1f}s; a request to the model wakes it now")
         result = self.request_wake(entry, reason="manual wake" if manual else "policy").get()
         if not result.ok:
             raise TransitionError(result.message)
@@ -315,7 +317,7 @@ class Controller:
                 waiting=e.waiters + self.coord.peers_waiting(e.name), idle_seconds=idle,
                 state_seconds=now - e.since,
                 pinned=inst.sleep.pinned, idle_threshold=inst.idle_threshold_seconds,
-                stop_after=inst.stop_after_seconds, level=e.level,
+                stop_after=inst.stop_after_seconds, level=inst.sleep_level,
                 gpus=tuple((inst.gpus or "0").split(",")),
                 weights_gb=inst.weights_gb or 0.0, kv_cache_gb=self.kv.policy_kv_gb(e),
                 last_used=last, gaps=tuple(t.gaps) if t is not None else (),

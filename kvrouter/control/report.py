@@ -21,7 +21,7 @@ def model_status(ctl: Controller, entry: ModelEntry) -> dict:
         "state": entry.state.value, "reason": entry.reason,
         "since_seconds": round(ctl.clock() - entry.since, 3),
         "sleep_level": entry.level if asleep else None,
-        "configured_level": entry.level,
+        "configured_level": inst.sleep_level,
         "sleep_kind": (("manual" if entry.sleep_manual else "automatic")
                        if asleep else None),
         "pinned": inst.sleep.pinned,

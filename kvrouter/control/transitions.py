@@ -107,7 +107,7 @@ class Transitions:
         An automatic sleep gives way to traffic: it does not start while the engine reports
         requests running, and a request that arrives while it drains cancels it."""
         ctl = self.ctl
-        level = level or entry.level
+        level = level or entry.inst.sleep_level   # a manual level is for this sleep only
         refusal = entry.adapter.refuse_level(level)
         if refusal:
             return refused(refusal)

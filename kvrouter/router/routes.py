@@ -35,6 +35,14 @@ class RouteTable:
                            code="model_not_found", type="invalid_request_error")
         return entry
 
+    def admin(self, name: str) -> ModelEntry:
+        """For the management routes: a model by any route name, else by its instance or
+        program name (``engine-llama``, ``kvrouter-engine-llama.service``); or 404."""
+        entry = self._by_name.get(name)
+        if entry is None:
+            entry = next((e for e in self._entries if name in e.inst.known_as), None)
+        return entry if entry is not None else self.require(name)
+
     def names(self) -> Iterator[str]:
         return iter(self._by_name)
 

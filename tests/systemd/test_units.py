@@ -97,6 +97,13 @@ def test_start_serves_and_journal_shows_the_router(stack):
     assert "POST /v1/completions model=sd/a status=200" in body["text"]
     status, body = get_json(base + f"/ui/logs/{A}")
     assert status == 200 and body["unit"] == "kvrouter-engine-a.service", body
+    # the names users see in systemctl and the config work too
+    for name in ("kvrouter", "kvrouter.service"):
+        status, body = get_json(base + f"/ui/logs/{name}")
+        assert status == 200 and body["unit"] == "kvrouter.service", (name, body)
+    for name in ("a", "kvrouter-engine-a.service"):
+        status, body = get_json(base + f"/ui/logs/{name}")
+        assert status == 200 and body["unit"] == "kvrouter-engine-a.service", (name, body)
 
 
 def test_a_killed_engine_is_restarted_and_serves_again(stack):

@@ -103,6 +103,30 @@ def test_min_sleep_duration_holds_manual_wakes_never_requests():
     assert ctl.ensure_ready(e) >= 0 and e.state is State.READY and e.adapter.wakes == 1
 
 
+def test_a_refused_manual_wake_says_when_it_is_allowed_and_that_a_request_wakes_now():
+    ctl, _, _ = make(extra_sleep=", min_sleep_duration: 10")
+    e = ctl.entries["m/a"]
+    ctl.sleep(e)
+    with pytest.raises(TransitionError) as err:
+        ctl.wake(e)
+    assert "allowed in" in str(err.value) and "a request to the model wakes it now" \
+        in str(err.value)
+
+
+def test_a_manual_sleep_level_is_for_that_sleep_only():
+    ctl, _, _ = make(extra_sleep=", auto_sleep_enabled: true, idle_threshold_seconds: 0")
+    e = ctl.entries["m/a"]
+    ctl.sleep(e, level=2)
+    assert e.adapter.levels == [2] and model_status(ctl, e)["sleep_level"] == 2
+    assert model_status(ctl, e)["configured_level"] == 1
+    ctl.ensure_ready(e)
+    assert model_status(ctl, e)["configured_level"] == 1
+    ctl.tick()   # the policy's sleep uses the configured level again
+    gevent.sleep(0.01)
+    assert e.state is State.SLEEPING and e.adapter.levels == [2, 1]
+    assert model_status(ctl, e)["sleep_level"] == 1
+
+
 def test_failed_warm_up_fails_waiters_fast_and_restarts_with_backoff():
     ctl, proc, _ = make()
     e = ctl.entries["m/a"]

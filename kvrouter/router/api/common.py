@@ -16,8 +16,8 @@ def router() -> Any:
 
 
 def entry_for(model: str) -> ModelEntry:
-    """The model's entry (any of its route names) or 404."""
-    return router().routes.require(model)
+    """The model's entry (any of its route names, its instance or program name) or 404."""
+    return router().routes.admin(model)
 
 
 def number_arg(name: str, default: float, lo: float = 0.0, hi: float = float("inf")) -> float:

@@ -1,6 +1,7 @@
 """Sleep management (both spellings from the seed); state changes need the admin token."""
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional
 
 import gevent
@@ -13,6 +14,7 @@ from kvrouter.errors import BadRequest, Conflict
 from kvrouter.router.api.common import admin_required, entry_for, router
 
 bp = Blueprint("sleep", __name__)
+log = logging.getLogger("kvrouter.admin")
 
 
 def _level() -> Optional[int]:
@@ -38,10 +40,18 @@ def _transition(model: str, op: Callable, result: str, verb: str, done_already: 
                         "message": f"Model {entry.name} is already {entry.state.value}; "
                                    "nothing was done", "result": result, "changed": False,
                         "status": report.model_status(controller, entry)})
-    try:
-        # in a greenlet of its own: a client that goes away must not cut a transition
-        gevent.spawn(op, entry).get()
-    except TransitionError as err:
+
+    def run():
+        try:
+            op(entry)
+        except TransitionError as refusal:   # an answer, not a failure: no traceback
+            return refusal
+        return None
+
+    # in a greenlet of its own: a client that goes away must not cut a transition
+    err = gevent.spawn(run).get()
+    if err is not None:
+        log.info("%s of %s refused: %s", verb, entry.name, err)
         raise Conflict(str(err), code="invalid_transition", extra={
             "model_name": entry.name, "success": False,
             "message": f"Model {entry.name} {verb} request failed: {err}",

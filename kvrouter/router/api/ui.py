@@ -72,13 +72,17 @@ def events():
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+ROUTER_NAMES = ("router", "kvrouter", "kvrouter.service")   # the program and unit names
+
+
 @bp.route("/ui/logs/<path:name>")
 def logs(name: str):
-    """The end of a program's log: ``router``, or a model's engine (any of its names)."""
+    """The end of a program's log: the router (``router`` or its program name), or a
+    model's engine (any of its names)."""
     admin_required()
     ctx = router()
     nbytes = int(number_arg("bytes", 16384, 1, 1 << 20))
-    if name == "router":
+    if name == "router" or (name in ROUTER_NAMES and ctx.routes.get(name) is None):
         program, unit = "kvrouter", "kvrouter.service"
     else:
         inst = entry_for(name).inst
