@@ -108,7 +108,7 @@ def run_cmd(base_url, endpoint, stream, concurrency, timeout, api_key, slo_ttft_
                     timeout=timeout, api_key=api_key,
                     slo=_slo(slo_ttft_ms, slo_tpot_ms, slo_e2e_ms))
     gen = LoadGenerator(spec)
-    duration_s = gen.run(jobs, progress=sys.stderr.isatty())
+    duration_s = gen.run(jobs, progress=True)
     result = _finish(gen, duration_s, spec_dict(spec, models=list(models),
                                                 num_prompts=num_prompts,
                                                 prompt_tokens=prompt_tokens,
@@ -121,13 +121,19 @@ def run_cmd(base_url, endpoint, stream, concurrency, timeout, api_key, slo_ttft_
 @common
 @click.argument("trace_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--speed", type=float, default=1.0, help="replay faster (2 = twice as fast)")
+@click.option("--skip-unknown", is_flag=True,
+              help="Leave out requests for models the endpoint does not serve (else an error).")
 def trace_cmd(base_url, endpoint, stream, concurrency, timeout, api_key, slo_ttft_ms,
-              slo_tpot_ms, slo_e2e_ms, output, seed, trace_file, speed):
+              slo_tpot_ms, slo_e2e_ms, output, seed, trace_file, speed, skip_unknown):
     """Replay TRACE_FILE against the endpoint and report per-model SLO attainment."""
     from kvrouter.bench import prompts, trace
     from kvrouter.bench.loadgen import Job, LoadGenerator, LoadSpec, spec_dict
 
     rows = trace.read(trace_file)
+    if not rows:
+        raise KvrouterError(f"{trace_file}: the trace has no requests")
+    rows = trace.check_models(trace_file, rows, _served_models(base_url, api_key),
+                              base_url, skip_unknown)
     jobs = []
     for i, r in enumerate(rows):
         text = prompts.synthetic(1, r["prompt_tokens"], seed + i)[0][0]
@@ -136,9 +142,32 @@ def trace_cmd(base_url, endpoint, stream, concurrency, timeout, api_key, slo_ttf
                     request_rate=1.0, timeout=timeout, api_key=api_key,
                     slo=_slo(slo_ttft_ms, slo_tpot_ms, slo_e2e_ms))
     gen = LoadGenerator(spec)
-    duration_s = gen.run(jobs, progress=sys.stderr.isatty())
+    click.echo(f"replaying {len(rows)} requests over {rows[-1]['time'] / speed:.0f}s "
+               f"against {base_url}", err=True)
+    duration_s = gen.run(jobs, progress=True)
     _finish(gen, duration_s, spec_dict(spec, trace=trace_file, speed=speed, requests=len(rows)),
             output)
+
+
+def _served_models(base_url: str, api_key) -> list:
+    """The model ids ``GET {base_url}/models`` lists (what a trace may name)."""
+    import urllib.error
+    import urllib.request
+
+    root = base_url.rstrip("/")
+    root = root if root.endswith("/v1") else root + "/v1"
+    req = urllib.request.Request(root + "/models", headers=(
+        {"Authorization": f"Bearer {api_key}"} if api_key else {}))
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            body = json.load(resp)
+        return [m["id"] for m in body["data"]]
+    except urllib.error.HTTPError as err:
+        raise KvrouterError(f"{base_url}/models answered {err.code}: is --base-url the "
+                            "router's /v1 (and --api-key right)?") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise KvrouterError(f"cannot list the models of {base_url} ({err}): is the router "
+                            "running, and --base-url its /v1?") from None
 
 
 TOOL_MODULES = {"vllm": "vllm", "sglang": "sglang", "guidellm": "guidellm"}
@@ -166,7 +195,10 @@ def external_cmd(tool, python, args):
 
 
 @bench.command("gen-trace")
-@click.option("--model", "models", multiple=True, required=True, help="most popular first")
+@click.option("--model", "models", multiple=True, help="most popular first")
+@click.option("--models-from", "models_from", default=None, type=click.Path(dir_okay=False),
+              metavar="CONFIG", help="every model of this config, in its order (with or "
+              "instead of --model)")
 @click.option("--duration", type=float, default=600.0)
 @click.option("--rate", type=float, default=2.0, help="mean total requests/s")
 @click.option("--alpha", type=float, default=1.0, help="power-law popularity exponent")
@@ -177,10 +209,18 @@ def external_cmd(tool, python, args):
 @click.option("--output-tokens", type=int, default=128)
 @click.option("--seed", type=int, default=0)
 @click.option("--out", "out_path", required=True)
-def gen_trace_cmd(models, duration, rate, alpha, cv, on_seconds, off_seconds, prompt_tokens,
-                  output_tokens, seed, out_path):
+def gen_trace_cmd(models, models_from, duration, rate, alpha, cv, on_seconds, off_seconds,
+                  prompt_tokens, output_tokens, seed, out_path):
     """Write a multi-model trace (power-law popularity, gamma arrivals, on/off activity)."""
     from kvrouter.bench import trace
+
+    if models_from:
+        from kvrouter.config import load_config
+
+        models = tuple(models) + tuple(i.model for i in load_config(models_from).instances
+                                       if i.model not in models)
+    if not models:
+        raise click.UsageError("name the models: --model NAME (repeat) or --models-from CONFIG")
 
     rows = trace.generate(list(models), duration, rate, alpha, cv, on_seconds, off_seconds,
                           prompt_tokens, output_tokens, seed=seed)

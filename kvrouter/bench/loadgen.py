@@ -68,6 +68,8 @@ class LoadGenerator:
         self.samples: List[Sample] = []
         self.done = 0
         self.sent = 0
+        self.first_error: Optional[str] = None
+        self.shown_error = False
 
     def _body(self, job: Job) -> Tuple[str, bytes]:
         s = self.spec
@@ -98,8 +100,10 @@ class LoadGenerator:
         try:
             resp = self.pool.request("POST", path, headers, payload, 10.0, s.timeout, s.timeout)
             if resp.status >= 400:
-                resp.read()
+                body = resp.read()
                 sample.error = "http_4xx" if resp.status < 500 else "http_5xx"
+                self.first_error = self.first_error or \
+                    f"HTTP {resp.status} for {job.model}: {body[:300].decode(errors='replace')}"
                 return
             if not s.stream:
                 data = json.loads(resp.read())
@@ -113,6 +117,7 @@ class LoadGenerator:
             sample.error = "timeout"
         except UpstreamError as err:
             sample.error = "connect" if err.phase == "connect" else "stream_error"
+            self.first_error = self.first_error or f"{sample.error} for {job.model}: {err}"
         except ValueError:
             sample.error = "stream_error"
         finally:
@@ -179,18 +184,30 @@ class LoadGenerator:
         finally:
             if ticker is not None:
                 ticker.kill()
-                sys.stderr.write("\n")
+                self._show(len(jobs), started, sys.stderr.isatty())
+                sys.stderr.write("\n" if sys.stderr.isatty() else "")
         return time.perf_counter() - started
 
     def _progress(self, total: int, started: float) -> None:
+        """A bar redrawn twice a second on a terminal; a line every 10 s elsewhere (a log)."""
+        tty = sys.stderr.isatty()
         while True:
-            gevent.sleep(0.5)
-            frac = self.done / total if total else 1.0
-            bar = "#" * int(frac * 30)
-            errs = sum(1 for x in self.samples if not x.ok)
-            sys.stderr.write(f"\r[{bar:<30}] {self.done}/{total} done, {errs} errors, "
-                             f"{time.perf_counter() - started:5.1f}s")
-            sys.stderr.flush()
+            gevent.sleep(0.5 if tty else 10.0)
+            self._show(total, started, tty)
+
+    def _show(self, total: int, started: float, tty: bool) -> None:
+        """One progress report; the first error's message is shown once, so a run of
+        failures is explained early."""
+        frac = self.done / total if total else 1.0
+        bar = "#" * int(frac * 30)
+        if self.first_error and not self.shown_error:
+            self.shown_error = True
+            sys.stderr.write(("\n" if tty else "") + f"first error: {self.first_error}\n")
+        failed = sum(1 for x in self.samples if not x.ok)
+        sys.stderr.write(f"{chr(13) if tty else ''}[{bar:<30}] {self.done}/{total} done, "
+                         f"{failed} errors, {time.perf_counter() - started:5.1f}s"
+                         f"{'' if tty else chr(10)}")
+        sys.stderr.flush()
 
     def result(self, duration: float, config: dict) -> dict:
         return build(self.samples, duration, config, time.time() - duration, self.spec.slo)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
+import sys
 from typing import Any, Iterable, List, Tuple
 
 from kvrouter.errors import KvrouterError
@@ -73,14 +75,46 @@ def write(rows: List[dict], path: str) -> None:
             fh.write(json.dumps(r) + "\n")
 
 
+MAX_TIME = 1e8          # seconds (three years): past this a time is a mistake, not a trace
+MAX_TOKENS = 10_000_000
+
+
+def _number(r: dict, key: str) -> float:
+    value = r[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{key} must be a finite number, got {value!r}")
+    return number
+
+
+def _tokens(r: dict, key: str) -> int:
+    number = _number(r, key)
+    if number != int(number) or not 1 <= number <= MAX_TOKENS:
+        raise ValueError(f"{key} must be a whole number from 1 to {MAX_TOKENS:,}, "
+                         f"got {r[key]!r}")
+    return int(number)
+
+
 def _row(r: dict) -> dict:
-    return {"time": float(r["time"]), "model": str(r["model"]),
-            "prompt_tokens": int(r["prompt_tokens"]), "output_tokens": int(r["output_tokens"])}
+    if not isinstance(r, dict):
+        raise ValueError(f"a row is an object, got {type(r).__name__}")
+    time = _number(r, "time")
+    if not 0 <= time <= MAX_TIME:
+        raise ValueError(f"time must be seconds from 0 to {MAX_TIME:g}, got {r['time']!r}")
+    model = r["model"]
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"model must be a non-empty string, got {model!r}")
+    return {"time": time, "model": sys.intern(model),
+            "prompt_tokens": _tokens(r, "prompt_tokens"),
+            "output_tokens": _tokens(r, "output_tokens")}
 
 
 def read(path: str) -> List[dict]:
     """JSON lines, or CSV with a header naming the same columns (``.csv``; more columns are
-    ignored)."""
+    ignored). Read a line at a time; each row is checked (finite times from 0, whole token
+    counts from 1) and a bad one is an error naming its line."""
     rows: List[dict] = []
     expected = '{"time", "model", "prompt_tokens", "output_tokens"}'
     try:
@@ -98,10 +132,34 @@ def read(path: str) -> List[dict]:
             for n, record in records:
                 try:
                     rows.append(_row(record if isinstance(record, dict) else json.loads(record)))
-                except (ValueError, KeyError, TypeError, AttributeError) as err:
-                    raise KvrouterError(f"{path}:{n}: bad trace row ({err}); expected "
+                except KeyError as err:
+                    raise KvrouterError(f"{path}:{n}: bad trace row (no {err}); expected "
                                         f"{expected}") from None
+                except (ValueError, TypeError, AttributeError) as err:
+                    raise KvrouterError(f"{path}:{n}: bad trace row: {err}") from None
     except OSError as err:
         raise KvrouterError(f"{path}: cannot read trace: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise KvrouterError(f"{path}: not a text trace ({err.reason})") from None
     rows.sort(key=lambda r: r["time"])
     return rows
+
+
+def check_models(path: str, rows: List[dict], known: Iterable[str], where: str,
+                 skip_unknown: bool = False) -> List[dict]:
+    """The rows whose model ``where`` knows. A model it does not know is an error that lists
+    what it knows (or, with ``skip_unknown``, its requests are left out with a warning)."""
+    known = set(known)
+    unknown = sorted({r["model"] for r in rows} - known)
+    if not unknown:
+        return rows
+    listed = ", ".join(sorted(known)) or "none"
+    if skip_unknown and len(unknown) < len({r["model"] for r in rows}):
+        print(f"warning: {path}: {len(unknown)} model(s) not in {where}, their requests left "
+              f"out: {', '.join(unknown[:10])}", file=sys.stderr)
+        return [r for r in rows if r["model"] in known]
+    raise KvrouterError(
+        f"{path}: {len(unknown)} model(s) of the trace are not in {where}: "
+        f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}. {where} has: "
+        f"{listed}. Make a trace for them (kvrouter bench gen-trace --models-from CONFIG, or "
+        "--model NAME for each) or pass --skip-unknown to leave those requests out.")

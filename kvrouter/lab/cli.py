@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Dict, Optional, Sequence
 
 import click
@@ -18,25 +19,26 @@ from kvrouter.lab import run as lab
 def simulate(cfg: Config, trace_file: str, names: Sequence[str], scale: float,
              find_max: bool, target: float, ttft_scale: float, tpot_scale: float,
              per_model: bool, json_out: Optional[str], out_dir: Optional[str],
-             plot_out: Optional[str]) -> Dict[str, dict]:
-    rows = trace.read(trace_file)
-    if not rows:
-        raise KvrouterError(f"{trace_file}: the trace has no requests")
-    known = {a for i in cfg.instances for a in i.route_names or (i.model,)}
-    unknown = sorted({r["model"] for r in rows} - known)
-    if unknown:
-        click.echo(f"warning: {len(unknown)} model(s) of the trace are not in the config "
-                   f"(their requests are left out): {', '.join(unknown[:5])}", err=True)
-        rows = [r for r in rows if r["model"] in known]
+             plot_out: Optional[str], skip_unknown: bool = False) -> Dict[str, dict]:
     for name in names:
         if name not in policies.POLICIES:
             raise KvrouterError(f"--policy {name}: unknown; choose from "
                                 f"{', '.join(policies.POLICIES)}")
     if plot_out and not find_max:
         raise KvrouterError("--plot draws attainment against rate: add --max-rate")
+    if plot_out:
+        report.require_plotting()
+    rows = trace.read(trace_file)
+    if not rows:
+        raise KvrouterError(f"{trace_file}: the trace has no requests")
+    known = {a for i in cfg.instances for a in i.route_names or (i.model,)}
+    rows = trace.check_models(trace_file, rows, known, cfg.source, skip_unknown)
     slo = lab.slos_for(cfg, rows, ttft_scale, tpot_scale)
     results: Dict[str, dict] = {}
-    for name in names:
+    for n, name in enumerate(names, 1):
+        click.echo(f"[{n}/{len(names)}] {name}: replaying {len(rows)} requests"
+                   f"{' and searching for the max rate' if find_max else ''} ...", err=True)
+        started = time.monotonic()
         try:
             world, summary = lab.run(cfg, name, rows, slo, scale)
         except ValueError as err:   # the deployment cannot run this way (static: no fit)
@@ -47,6 +49,8 @@ def simulate(cfg: Config, trace_file: str, names: Sequence[str], scale: float,
         results[name] = {"summary": summary,
                          "max_rate": lab.max_rate(cfg, name, rows, slo, target)
                          if find_max else None}
+        click.echo(f"[{n}/{len(names)}] {name}: done in {time.monotonic() - started:.1f}s",
+                   err=True)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
             with open(os.path.join(out_dir, f"{name}.json"), "w", encoding="utf-8") as fh:
@@ -99,6 +103,8 @@ def options(fn):
         click.option("--json", "json_out", default=None, help="Write every figure as JSON."),
         click.option("--out-dir", default=None,
                      help="Write POLICY.json per policy (kvrouter-bench/1, for bench --compare)."),
+        click.option("--skip-unknown", is_flag=True,
+                     help="Leave out the requests for models the config lacks (else an error)."),
         click.option("--plot", "plot_out", default=None,
                      help="Attainment vs rate plot (.png/.svg; needs --max-rate, matplotlib)."),
     ]

@@ -53,16 +53,24 @@ def model_table(summary: dict) -> str:
     return _grid(rows)
 
 
+def require_plotting() -> None:
+    """Fail now, not after a long run, when matplotlib is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise KvrouterError("--plot needs matplotlib: pip install 'kvrouter[plot]' (or "
+                            "leave --plot out)")
+
+
 def plot(curves: Dict[str, List[dict]], path: str, title: str = "",
          target: Optional[float] = None) -> None:
     """Attainment against request rate, one line per policy (PNG, SVG or PDF by suffix)."""
-    try:
-        import matplotlib
+    require_plotting()
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise KvrouterError("plotting needs matplotlib: pip install 'kvrouter[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, curve in curves.items():
         pts = sorted((c["rate"], c["attainment"] * 100) for c in curve)

@@ -61,6 +61,20 @@ def test_trace_replays_with_the_requested_mix(tmp_path):
         got = {m: v["completed"] for m, v in data["models"].items()}
         assert got == want
         assert all(v["goodput"]["attainment"] == 1.0 for v in data["models"].values())
+        assert "replaying" in rep.stderr and f"{len(rows)}/{len(rows)} done" in rep.stderr
+        # a trace for models the router does not serve stops at once, saying what it serves
+        other = tmp_path / "other.jsonl"
+        other.write_text("".join(json.dumps({"time": t, "model": m, "prompt_tokens": 4,
+                                             "output_tokens": 2}) + "\n"
+                                 for t, m in ((0.0, "a"), (0.5, "m1"))))
+        rep = run("trace", str(other), "--base-url", r.base + "/v1", "--timeout", "5")
+        assert rep.returncode == 2, rep.stdout + rep.stderr
+        assert "model(s) of the trace are not in" in rep.stderr and ": a." in rep.stderr
+        assert "has: m0, m1, m2" in rep.stderr
+        # --models-from takes the config's models, in order
+        g = run("gen-trace", "--models-from", r.path, "--duration", "5", "--rate", "2",
+                "--out", str(other))
+        assert g.returncode == 0 and "m0=" in g.stdout and "m2=" in g.stdout, g.stdout
     finally:
         r.stop()
         for e in engines:

@@ -79,3 +79,42 @@ def test_csv_traces_and_bad_rows_say_where(tmp_path):
     lines.write_text('{"time": 1, "model": "a", "prompt_tokens": 1, "output_tokens": 1}\n\n{"x": 1}\n')
     with pytest.raises(KvrouterError, match=r"bad.jsonl:3: bad trace row"):
         trace.read(str(lines))
+
+
+def test_times_and_token_counts_that_would_hang_or_lie_are_refused_with_their_line(tmp_path):
+    import pytest
+
+    from kvrouter.errors import KvrouterError
+
+    good = '{"time": 1, "model": "a", "prompt_tokens": 3, "output_tokens": 4}\n'
+    for field, value, why in [
+            ("time", "Infinity", "finite"), ("time", "NaN", "finite"), ("time", "1e308", "from 0"),
+            ("time", "-1", "from 0"), ("prompt_tokens", "-5", "from 1"),
+            ("output_tokens", "0", "from 1"), ("output_tokens", "2.5", "whole number"),
+            ("prompt_tokens", "true", "number"), ("model", '""', "non-empty"),
+            ("model", "7", "string")]:
+        row = {"time": "1", "model": '"a"', "prompt_tokens": "3", "output_tokens": "4"}
+        row[field] = value
+        path = tmp_path / "t.jsonl"
+        path.write_text(good + "{" + ", ".join(f'"{k}": {v}' for k, v in row.items()) + "}\n")
+        with pytest.raises(KvrouterError, match=rf"t.jsonl:2: bad trace row: {field} .*{why}"):
+            trace.read(str(path))
+    path.write_text(good + "[1, 2]\n")
+    with pytest.raises(KvrouterError, match=r"t.jsonl:2: bad trace row: a row is an object"):
+        trace.read(str(path))
+
+
+def test_a_trace_naming_models_the_config_lacks_is_refused_listing_what_it_has():
+    import pytest
+
+    from kvrouter.errors import KvrouterError
+
+    rows = [{"time": 0.0, "model": m, "prompt_tokens": 1, "output_tokens": 1}
+            for m in ("a", "b", "zz")]
+    with pytest.raises(KvrouterError, match=r"t.jsonl: 1 model\(s\) of the trace are not in "
+                       r"my.yaml: zz\. my.yaml has: a, b, c\."):
+        trace.check_models("t.jsonl", rows, ["a", "b", "c"], "my.yaml")
+    assert [r["model"] for r in trace.check_models("t.jsonl", rows, ["a", "b"], "my.yaml",
+                                                    skip_unknown=True)] == ["a", "b"]
+    with pytest.raises(KvrouterError, match="not in my.yaml"):  # none left: still an error
+        trace.check_models("t.jsonl", rows, ["q"], "my.yaml", skip_unknown=True)

@@ -126,12 +126,17 @@ def test_simulate_command(tmp_path):
     trace = tmp_path / "t.jsonl"
     trace.write_text("".join(json.dumps(req(i * 0.5, model=f"m{i % 2}")) + "\n"
                              for i in range(40)) + json.dumps(req(30, model="other")) + "\n")
+    refused = subprocess.run([PY, "-m", "kvrouter", "simulate", cfg.source, "--trace",
+                              str(trace), "--policy", "lru"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"1 model(s) of the trace are not in {cfg.source}: other. {cfg.source} has: " \
+        "m0, m1." in refused.stderr
     run = subprocess.run([PY, "-m", "kvrouter", "simulate", cfg.source, "--trace", str(trace),
                           "--policy", "lru", "--policy", "static", "--out-dir",
-                          str(tmp_path / "out"), "--json", str(tmp_path / "s.json")],
-                         capture_output=True, text=True)
+                          str(tmp_path / "out"), "--json", str(tmp_path / "s.json"),
+                          "--skip-unknown"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert "1 model(s) of the trace are not in the config" in run.stderr
+    assert "1 model(s) not in" in run.stderr and "[1/2] lru: replaying 40 requests" in run.stderr
     assert run.stdout.splitlines()[1].split()[:3] == ["policy", "SLO", "att."]
     doc = json.loads((tmp_path / "s.json").read_text())
     assert set(doc["policies"]) == {"lru", "static"}
@@ -148,6 +153,25 @@ def test_simulate_command(tmp_path):
     bad = subprocess.run([PY, "-m", "kvrouter", "simulate", cfg.source, "--trace", str(trace),
                           "--plot", str(tmp_path / "p.png")], capture_output=True, text=True)
     assert bad.returncode == 2 and "--plot draws attainment against rate" in bad.stderr
+
+
+def test_plot_without_matplotlib_fails_before_any_run(tmp_path, monkeypatch):
+    import importlib.util
+
+    from kvrouter.errors import KvrouterError
+    from kvrouter.lab import cli as lab_cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    ran = []
+    monkeypatch.setattr(lab, "run", lambda *a, **k: ran.append(a))
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(json.dumps(req(0.0)) + "\n")
+    with pytest.raises(KvrouterError, match=r"--plot needs matplotlib: pip install"):
+        lab_cli.simulate(config(tmp_path), str(trace), ["lru"], 1.0, True, 0.99, 5, 5, False,
+                         None, None, str(tmp_path / "p.png"))
+    assert ran == []
 
 
 def test_simulate_leaves_out_a_policy_the_deployment_cannot_run(tmp_path):
