@@ -29,7 +29,7 @@ render: install
 ## the demo: simulated engines + router under supervisord, one chat request through the router
 demo: render
 	$(SUPERVISORCTL) start all >/dev/null || true
-	$(KV) wait-ready $(CONFIG) --timeout 60
+	$(KV) wait-ready $(CONFIG) --timeout 60 --out $(OUT)
 	@echo '$$ curl -s http://127.0.0.1:8080/v1/chat/completions -H "Content-Type: application/json" \'
 	@echo '    -d '"'"'{"model": "llama", "max_tokens": 12, "messages": [{"role": "user", "content": "Hello!"}]}'"'"
 	@curl -sS http://127.0.0.1:8080/v1/chat/completions -H "Content-Type: application/json" \

@@ -3,10 +3,11 @@ first router that answers) and waiting until every model is ready."""
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 from urllib.parse import quote
 
 from kvrouter.config.cluster import router_urls
@@ -42,8 +43,11 @@ def model_path(prefix: str, model: str) -> str:
     return f"{prefix}/{quote(model, safe='')}"
 
 
-def wait_ready(cfg: Config, timeout: float) -> List[str]:
-    """Wait until the router answers and every model is ready; the models' names."""
+def wait_ready(cfg: Config, timeout: float, program_state: Callable[[], Optional[str]]
+               = lambda: None) -> List[str]:
+    """Wait until the router answers and every model is ready; the models' names. On time
+    out, the error says what answered (or what did not) and, from ``program_state``, what
+    the process manager says of the router (FATAL, and the end of its log)."""
     url = router_urls(cfg)[0] + "/health/all"
     deadline = time.monotonic() + timeout
     last = "no answer"
@@ -55,7 +59,43 @@ def wait_ready(cfg: Config, timeout: float) -> List[str]:
             if all(s == "ready" for s in states.values()):
                 return list(states)
             last = ", ".join(f"{m}={s}" for m, s in states.items())
-        except OSError as err:
+        except urllib.error.HTTPError as err:
+            last = (f"HTTP {err.code} from something that is not this kvrouter (another "
+                    f"program on port {cfg.router.router_port}?)")
+        except (OSError, ValueError, KeyError, TypeError) as err:
             last = str(err)
         time.sleep(0.2)
-    raise KvrouterError(f"not ready after {timeout:g}s ({url}: {last})")
+    state = program_state()
+    raise KvrouterError(f"not ready after {timeout:g}s ({url}: {last})" +
+                        (f"\n{state}" if state else ""))
+
+
+def supervised_router_state(cfg: Config, out_dir: str) -> Optional[str]:
+    """What supervisord (rendered into ``out_dir``) or systemd says of the router program,
+    with the last lines of its log; None when neither knows it."""
+    if cfg.process_manager == "systemd":
+        import subprocess
+
+        try:
+            out = subprocess.run(["systemctl", "--user", "status", "--no-pager", "-n", "8",
+                                  "kvrouter.service"], capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return f"systemctl --user status kvrouter:\n{out.stdout.strip()}" if out.stdout \
+            else None
+    import xmlrpc.client
+
+    from kvrouter.control.supervisor import Supervisor
+    from kvrouter.render import socket_path
+
+    sup = Supervisor(socket_path(os.path.abspath(out_dir)), timeout=5)
+    try:
+        info = sup.process_info("kvrouter")
+        tail = sup.rpc.tailProcessStdoutLog("kvrouter", 0, 4000)[0]
+    except (OSError, xmlrpc.client.Error):
+        return None
+    lines = [ln for ln in tail.splitlines() if ln.strip()][-8:]
+    return (f"supervisord: the router program is {info['statename']}"
+            f"{' (' + info['spawnerr'] + ')' if info.get('spawnerr') else ''}; the end of its "
+            "log:\n  " + "\n  ".join(lines))

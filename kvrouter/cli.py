@@ -127,9 +127,11 @@ def render(config, out_dir, strict, apply, host):
         click.echo(f"{len(report['unchanged'])} files unchanged in {out_dir}")
     changed = _config_changed(cfg.source, os.path.join(out_abs, "run", "config.sha256"))
     if apply:
-        from kvrouter.control.supervisor import ensure_supervisord, supervisorctl
+        from kvrouter.control.supervisor import Supervisor, ensure_supervisord, supervisorctl
 
         conf = os.path.join(out_abs, "supervisord.conf")
+        if not Supervisor(sock).is_running():
+            _refuse_busy_ports(cfg)
         what = ensure_supervisord(conf, sock)
         click.echo(f"supervisord {what} ({sock})")
         if what == "updated" and changed and cfg.router.enable_router:
@@ -137,6 +139,26 @@ def render(config, out_dir, strict, apply, host):
             res = supervisorctl(conf, "signal", "HUP", "kvrouter", check=False)
             click.echo("router reloaded its config" if res.returncode == 0 else
                        f"could not signal the router: {(res.stdout + res.stderr).strip()}")
+
+
+def _refuse_busy_ports(cfg) -> None:
+    """Before supervisord starts anything: every port the router and the engines will listen
+    on must be free, or the error says which, who holds it, and which key to change."""
+    from kvrouter import ports
+
+    busy = []
+    r = cfg.router
+    if r.enable_router and ports.in_use(r.router_host, r.router_port):
+        busy.append(f"router: {ports.describe(r.router_host, r.router_port)}; set "
+                    f"router.router_port in {cfg.source} (and use that port in your URLs)")
+    for inst in cfg.instances:
+        host = "127.0.0.1" if inst.listen_host in ("localhost", "") else inst.listen_host
+        if ports.in_use(host, inst.port):
+            busy.append(f"instance {inst.name}: {ports.describe(host, inst.port)}; change "
+                        f"its --port in engine_args in {cfg.source}")
+    if busy:
+        raise KvrouterError("cannot start: ports in use (stop the program holding each, or "
+                            "change the config):\n  " + "\n  ".join(busy))
 
 
 def _config_changed(source: str, digest_path: str) -> bool:
@@ -165,7 +187,7 @@ def _config_changed(source: str, digest_path: str) -> bool:
               help="Be the router of this host of cluster.hosts (needed when several run one).")
 def serve(config, port, host, node):
     """Run the router for CONFIG (one process, gevent)."""
-    from kvrouter.router.server import serve as run
+    from kvrouter.router.main import serve as run
 
     shape = _router_shape(node, host, port)
     run(shape(_load(config)), shape)
@@ -308,11 +330,16 @@ def config_reference():
 @cli.command("wait-ready")
 @with_config
 @click.option("--timeout", type=float, default=60.0, show_default=True)
-def wait_ready(config, timeout):
+@click.option("--out", "out_dir", default="etc", show_default=True,
+              help="Where `kvrouter render` wrote supervisord.conf (to report the router "
+              "program's state when it is not ready).")
+def wait_ready(config, timeout, out_dir):
     """Wait until the router of CONFIG answers and every model is ready."""
+    from kvrouter.admin import supervised_router_state
     from kvrouter.admin import wait_ready as wait
 
-    click.echo(f"ready: {', '.join(wait(_load(config), timeout))}")
+    cfg = _load(config)
+    click.echo(f"ready: {', '.join(wait(cfg, timeout, lambda: supervised_router_state(cfg, out_dir)))}")
 
 
 @cli.command("sim-engine", context_settings={"ignore_unknown_options": True,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from kvrouter import kvpool
-from kvrouter.sim.timing import DEFAULT_KV_CACHE_GB, DEFAULT_MAX_MODEL_LEN, DEFAULT_WEIGHTS_GB, Timing
+from kvrouter.timing import DEFAULT_KV_CACHE_GB, DEFAULT_MAX_MODEL_LEN, DEFAULT_WEIGHTS_GB, Timing
 
 ENGINES = ("vllm", "sglang", "sim")
 DIALECTS = ("vllm", "sglang")

@@ -12,7 +12,7 @@ from typing import Dict, List, Sequence
 
 from kvrouter.bench.report import SCHEMA, Sample, stats, summarize
 from kvrouter.lab.world import Req, World
-from kvrouter.sim.timing import Timing
+from kvrouter.timing import Timing
 
 TTFT_SLO_SCALE = 5.0   # Prism benchmark.py --ttft-slo-scale default
 TPOT_SLO_SCALE = 5.0   # and --tpot-slo-scale

@@ -3,7 +3,7 @@ with no process, socket or clock.
 
 What runs is the real decision code (a ``policies.Policy``: ``decide`` every interval,
 ``plan_room`` before a wake; ``kvplan.divide`` for kvcached pools) against the engines'
-timing and memory model (``sim/timing.py``, the one the simulated engine sleeps by):
+timing and memory model (``timing.py``, the one the simulated engine sleeps by):
 
 - a request for a ready model queues at its engine and is admitted when a slot is free
   and its tokens fit the KV pool; its first token comes after the prefill, the rest one a
@@ -26,7 +26,7 @@ from kvrouter.control.kvplan import FLOOR_FRACTION
 from kvrouter.control.policies import Policy
 from kvrouter.control.policy import ModelView, NoRoom, Snapshot
 from kvrouter.control.states import ASLEEP, RESIDENT, State
-from kvrouter.sim.timing import GB, WARM_UP_PROMPT_TOKENS, Timing
+from kvrouter.timing import GB, WARM_UP_PROMPT_TOKENS, Timing
 from kvrouter.traffic import ARRIVALS, GAPS, WakeWindow, arrival_gaps
 
 

@@ -9,6 +9,7 @@ the workers drain before it stops.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -25,9 +26,10 @@ from kvrouter.config.schema import Config
 from kvrouter.control.process import process_control_for
 from kvrouter.control.states import State
 from kvrouter.http.sockio import raise_open_files_limit
+from kvrouter.ports import EXIT_NO_PORT, cannot_listen, in_use
+from kvrouter.router.listening import SECRET_HEADER
 from kvrouter.router.server import RouterContext, build_server
 from kvrouter.router.shared import MAX_WORKERS, SharedState
-from kvrouter.router.worker import SECRET_HEADER
 
 log = logging.getLogger("kvrouter")
 WATCH_SECONDS = 0.2
@@ -88,6 +90,7 @@ class Workers:
         self.retiring: List[subprocess.Popen] = []
         self.stopping = False
         self.generation = 0    # slots 0..n-1 or n..2n-1: a reload starts the other half
+        self.on_no_port: Callable[[], None] = lambda: None   # no worker could listen
 
     def spawn(self, slot: int) -> None:
         cfg = self.ctx.cfg
@@ -113,6 +116,11 @@ class Workers:
             for slot, p in list(self.procs.items()):
                 code = p.poll()
                 if code is None or self.stopping or now < self.hold.get(slot, 0.0):
+                    continue
+                if code == EXIT_NO_PORT:    # it said why; another would fail the same way
+                    del self.procs[slot]
+                    if not self.procs:
+                        self.on_no_port()
                     continue
                 if slot not in self.hold:
                     log.warning("worker %d (pid %d) exited (%s): starting another", slot, p.pid,
@@ -163,6 +171,12 @@ def serve_with_workers(cfg: Config, shape: Callable[[Config], Config] = lambda c
     ctx.controller.events.listeners.append(
         lambda ev: shared.set_state(ev["model"], State(ev["to"])))
     ctx.app.register_blueprint(internal_routes(ctx, secret))
+    r = cfg.router
+    if in_use(r.router_host, r.router_port, reuseport=True):
+        log.error("%s", cannot_listen(r.router_host, r.router_port,
+                                      OSError(errno.EADDRINUSE, "in use"), cfg.source))
+        shared.close(unlink=True)
+        sys.exit(EXIT_NO_PORT)
     server = build_server(ctx, listener=("127.0.0.1", 0))
     server.start()
     ctx.start()
@@ -187,6 +201,13 @@ def serve_with_workers(cfg: Config, shape: Callable[[Config], Config] = lambda c
                 shared.set_state(e.name, e.state)
             workers.replace_all()
 
+    def _no_port():
+        log.error("no worker can listen on %s:%d: stopping", r.router_host, r.router_port)
+        ctx.stop()
+        shared.close(unlink=True)
+        os._exit(EXIT_NO_PORT)
+
+    workers.on_no_port = _no_port
     gevent.signal_handler(signal.SIGTERM, _stop)
     gevent.signal_handler(signal.SIGINT, _stop)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(_reload))

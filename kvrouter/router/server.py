@@ -1,28 +1,22 @@
-"""``kvrouter serve``: wire the controller, traffic monitor, proxy and admin app; serve."""
+"""The router in one process: the controller, traffic monitor, proxy and admin app wired
+together (``RouterContext``), and its HTTP server. ``main.serve`` runs it."""
 from __future__ import annotations
 
 import logging
-import signal
-import sys
 import time
 from typing import TYPE_CHECKING, Callable, Optional
 
-import gevent
-
-from kvrouter import logs
 from kvrouter.config import load_config
 from kvrouter.config.schema import Config
 from kvrouter.control.controller import Controller
-from kvrouter.control.process import ProcessControl, process_control_for
+from kvrouter.control.process import ProcessControl
 from kvrouter.control.reload import reconfigure
 from kvrouter.errors import KvrouterError
-from kvrouter.http.limits import ServerLimits
 from kvrouter.http.server import HTTPServer
-from kvrouter.http.sockio import raise_open_files_limit
 from kvrouter.http.wsgi import wsgi_handler
 from kvrouter.metrics import RouterMetrics
 from kvrouter.router.api import create_app
-from kvrouter.router.auth import require_api_key
+from kvrouter.router.listening import apply_limits, router_http_server
 from kvrouter.router.proxy import Proxy
 from kvrouter.router.routes import RouteTable
 from kvrouter.traffic import TrafficMonitor
@@ -136,64 +130,8 @@ class RouterContext:
         return handle
 
 
-def apply_limits(limits: ServerLimits, cfg: Config) -> None:
-    r = cfg.router
-    limits.max_body_bytes = int(r.max_body_mb * 1024 * 1024)
-    limits.write_timeout = r.stream_idle_timeout_seconds
-    limits.header_timeout = r.header_timeout_seconds
-    limits.keepalive_timeout = r.keepalive_timeout_seconds
-
-
-def router_http_server(listener, handler, get_cfg: Callable[[], Config]) -> HTTPServer:
-    """The router's HTTP server (the single process, the owner, each worker): its limits
-    from the config, the API key checked on the headers, so an unauthenticated body is
-    never read (``get_cfg``: the config in force, which a reload replaces)."""
-    cfg = get_cfg()
-    limits = ServerLimits(max_connections=cfg.router.max_connections)
-    apply_limits(limits, cfg)
-
-    def precheck(req) -> None:
-        keys = get_cfg().router.api_keys
-        if keys and req.path.startswith("/v1/"):
-            require_api_key(req.headers.get("authorization"), keys)
-
-    return HTTPServer(listener, handler, limits, precheck=precheck)
-
-
 def build_server(ctx: RouterContext, listener=None) -> HTTPServer:
     r = ctx.cfg.router
     ctx.server = router_http_server(listener or (r.router_host, r.router_port), ctx.handler(),
                                     lambda: ctx.cfg)
     return ctx.server
-
-
-def serve(cfg: Config, shape: Callable[[Config], Config] = lambda cfg: cfg) -> None:
-    """``shape``: the command line's view of a config (a reload reads the file again)."""
-    if cfg.router.workers != 1:
-        from kvrouter.router.owner import serve_with_workers
-
-        serve_with_workers(cfg, shape)
-        return
-    logs.setup(cfg.router.log_level)
-    nofile = raise_open_files_limit()
-    ctx = RouterContext(cfg, process_control_for(cfg), shape)
-    server = build_server(ctx)
-    log.info("open files limit %d: up to %d client connections at once", nofile,
-             server.limits.max_connections)
-    server.start()
-    ctx.start()
-    log.info("kvrouter on http://%s:%d routing %s (config %s)", cfg.router.router_host,
-             server.address[1], ", ".join(ctx.routes.names()), cfg.source)
-
-    def _stop(*_):
-        log.info("shutting down")
-        ctx.stop()
-        server.stop(timeout=5)
-        sys.exit(0)
-
-    gevent.signal_handler(signal.SIGTERM, _stop)
-    gevent.signal_handler(signal.SIGINT, _stop)
-    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(ctx.reload_from_file))
-
-    gevent.spawn(logs.flush_forever)
-    server.serve_forever()

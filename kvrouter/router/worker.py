@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import signal
-import socket
+import sys
 import time
 from typing import List
 from urllib.parse import quote
@@ -31,29 +31,18 @@ from kvrouter.errors import ApiError, NotFound, ServiceUnavailable
 from kvrouter.http.client import UpstreamError, UpstreamPool
 from kvrouter.http.messages import Response, StreamResponse
 from kvrouter.http.sockio import raise_open_files_limit
+from kvrouter.ports import EXIT_NO_PORT, cannot_listen
 from kvrouter.router.errors import error_response
+from kvrouter.router.listening import SECRET_HEADER, reuseport_listener, router_http_server
 from kvrouter.router.proxy import Proxy
 from kvrouter.router.routes import RouteTable
-from kvrouter.router.server import router_http_server
 from kvrouter.router.shared import SharedState
 from kvrouter.traffic import TrafficMonitor
 
 log = logging.getLogger("kvrouter.worker")
 FLUSH_SECONDS = 0.05
 DRAIN_SECONDS = 30.0
-SECRET_HEADER = "x-kvrouter-owner-secret"
 HOP = ("content-length", "transfer-encoding", "connection", "keep-alive", "host")
-
-
-def reuseport_listener(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(backlog)
-    sock.setblocking(False)
-    return sock
 
 
 class Owner:
@@ -186,8 +175,13 @@ def run_worker(cfg: Config, slot: int, owner_port: int, shared_path: str) -> Non
     shared = SharedState(shared_path)
     worker = Worker(cfg, slot, owner, shared)
     r = cfg.router
-    server = router_http_server(reuseport_listener(r.router_host, r.router_port),
-                                worker.handle, lambda: cfg)
+    try:
+        listener = reuseport_listener(r.router_host, r.router_port)
+    except OSError as err:
+        log.error("worker %d: %s", slot, cannot_listen(r.router_host, r.router_port, err,
+                                                       cfg.source))
+        sys.exit(EXIT_NO_PORT)
+    server = router_http_server(listener, worker.handle, lambda: cfg)
     server.start()
     gevent.spawn(worker._flush_loop)
     gevent.spawn(logs.flush_forever)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from kvrouter.config.schema import DIALECTS, SimOptions
-from kvrouter.sim.timing import DEFAULT_KV_CACHE_GB, DEFAULT_MAX_MODEL_LEN, DEFAULT_WEIGHTS_GB, Timing
+from kvrouter.timing import DEFAULT_KV_CACHE_GB, DEFAULT_MAX_MODEL_LEN, DEFAULT_WEIGHTS_GB, Timing
 
 _YAML = SimOptions()  # the options a config's `sim:` block sets share their defaults
 

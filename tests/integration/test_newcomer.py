@@ -2,10 +2,13 @@
 with nothing beside it, must hold everything its test tiers need."""
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
-from tests.helpers import ROOT
+import pytest
+
+from tests.helpers import PY, ROOT, Proc, free_port, instance_yaml, wait_until
 
 
 def _copy_of_the_checkout(dest):
@@ -33,3 +36,82 @@ def test_every_tier_is_collected_from_a_lone_clone(tmp_path):
                          env=env, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "tests/systemd/test_units.py::" in out.stdout
+
+
+def _listening_socket():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    return sock
+
+
+def test_a_busy_port_is_named_before_anything_starts(tmp_path):
+    taken = _listening_socket()
+    port = taken.getsockname()[1]
+    eng_port = free_port()
+    cfg = tmp_path / "kvrouter.yaml"
+    cfg.write_text("router: {router_host: 127.0.0.1, router_port: %d}\ninstances:\n%s"
+                   % (port, instance_yaml("a", "m/a", eng_port)))
+    try:
+        out = subprocess.run([PY, "-m", "kvrouter", "render", str(cfg), "--out",
+                              str(tmp_path / "etc"), "--apply"], capture_output=True,
+                             text=True, timeout=60)
+    finally:
+        taken.close()
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"router: 127.0.0.1:{port} is in use by pid {os.getpid()}" in out.stderr
+    assert f"set router.router_port in {cfg}" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "etc" / "run" / "supervisord.pid").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_router_that_cannot_listen_says_why_and_exits_instead_of_looping(tmp_path, workers):
+    taken = _listening_socket()
+    port = taken.getsockname()[1]
+    cfg = tmp_path / "kvrouter.yaml"
+    cfg.write_text("router: {router_host: 127.0.0.1, router_port: %d, workers: %d}\n"
+                   "instances:\n%s" % (port, workers, instance_yaml("a", "m/a", free_port())))
+    try:
+        proc = Proc([PY, "-m", "kvrouter", "serve", str(cfg)])
+        try:
+            code = proc.p.wait(30)
+            text = proc.output()
+        finally:
+            proc.stop()
+    finally:
+        taken.close()
+    assert code == 2, text
+    assert f"cannot listen on 127.0.0.1:{port}: 127.0.0.1:{port} is in use by pid " \
+        f"{os.getpid()}" in text and "router.router_port" in text
+    assert "Traceback" not in text and "starting another" not in text
+
+
+def test_wait_ready_shows_what_supervisord_says_of_a_router_that_cannot_start(short_tmp):
+    from tests.helpers import supervised
+
+    port = free_port()
+    cfg_text = "router: {router_host: 127.0.0.1, router_port: %d}\ninstances:\n%s" % (
+        port, instance_yaml("a", "m/a", free_port()))
+    from kvrouter.control.supervisor import Supervisor
+
+    sup, out = supervised(cfg_text, short_tmp)
+    sup = Supervisor(sup.socket_path, timeout=60)
+    try:
+        wait_until(lambda: sup.process_info("kvrouter")["statename"] == "RUNNING", 30)
+        sup.stop("kvrouter")
+        taken = socket.socket()
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", port))
+        taken.listen(8)
+        try:
+            sup.start("kvrouter", wait=False)
+            res = subprocess.run([PY, "-m", "kvrouter", "wait-ready",
+                                  os.path.join(short_tmp, "kvrouter.yaml"), "--timeout", "4",
+                                  "--out", out], capture_output=True, text=True, timeout=60)
+        finally:
+            taken.close()
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert "supervisord: the router program is" in res.stderr, res.stderr
+        assert f"cannot listen on 127.0.0.1:{port}" in res.stderr
+    finally:
+        sup.shutdown()

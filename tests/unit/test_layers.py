@@ -10,7 +10,7 @@ from tests.helpers import ROOT
 LAYERS = {
     "kvrouter": 1, "kvrouter.errors": 1, "kvrouter.versions": 1, "kvrouter.http": 1,
     "kvrouter.config": 1, "kvrouter.traffic": 1, "kvrouter.control.states": 1,
-    "kvrouter.kvpool": 1, "kvrouter.logs": 1, "kvrouter.sim.timing": 1,
+    "kvrouter.kvpool": 1, "kvrouter.logs": 1, "kvrouter.timing": 1,
     "kvrouter.sim": 2, "kvrouter.render": 2,
     "kvrouter.control.policy": 2, "kvrouter.control.kvplan": 2, "kvrouter.control.process": 2,
     "kvrouter.control.supervisor": 2, "kvrouter.control.memo": 2, "kvrouter.engines": 2,
@@ -36,7 +36,7 @@ FORBIDDEN = {
                      "kvrouter.engines", "kvrouter.http"),
 }
 PURE = ("kvrouter.control.states", "kvrouter.control.policy", "kvrouter.control.kvplan",
-        "kvrouter.control.policies", "kvrouter.sim.timing")
+        "kvrouter.control.policies", "kvrouter.timing")
 
 
 def _layer(module):

@@ -1,0 +1,50 @@
+"""The router's listening side, the same for the single process, the owner and each worker:
+its HTTP server (limits from the config, the API key checked on the headers), the
+SO_REUSEPORT listener workers share, and the header a worker proves itself to the owner
+with."""
+from __future__ import annotations
+
+import socket
+from typing import Callable
+
+from kvrouter.config.schema import Config
+from kvrouter.http.limits import ServerLimits
+from kvrouter.http.server import HTTPServer
+from kvrouter.router.auth import require_api_key
+
+SECRET_HEADER = "x-kvrouter-owner-secret"
+
+
+def apply_limits(limits: ServerLimits, cfg: Config) -> None:
+    r = cfg.router
+    limits.max_body_bytes = int(r.max_body_mb * 1024 * 1024)
+    limits.write_timeout = r.stream_idle_timeout_seconds
+    limits.header_timeout = r.header_timeout_seconds
+    limits.keepalive_timeout = r.keepalive_timeout_seconds
+
+
+def router_http_server(listener, handler, get_cfg: Callable[[], Config]) -> HTTPServer:
+    """The router's HTTP server (the single process, the owner, each worker): its limits
+    from the config, the API key checked on the headers, so an unauthenticated body is
+    never read (``get_cfg``: the config in force, which a reload replaces)."""
+    cfg = get_cfg()
+    limits = ServerLimits(max_connections=cfg.router.max_connections)
+    apply_limits(limits, cfg)
+
+    def precheck(req) -> None:
+        keys = get_cfg().router.api_keys
+        if keys and req.path.startswith("/v1/"):
+            require_api_key(req.headers.get("authorization"), keys)
+
+    return HTTPServer(listener, handler, limits, precheck=precheck)
+
+
+def reuseport_listener(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
