@@ -132,6 +132,8 @@ def render(config, out_dir, strict, apply, host):
         conf = os.path.join(out_abs, "supervisord.conf")
         if not Supervisor(sock).is_running():
             _refuse_busy_ports(cfg)
+        else:
+            _renew_changed_engines(cfg, conf)
         what = ensure_supervisord(conf, sock)
         click.echo(f"supervisord {what} ({sock})")
         if what == "updated" and changed and cfg.router.enable_router:
@@ -139,6 +141,35 @@ def render(config, out_dir, strict, apply, host):
             res = supervisorctl(conf, "signal", "HUP", "kvrouter", check=False)
             click.echo("router reloaded its config" if res.returncode == 0 else
                        f"could not signal the router: {(res.stdout + res.stderr).strip()}")
+
+
+def _renew_changed_engines(cfg, conf: str) -> None:
+    """Engines whose command line changed are restarted by the router, one at a time, after
+    it has drained them (no stream in flight is cut); `supervisorctl update` would restart
+    them at once. Without a router that answers, update does it as before."""
+    from kvrouter import admin
+    from kvrouter.control.supervisor import supervisorctl
+
+    out = supervisorctl(conf, "reread", check=False).stdout
+    changed = {line.split(":", 1)[0].strip() for line in out.splitlines()
+               if line.strip().endswith(": changed")}
+    for inst in cfg.instances:
+        if inst.program_name not in changed or not cfg.router.enable_router:
+            continue
+        click.echo(f"{inst.program_name}: command line changed: draining {inst.model}, then "
+                   "restarting it")
+        try:
+            code, body = admin.call(cfg, "POST", admin.model_path("/model/restart", inst.model))
+        except KvrouterError as err:
+            click.echo(f"{inst.program_name}: the router did not answer ({err}); supervisord "
+                       "restarts it now", err=True)
+            continue
+        if code == 200:
+            click.echo(f"{inst.program_name}: restarted with its new command line")
+        else:
+            click.echo(f"{inst.program_name}: the router could not restart it ("
+                       f"{body.get('error', {}).get('message', code)}); supervisord restarts "
+                       "it now", err=True)
 
 
 def _refuse_busy_ports(cfg) -> None:

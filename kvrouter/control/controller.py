@@ -202,6 +202,14 @@ class Controller:
             raise TransitionError(result.message)
         return entry.state
 
+    def renew(self, entry: ModelEntry, reason: str = "new command line") -> State:
+        """Drain the model, then restart its engine with the process manager's new
+        definition. Raises TransitionError when it cannot."""
+        result = self.transitions.renew(entry, reason)
+        if not result.ok:
+            raise TransitionError(result.message)
+        return entry.state
+
     def request_wake(self, entry: ModelEntry, reason: str) -> gevent.Greenlet:
         """Start the wake unless one runs (single flight). The greenlet's value is a Result."""
         task = entry.wake_task

@@ -41,6 +41,11 @@ class ProcessControl:
         self.stop(inst)
         self.start(inst)
 
+    def renew(self, inst: Instance) -> None:
+        """Restart the engine with the process manager's current definition of it (a
+        changed command line or environment that ``kvrouter render`` wrote)."""
+        self.restart(inst)
+
     def is_running(self, inst: Instance) -> Optional[bool]:
         """Whether the process manager runs (or is starting) the engine; None: cannot say."""
         return None
@@ -98,6 +103,23 @@ class SupervisorControl(ProcessControl):
     def stop(self, inst: Instance) -> None:
         self._call("stop", inst, "NOT_RUNNING", wait=True)
 
+    def renew(self, inst: Instance) -> None:
+        """What ``supervisorctl reread`` then ``update NAME`` do: read the config file again
+        and, when the program changed, stop it and add it back (autostart starts it)."""
+        name = inst.supervisor_name
+        try:
+            _added, changed, _removed = self.sup.rpc.reloadConfig()[0]
+            if name not in changed:
+                self.restart(inst)
+                return
+            self.stop(inst)
+            self.sup.rpc.removeProcessGroup(name)
+            self.sup.rpc.addProcessGroup(name)
+        except xmlrpc.client.Fault as err:
+            raise ProcessControlError(f"supervisord update {name}: {err.faultString}") from None
+        except OSError as err:
+            raise ProcessControlError(f"supervisord unreachable: {err}") from None
+
     def log_tail(self, program: str, unit: str, nbytes: int = LOG_TAIL_BYTES) -> str:
         try:
             text, _, _ = self.sup.rpc.tailProcessStdoutLog(program, 0, nbytes)
@@ -150,6 +172,14 @@ class SystemdControl(ProcessControl):
     def stop(self, inst: Instance) -> None:
         self._run("stop", inst)
 
+    def renew(self, inst: Instance) -> None:
+        try:
+            subprocess.run(["systemctl", "--user", "daemon-reload"], capture_output=True,
+                           timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise ProcessControlError(f"systemctl --user daemon-reload: {err}") from None
+        self._run("restart", inst)
+
     def log_tail(self, program: str, unit: str, nbytes: int = LOG_TAIL_BYTES) -> str:
         try:
             out = subprocess.run(["journalctl", "--user-unit", unit, "-n", "200", "-o", "cat",
@@ -196,6 +226,9 @@ class HostsControl(ProcessControl):
 
     def restart(self, inst: Instance) -> None:
         self._for(inst).restart(inst)
+
+    def renew(self, inst: Instance) -> None:
+        self._for(inst).renew(inst)
 
     def is_running(self, inst: Instance) -> Optional[bool]:
         return self._for(inst).is_running(inst)

@@ -40,7 +40,8 @@ ALLOWED: Dict[State, FrozenSet[State]] = {
     S.STARTING: frozenset({S.READY, S.SLEEPING, S.STOPPED, S.FAILED}),
     # READY -> SLEEPING: the engine was put to sleep outside kvrouter (seen by a probe)
     S.READY: frozenset({S.DRAINING, S.FAILED, S.SLEEPING}),
-    S.DRAINING: frozenset({S.SLEEPING, S.READY, S.FAILED}),
+    # DRAINING -> STARTING: drained for a new command line, the engine restarts with it
+    S.DRAINING: frozenset({S.SLEEPING, S.READY, S.FAILED, S.STARTING}),
     S.SLEEPING: frozenset({S.WAKING, S.STOPPED, S.FAILED}),
     S.WAKING: frozenset({S.READY, S.FAILED}),
     # a start (request or wake), or an engine started outside kvrouter found by a probe

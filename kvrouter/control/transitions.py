@@ -310,6 +310,44 @@ class Transitions:
         adapter.warm_up()
 
     # --- restart ------------------------------------------------------------------------------
+    def renew(self, entry: ModelEntry, reason: str) -> Result:
+        """The engine's command line changed (``kvrouter render``): drain it (new requests
+        wait, those in flight finish, for DRAIN_TIMEOUT at most), then have the process
+        manager restart it with the new one; the waiting requests go to the new engine
+        once it is ready. A model that is not ready is restarted without waiting."""
+        ctl = self.ctl
+        if not ctl.process.can_control(entry.inst):
+            return refused(f"no process manager controls {entry.inst.name}'s engine")
+        with entry.lock:
+            lease = ctl.coord.acquire(entry)
+            if lease is None:
+                return refused(f"another router is changing model {entry.name!r}")
+            with holding(entry, lease):
+                ready = entry.state is State.READY
+                started = ctl.clock()
+                if ready:
+                    ctl.set_state(entry, State.DRAINING, f"{reason}: draining")
+                    why_not = self._drain(entry, True, started) or ctl.coord.drain(
+                        entry, lease, True, started + self.DRAIN_TIMEOUT)
+                    if why_not:
+                        log.warning("%s: %s; restarting anyway", entry.name, why_not)
+                try:
+                    lease.check()
+                    ctl.process.renew(entry.inst)
+                except (ProcessControlError, LeaseLost) as err:
+                    if ready:
+                        ctl.set_state(entry, State.READY, f"restart refused: {err}")
+                    return refused(str(err))
+                entry.pool.close_idle()
+                entry.adapter.process_started()
+                self._record(entry, "restart", True, ctl.clock() - started)
+                log.info("%s: restarted by %s with its new definition (%s)", entry.name,
+                         ctl.process.kind, reason)
+                if ready:
+                    ctl.set_state(entry, State.STARTING, reason)
+                entry.poke.set()
+        return done()
+
     def restart(self, entry: ModelEntry) -> None:
         """Restart a failed engine through the process manager, with backoff (no storms)."""
         ctl = self.ctl

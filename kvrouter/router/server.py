@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from kvrouter.config import load_config
 from kvrouter.config.schema import Config
 from kvrouter.control.controller import Controller
-from kvrouter.control.process import ProcessControl
+from kvrouter.control.process import ProcessControl, process_control_for
 from kvrouter.control.reload import reconfigure
 from kvrouter.errors import KvrouterError
 from kvrouter.http.server import HTTPServer
@@ -93,6 +93,15 @@ class RouterContext:
                 (cfg.router.router_host, cfg.router.router_port):
             log.warning("reload: the listen address changed to %s:%d; restart the router to "
                         "move it", cfg.router.router_host, cfg.router.router_port)
+        if old.router.workers != cfg.router.workers:
+            log.warning("reload: router.workers changed from %s to %s; it takes effect when "
+                        "the router restarts (supervisorctl restart kvrouter, or systemctl "
+                        "--user restart kvrouter)", old.router.workers or "auto",
+                        cfg.router.workers or "auto")
+        if old.process_manager != cfg.process_manager:
+            self.controller.process = process_control_for(cfg)
+            log.info("reload: process_manager is now %s (deep sleep, restarts and logs go "
+                     "through %s)", cfg.process_manager, self.controller.process.kind)
         if old.cluster != cfg.cluster:
             log.warning("reload: the cluster section changed; restart the router to apply it "
                         "(its Redis, hosts and leases stay as they were)")

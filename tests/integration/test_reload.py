@@ -91,3 +91,44 @@ def test_yaml_edit_reaches_the_router_without_losing_a_request():
         assert f"{path}:" in text and "bogus_key" in text
         assert http("POST", base + "/v1/completions",
                     {"model": B, "prompt": "x", "max_tokens": 2})[0] == 200
+
+
+def test_a_changed_engine_command_line_restarts_it_only_after_its_streams_finish():
+    folder = tempfile.mkdtemp(prefix="kvr-", dir="/tmp")
+    rp, pa, pb = free_port(), free_port(), free_port()
+    base = f"http://127.0.0.1:{rp}"
+    path = os.path.join(folder, "kvrouter.yaml")
+    with supervised_stack(_config(rp, pa, pb, 300, False), base, folder=folder) as sup:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
+
+        def stream(i):
+            tokens, reason = 0, None
+            for chunk in client.completions.create(model=A, prompt=f"s{i}", max_tokens=60,
+                                                   stream=True,
+                                                   extra_body={"ignore_eos": True}):
+                tokens += 1
+                reason = chunk.choices[0].finish_reason or reason
+            return tokens, reason
+
+        pid = sup.process_info("engine-a")["pid"]
+        results = {}
+        t = threading.Thread(target=lambda: results.update(out=run_concurrently(stream, 40)))
+        t.start()
+        wait_until(lambda: get_json(f"http://127.0.0.1:{pa}/sim/stats")[1]["running"] >= 30,
+                   10, what="streams running")
+        with open(path, "w") as fh:   # engine a's command line changes (its ITL)
+            fh.write(_config(rp, pa, pb, 300, False).replace("itl_ms: 25", "itl_ms: 20"))
+        r = subprocess.run([PY, "-m", "kvrouter", "render", path, "--out",
+                            os.path.join(folder, "etc"), "--apply"], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "engine-a: restarted with its new command line" in r.stdout, r.stdout + r.stderr
+        # requests sent while it restarts wait for the new engine and are served
+        late = run_concurrently(lambda i: http("POST", base + "/v1/completions", {
+            "model": A, "prompt": "late", "max_tokens": 2}, timeout=60)[0], 5)
+        t.join(60)
+        done, errors = results["out"]
+        assert errors == [] and len(done) == 40, errors[:3]
+        assert all(n >= 60 and reason == "length" for n, reason in done), done[:3]
+        assert late[1] == [] and set(late[0]) == {200}, late
+        assert sup.process_info("engine-a")["pid"] != pid

@@ -75,6 +75,15 @@ def wake_model(model):
                        frozenset({State.READY}))
 
 
+def restart_model(model):
+    """POST /model/restart/{model}: drain the model, then restart its engine with the
+    process manager's current definition (``kvrouter render --apply`` calls this for each
+    engine whose command line changed)."""
+    controller = router().controller
+    return _transition(model, lambda e: controller.renew(e, "new command line"), "restarted",
+                       "restart", frozenset())
+
+
 def kv_limit(model):
     """POST /model/kv/{model}?limit=8G: set the model's kvcached pool limit (admin token);
     the engine grows or shrinks its KV pool to it, as after `kvctl limit`."""
@@ -141,7 +150,8 @@ bp.add_url_rule("/model/kv/<path:model>", "kv_limit", kv_limit, methods=["POST"]
 for _path, _view in (("/model/sleep/<path:model>", sleep_model),
                      ("/action/sleep/<path:model>", sleep_model),
                      ("/model/wake/<path:model>", wake_model),
-                     ("/action/wakeup/<path:model>", wake_model)):
+                     ("/action/wakeup/<path:model>", wake_model),
+                     ("/model/restart/<path:model>", restart_model)):
     bp.add_url_rule(_path, f"{_view.__name__}{_path}", _view, methods=["POST"])
 for _path, _get in (("/model/sleep/status", sleep_status), ("/sleep/status", sleep_status),
                     ("/model/sleep/candidates", candidates), ("/sleep/candidates", candidates)):
