@@ -97,7 +97,7 @@ bench-policy: install
 
 ## copy the rendered systemd user units and reload: then `systemctl --user start kvrouter`
 install-units: install
-	$(KV) render $(CONFIG) --out $(OUT)
+	$(KV) render $(CONFIG) --out $(OUT) --only systemd
 	mkdir -p $(HOME)/.config/systemd/user
 	cp $(OUT)/systemd/*.service $(OUT)/systemd/*.target $(HOME)/.config/systemd/user/
 	systemctl --user daemon-reload

@@ -99,12 +99,17 @@ def validate(config, strict):
               help="Folder for supervisord.conf and systemd/.")
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
 @click.option("--apply", is_flag=True,
-              help="Then start supervisord with the result, or reread+update a running one.")
+              help="Then bring the stack to it: start supervisord, or reread+update a running "
+              "one; with process_manager: systemd, install the units and daemon-reload. "
+              "Engines whose command line changed are drained first, then restarted.")
+@click.option("--only", type=click.Choice(["supervisord", "systemd"]), default=None,
+              help="Write only these files (leave the others as the last render wrote them).")
 @click.option("--host", "host", default=None, metavar="NAME",
               help="Render only what runs on this host of cluster.hosts (its engines, and its "
               "router when it runs one).")
-def render(config, out_dir, strict, apply, host):
+def render(config, out_dir, strict, apply, only, host):
     """Render supervisord and systemd files for CONFIG into --out."""
+    from kvrouter import stack
     from kvrouter.config.cluster import on_host
     from kvrouter.render import RenderOptions, compile_config, socket_path, write_files
     from kvrouter.render.compile import private_files
@@ -118,95 +123,23 @@ def render(config, out_dir, strict, apply, host):
     sock = socket_path(out_abs)
     dirs = [os.path.join(out_abs, "run"), cfg.log_dir or os.path.join(out_abs, "logs"),
             os.path.dirname(sock)]
-    report = write_files(out_dir, files, extra_dirs=dirs, private=private_files(files))
+    if apply and not only:   # a stack under systemd never needs supervisord's files
+        only = "systemd" if cfg.process_manager == "systemd" else None
+    report = write_files(out_dir, files, extra_dirs=dirs, private=private_files(files),
+                         scope=lambda rel: only is None or
+                         rel.startswith("systemd/") == (only == "systemd"))
     for rel in report["written"]:
         click.echo(f"wrote {os.path.join(out_dir, rel)}")
     for rel in report["removed"]:
         click.echo(f"removed {os.path.join(out_dir, rel)}")
     if report["unchanged"]:
         click.echo(f"{len(report['unchanged'])} files unchanged in {out_dir}")
-    changed = _config_changed(cfg.source, os.path.join(out_abs, "run", "config.sha256"))
-    if apply:
-        from kvrouter.control.supervisor import Supervisor, ensure_supervisord, supervisorctl
-
-        conf = os.path.join(out_abs, "supervisord.conf")
-        if not Supervisor(sock).is_running():
-            _refuse_busy_ports(cfg)
-        else:
-            _renew_changed_engines(cfg, conf)
-        what = ensure_supervisord(conf, sock)
-        click.echo(f"supervisord {what} ({sock})")
-        if what == "updated" and changed and cfg.router.enable_router:
-            # the router reads the YAML itself: an edit reaches it by a reload (SIGHUP)
-            res = supervisorctl(conf, "signal", "HUP", "kvrouter", check=False)
-            click.echo("router reloaded its config" if res.returncode == 0 else
-                       f"could not signal the router: {(res.stdout + res.stderr).strip()}")
-
-
-def _renew_changed_engines(cfg, conf: str) -> None:
-    """Engines whose command line changed are restarted by the router, one at a time, after
-    it has drained them (no stream in flight is cut); `supervisorctl update` would restart
-    them at once. Without a router that answers, update does it as before."""
-    from kvrouter import admin
-    from kvrouter.control.supervisor import supervisorctl
-
-    out = supervisorctl(conf, "reread", check=False).stdout
-    changed = {line.split(":", 1)[0].strip() for line in out.splitlines()
-               if line.strip().endswith(": changed")}
-    for inst in cfg.instances:
-        if inst.program_name not in changed or not cfg.router.enable_router:
-            continue
-        click.echo(f"{inst.program_name}: command line changed: draining {inst.model}, then "
-                   "restarting it")
-        try:
-            code, body = admin.call(cfg, "POST", admin.model_path("/model/restart", inst.model))
-        except KvrouterError as err:
-            click.echo(f"{inst.program_name}: the router did not answer ({err}); supervisord "
-                       "restarts it now", err=True)
-            continue
-        if code == 200:
-            click.echo(f"{inst.program_name}: restarted with its new command line")
-        else:
-            click.echo(f"{inst.program_name}: the router could not restart it ("
-                       f"{body.get('error', {}).get('message', code)}); supervisord restarts "
-                       "it now", err=True)
-
-
-def _refuse_busy_ports(cfg) -> None:
-    """Before supervisord starts anything: every port the router and the engines will listen
-    on must be free, or the error says which, who holds it, and which key to change."""
-    from kvrouter import ports
-
-    busy = []
-    r = cfg.router
-    if r.enable_router and ports.in_use(r.router_host, r.router_port):
-        busy.append(f"router: {ports.describe(r.router_host, r.router_port)}; set "
-                    f"router.router_port in {cfg.source} (and use that port in your URLs)")
-    for inst in cfg.instances:
-        host = "127.0.0.1" if inst.listen_host in ("localhost", "") else inst.listen_host
-        if ports.in_use(host, inst.port):
-            busy.append(f"instance {inst.name}: {ports.describe(host, inst.port)}; change "
-                        f"its --port in engine_args in {cfg.source}")
-    if busy:
-        raise KvrouterError("cannot start: ports in use (stop the program holding each, or "
-                            "change the config):\n  " + "\n  ".join(busy))
-
-
-def _config_changed(source: str, digest_path: str) -> bool:
-    """Whether the YAML differs from the one of the last render (and remember this one)."""
-    import hashlib
-
-    with open(source, "rb") as fh:
-        digest = hashlib.sha256(fh.read()).hexdigest()
-    try:
-        with open(digest_path, encoding="utf-8") as fh:
-            before = fh.read().strip()
-    except OSError:
-        before = ""
-    os.makedirs(os.path.dirname(digest_path), exist_ok=True)
-    with open(digest_path, "w", encoding="utf-8") as fh:
-        fh.write(digest + "\n")
-    return before != digest
+    changed = stack.config_changed(cfg.source, os.path.join(out_abs, "run", "config.sha256"))
+    if apply and cfg.process_manager == "systemd":
+        stack.apply_systemd(cfg, out_abs, report["written"] + report["removed"], changed,
+                            click.echo)
+    elif apply:
+        stack.apply_supervisord(cfg, out_abs, sock, changed, click.echo)
 
 
 @cli.command()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 from kvrouter.errors import RenderError
 
@@ -27,12 +27,18 @@ def _read_manifest(out_dir: str) -> List[str]:
 
 
 def write_files(out_dir: str, files: Dict[str, str], extra_dirs=(),
-                private=()) -> Dict[str, List[str]]:
+                private=(), scope: Callable[[str], bool] = lambda rel: True
+                ) -> Dict[str, List[str]]:
     """Write ``files`` under out_dir (those in ``private``, which hold credentials, readable
-    by their owner only); return {"written": [...], "unchanged": [...], "removed": [...]}."""
+    by their owner only); return {"written": [...], "unchanged": [...], "removed": [...]}.
+    Only the files ``scope`` admits are written or removed (``render --only systemd``);
+    what the last render wrote outside it is left as it is."""
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    owned = set(_read_manifest(out_dir))
+    files = {rel: text for rel, text in files.items() if scope(rel)}
+    listed = set(_read_manifest(out_dir))
+    outside = {rel for rel in listed if not scope(rel)}
+    owned = listed - outside
     for rel in sorted(files):
         path = os.path.join(out_dir, rel)
         if os.path.exists(path) and rel not in owned:
@@ -64,7 +70,7 @@ def write_files(out_dir: str, files: Dict[str, str], extra_dirs=(),
         if os.path.isfile(path):
             os.remove(path)
             report["removed"].append(rel)
-    manifest = json.dumps({"files": sorted(files)}, indent=1) + "\n"
+    manifest = json.dumps({"files": sorted(set(files) | outside)}, indent=1) + "\n"
     with open(os.path.join(out_dir, MANIFEST), "w", encoding="utf-8") as fh:
         fh.write(manifest)
     for d in extra_dirs:

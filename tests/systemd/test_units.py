@@ -1,6 +1,7 @@
 """The design card's commands for real: `make install-units`, `systemctl --user start
 kvrouter`, `journalctl --user-unit kvrouter`, engine restarts, deep sleep through
 systemctl, `systemctl --user stop kvrouter`."""
+import json
 import os
 import signal
 import subprocess
@@ -146,6 +147,54 @@ def test_reload_rereads_the_yaml(stack):
     systemctl("reload", "kvrouter")
     wait_until(lambda: get_json(stack["base"] + "/sleep/status")[1]
                ["idle_threshold_seconds"] == 77, 15, what="reloaded")
+
+
+def test_make_render_under_systemd_installs_drains_and_reloads_without_supervisord(stack):
+    """`make render` is the one command for an edit under systemd too: units installed and
+    reloaded, a changed engine drained then restarted, the router reloaded; no supervisord
+    is started and a supervisord.conf of another stack in the folder is left alone."""
+    base, folder = stack["base"], stack["folder"]
+    rp, pa, pd = stack["ports"]
+    etc = os.path.join(folder, "etc")
+    sentinel = os.path.join(etc, "supervisord.conf")
+    with open(sentinel, "w") as fh:
+        fh.write("; the demo's, not ours\n")
+    wait_until(lambda: model_states(base).get(A) == "ready", 30, what="a ready")
+    pid = main_pid("kvrouter-engine-a.service")
+    result = {}
+
+    def slow_stream():
+        result["r"] = http("POST", base + "/v1/completions", {
+            "model": A, "prompt": "x", "max_tokens": 150, "ignore_eos": True}, timeout=60)
+
+    import threading
+
+    t = threading.Thread(target=slow_stream)
+    t.start()
+    wait_until(lambda: http("GET", f"http://127.0.0.1:{pa}/sim/stats")[0] == 200 and
+               get_json(f"http://127.0.0.1:{pa}/sim/stats")[1]["running"] >= 1, 10,
+               what="a request running")
+    path = os.path.join(folder, "kvrouter.yaml")
+    text = config(rp, pa, pd).replace("check_interval_seconds: 0.3,",
+                                      "check_interval_seconds: 0.3, idle_threshold_seconds: 55,")
+    with open(path, "w") as fh:
+        fh.write(text.replace(FAST, FAST.replace("itl_ms: 5", "itl_ms: 4"), 1))
+    out = subprocess.run(["make", "-s", "-C", ROOT, "render", f"CONFIG={path}", f"OUT={etc}"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "a: restarted with its new command line" in out.stdout, out.stdout + out.stderr
+    assert "router reloaded its config" in out.stdout
+    t.join(60)
+    status, _, body = result["r"]
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 150
+    assert main_pid("kvrouter-engine-a.service") not in (0, pid)
+    with open(sentinel) as fh:
+        assert fh.read() == "; the demo's, not ours\n"
+    assert not os.path.exists(os.path.join(etc, "run", "supervisord.pid"))
+    wait_until(lambda: get_json(base + "/sleep/status")[1]["idle_threshold_seconds"] == 55,
+               15, what="reloaded")
+    wait_until(lambda: model_states(base).get(A) == "ready", 30, what="a ready again")
+    assert _complete(base, A)[0] == 200
 
 
 def test_stop_stops_the_engines_too(stack):
