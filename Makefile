@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 SUPERVISORCTL := $(VENV)/bin/supervisorctl -c $(OUT)/supervisord.conf
 PYTEST_ARGS ?=
 
-.PHONY: install engine-env render demo demo-stop status test lint test-unit test-integration \
+.PHONY: install shims engine-env render demo demo-stop status test lint test-unit test-integration \
         test-systemd test-engine bench bench-kv bench-policy install-units clean
 
 install: $(VENV)/.installed
@@ -21,9 +21,34 @@ $(VENV)/.installed: setup.cfg setup.py
 	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	touch $@
 
-## render CONFIG into $(OUT)/ and make sure supervisord runs with it (start, or reread+update);
-## on several hosts (cluster.hosts), each host renders its part: make render HOST=gpu-a
-render: install
+## `supervisorctl` and `kvrouter` on PATH in any shell (the card's `make render && supervisorctl
+## start all`): small scripts in BINDIR (/usr/local/bin when writable, else ~/.local/bin) that
+## run this checkout's venv; supervisorctl uses $(OUT)/supervisord.conf unless -c is given or a
+## supervisord.conf is in the current folder. A command of the same name kvrouter did not put
+## there is left alone.
+BINDIR ?= $(shell test -w /usr/local/bin && echo /usr/local/bin || echo $(HOME)/.local/bin)
+MARK := installed by kvrouter's make render
+shims: install
+	@mkdir -p $(BINDIR)
+	@for cmd in supervisorctl kvrouter; do \
+	  dest=$(BINDIR)/$$cmd; \
+	  if [ -e $$dest ] && ! grep -q "$(MARK)" $$dest 2>/dev/null; then \
+	    echo "$$dest exists and is not kvrouter's: left alone (use $(VENV)/bin/$$cmd)"; continue; fi; \
+	  { echo '#!/bin/sh'; echo "# $(MARK) ($(CURDIR))"; \
+	    if [ $$cmd = supervisorctl ]; then \
+	      echo 'case " $$* " in *" -c "*|*" --configuration"*) exec "$(CURDIR)/$(VENV)/bin/supervisorctl" "$$@";; esac'; \
+	      echo '[ -f supervisord.conf ] || [ -f etc/supervisord.conf ] && exec "$(CURDIR)/$(VENV)/bin/supervisorctl" "$$@"'; \
+	      echo 'exec "$(CURDIR)/$(VENV)/bin/supervisorctl" -c "$(abspath $(OUT))/supervisord.conf" "$$@"'; \
+	    else echo 'exec "$(CURDIR)/$(VENV)/bin/kvrouter" "$$@"'; fi; } > $$dest.tmp && \
+	  chmod 755 $$dest.tmp && mv $$dest.tmp $$dest; \
+	done
+	@case ":$$PATH:" in *":$(BINDIR):"*) ;; *) echo "note: $(BINDIR) is not on PATH: add it, or use $(VENV)/bin/supervisorctl";; esac
+
+## render CONFIG into $(OUT)/ and bring the stack to it: supervisord started (every engine and
+## the router), or reread+update a running one; under process_manager: systemd, the units are
+## installed and reloaded instead. On several hosts (cluster.hosts), each host renders its
+## part: make render HOST=gpu-a
+render: shims
 	$(KV) render $(CONFIG) --out $(OUT) --apply $(if $(HOST),--host $(HOST))
 
 ## the demo: simulated engines + router under supervisord, one chat request through the router

@@ -1,6 +1,7 @@
 """What someone who clones the project meets: the repository alone, in an empty folder
 with nothing beside it, must hold everything its test tiers need."""
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import PY, ROOT, Proc, free_port, instance_yaml, wait_until
+from tests.helpers import PY, ROOT, Proc, free_port, http, instance_yaml, wait_until
 
 
 def _copy_of_the_checkout(dest):
@@ -115,3 +116,29 @@ def test_wait_ready_shows_what_supervisord_says_of_a_router_that_cannot_start(sh
         assert f"cannot listen on 127.0.0.1:{port}" in res.stderr
     finally:
         sup.shutdown()
+
+
+def test_the_card_line_make_render_then_supervisorctl_start_all_in_a_fresh_shell(short_tmp):
+    """`make render && supervisorctl start all`, typed in a new shell with no venv active."""
+    from kvrouter.control.supervisor import Supervisor
+
+    rp = free_port()
+    path = os.path.join(short_tmp, "kvrouter.yaml")
+    with open(path, "w") as fh:
+        fh.write("router: {router_host: 127.0.0.1, router_port: %d}\ninstances:\n%s"
+                 % (rp, instance_yaml("a", "m/a", free_port())))
+    out, bindir = os.path.join(short_tmp, "etc"), os.path.join(short_tmp, "bin")
+    fresh = {"PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin", "HOME": os.environ["HOME"]}
+    cmd = f"make -s -C {ROOT} render CONFIG={path} OUT={out} BINDIR={bindir} " \
+          "&& supervisorctl start all && supervisorctl status"
+    try:
+        res = subprocess.run(["sh", "-c", cmd], cwd=short_tmp, env=fresh, capture_output=True,
+                             text=True, timeout=180)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "supervisord started" in res.stdout and "supervisorctl start all" in res.stdout
+        assert re.search(r"engine-a\s+(RUNNING|STARTING)", res.stdout), res.stdout
+        assert re.search(r"kvrouter\s+(RUNNING|STARTING)", res.stdout), res.stdout
+        wait_until(lambda: http("GET", f"http://127.0.0.1:{rp}/health", timeout=1)[0] == 200,
+                   30, what="router answers")
+    finally:
+        Supervisor(os.path.join(out, "run", "supervisor.sock")).shutdown()
