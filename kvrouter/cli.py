@@ -74,7 +74,8 @@ def validate(config, strict):
     for inst in cfg.instances:
         names = ", ".join(inst.route_names)
         where = f" (host {inst.host})" if inst.host else ""
-        click.echo(f"{inst.name}: {inst.engine} {names} on {inst.base_url}{where}")
+        pool = f"; kvcached pool {inst.kv_pool_path}" if inst.kv_pool_path else ""
+        click.echo(f"{inst.name}: {inst.engine} {names} on {inst.base_url}{where}{pool}")
     cl = cfg.cluster
     for h in cl.hosts:
         engines = [i.name for i in cfg.instances if i.host == h.name]
@@ -338,12 +339,15 @@ def kv_list(config):
     cfg = _load(config)
     rows = [("MODEL", "LIMIT", "USED", "PREALLOC", "FREE", "SEGMENT")]
     for inst, path in _pools(cfg):
-        info = kvpool.read(path)
+        info = kvpool.read_pool(path)
         if info is None:
             rows.append((inst.model, "-", "-", "-", "-", f"{path} (not created yet)"))
-        else:
-            rows.append((inst.model, kvpool.human(info.total), kvpool.human(info.used),
-                         kvpool.human(info.prealloc), kvpool.human(info.free), path))
+            continue
+        groups = kvpool.group_paths(path)
+        more = f" (+{len(groups) - 1} KV groups: {', '.join(os.path.basename(g) for g in groups[1:])})" \
+            if len(groups) > 1 else ""
+        rows.append((inst.model, kvpool.human(info.total), kvpool.human(info.used),
+                     kvpool.human(info.prealloc), kvpool.human(info.free), path + more))
     if len(rows) == 1:
         raise KvrouterError(f"{config}: no instance has kvcached enabled (ENABLE_KVCACHED)")
     from kvrouter.bench.report import grid
@@ -357,25 +361,35 @@ def kv_list(config):
 @click.argument("size")
 @with_config
 def kv_limit(model, size, config):
-    """Set MODEL's KV pool limit to SIZE (8G, 512M, bytes); the engine follows it."""
-    from kvrouter import kvpool
+    """Set MODEL's KV pool limit to SIZE (8G, 512M, bytes); the engine follows it and the
+    arbiter keeps it. SIZE `auto` gives the pool back to the arbiter. MODEL is any of its
+    names, its instance name or its program name."""
+    from kvrouter import admin, kvpool
 
     cfg = _load(config)
+    inst = next((i for i, _ in _pools(cfg) if model in i.known_as), None)
+    if inst is None:
+        known = ", ".join(i.name for i, _ in _pools(cfg)) or "none"
+        raise KvrouterError(f"{model}: not a kvcached-enabled model or instance of {config} "
+                            f"(kvcached-enabled: {known})")
+    if size.strip().lower() == "auto":
+        code, body = admin.call(cfg, "POST", admin.model_path("/model/kv", inst.model) +
+                                "?limit=auto")
+        if code != 200:
+            raise KvrouterError(body.get("error", {}).get("message", f"HTTP {code}"))
+        click.echo(f"{inst.model}: {body['message']}")
+        return
     try:
         total = kvpool.parse_size(size)
+        info = kvpool.set_pool_limit(inst.kv_pool_path or "", total)
     except ValueError as err:
         raise KvrouterError(str(err)) from None
-    for inst, path in _pools(cfg):
-        if model in inst.known_as:
-            try:
-                info = kvpool.set_limit(path, total)
-            except FileNotFoundError:
-                raise KvrouterError(f"{model}: no kvcached pool at {path} (is the engine "
-                                    "running with ENABLE_KVCACHED?)") from None
-            click.echo(f"{inst.model}: KV limit {kvpool.human(info.total)} (used "
-                       f"{kvpool.human(info.used)})")
-            return
-    raise KvrouterError(f"{model}: not a kvcached-enabled model of {config}")
+    except FileNotFoundError:
+        raise KvrouterError(f"{model}: no kvcached pool at {inst.kv_pool_path} (is the engine "
+                            "running with ENABLE_KVCACHED?)") from None
+    click.echo(f"{inst.model}: KV limit {kvpool.human(info.total)} (used "
+               f"{kvpool.human(info.used)}); the router's arbiter keeps it until "
+               f"`kvrouter kv limit {model} auto`")
 
 
 def _add_simulate():

@@ -6,17 +6,31 @@ int64s ``total_size`` (the pool's limit), ``used_size`` and ``prealloc_size``. R
 ``flock(LOCK_SH)``, writers ``flock(LOCK_EX)``; the engine polls ``total_size`` and grows or
 shrinks its pool, and ``kvctl limit NAME SIZE`` changes a limit by writing it.
 
-Checked against kvcached at commit e8e6406 (``kvcached/cli/utils.py``: ``MemInfoStruct``,
-``RwLockedShm``, ``init_kv_cache_limit``; ``kvcached/mem_info_tracker.py``). kvcached lives
-in the engines' virtualenvs, not kvrouter's: this module is its format, not its code.
+Supported: kvcached 0.1.5 and 0.1.6, and its main branch as of commit e8e6406
+(``kvcached/cli/utils.py``: ``MemInfoStruct``, ``RwLockedShm``, ``init_kv_cache_limit``;
+``kvcached/mem_info_tracker.py``; ``kvcached/utils.py``: ``_sanitize_segment``). All three
+write the same 24-byte segment; from 0.1.6 on, an engine with several KV groups (SGLang's
+hybrid models) keeps one segment per group, ``<name>_g<N>`` for N > 0. kvrouter reads a
+model's pool as the sum of its groups and divides a limit among them in proportion.
+
+Two rules of kvcached's are kept here too:
+- the name: kvcached turns every character of ``KVCACHED_IPC_NAME`` that is not a letter,
+  a digit, ``_`` or ``-`` into ``-`` and keeps the first 64 (``ipc_name``);
+- no limit of 0: kvcached's engine reads ``total // layers // 2 == 0`` as "no change" and
+  ``kvctl list`` hides a segment whose limit is not positive, so the smallest limit written
+  is ``MIN_LIMIT`` (1 MiB: less than one 2 MiB page per layer, so nothing is kept).
+
+kvcached lives in the engines' virtualenvs, not kvrouter's: this module is its format, not
+its code.
 """
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 SHM_DIR = "/dev/shm"
 FORMAT = "=qqq"                     # native byte order, as numpy's int64 view in kvcached
@@ -34,10 +48,67 @@ class PoolInfo:
         return max(0, self.total - self.used - self.prealloc)
 
 
-def segment_path(ipc_name: str, group: int = 0, folder: str = SHM_DIR) -> str:
-    """Where kvcached keeps the pool of ``ipc_name`` (an absolute name is a path)."""
-    name = ipc_name if group == 0 else f"{ipc_name}_g{group}"
-    return name if name.startswith("/") else os.path.join(folder, name)
+MIN_LIMIT = 1 << 20
+MAX_LIMIT = (1 << 63) - 1
+
+
+def ipc_name(name: str) -> str:
+    """The segment name kvcached makes of ``KVCACHED_IPC_NAME`` (its ``_sanitize_segment``)."""
+    return "".join(ch if ch.isalnum() or ch in "_-" else "-" for ch in name)[:64]
+
+
+def segment_path(name: str, group: int = 0, folder: str = SHM_DIR) -> str:
+    """Where kvcached keeps group ``group`` of the pool named ``name`` (KVCACHED_IPC_NAME,
+    made safe as kvcached does); an absolute path is taken as it is (tests, tools)."""
+    if name.startswith("/"):
+        return name if group == 0 else f"{name}_g{group}"
+    name = ipc_name(name)
+    return os.path.join(folder, name if group == 0 else f"{name}_g{group}")
+
+
+def group_paths(path: str) -> List[str]:
+    """The segments of the pool whose first group is at ``path``: ``path`` and each
+    ``path_g<N>`` that exists, by N (an engine with one KV group has only ``path``)."""
+    folder, base = os.path.split(path)
+    groups = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        names = []
+    for name in names:
+        rest = name[len(base) + 2:] if name.startswith(base + "_g") else ""
+        if rest.isdigit() and rest[0] != "0":
+            groups.append((int(rest), os.path.join(folder, name)))
+    return [path] + [p for _, p in sorted(groups)]
+
+
+def read_pool(path: str) -> Optional[PoolInfo]:
+    """A model's whole pool: its groups' figures added up (None without a first segment)."""
+    first = read(path)
+    if first is None:
+        return None
+    infos = [first] + [i for i in map(read, group_paths(path)[1:]) if i is not None]
+    return PoolInfo(sum(i.total for i in infos), sum(i.used for i in infos),
+                    sum(i.prealloc for i in infos))
+
+
+def set_pool_limit(path: str, total: int) -> PoolInfo:
+    """Set a model's whole pool to ``total`` bytes, divided among its groups in proportion to
+    their limits now (evenly when none has one), never below ``MIN_LIMIT`` a group. Raises
+    FileNotFoundError when the pool does not exist."""
+    if not 0 <= total <= MAX_LIMIT:
+        raise ValueError(f"a KV limit is from 0 to {MAX_LIMIT} bytes, got {total}")
+    paths = group_paths(path)
+    now = [read(p) for p in paths]
+    if now[0] is None:
+        raise FileNotFoundError(path)
+    weights = [i.total if i is not None else 0 for i in now]
+    if sum(weights) <= 0:
+        weights = [1] * len(paths)
+    infos = [set_limit(p, max(MIN_LIMIT, total * w // sum(weights)))
+             for p, w in zip(paths, weights)]
+    return PoolInfo(sum(i.total for i in infos), sum(i.used for i in infos),
+                    sum(i.prealloc for i in infos))
 
 
 def read(path: str) -> Optional[PoolInfo]:
@@ -73,8 +144,8 @@ def _update(path: str, fn, create: bool) -> PoolInfo:
 def set_limit(path: str, total: int) -> PoolInfo:
     """Write the pool's limit (what ``kvctl limit`` does); used and prealloc are the
     engine's and stay as they are. Raises FileNotFoundError when the pool does not exist."""
-    if total < 0:
-        raise ValueError(f"a KV limit cannot be negative, got {total}")
+    if not 0 <= total <= MAX_LIMIT:
+        raise ValueError(f"a KV limit is from 0 to {MAX_LIMIT} bytes, got {total}")
     return _update(path, lambda old: PoolInfo(total, old.used, old.prealloc), create=False)
 
 
@@ -102,8 +173,10 @@ def parse_size(text: str) -> int:
         value = float(num)
     except ValueError:
         raise ValueError(f"not a size: {text!r} (e.g. 8G, 512M, 1073741824)") from None
-    if unit not in units or value < 0 or value != value:
+    if unit not in units or not 0 <= value < math.inf:
         raise ValueError(f"not a size: {text!r} (e.g. 8G, 512M, 1073741824)")
+    if value * units[unit] > MAX_LIMIT:
+        raise ValueError(f"too large: {text!r} (at most {MAX_LIMIT} bytes)")
     return int(value * units[unit])
 
 

@@ -136,7 +136,7 @@ class RouterMetrics:
             for st in State:
                 state.add_metric([model, st.value], 1 if entry.state is st else 0)
             path = entry.inst.kv_pool_path
-            pool = kvpool.read(path) if path else None
+            pool = kvpool.read_pool(path) if path else None
             if pool is not None:
                 kv.add_metric([model, "limit"], pool.total)
                 kv.add_metric([model, "used"], pool.used)

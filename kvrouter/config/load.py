@@ -15,6 +15,7 @@ import re
 import typing
 from typing import Any, Optional
 
+from kvrouter import kvpool
 from kvrouter.config import schema
 from kvrouter.config.engine_args import parse_engine_args
 from kvrouter.config.hosts import place_on_hosts
@@ -287,6 +288,12 @@ def _resolve_instance(cfg: schema.Config, inst: schema.Instance, index: int,
     enabled = env.get("ENABLE_KVCACHED", "").strip().lower() in _TRUE
     if enabled and "KVCACHED_IPC_NAME" not in env:
         env["KVCACHED_IPC_NAME"] = _ipc_name(inst.name)
+    elif enabled and kvpool.ipc_name(env["KVCACHED_IPC_NAME"]) != env["KVCACHED_IPC_NAME"]:
+        ctx.warnings.append(f"{ctx.source}: {path}: KVCACHED_IPC_NAME="
+                            f"{env['KVCACHED_IPC_NAME']!r}: kvcached "
+                            f"names its pool {kvpool.ipc_name(env['KVCACHED_IPC_NAME'])!r} "
+                            "(characters other than letters, digits, _ and - become -, 64 at "
+                            "most); kvrouter uses that name too")
     sm, own = cfg.sleep_manager, inst.sleep
     return dataclasses.replace(
         inst, listen_host=args.host or schema.ENGINE_LISTEN_DEFAULT[inst.engine], port=port,

@@ -170,6 +170,9 @@ class SimOptions:
         0.05, "Fixed time added to every sleep, wake and weights reload.", min=0)
     disk_bandwidth_gbps: float = setting(
         2.0, "GB/s at which weights load from disk (the wake after a level-2 sleep).", min=0.001)
+    kv_groups: int = setting(
+        1, "KV cache groups (SGLang's hybrid models): with kvcached, one pool segment per "
+        "group, <name>_g<N> for N > 0, as kvcached 0.1.6 writes them.", min=1, max=16)
 
 
 @dataclass(frozen=True)
@@ -221,8 +224,10 @@ class Instance:
 
     @property
     def kvcached_ipc_name(self) -> Optional[str]:
-        """The engine's kvcached pool name (KVCACHED_IPC_NAME), when kvcached is on."""
-        return dict(self.env).get("KVCACHED_IPC_NAME") if self.kvcached_enabled else None
+        """The engine's kvcached pool name as kvcached spells it (KVCACHED_IPC_NAME with
+        other characters than letters, digits, ``_`` and ``-`` made ``-``), when it is on."""
+        raw = dict(self.env).get("KVCACHED_IPC_NAME") if self.kvcached_enabled else None
+        return kvpool.ipc_name(raw) if raw else None
 
     @property
     def kv_pool_path(self) -> Optional[str]:

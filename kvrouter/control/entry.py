@@ -42,5 +42,6 @@ class ModelEntry:
         self.wakes = 0
         self.restart_failures = 0
         self.next_restart_at = 0.0
+        self.kv_pinned: Optional[int] = None  # a KV pool limit set by hand: the arbiter keeps it
         self.lease: Optional[Lease] = None   # held by this router's transition now
         self.fence_seen = 0                  # the highest lease token seen (cluster)

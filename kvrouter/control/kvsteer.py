@@ -8,8 +8,12 @@ kvcached pools of the resident single-GPU models on it: demand is the pool's use
 what the engine's waiting requests need (at the engine's current bytes per running
 request). Donors shrink first; receivers grow only into memory the donors' use has left.
 A model going to sleep drops its limit to nothing; a waking one gets what is free on its
-GPU (at least its floor) before traffic is admitted. A limit set by hand (``kvctl``,
-``kvrouter kv limit``) is what the next rebalance starts from.
+GPU (at least its floor) before traffic is admitted.
+
+A limit set by hand (``kvctl limit``, ``kvrouter kv limit``, ``POST /model/kv``) holds: a
+pool whose limit is not the one kvrouter last wrote was set by someone else, and from then
+on the arbiter plans around it (its memory counted as taken, never moved, written again
+after an engine restart) until ``kvrouter kv limit MODEL auto``.
 """
 from __future__ import annotations
 
@@ -45,6 +49,38 @@ class KvSteering:
         self.ctl = ctl
         self.ceilings: Dict[str, int] = {}
         self.wanted_gb: Dict[str, float] = {}   # KV demand past each pool's limit, last seen
+        self.written: Dict[str, int] = {}       # the limit kvrouter last wrote (or first saw)
+        ctl.events.listeners.append(self._on_state)
+
+    def _on_state(self, ev: dict) -> None:
+        """A (re)started engine creates its pool anew: its own limit is the new baseline."""
+        if ev["to"] in ("starting", "failed", "stopped"):
+            self.written.pop(ev["model"], None)
+
+    def observe(self, entry: ModelEntry, info: kvpool.PoolInfo) -> None:
+        """Notice a limit that someone else set (it is not the one kvrouter last wrote), and
+        write a hand-set limit again into a pool its engine created anew."""
+        written = self.written.get(entry.name)
+        if written is None:
+            self.written[entry.name] = info.total
+            if entry.kv_pinned is not None and info.total != entry.kv_pinned:
+                self._set(entry.name, entry.kv_pinned)
+        elif info.total != written:
+            self.written[entry.name] = info.total
+            entry.kv_pinned = info.total
+            log.info("%s: KV limit set by hand to %s: kept until `kvrouter kv limit %s auto`",
+                     entry.name, kvpool.human(info.total), entry.name)
+
+    def pin(self, entry: ModelEntry, limit: Optional[int]) -> Optional[kvpool.PoolInfo]:
+        """A limit set through kvrouter (None: back to the arbiter). Raises
+        FileNotFoundError when the engine has no pool yet."""
+        entry.kv_pinned = None
+        if limit is None:
+            log.info("%s: KV limit back to the arbiter", entry.name)
+            return None
+        info = self._set(entry.name, limit, strict=True)
+        entry.kv_pinned = info.total if info is not None else None
+        return info
 
     def loop(self) -> None:
         """Rebalance every kv_rebalance_seconds (the setting is read again each time)."""
@@ -77,7 +113,8 @@ class KvSteering:
         return _path(entry) is not None and len(_gpus(entry)) == 1
 
     def _available(self, gpu: str) -> int:
-        """Bytes of ``gpu``'s budget the steerable pools on it may share."""
+        """Bytes of ``gpu``'s budget the steerable pools on it may share (a pool whose limit
+        was set by hand holds its limit, or what it uses when that is more)."""
         total = self.budgets().get(gpu, 0.0) * GB
         for e in self.ctl.entries.values():
             if e.state not in RESIDENT or gpu not in _gpus(e):
@@ -86,6 +123,9 @@ class KvSteering:
             total -= (e.inst.weights_gb or 0) * GB * share
             if not self._steerable(e):
                 total -= (e.inst.kv_cache_gb or 0) * GB * share
+            elif e.kv_pinned is not None:
+                info = kvpool.read_pool(_path(e) or "")
+                total -= max(e.kv_pinned, info.used if info else 0)
         return max(0, int(total))
 
     def _pools(self, gpu: str) -> Dict[str, kvplan.Pool]:
@@ -93,9 +133,12 @@ class KvSteering:
         for e in self.ctl.entries.values():
             if e.state not in RESIDENT or not self._steerable(e) or _gpus(e)[0] != gpu:
                 continue
-            info = kvpool.read(_path(e) or "")
+            info = kvpool.read_pool(_path(e) or "")
             if info is None:
                 continue
+            self.observe(e, info)
+            if e.kv_pinned is not None:
+                continue   # held by hand: counted in _available, never moved
             ceiling = self._ceiling(e, info)
             load = e.adapter.load()
             running, waiting = load if load is not None else (0, 0)
@@ -135,7 +178,7 @@ class KvSteering:
             deadline = self.ctl.clock() + DRAIN_WAIT
             while True:
                 for c in shrinks:
-                    info = kvpool.read(_path(self.ctl.entries[c.model]) or "")
+                    info = kvpool.read_pool(_path(self.ctl.entries[c.model]) or "")
                     used[c.model] = info.used if info else 0
                 if all(used[c.model] <= c.new for c in shrinks) or \
                         self.ctl.clock() >= deadline:
@@ -152,16 +195,24 @@ class KvSteering:
                 made.append(kvplan.Change(c.model, c.old, new))
         return made
 
-    def _set(self, model: str, limit: int) -> None:
+    def _set(self, model: str, limit: int, strict: bool = False) -> Optional[kvpool.PoolInfo]:
+        """Write a model's pool limit (never below kvpool.MIN_LIMIT a group: kvcached reads
+        0 as "no change"); what the pool holds then, or None when it could not be written
+        (``strict``: raise instead)."""
         entry = self.ctl.entries.get(model)
         path = _path(entry) if entry else None
         if path is None:
-            return
+            return None
         try:
-            kvpool.set_limit(path, max(0, limit))
-            log.info("%s: KV limit %s", model, kvpool.human(limit))
+            info = kvpool.set_pool_limit(path, max(0, limit))
         except OSError as err:
+            if strict:
+                raise
             log.warning("%s: cannot set the KV limit: %s", model, err)
+            return None
+        self.written[model] = info.total
+        log.info("%s: KV limit %s", model, kvpool.human(info.total))
+        return info
 
     def policy_kv_gb(self, entry: ModelEntry) -> float:
         """The KV memory the sleep policy counts for a model (eviction, "no room").
@@ -172,9 +223,12 @@ class KvSteering:
         declared = entry.inst.kv_cache_gb or 0.0
         if not self.active() or not self._steerable(entry):
             return declared
-        info = kvpool.read(_path(entry) or "")
+        info = kvpool.read_pool(_path(entry) or "")
         if info is None:
             return declared
+        if entry.kv_pinned is not None:
+            return max(entry.kv_pinned, info.used) / GB if entry.state in RESIDENT else \
+                entry.kv_pinned / GB
         floor = self._ceiling(entry, info) * FLOOR_FRACTION
         if entry.state in RESIDENT:
             return max(info.used, floor) / GB
@@ -182,8 +236,9 @@ class KvSteering:
 
     # --- around sleep and wake ------------------------------------------------------------
     def on_sleep(self, entry: ModelEntry) -> None:
-        """An asleep model holds no KV: its limit goes to the others at the next rebalance."""
-        if self.active() and self._steerable(entry):
+        """An asleep model holds no KV: its limit goes to the others at the next rebalance
+        (a limit set by hand stays as it is)."""
+        if self.active() and self._steerable(entry) and entry.kv_pinned is None:
             self._set(entry.name, 0)
 
     def on_wake(self, entry: ModelEntry) -> None:
@@ -191,15 +246,19 @@ class KvSteering:
         path = _path(entry)
         if not self.active() or not self._steerable(entry) or path is None:
             return
-        info = kvpool.read(path)
+        info = kvpool.read_pool(path)
         if info is None:
+            return
+        if entry.kv_pinned is not None:
+            if info.total != entry.kv_pinned:
+                self._set(entry.name, entry.kv_pinned)
             return
         gpu = _gpus(entry)[0]
         taken = 0
         for e in self.ctl.entries.values():
             if e is not entry and e.state in RESIDENT and self._steerable(e) and \
-                    _gpus(e)[0] == gpu:
-                other = kvpool.read(_path(e) or "")
+                    _gpus(e)[0] == gpu and e.kv_pinned is None:
+                other = kvpool.read_pool(_path(e) or "")
                 taken += max(other.total, other.used) if other else 0
         ceiling = self._ceiling(entry, info)
         free = self._available(gpu) - taken

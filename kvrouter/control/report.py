@@ -46,12 +46,14 @@ def kv_pool(entry: ModelEntry) -> Optional[dict]:
     path = entry.inst.kv_pool_path
     if not path:
         return None
-    info = kvpool.read(path)
+    info = kvpool.read_pool(path)
+    groups = len(kvpool.group_paths(path)) if info is not None else 0
+    common = {"segment": path, "source": "kvcached", "groups": groups,
+              "set_by_hand": entry.kv_pinned is not None}
     if info is None:
-        return {"segment": path, "source": "kvcached", "limit_bytes": None,
-                "used_bytes": None, "prealloc_bytes": None}
-    return {"segment": path, "source": "kvcached", "limit_bytes": info.total,
-            "used_bytes": info.used, "prealloc_bytes": info.prealloc}
+        return dict(common, limit_bytes=None, used_bytes=None, prealloc_bytes=None)
+    return dict(common, limit_bytes=info.total, used_bytes=info.used,
+                prealloc_bytes=info.prealloc)
 
 
 def gpu_memory(ctl: Controller) -> dict:

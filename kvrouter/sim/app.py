@@ -423,7 +423,8 @@ def serve(cfg: SimConfig) -> None:
     ipc = os.environ.get("KVCACHED_IPC_NAME")
     if ipc and os.environ.get("ENABLE_KVCACHED", "").lower() in ("1", "true"):
         try:
-            engine.state.segment = KvcachedSegment(ipc, int(cfg.kv_cache_gb * 1024 ** 3))
+            engine.state.segment = KvcachedSegment(ipc, int(cfg.kv_cache_gb * 1024 ** 3),
+                                                   groups=cfg.kv_groups)
             atexit.register(engine.state.segment.close)
         except OSError as err:
             log.warning("cannot create kvcached segment %s: %s", ipc, err)

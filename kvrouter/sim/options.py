@@ -51,6 +51,7 @@ class SimConfig:
     disk_bandwidth_gbps: float = opt(_YAML.disk_bandwidth_gbps)
     kv_bytes_per_token: int = opt(_YAML.kv_bytes_per_token)
     wake_overhead_seconds: float = opt(_YAML.wake_overhead_seconds)
+    kv_groups: int = opt(_YAML.kv_groups, "KV groups: kvcached segments <name>, <name>_g1, ...")
     seed: int = opt(0)
     version: str = opt("", "version to report (default: a recent one of the dialect)",
                        flags=("--version-string",))

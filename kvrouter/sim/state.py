@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from typing import Optional, Set
 
@@ -27,34 +26,40 @@ def crash(reason: str) -> None:
 
 
 class KvcachedSegment:
-    """The engine's kvcached pool segment (``kvrouter.kvpool``): created at start with
-    kv_cache_gb as its limit; the engine writes its usage and reads back the limit, which
-    kvrouter or ``kvctl`` may change while it runs."""
+    """The engine's kvcached pool (``kvrouter.kvpool``): one segment per KV group (group N > 0
+    at ``<name>_g<N>``, as kvcached 0.1.6 does for SGLang's hybrid models), created at start
+    with kv_cache_gb divided among them as their limits; the engine writes its usage (spread
+    over the groups) and reads back the limits, which kvrouter or ``kvctl`` may change
+    while it runs. ``limit`` is the whole pool's."""
 
     RESERVE = 5 * 2 * 1024 ** 2  # kvcached's default: 5 reserved 2 MiB pages, ahead of use
 
-    def __init__(self, name: str, total_bytes: int, folder: str = kvpool.SHM_DIR):
-        safe = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64]
-        self.path = kvpool.segment_path(safe, folder=folder)
-        self.limit = kvpool.create(self.path, total_bytes).total
+    def __init__(self, name: str, total_bytes: int, folder: str = kvpool.SHM_DIR,
+                 groups: int = 1):
+        self.paths = [kvpool.segment_path(name, g, folder=folder) for g in range(groups)]
+        self.path = self.paths[0]
+        self.limit = sum(kvpool.create(p, total_bytes // groups).total for p in self.paths)
 
     def report(self, used: int) -> int:
         """Write ``used`` (and what is preallocated); return the current limit."""
+        n = len(self.paths)
         prealloc = max(0, min(self.RESERVE, self.limit - used))
-        self.limit = kvpool.report_usage(self.path, used, prealloc).total
+        self.limit = sum(kvpool.report_usage(p, used // n, prealloc // n).total
+                         for p in self.paths)
         return self.limit
 
     def refresh(self) -> int:
-        info = kvpool.read(self.path)
-        if info is not None:
-            self.limit = info.total
+        infos = [kvpool.read(p) for p in self.paths]
+        if all(i is not None for i in infos):
+            self.limit = sum(i.total for i in infos if i is not None)
         return self.limit
 
     def close(self) -> None:
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        for path in self.paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 class EngineState:

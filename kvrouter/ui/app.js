@@ -72,7 +72,9 @@
 
   function modelCard(m) {
     const kv = m.kv_pool && m.kv_pool.limit_bytes != null
-      ? gb(m.kv_pool.used_bytes / 2 ** 30) + " / " + gb(m.kv_pool.limit_bytes / 2 ** 30) + " GB (kvcached)"
+      ? gb(m.kv_pool.used_bytes / 2 ** 30) + " / " + gb(m.kv_pool.limit_bytes / 2 ** 30) + " GB (kvcached" +
+        (m.kv_pool.groups > 1 ? ", " + m.kv_pool.groups + " groups" : "") +
+        (m.kv_pool.set_by_hand ? ", limit set by hand" : "") + ")"
       : (m.memory.kv_cache_gb != null ? gb(m.memory.kv_cache_gb) + " GB (config)" : "-");
     const rateMax = Math.max(...m.history.map((h) => h.rate));
     return '<div class="card" data-model="' + esc(m.model) + '">' +

@@ -139,6 +139,13 @@ def test_router_shows_pools_and_sets_limits(tmp_path):
         assert out.returncode == 0 and "0.00/1.00 GiB" in out.stdout, out.stdout + out.stderr
         assert http("POST", r.base + "/model/kv/kv%2Fr?limit=lots",
                     headers={"Authorization": "Bearer tok"})[0] == 400
+        for huge in ("inf", "1e30", "nan", str(1 << 64)):   # a located 400, never a 500
+            status, _, body = http("POST", r.base + f"/model/kv/kv%2Fr?limit={huge}",
+                                   headers={"Authorization": "Bearer tok"})
+            assert status == 400 and b"limit" in body, (huge, status, body)
+        status, _, body = http("POST", r.base + "/model/kv/kv%2Fr?limit=auto",
+                               headers={"Authorization": "Bearer tok"})
+        assert status == 200 and b"back to the arbiter" in body, body
     finally:
         r.stop()
         eng.stop()
@@ -205,7 +212,9 @@ def test_the_router_moves_kv_memory_to_where_the_demand_is(tmp_path):
                    what="B's pool grown, A's shrunk")
         t.join(90)
         assert http("POST", r.base + "/model/sleep/kv%2Fa")[0] == 200
-        wait_until(lambda: limits()["a"] == 0, 5, what="the sleeping model's limit dropped")
+        # to the smallest limit kvcached still applies (0 would read as "unset")
+        wait_until(lambda: limits()["a"] == kvpool.MIN_LIMIT, 5,
+                   what="the sleeping model's limit dropped")
         wait_until(lambda: limits()["b"] >= 7 << 30, 5, what="its memory went to the other")
         stop.set()
         watcher.join()

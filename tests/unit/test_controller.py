@@ -393,6 +393,44 @@ def test_measured_kv_decides_eviction_where_kvcached_pools_exist():
                 os.remove(p)
 
 
+def test_a_hand_set_kv_limit_holds_until_auto_and_a_sleeping_pool_is_never_zero():
+    import uuid
+
+    from kvrouter import kvpool
+
+    tag = uuid.uuid4().hex[:8]
+    ipc = {n: f"kvr_unit_pin_{n}_{tag}" for n in ("a", "b")}
+    extra = {n: f", weights_gb: 4, kv_cache_gb: 16, gpus: 0, kvcached_env: "
+                f"[ENABLE_KVCACHED=true, KVCACHED_IPC_NAME={ipc[n]}]" for n in ipc}
+    paths = {n: kvpool.segment_path(i) for n, i in ipc.items()}
+    try:
+        for p in paths.values():
+            kvpool.create(p, 8 << 30)
+        ctl, _, _ = make(extra_sleep=', gpu_memory_gb: {"0": 24}',
+                         instances=[("a", "m/a", extra["a"]), ("b", "m/b", extra["b"])])
+        a, b = ctl.entries["m/a"], ctl.entries["m/b"]
+        kvpool.report_usage(paths["b"], 6 << 30)     # b is busy: the arbiter feeds it
+        ctl.kv.rebalance()
+        assert kvpool.read(paths["a"]).total < 8 << 30
+        kvpool.set_limit(paths["a"], 5 << 30)        # `kvctl limit` by hand
+        for _ in range(3):
+            ctl.kv.rebalance()
+        assert kvpool.read(paths["a"]).total == 5 << 30
+        assert model_status(ctl, a)["kv_pool"]["set_by_hand"] is True
+        assert kvpool.read(paths["b"]).total <= (24 - 8 - 5) << 30   # planned around it
+        ctl.kv.pin(a, None)                          # `kvrouter kv limit m/a auto`
+        ctl.kv.rebalance()
+        assert kvpool.read(paths["a"]).total != 5 << 30
+        assert model_status(ctl, a)["kv_pool"]["set_by_hand"] is False
+        ctl.sleep(b)
+        total = kvpool.read(paths["b"]).total
+        assert 0 < total == kvpool.MIN_LIMIT          # never what kvcached reads as unset
+    finally:
+        for p in paths.values():
+            if os.path.exists(p):
+                os.remove(p)
+
+
 def test_the_configured_policy_decides_and_a_reload_switches_it():
     import dataclasses
 

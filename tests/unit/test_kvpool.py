@@ -95,3 +95,109 @@ def test_bad_sizes(text):
 
 def test_format_is_24_native_bytes():
     assert kvpool.SIZE == 24 and os.path.basename(kvpool.SHM_DIR) == "shm"
+
+
+def kvctl_lists(path):
+    """kvctl's (and kvtop's) rule for showing a segment: 24 bytes and a positive limit."""
+    return os.stat(path).st_size == 24 and kvcached_read(path)[0] > 0
+
+
+def test_names_follow_kvcached_sanitize_rule():
+    # kvcached/utils.py _sanitize_segment: letters and digits (Unicode's), _ and - stay,
+    # anything else becomes -, 64 characters at most
+    cases = {"my.model": "my-model", "org/model v2": "org-model-v2", "kvcached_a-1": "kvcached_a-1",
+             "Qwën_7B": "Qwën_7B", "a" * 70: "a" * 64, "x:y@z": "x-y-z"}
+    for raw, final in cases.items():
+        assert kvpool.ipc_name(raw) == final
+        assert kvpool.segment_path(raw) == "/dev/shm/" + final
+        assert kvpool.segment_path(raw, group=1) == "/dev/shm/" + final + "_g1"
+
+
+def test_the_config_the_sim_engine_and_validate_agree_on_a_sanitized_name(tmp_path):
+    import subprocess
+
+    from kvrouter.config import load_config
+    from kvrouter.sim.state import KvcachedSegment
+    from tests.helpers import PY
+
+    path = tmp_path / "k.yaml"
+    path.write_text("instances:\n  - {name: a, model: m/a, engine: sim, engine_args: "
+                    "['--port 9001'], kvcached_env: [ENABLE_KVCACHED=true, "
+                    "KVCACHED_IPC_NAME=my.model]}\n")
+    inst = load_config(str(path)).instances[0]
+    assert inst.kv_pool_path == "/dev/shm/my-model"
+    seg = KvcachedSegment("my.model", 1 << 30, folder=str(tmp_path))
+    try:
+        assert seg.path == str(tmp_path / "my-model")
+    finally:
+        seg.close()
+    out = subprocess.run([PY, "-m", "kvrouter", "validate", str(path)], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert "kvcached pool /dev/shm/my-model" in out.stdout
+    assert "KVCACHED_IPC_NAME='my.model': kvcached names its pool 'my-model'" in out.stderr
+
+
+def test_the_segment_bytes_are_kvcached_s_on_this_machine(tmp_path):
+    """kvcached's Python writes an int64 numpy view and its C++ a struct of three int64s:
+    both are these 24 bytes, native (little-endian) order."""
+    import sys
+
+    want = (8 << 30).to_bytes(8, sys.byteorder, signed=True) + \
+        (1 << 30).to_bytes(8, sys.byteorder, signed=True) + \
+        (10 << 20).to_bytes(8, sys.byteorder, signed=True)
+    path = tmp_path / "seg"
+    path.write_bytes(want)
+    assert kvpool.read(str(path)) == kvpool.PoolInfo(8 << 30, 1 << 30, 10 << 20)
+    kvpool.create(str(tmp_path / "ours"), 8 << 30)
+    kvpool.report_usage(str(tmp_path / "ours"), 1 << 30, 10 << 20)
+    assert (tmp_path / "ours").read_bytes() == want
+
+
+def test_no_limit_kvcached_reads_as_unset_is_ever_written(tmp_path):
+    path = str(tmp_path / "m")
+    kvcached_write(path, 4 << 30, 0, 0)
+    kvpool.set_pool_limit(path, 0)
+    total = kvcached_read(path)[0]
+    assert total == kvpool.MIN_LIMIT and kvctl_lists(path)
+    # kvcached's engine resizes only when total // layers // 2 > 0 (up to 256 layers here)
+    assert total // 256 // 2 > 0
+
+
+def test_every_kv_group_is_read_and_steered(tmp_path):
+    base = str(tmp_path / "sgl")
+    kvcached_write(base, 6 << 30, 1 << 30, 0)
+    kvcached_write(base + "_g1", 2 << 30, 1 << 29, 0)      # kvcached 0.1.6: one per KV group
+    kvcached_write(base + "_g2", 0, 0, 0)
+    kvcached_write(str(tmp_path / "sgl_gx"), 1, 1, 1)       # not a group
+    kvcached_write(str(tmp_path / "sglang"), 1, 1, 1)       # another pool
+    assert kvpool.group_paths(base) == [base, base + "_g1", base + "_g2"]
+    assert kvpool.read_pool(base) == kvpool.PoolInfo(8 << 30, (1 << 30) + (1 << 29), 0)
+    info = kvpool.set_pool_limit(base, 16 << 30)             # in proportion: 3 : 1 : (floor)
+    assert kvcached_read(base)[0] == 12 << 30 and kvcached_read(base + "_g1")[0] == 4 << 30
+    assert kvcached_read(base + "_g2")[0] == kvpool.MIN_LIMIT
+    assert info.total == (16 << 30) + kvpool.MIN_LIMIT
+
+
+def test_the_sim_engine_writes_one_segment_per_group(tmp_path):
+    from kvrouter.sim.state import KvcachedSegment
+
+    seg = KvcachedSegment("hyb", 8 << 30, folder=str(tmp_path), groups=3)
+    try:
+        assert [os.path.basename(p) for p in kvpool.group_paths(seg.path)] == \
+            ["hyb", "hyb_g1", "hyb_g2"]
+        seg.report(3 << 30)
+        pool = kvpool.read_pool(seg.path)
+        assert pool.used == 3 << 30 and pool.total == seg.limit
+        kvpool.set_pool_limit(seg.path, 3 << 30)
+        assert seg.refresh() == 3 << 30
+    finally:
+        seg.close()
+    assert not os.listdir(tmp_path)
+
+
+def test_sizes_past_what_a_segment_holds_are_refused():
+    for bad in ("inf", "1e30", "nan", "-1G", f"{1 << 63}", "9e9G"):
+        with pytest.raises(ValueError):
+            kvpool.parse_size(bad)
+    assert kvpool.parse_size("8G") == 8 << 30

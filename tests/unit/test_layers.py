@@ -17,7 +17,8 @@ LAYERS = {
     "kvrouter.control": 3, "kvrouter.metrics": 3, "kvrouter.cluster": 3,
     "kvrouter.router": 4,
     "kvrouter.control.policies": 2,
-    "kvrouter.cli": 5, "kvrouter.admin": 5, "kvrouter.stack": 5, "kvrouter.entry": 5, "kvrouter.__main__": 5, "kvrouter.bench": 5,
+    "kvrouter.cli": 5, "kvrouter.admin": 5, "kvrouter.stack": 5, "kvrouter.entry": 5,
+    "kvrouter.__main__": 5, "kvrouter.bench": 5,
     "kvrouter.lab": 5, "kvrouter.top": 5, "kvrouter.ui": 5,
 }
 # side packages on the foundations only, and peers that must not know each other

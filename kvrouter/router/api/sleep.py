@@ -95,18 +95,21 @@ def kv_limit(model):
                        code="no_kv_pool")
     raw = request.args.get("limit")
     if raw is None:
-        raise BadRequest("limit is required, e.g. ?limit=8G", param="limit")
+        raise BadRequest("limit is required, e.g. ?limit=8G (or auto)", param="limit")
+    total: Optional[int] = None
+    if raw.strip().lower() != "auto":
+        try:
+            total = kvpool.parse_size(raw)
+        except ValueError as err:
+            raise BadRequest(str(err), param="limit") from None
     try:
-        total = kvpool.parse_size(raw)
-    except ValueError as err:
-        raise BadRequest(str(err), param="limit") from None
-    try:
-        kvpool.set_limit(path, total)
+        info = router().controller.kv.pin(entry, total)
     except FileNotFoundError:
         raise Conflict(f"model {entry.name!r} has no kvcached pool yet (engine not started?)",
                        code="no_kv_pool") from None
-    return jsonify({"model_name": entry.name, "success": True,
-                    "message": f"KV pool limit set to {kvpool.human(total)}",
+    message = "KV pool limit back to the arbiter" if info is None else \
+        f"KV pool limit set to {kvpool.human(info.total)}; it holds until limit=auto"
+    return jsonify({"model_name": entry.name, "success": True, "message": message,
                     "kv_pool": report.kv_pool(entry)})
 
 
