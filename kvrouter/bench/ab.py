@@ -1,5 +1,10 @@
 """A/B the router of two checkouts on this machine: ``python -m kvrouter.bench.ab OLD NEW``.
 
+OLD and NEW are folders holding a kvrouter checkout; make the old one from this repository
+with ``git worktree add ../old-checkout HEAD~5`` (any commit), and compare with
+``python -m kvrouter.bench.ab ../old-checkout .``. Each checkout runs with the Python of
+this command (its dependencies must import there).
+
 Each round starts OLD's router, then NEW's (``PYTHONPATH`` set to the checkout), in front
 of the same fixed-JSON backend, and measures SSE events/s (32 streams) and non-streamed
 req/s (wrk c=32, or the built-in load generator); it prints every round and the medians.
@@ -27,18 +32,35 @@ def _router(tree: str, backend: int, router_extra: str = ""):
                  "  - {name: fast, model: bench/model, engine: sim,"
                  " engine_args: ['--host 127.0.0.1 --port %d']}\n"
                  % (port, f", {router_extra}" if router_extra else "", backend))
-    proc = subprocess.Popen([sys.executable, "-m", "kvrouter", "serve", cfg], cwd=tree,
-                            env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    harness.wait_port(port, "/health")
+    log = cfg + ".log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "kvrouter", "serve", cfg], cwd=tree,
+                                env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)),
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        harness.wait_port(port, "/health")
+    except RuntimeError:
+        proc.kill()
+        with open(log, errors="replace") as fh:
+            tail = fh.read()[-1500:]
+        raise SystemExit(f"the router of {tree} did not start:\n{tail}") from None
     time.sleep(0.5)
     return proc, port
 
 
+def checkout(path: str) -> str:
+    """``path`` when it holds a kvrouter checkout; else an error that says how to make one."""
+    if not os.path.isfile(os.path.join(path, "kvrouter", "__init__.py")):
+        raise argparse.ArgumentTypeError(
+            f"{path}: not a kvrouter checkout (no kvrouter/__init__.py there). Make one from "
+            f"this repository: git worktree add {path} COMMIT (e.g. HEAD~5)")
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("old")
-    ap.add_argument("new")
+    ap.add_argument("old", type=checkout, help="the checkout to compare against")
+    ap.add_argument("new", type=checkout, help="the checkout measured against it (e.g. .)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--new-router", default="", metavar="YAML",

@@ -96,3 +96,10 @@ def test_bad_base_url_and_no_success_are_errors():
     r = run("run", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "m",
             "--num-prompts", "2")
     assert r.returncode == 2 and "no request succeeded" in r.stderr and "connect=2" in r.stdout
+
+
+def test_ab_without_a_checkout_says_how_to_make_one(tmp_path):
+    r = subprocess.run([PY, "-m", "kvrouter.bench.ab", str(tmp_path / "old-checkout"), "."],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "not a kvrouter checkout" in r.stderr and "git worktree add" in r.stderr
