@@ -99,3 +99,47 @@ def test_states_and_policy_are_pure():
             ok = top in stdlib or top == "__future__" or any(
                 target == p or target.startswith(p + ".") for p in PURE)
             assert ok, f"{path}:{line}: {module} imports {target}"
+
+
+def _runtime_imports(path, module, modules):
+    """The kvrouter modules ``module`` imports when it runs (anywhere in the file, functions
+    included; not under ``if TYPE_CHECKING:``); ``from pkg import mod`` counts as ``mod``."""
+    with open(path) as fh:
+        tree = ast.parse(fh.read())
+    typing_only = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
+            typing_only.update(id(n) for b in node.body for n in ast.walk(b))
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            subs = [f"{node.module}.{a.name}" for a in node.names]
+            names = [n for n in subs if n in modules] or [node.module]
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                yield name
+
+
+def test_no_module_imports_itself_through_others():
+    """No import circle (docs/design.md): each module can be read, tested and replaced
+    below the ones that use it."""
+    modules = dict(_modules())
+    graph = {m: set(_runtime_imports(p, m, modules)) for m, p in modules.items()}
+    circles = []
+    for start in graph:
+        stack, seen = [(start, (start,))], set()
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    circles.append(" -> ".join(trail + (start,)))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, trail + (nxt,)))
+    assert circles == [], circles[:5]
