@@ -3,6 +3,7 @@ with nothing beside it, must hold everything its test tiers need."""
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -142,3 +143,51 @@ def test_the_card_line_make_render_then_supervisorctl_start_all_in_a_fresh_shell
                    30, what="router answers")
     finally:
         Supervisor(os.path.join(out, "run", "supervisor.sock")).shutdown()
+
+
+def test_the_readme_sleep_and_wake_lines_and_reloads_that_need_a_restart(tmp_path):
+    """`kvrouter sleep llama --level 2` then `kvrouter wake llama` on a config with
+    min_sleep_duration, as the README shows them; then reloads of settings that need a
+    restart (workers) and one that applies at once (process_manager)."""
+    from tests.helpers import Router, SimEngine
+
+    eng = SimEngine("vllm", model="demo/llama", args=["--enable-sleep-mode"])
+    text = ("router: {router_host: 127.0.0.1, router_port: %d}\n"
+            "sleep_manager: {min_sleep_duration: 10}\ninstances:\n%s"
+            % (free_port(), instance_yaml("llama-sim", "demo/llama", eng.port).replace(
+                "    engine: sim\n", "    engine: sim\n    served_model_names: [llama]\n")))
+    r = Router(text, str(tmp_path))
+    try:
+        r.wait_models_ready()
+
+        def cli(*args):
+            return subprocess.run([PY, "-m", "kvrouter", *args, r.path], capture_output=True,
+                                  text=True, timeout=60)
+
+        out = cli("sleep", "llama", "--level", "2")
+        assert out.returncode == 0 and "level 2" in out.stdout, out.stderr
+        out = cli("wake", "llama-sim")                        # the instance name works too
+        assert out.returncode == 2
+        assert "allowed in" in out.stderr and "a request to the model wakes it now" in out.stderr
+        status = http("GET", r.base + "/sleep/status")[2]
+        assert b'"configured_level": 1' in status.replace(b'":1', b'": 1')
+        assert http("POST", r.base + "/v1/completions", {"model": "llama", "prompt": "x",
+                                                         "max_tokens": 2})[0] == 200
+        wait_until(lambda: "refused" in r.proc.output(), 5, what="the refusal logged")
+        assert "Traceback" not in r.proc.output()
+        # a reload: workers need a restart (said), process_manager applies at once
+        with open(r.path) as fh:
+            text = fh.read()
+        with open(r.path, "w") as fh:
+            fh.write("process_manager: systemd\n" + text.replace(
+                "router: {", "router: {workers: 2, "))
+        os.kill(r.proc.p.pid, signal.SIGHUP)
+        wait_until(lambda: "router.workers changed from 1 to 2" in r.proc.output(), 10,
+                   what="the workers warning")
+        assert "takes effect when the router restarts" in r.proc.output()
+        wait_until(lambda: b'"process_manager": "systemd"' in http(
+            "GET", r.base + "/ui/state")[2].replace(b'":"', b'": "'), 10,
+            what="process_manager applied")
+    finally:
+        r.stop()
+        eng.stop()

@@ -201,3 +201,30 @@ def test_sizes_past_what_a_segment_holds_are_refused():
         with pytest.raises(ValueError):
             kvpool.parse_size(bad)
     assert kvpool.parse_size("8G") == 8 << 30
+
+
+def test_kv_limit_takes_the_names_users_see(tmp_path):
+    import subprocess
+    import uuid
+
+    from tests.helpers import PY
+
+    ipc = f"kvr_unit_cli_{uuid.uuid4().hex[:8]}"
+    cfg = tmp_path / "k.yaml"
+    cfg.write_text("instances:\n  - {name: llama-sim, model: demo/llama, engine: sim, "
+                   "engine_args: ['--port 9001'], kvcached_env: [ENABLE_KVCACHED=true, "
+                   f"KVCACHED_IPC_NAME={ipc}]}}\n")
+    path = kvpool.segment_path(ipc)
+    kvpool.create(path, 8 << 30)
+    try:
+        for name, size in (("llama-sim", "2G"), ("engine-llama-sim", "3G"),
+                           ("kvrouter-engine-llama-sim.service", "4G"), ("demo/llama", "5G")):
+            out = subprocess.run([PY, "-m", "kvrouter", "kv", "limit", name, size, str(cfg)],
+                                 capture_output=True, text=True)
+            assert out.returncode == 0, out.stderr
+            assert kvpool.read(path).total == kvpool.parse_size(size)
+        out = subprocess.run([PY, "-m", "kvrouter", "kv", "limit", "nope", "1G", str(cfg)],
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and "kvcached-enabled: llama-sim" in out.stderr
+    finally:
+        os.remove(path)
