@@ -373,6 +373,11 @@ def _semantics(cfg: schema.Config, raw: dict, ctx: Ctx, strict: bool) -> schema.
     raw_clients = raw_bench.get("clients") if isinstance(raw_bench, dict) else None
     check_unique(ctx, clients, "benchmark client name", lambda x: [x.name],
                   lambda i: f"benchmark.clients[{i}]", raw_clients)
+    for i, client in enumerate(clients):
+        if not NAME_RE.match(client.name):   # it names a program and a unit file
+            ctx.error(f"benchmark.clients[{i}].name", "expected letters, digits, '.', '_' or "
+                      f"'-', found {client.name!r}", line_of(raw_clients[i], "name")
+                      if raw_clients else None)
     routable = {n for inst in instances for n in inst.route_names}
     for i, client in enumerate(clients):
         if client.model not in routable:
@@ -430,6 +435,29 @@ def _seed_forms(raw: dict, ctx: Ctx) -> None:
             warn("name", f"missing: named {d['name']!r} after the model, as the seed does")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_control_characters(value: Any, path: str, ctx: Ctx, line: Optional[int] = None) -> None:
+    """No key or string in the config holds a control character (a newline, a tab, NUL):
+    every one reaches a rendered file, a command line or a header, where a newline would
+    start a section of its own (``[program:...]`` in supervisord.conf)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = join(path, key)
+            if isinstance(key, str) and _CONTROL.search(key):
+                ctx.error(where, f"a key holds a control character: {key!r}",
+                          line_of(value, key))
+            _no_control_characters(item, where, ctx, line_of(value, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _no_control_characters(item, f"{path}[{i}]", ctx, line_of(value, i) or line)
+    elif isinstance(value, str) and _CONTROL.search(value):
+        char = _CONTROL.search(value).group()  # type: ignore[union-attr]
+        ctx.error(path, f"holds a control character ({char!r}); names, arguments and values "
+                  f"are single lines: {value!r}", line)
+
+
 def parse_config_text(text: str, source: str = "<config>", base_dir: str = ".",
                       strict: bool = False) -> schema.Config:
     """Validate YAML text; raise ConfigErrors listing every located mistake."""
@@ -445,6 +473,9 @@ def parse_config_text(text: str, source: str = "<config>", base_dir: str = ".",
         raise ConfigErrors([ConfigError(f"expected a mapping at the top level, found "
                                         f"{_type_name(raw)}", source=source)])
     _seed_forms(raw, ctx)
+    _no_control_characters(raw, "", ctx)
+    if ctx.errors:
+        raise ConfigErrors(ctx.errors)
     cfg = _build(schema.Config, raw, "", ctx)
     if cfg is _BAD or ctx.errors:
         raise ConfigErrors(ctx.errors)

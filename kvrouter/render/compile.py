@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import resource
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -17,6 +18,7 @@ from kvrouter.render.argv import Interpreters, bench_argv, engine_argv, router_a
 from kvrouter.render.quoting import (
     supervisor_command,
     supervisor_environment,
+    supervisor_value,
     systemd_environment,
     systemd_exec,
 )
@@ -64,10 +66,40 @@ def templates_dir() -> str:
         os.path.abspath(__file__)))), "templates")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_FILE_NAME = re.compile(r"^(systemd/)?[A-Za-z0-9][A-Za-z0-9_.@-]*$")
+
+
+def _one_line(value: Any) -> Any:
+    """Every value a template writes stays on its line: supervisord.conf and the units are
+    line formats, and a newline in a value would start a section or a directive of its own.
+    (The loader refuses such values with their location; this is the renderer's own guard.)"""
+    if isinstance(value, str) and _CONTROL.search(value):
+        raise RenderError(f"refusing to render a value with a control character: {value!r}")
+    return value
+
+
 def _templates_env() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(templates_dir()), undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False)
+        keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False,
+        finalize=_one_line)
+    # supervisord expands %(name)s in values and systemd its %-specifiers: a literal % is %%
+    env.filters["sv"] = lambda v: supervisor_value(str(v))
+    # a program's log file name is expanded twice (supervisor/options.py: saneget, then
+    # processes_from_section)
+    env.filters["svlog"] = lambda v: supervisor_value(str(v)).replace("%", "%%")
+    env.filters["sd"] = lambda v: str(v).replace("%", "%%")
+    return env
+
+
+def _checked_names(files: Dict[str, str]) -> Dict[str, str]:
+    """A rendered file's name comes from a config name: it stays inside --out."""
+    for rel in files:
+        if not _FILE_NAME.match(rel):
+            raise RenderError(f"refusing to write {rel!r}: a rendered file's name is letters, "
+                              "digits, '.', '_', '@' and '-', inside the output folder")
+    return files
 
 
 def socket_path(out_dir: str) -> str:
@@ -164,7 +196,7 @@ def compile_config(cfg: Config, opts: RenderOptions) -> Dict[str, str]:
             units=target_units, **common)
     except jinja2.TemplateError as err:  # pragma: no cover - template bug
         raise RenderError(f"template error: {err}") from err
-    return files
+    return _checked_names(files)
 
 
 def private_files(files: Dict[str, str]) -> List[str]:

@@ -136,3 +136,83 @@ def test_long_output_folder_moves_socket_to_short_path():
     deep = "/tmp/" + "d" * 120
     assert len(socket_path(deep)) < 100 and socket_path(deep) == socket_path(deep)
     assert socket_path("/srv/etc") == "/srv/etc/run/supervisor.sock"
+
+
+HOSTILE = "[program:evil]\ncommand=/bin/sh -c 'touch /tmp/pwned'"
+
+
+@pytest.mark.parametrize("where, yaml_line", [
+    ("instances[0].model", '    model: "m/a\\n[program:evil]"\n'),
+    ("instances[0].served_model_names[0]", '    served_model_names: ["x\\ny"]\n'),
+    ("instances[0].engine_env[0]", '    engine_env: ["A=1\\nB=2"]\n'),
+    ("instances[0].engine_args[1]", '    engine_args: ["--port 9001", "--x\\r"]\n'),
+    ("instances[0].kvcached_env[0]", '    kvcached_env: ["K=\\tv"]\n'),
+])
+def test_control_characters_are_refused_where_they_are(where, yaml_line):
+    base = {"model": "    model: m/a\n", "engine_args": '    engine_args: ["--port 9001"]\n'}
+    key = yaml_line.strip().split(":")[0]
+    lines = dict(base, **{key: yaml_line})
+    text = "instances:\n  - name: a\n    engine: vllm\n" + "".join(lines.values())
+    from kvrouter.errors import ConfigErrors
+
+    with pytest.raises(ConfigErrors) as err:
+        parse_config_text(text, source="k.yaml")
+    msg = str(err.value.errors[0])
+    assert "k.yaml:" in msg and where in msg and "control character" in msg, msg
+
+
+def test_a_benchmark_client_name_cannot_leave_the_output_folder():
+    from kvrouter.errors import ConfigErrors
+
+    text = ("instances:\n  - {name: a, model: m/a, engine: vllm, engine_args: ['--port 9001']}\n"
+            "benchmark:\n  clients:\n    - {name: ../../etc/evil, model: m/a}\n")
+    with pytest.raises(ConfigErrors, match=r"benchmark.clients\[0\].name: expected letters"):
+        parse_config_text(text, source="k.yaml")
+
+
+def test_the_renderer_refuses_what_the_loader_would_have(tmp_path):
+    """Its own guard, for a Config built in code: no value with a newline reaches a file,
+    and no file name leaves --out."""
+    import dataclasses
+
+    cfg = parse_config_text("instances:\n  - {name: a, model: m/a, engine: vllm, "
+                            "engine_args: ['--port 9001']}\n", base_dir=str(tmp_path))
+    inst = cfg.instances[0]
+    evil = dataclasses.replace(cfg, instances=(dataclasses.replace(inst, model="m\n" +
+                                                                   HOSTILE),))
+    with pytest.raises(RenderError, match="control character"):
+        compile_config(evil, RenderOptions(str(tmp_path / "out"), PY))
+    escape = dataclasses.replace(cfg, instances=(dataclasses.replace(inst, name="../../x"),))
+    with pytest.raises(RenderError, match="refusing to write"):
+        compile_config(escape, RenderOptions(str(tmp_path / "out"), PY))
+
+
+def test_odd_but_legal_values_come_back_exactly_and_start_nothing(tmp_path):
+    """Brackets, semicolons, quotes, % and $ in names, values, arguments and the folder:
+    supervisord's own parser reads back exactly what the config says and no other program;
+    each unit keeps its sections and one Description."""
+    folder = tmp_path / "we%ird (dir)"
+    folder.mkdir()
+    odd = "org/m [program:evil] ; %(here)s $HOME"
+    cfg = parse_config_text(
+        "instances:\n  - name: a\n    model: '%s'\n    engine: vllm\n"
+        "    engine_env: ['NOTE=a,b %%(ENV_HOME)s \"q\" y', 'DOLLAR=$HOME']\n"
+        "    engine_args: ['--port 9001', \"--chat-template '{%% if x %%}[a]; b{%% endif %%}'\"]\n"
+        % odd, source=str(folder / "k.yaml"), base_dir=str(folder))
+    out = folder / "etc"
+    files = compile_config(cfg, RenderOptions(str(out), PY))
+    write_files(str(out), files, extra_dirs=[str(out / "run"), str(out / "logs")])
+    progs = _supervisor_programs(str(out / "supervisord.conf"))
+    assert set(progs) == {"engine-a", "kvrouter"}
+    inst = cfg.instances[0]
+    assert shlex.split(progs["engine-a"].command) == engine_argv(inst, PY)
+    assert progs["engine-a"].environment == dict(inst.env)
+    assert progs["engine-a"].directory == str(folder)
+    for name, text in files.items():
+        if name.endswith(".service"):
+            heads = [ln for ln in text.splitlines() if ln.startswith("[")]
+            assert heads[:2] == ["[Unit]", "[Service]"] and heads[2:] in ([], ["[Install]"]), \
+                (name, heads)
+            assert sum(ln.startswith("Description=") for ln in text.splitlines()) == 1
+    unit = files["systemd/kvrouter-engine-a.service"]
+    assert "%%(here)s" in unit and f"WorkingDirectory={folder}".replace("%", "%%") in unit
