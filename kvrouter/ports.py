@@ -9,7 +9,8 @@ import os
 import socket
 from typing import Optional
 
-EXIT_NO_PORT = 2    # a router that cannot listen exits with this: a restart will not help
+EXIT_NO_PORT = 2    # a router that cannot start (its port taken, its cluster id in use): a
+#                     restart would fail the same way
 
 
 def in_use(host: str, port: int, reuseport: bool = False) -> bool:

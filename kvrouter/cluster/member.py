@@ -20,16 +20,19 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import gevent
 from gevent.queue import Queue
 
+from kvrouter.cluster import wire
 from kvrouter.cluster.lease import RedisLease
 from kvrouter.cluster.records import Records
 from kvrouter.cluster.store import Store, StoreDown
@@ -38,6 +41,7 @@ from kvrouter.config.schema import Config
 from kvrouter.control.coordination import Coordinator, Lease, holding
 from kvrouter.control.entry import ModelEntry
 from kvrouter.control.states import IN_TRANSITION, State
+from kvrouter.errors import KvrouterError
 from kvrouter.traffic import TrafficMonitor
 
 if TYPE_CHECKING:
@@ -48,15 +52,32 @@ ACK_SECONDS = 2.0        # an automatic sleep waits this long for every router t
 RETRY_SECONDS = 0.5      # how often an unreachable Redis is tried again
 
 
+def config_digest(cfg: Config) -> str:
+    """The config file's digest, which heartbeats carry so that routers notice they differ."""
+    try:
+        with open(cfg.source, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()[:16]
+    except OSError:
+        return ""
+
+
+def _without_times(doc: dict) -> dict:
+    """A heartbeat less what changes every time (its clock, the ages): unchanged or not."""
+    return {k: ({m: row[:2] for m, row in v.items()} if k == "models" else v)
+            for k, v in doc.items() if k != "time"}
+
+
 @dataclass
 class Peer:
     """Another router, as its last heartbeat told."""
 
     router_id: str
     seen: float
-    # model -> [in flight, waiting, wall time its last request ended here (0: never)]
-    models: Dict[str, list] = field(default_factory=dict)
+    # model -> (in flight, waiting, when its last request ended there on this router's
+    # clock, or None: never); the sender says how long ago, never at what wall time
+    models: Dict[str, tuple] = field(default_factory=dict)
     acks: Dict[str, int] = field(default_factory=dict)           # model -> lease token seen
+    config: str = ""                                             # its config's digest
 
 
 class Cluster(Coordinator):
@@ -81,7 +102,14 @@ class Cluster(Coordinator):
         self.is_leader = False
         self.leader_id: Optional[str] = None
         self.outbox: Queue = Queue()
-        self.records = Records(wall)
+        self.records = Records(clock)
+        self.instance = uuid.uuid4().hex          # this process: two with one id are refused
+        self.config_digest = config_digest(cfg)
+        self.conflict: Optional[str] = None       # another live router with this id
+        self.loop_restarts = 0
+        self._bad: Dict[str, float] = {}          # what was malformed -> last logged
+        self._clock_warned: Dict[str, float] = {}
+        self._config_warned: Dict[str, str] = {}
         self.on_end = self.records.add   # the traffic monitor's hook: a request finished here
         self._beat_due = True
         self._last_beat = 0.0
@@ -117,10 +145,41 @@ class Cluster(Coordinator):
 
     def _freshen(self, entry: ModelEntry) -> None:
         """Take a state change this router missed (e.g. while Redis was away)."""
-        doc = self.store.states().get(entry.name)
-        if doc and doc.get("router") != self.router_id and \
-                int(doc.get("fence", 0)) > entry.fence_seen:
+        doc = self._stored_states().get(entry.name)
+        if doc and doc["router"] != self.router_id and doc["fence"] > entry.fence_seen:
             self._apply(entry, doc)
+
+    def _stored_states(self) -> Dict[str, dict]:
+        """The states hash, each record checked; a malformed one is logged, left out, and
+        written again from what this router knows (the engine is the authority: its next
+        probe corrects anything else)."""
+        good = {}
+        for model, raw in self.store.states().items():
+            try:
+                doc = wire.state_doc(raw)
+                if doc["model"] != model:
+                    raise wire.BadMessage(f"model: {doc['model']!r} under key {model!r}")
+                good[model] = doc
+            except wire.BadMessage as err:
+                self._malformed(f"state record of {model}", err)
+                entry = self.ctl.entries.get(model)
+                if entry is not None and entry.state in (State.READY, State.SLEEPING,
+                                                         State.STOPPED):
+                    self._publish_own(entry)
+        return good
+
+    def _publish_own(self, entry: ModelEntry) -> None:
+        self.outbox.put(("state", entry.name, entry.fence_seen, {
+            "model": entry.name, "state": entry.state.value, "reason": entry.reason,
+            "level": entry.level, "router": self.router_id, "fence": entry.fence_seen,
+            "time": self.wall()}))
+
+    def _malformed(self, what: str, err: Exception) -> None:
+        """One warning per kind of malformed input a minute (a flood stays one line)."""
+        now = self.clock()
+        if now - self._bad.get(what, -1e9) >= 60.0:
+            self._bad[what] = now
+            log.warning("ignored a malformed %s from Redis: %s", what, err)
 
     def refuse_wake(self, entry: ModelEntry) -> Optional[str]:
         if self.up or len(self.cfg.cluster.router_hosts) <= 1:
@@ -147,6 +206,8 @@ class Cluster(Coordinator):
                 return f"Redis is unreachable ({self.down_reason})"
             pending, busy, waiting = [], [], []
             for p in self.alive():
+                if model not in p.models:
+                    continue   # that router does not serve the model (another config)
                 if p.acks.get(model, 0) < lease.token:
                     pending.append(p.router_id)
                 in_flight, queued = (p.models.get(model) or [0, 0])[:2]
@@ -168,8 +229,22 @@ class Cluster(Coordinator):
                 return f"requests still in flight on router(s) {', '.join(busy + waiting)}"
             gevent.sleep(min(0.02, self.cfg.cluster.heartbeat_seconds / 2))
 
-    def decides(self) -> bool:
-        return self.up and self.is_leader
+    def decides(self, model: Optional[str] = None) -> bool:
+        """The leader decides for the models it serves; a model the leader's config lacks
+        is decided by the first (by id) live router that serves it."""
+        if not self.up or self.conflict:
+            return False
+        if model is None:
+            return self.is_leader or any(self.decides(m) for m in list(self.ctl.entries))
+        if model not in self.ctl.entries:
+            return False
+        if self.is_leader:
+            return True
+        leader = self.peers.get(self.leader_id or "")
+        if leader is None or leader not in self.alive() or model in leader.models:
+            return False
+        serving = [p.router_id for p in self.alive() if model in p.models]
+        return all(self.router_id < other for other in serving)
 
     def peers_waiting(self, model: str) -> int:
         return sum((p.models.get(model) or [0, 0])[1] for p in self.alive())
@@ -179,8 +254,8 @@ class Cluster(Coordinator):
 
     def peers_idle_seconds(self, model: str) -> Optional[float]:
         ends = [m[2] for m in (p.models.get(model) for p in self.alive())
-                if m and len(m) > 2 and m[2]]
-        return max(0.0, self.wall() - max(ends)) if ends else None
+                if m and m[2] is not None]
+        return max(0.0, self.clock() - max(ends)) if ends else None
 
     def alive(self) -> List[Peer]:
         now = self.clock()
@@ -192,6 +267,18 @@ class Cluster(Coordinator):
             "leader": self.leader_id, "this_router_leads": self.decides(),
             "routers": sorted([self.router_id] + [p.router_id for p in self.alive()]),
             "auto_sleep": "on" if self.up else "paused (Redis unreachable)"}
+        differ = sorted(p.router_id for p in self.alive() if p.config and
+                        p.config != self.config_digest)
+        if differ:
+            out["config_differs"] = differ
+        dead = [g for g in self._loops if g.dead]
+        if self.conflict:
+            out["degraded"] = self.conflict
+        elif dead:
+            out["degraded"] = ("a cluster loop stopped and is being restarted (see the log); "
+                               "shared state may lag meanwhile")
+        if self.loop_restarts:
+            out["loop_restarts"] = self.loop_restarts
         if not self.up:
             out["degraded"] = (f"Redis at {self.redis_name} unreachable for "
                                f"{self.clock() - (self.down_since or self.clock()):.0f}s "
@@ -256,15 +343,16 @@ class Cluster(Coordinator):
             if e.name not in self.traffic.models:
                 continue   # a reload is adding it
             in_flight = max(0, self.traffic.local_in_flight(e.name) - e.waiters)
-            models[e.name] = [in_flight, e.waiters, self.records.ended.get(e.name, 0.0)]
+            models[e.name] = [in_flight, e.waiters, self.records.age(e.name)]
         return {"id": self.router_id, "url": self.url, "leader": self.is_leader,
+                "instance": self.instance, "config": self.config_digest,
                 "time": self.wall(), "models": models,
                 "acks": {e.name: e.fence_seen for e in list(self.ctl.entries.values())}}
 
     def _beat_loop(self) -> None:
         """Heartbeats (at once when something changed), records, leader lease, Redis back."""
         cl = self.cfg.cluster
-        last_doc: Optional[dict] = None
+        last_doc: Optional[tuple] = None
         next_leader = 0.0
         while True:
             gevent.sleep(min(cl.heartbeat_seconds, 0.05) if self._beat_due else
@@ -275,12 +363,14 @@ class Cluster(Coordinator):
                     continue
                 now = self.clock()
                 doc = self._beat_doc()
-                same = last_doc is not None and {k: v for k, v in doc.items() if k != "time"} \
-                    == {k: v for k, v in last_doc.items() if k != "time"}
+                shape = (_without_times(doc), dict(self.records.ended))
+                same = last_doc is not None and shape == last_doc
                 if not same or self._beat_due or now - self._last_beat > self.ttl / 3:
                     self._beat_due = False
+                    if self._held_by_another():
+                        continue
                     self.store.beat(self.router_id, doc, self.ttl)
-                    self._last_beat, last_doc = now, doc
+                    self._last_beat, last_doc = now, shape
                 batch = self.records.take(self.router_id)
                 if batch is not None:
                     self.store.publish_text("records", self.router_id, batch)
@@ -320,8 +410,8 @@ class Cluster(Coordinator):
                         continue   # this router's own messages are not even parsed
                     try:
                         handlers[msg[0]](json.loads(msg[2]))
-                    except (ValueError, KeyError, TypeError) as err:
-                        log.warning("bad %s message from router %s: %s", msg[0], msg[1], err)
+                    except Exception as err:  # noqa: BLE001 - untrusted input: skip, never stop
+                        self._malformed(f"{msg[0]} message from router {msg[1]!r}", err)
             except StoreDown as err:
                 self._down(err)
             finally:
@@ -331,47 +421,104 @@ class Cluster(Coordinator):
 
     def _catch_up(self) -> None:
         """After (re)subscribing: the states and routers as Redis has them now."""
-        for model, doc in self.store.states().items():
+        for model, doc in self._stored_states().items():
             entry = self.ctl.entries.get(model)
-            if entry is not None and doc.get("router") != self.router_id and \
-                    int(doc.get("fence", 0)) >= entry.fence_seen:
+            if entry is not None and doc["router"] != self.router_id and \
+                    doc["fence"] >= entry.fence_seen:
                 self._apply(entry, doc)
-        for doc in self.store.routers():
-            if doc.get("id") != self.router_id:
-                self._on_beat(doc)
+        for raw in self.store.routers():
+            try:
+                if isinstance(raw, dict) and raw.get("id") != self.router_id:
+                    self._on_beat(raw)
+            except wire.BadMessage as err:
+                self._malformed("heartbeat record", err)
 
-    def _on_state(self, doc: dict) -> None:
-        if doc.get("router") == self.router_id:
+    def _on_state(self, raw: dict) -> None:
+        doc = wire.state_doc(raw)
+        if doc["router"] == self.router_id:
             return
-        entry = self.ctl.entries.get(doc.get("model", ""))
+        entry = self.ctl.entries.get(doc["model"])
         if entry is not None:
             self._apply(entry, doc)
 
     def _apply(self, entry: ModelEntry, doc: dict) -> None:
-        fence = int(doc.get("fence", 0))
+        """A checked state record (wire.state_doc) from another router."""
+        fence = doc["fence"]
         if fence < entry.fence_seen:
             return   # older than a change already seen (fencing)
         entry.fence_seen = fence
         lease = entry.lease
         if isinstance(lease, RedisLease) and fence > lease.token and lease.lost is None:
-            lease.lost = f"router {doc.get('router')} changed the model with token {fence}"
-        try:
-            state = State(doc["state"])
-        except (KeyError, ValueError):
-            return
+            lease.lost = f"router {doc['router']} changed the model with token {fence}"
         if lease is None or fence > lease.token:
-            self.ctl.apply_remote(entry, state, doc.get("reason", ""), doc.get("level"),
-                                  str(doc.get("router")))
+            self.ctl.apply_remote(entry, State(doc["state"]), doc["reason"], doc["level"],
+                                  doc["router"])
         self._beat_due = True   # the ack: this router has seen it
 
-    def _on_beat(self, doc: dict) -> None:
-        rid = doc.get("id")
-        if not rid or rid == self.router_id:
+    def _on_beat(self, raw: dict) -> None:
+        doc = wire.beat_doc(raw)
+        rid = doc["id"]
+        if rid == self.router_id:
+            if doc["instance"] != self.instance:
+                self._claim_conflict(doc)
             return
-        self.peers[rid] = Peer(rid, self.clock(), doc.get("models") or {}, doc.get("acks") or {})
+        now = self.clock()
+        models = {m: (n, w, None if age < 0 else now - age)
+                  for m, (n, w, age) in doc["models"].items()}
+        self.peers[rid] = Peer(rid, now, models, doc["acks"], doc["config"])
+        skew = doc["time"] - self.wall()
+        if abs(skew) > 1.0 and now - self._clock_warned.get(rid, -1e9) >= 600:
+            self._clock_warned[rid] = now
+            log.warning("router %s's clock is %+.1fs from this one's: kvrouter exchanges "
+                        "ages, not times, so nothing is shifted; set the clocks right (NTP)",
+                        rid, skew)
+        if doc["config"] and doc["config"] != self.config_digest and \
+                self._config_warned.get(rid) != doc["config"]:
+            self._config_warned[rid] = doc["config"]
+            mine, theirs = set(self.ctl.entries), set(doc["models"])
+            log.warning("router %s runs another config than this one (%s); each model is "
+                        "decided among the routers that serve it%s", rid, self.cfg.source,
+                        f" (only here: {', '.join(sorted(mine - theirs))}; only there: "
+                        f"{', '.join(sorted(theirs - mine))})" if mine != theirs else "")
 
     def _on_records(self, doc: dict) -> None:
         self.records.replay(doc, self.traffic)
+
+    # --- one router per id ----------------------------------------------------------------------
+    def _held_by_another(self) -> bool:
+        """Whether a live heartbeat under this router's id is another process's (two routers
+        given one host name): then this one stays out (no heartbeat, no decisions)."""
+        try:
+            raw = self.store.router(self.router_id)
+        except StoreDown as err:
+            self._down(err)
+            return False
+        if not isinstance(raw, dict) or raw.get("instance") in (None, self.instance):
+            if self.conflict and raw is None:
+                self.conflict = None
+            return False
+        self._claim_conflict(raw)
+        return True
+
+    def _claim_conflict(self, raw: dict) -> None:
+        message = (f"another live router uses the id {self.router_id!r} ({raw.get('url')}): "
+                   "give each router its own cluster host (--cluster-host NAME, a host of "
+                   "cluster.hosts)")
+        if self.conflict != message:
+            log.error("%s", message)
+        self.conflict = message
+        self.is_leader = False
+
+    def check_unique(self) -> None:
+        """At start: refuse to join when a live router already holds this id."""
+        try:
+            raw = self.store.router(self.router_id)
+        except StoreDown:
+            return   # Redis away: nothing to compare with; the heartbeat loop checks again
+        if isinstance(raw, dict) and raw.get("instance") and raw.get("instance") != self.instance:
+            raise KvrouterError(f"another live router uses the id {self.router_id!r} "
+                                f"({raw.get('url')}): give each router its own cluster host "
+                                "(--cluster-host NAME, a host of cluster.hosts)")
 
     # --- Redis away and back ------------------------------------------------------------------
     def _down(self, err: BaseException) -> None:
@@ -400,10 +547,7 @@ class Cluster(Coordinator):
         self.up, self.down_since, self._beat_due = True, None, True
         for e in list(self.ctl.entries.values()):   # what this router knows, where missing
             if e.name not in known and e.state in (State.READY, State.SLEEPING, State.STOPPED):
-                self.outbox.put(("state", e.name, e.fence_seen, {
-                    "model": e.name, "state": e.state.value, "reason": e.reason,
-                    "level": e.level, "router": self.router_id, "fence": e.fence_seen,
-                    "time": self.wall()}))
+                self._publish_own(e)
 
     # --- transitions left behind --------------------------------------------------------------
     def _orphan_loop(self) -> None:
@@ -446,15 +590,28 @@ class Cluster(Coordinator):
 
     # --- life -----------------------------------------------------------------------------------
     def start(self) -> None:
-        self._loops = [gevent.spawn(f) for f in (self._send_loop, self._beat_loop,
-                                                 self._subscribe_loop, self._orphan_loop)]
+        self._loops = [gevent.spawn(self._supervised, f) for f in (
+            self._send_loop, self._beat_loop, self._subscribe_loop, self._orphan_loop)]
         log.info("cluster member %s (Redis %s, prefix %s)", self.router_id,
                  self.redis_name, self.cfg.cluster.key_prefix)
+
+    def _supervised(self, loop: Callable[[], None]) -> None:
+        """Run a loop for good: one that ends by an error is logged and started again (the
+        routers must never stop hearing each other while /health says all is well)."""
+        while True:
+            try:
+                loop()
+            except gevent.GreenletExit:
+                raise
+            except Exception:
+                self.loop_restarts += 1
+                log.exception("cluster %s stopped; starting it again", loop.__name__)
+            gevent.sleep(RETRY_SECONDS)
 
     def stop(self) -> None:
         """Leave: give the leader's lease up and drop the heartbeat, so others take over now."""
         gevent.killall(self._loops, block=False)
-        if self.up:
+        if self.up and not self.conflict:
             try:
                 if self.is_leader:
                     self.store.release(self.store.key("leader"), self.router_id)

@@ -43,7 +43,9 @@ _PUT_STATE = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then
   local ok, doc = pcall(cjson.decode, cur)
-  if ok and tonumber(doc['fence'] or 0) > tonumber(ARGV[2]) then return 0 end
+  -- a record that is not a well-formed state is overwritten (repaired), never trusted
+  local fence = ok and type(doc) == 'table' and tonumber(doc['fence'])
+  if fence and fence > tonumber(ARGV[2]) then return 0 end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('PUBLISH', KEYS[2], ARGV[3])
@@ -148,6 +150,16 @@ class Store:
             pipe.execute()
 
         self._do(send)
+
+    def router(self, router_id: str) -> Optional[Any]:
+        """The live heartbeat under ``router_id`` (decoded JSON, unchecked), or None."""
+        text = self._do(lambda: self.r.get(self.key("router", router_id)))
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            return None
 
     def routers(self) -> List[dict]:
         """Every router's last heartbeat that has not expired."""

@@ -338,7 +338,8 @@ class Controller:
 
     def tick(self) -> List[policy.Action]:
         """Apply the policy once (the policy loop calls this every check interval)."""
-        actions = self.sleep_policy.decide(self.snapshot())
+        actions = [a for a in self.sleep_policy.decide(self.snapshot())
+                   if self.coord.decides(a.model)]   # in a cluster: the models it decides
         for action in actions:
             entry = self.entries[action.model]
             if action.kind == "stop" and not self.process.can_control(entry.inst):

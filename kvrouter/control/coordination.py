@@ -70,8 +70,9 @@ class Coordinator:
         why the sleep cannot go on, or None."""
         return None
 
-    def decides(self) -> bool:
-        """Whether this router makes the sleep decisions (the leader)."""
+    def decides(self, model: Optional[str] = None) -> bool:
+        """Whether this router makes the sleep decisions (the leader), for ``model`` or
+        for any model."""
         return True
 
     def peers_waiting(self, model: str) -> int:

@@ -29,11 +29,18 @@ def kind_of(old: str, new: str) -> str:
     return new
 
 
+RECENT = 50   # what a new subscriber (or one whose id this process never gave) gets first
+
+
 class EventLog:
+    """Ids grow across restarts of the router (they start from the start time in
+    milliseconds), so a dashboard that reconnects to a restarted router with its
+    ``Last-Event-ID`` gets what happened since, not nothing."""
+
     def __init__(self, wall: Callable[[], float] = time.time, keep: int = KEEP):
         self.wall = wall
         self.events: Deque[dict] = deque(maxlen=keep)
-        self.last_id = 0
+        self.first_id = self.last_id = int(wall() * 1000)
         self._new = Event()
         self.listeners: List[Callable[[dict], None]] = []   # called on every event, in order
 
@@ -51,6 +58,15 @@ class EventLog:
         new_event, self._new = self._new, Event()
         new_event.set()
         return event
+
+    def resume_from(self, last_id: Optional[int]) -> int:
+        """Where a subscriber starts: after ``last_id`` when this process gave it, else (none
+        given, or an id this process never gave: from another process, or ahead) the recent
+        events."""
+        recent = max(self.first_id, self.last_id - RECENT)
+        if last_id is None or not self.first_id <= last_id <= self.last_id:
+            return recent
+        return last_id
 
     def since(self, last_id: int) -> List[dict]:
         return [e for e in self.events if e["id"] > last_id]

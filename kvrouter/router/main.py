@@ -12,6 +12,7 @@ import gevent
 from kvrouter import logs
 from kvrouter.config.schema import Config
 from kvrouter.control.process import process_control_for
+from kvrouter.errors import KvrouterError
 from kvrouter.http.sockio import raise_open_files_limit
 from kvrouter.ports import EXIT_NO_PORT, cannot_listen
 from kvrouter.router.owner import serve_with_workers
@@ -28,6 +29,11 @@ def serve(cfg: Config, shape: Callable[[Config], Config] = lambda cfg: cfg) -> N
     logs.setup(cfg.router.log_level)
     nofile = raise_open_files_limit()
     ctx = RouterContext(cfg, process_control_for(cfg), shape)
+    try:
+        ctx.preflight()
+    except KvrouterError as err:
+        log.error("%s", err)
+        sys.exit(EXIT_NO_PORT)
     server = build_server(ctx)
     log.info("open files limit %d: up to %d client connections at once", nofile,
              server.limits.max_connections)

@@ -25,6 +25,7 @@ from kvrouter import logs
 from kvrouter.config.schema import Config
 from kvrouter.control.process import process_control_for
 from kvrouter.control.states import State
+from kvrouter.errors import KvrouterError
 from kvrouter.http.sockio import raise_open_files_limit
 from kvrouter.ports import EXIT_NO_PORT, cannot_listen, in_use
 from kvrouter.router.listening import SECRET_HEADER
@@ -172,6 +173,12 @@ def serve_with_workers(cfg: Config, shape: Callable[[Config], Config] = lambda c
         lambda ev: shared.set_state(ev["model"], State(ev["to"])))
     ctx.app.register_blueprint(internal_routes(ctx, secret))
     r = cfg.router
+    try:
+        ctx.preflight()
+    except KvrouterError as err:
+        log.error("%s", err)
+        shared.close(unlink=True)
+        sys.exit(EXIT_NO_PORT)
     if in_use(r.router_host, r.router_port, reuseport=True):
         log.error("%s", cannot_listen(r.router_host, r.router_port,
                                       OSError(errno.EADDRINUSE, "in use"), cfg.source))

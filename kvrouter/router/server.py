@@ -63,6 +63,12 @@ class RouterContext:
         self.traffic.on_end = on_end
         self.proxy.shared_responses = cluster
 
+    def preflight(self) -> None:
+        """Before listening: what must hold for this router to join (a cluster id nobody
+        else uses). Raises KvrouterError."""
+        if self.cluster is not None:
+            self.cluster.check_unique()
+
     def start(self) -> None:
         """The controller's loops (and the cluster's), once the server listens."""
         self.controller.start()

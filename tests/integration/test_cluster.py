@@ -54,20 +54,40 @@ class RedisServer:
     """A real redis-server on a free loopback port, with no persistence (a restart loses
     everything, the hard case)."""
 
-    def __init__(self, binary: str):
+    def __init__(self, binary: str, tls_dir=None, user=None, password=None):
         self.binary = binary
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.tls_dir, self.user, self.password = tls_dir, user, password
+        auth = f"{user}:{password}@" if user else ""
+        if tls_dir:   # TLS only (no plain port), the CA checked by the client
+            ca = os.path.join(tls_dir, "cert.pem")
+            self.url = (f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_cert_reqs=required"
+                        f"&ssl_ca_certs={ca}")
+        else:
+            self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.proc = None
         self.start()
 
+    def _argv(self):
+        argv = [self.binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if self.tls_dir:
+            d = self.tls_dir
+            argv += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file",
+                     f"{d}/cert.pem", "--tls-key-file", f"{d}/key.pem", "--tls-ca-cert-file",
+                     f"{d}/cert.pem", "--tls-auth-clients", "no"]
+        else:
+            argv += ["--port", str(self.port)]
+        if self.user:   # an ACL user of its own; the default user is off
+            argv += ["--user", "default", "off", "--user", self.user, "on",
+                     f">{self.password}", "~*", "&*", "+@all"]
+        return argv
+
     def start(self):
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self._argv(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
         import redis
 
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
         wait_until(lambda: client.ping(), 10, what="redis-server")
 
     def stop(self):
@@ -468,3 +488,30 @@ def test_render_per_host_keeps_credentials_private(tmp_path):
     r = subprocess.run([PY, "-m", "kvrouter", "render", CLUSTER, "--out", str(tmp_path / "y")],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "render each with --host NAME" in r.stderr
+
+
+def test_redis_with_an_acl_user_over_tls(redis_binary, tmp_path):
+    """rediss:// with an ACL user (the default user off) and the server's CA checked: the
+    routers share state as over plain Redis, and /health never shows the password."""
+    if subprocess.run(["openssl", "version"], capture_output=True).returncode != 0:
+        pytest.skip("no openssl to make a certificate")
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                           "-keyout", str(tmp_path / "key.pem"), "-out",
+                           str(tmp_path / "cert.pem"), "-days", "1", "-subj", "/CN=127.0.0.1",
+                           "-addext", "subjectAltName=IP:127.0.0.1"], capture_output=True)
+    assert made.returncode == 0, made.stderr
+    server = RedisServer(redis_binary, tls_dir=str(tmp_path), user="kvr", password="s3cret-pw")
+    stack = None
+    try:
+        stack = Stack(server)
+        health = stack.health("gpu-b")
+        assert health["cluster"]["redis"] == "ok" and health["cluster"]["leader"] == "gpu-a"
+        assert "s3cret-pw" not in json.dumps(health)
+        assert http("POST", stack.base("gpu-b") + "/model/sleep/m1")[0] == 200
+        wait_until(lambda: model_states(stack.base("edge")).get("m1") == "sleeping", 5,
+                   what="the sleep seen over TLS")
+        assert stack.complete("edge", "m1")[0] == 200
+    finally:
+        if stack is not None:
+            stack.stop()
+        server.stop()

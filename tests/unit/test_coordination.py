@@ -18,6 +18,7 @@ class MemoryStore:
 
     def __init__(self):
         self.kv, self.states_, self.fence, self.published = {}, {}, 0, []
+        self.beats = {}
         self.down = False
 
     def _check(self):
@@ -68,7 +69,7 @@ class MemoryStore:
     def put_state(self, model, fence, doc):
         self._check()
         cur = self.states_.get(model)
-        if cur and cur["fence"] > fence:
+        if cur and isinstance(cur.get("fence"), int) and cur["fence"] > fence:
             return False
         self.states_[model] = doc
         self.published.append(doc)
@@ -80,9 +81,14 @@ class MemoryStore:
 
     def beat(self, router_id, doc, ttl):
         self._check()
+        self.beats[router_id] = doc
+
+    def router(self, router_id):
+        self._check()
+        return self.beats.get(router_id)
 
     def routers(self):
-        return []
+        return list(self.beats.values())
 
     def publish_text(self, kind, router_id, text):
         self._check()
@@ -100,6 +106,12 @@ class MemoryStore:
     def ping(self):
         self._check()
         return True
+
+
+def beat(m, router_id, row, acks, **more):
+    """Router ``router_id``'s heartbeat about model m/a, as ``m`` receives it."""
+    m._on_beat(dict({"id": router_id, "models": {"m/a": row}, "acks": acks,
+                     "time": m.wall()}, **more))
 
 
 def member(ctl, store, name):
@@ -252,23 +264,23 @@ def test_drain_waits_for_every_router_to_see_draining_and_cancels_for_their_requ
     lease = m.acquire(e)
     clock = ctl.clock
     # b has not seen the new token yet; c has, and has nothing for the model
-    m._on_beat({"id": "b", "models": {"m/a": [0, 0]}, "acks": {"m/a": 0}})
-    m._on_beat({"id": "c", "models": {"m/a": [0, 0]}, "acks": {"m/a": lease.token}})
+    beat(m, "b", [0, 0, -1], {"m/a": 0})
+    beat(m, "c", [0, 0, -1], {"m/a": lease.token})
     waiter = gevent.spawn(m.drain, e, lease, False, clock() + 5)
     gevent.sleep(0.1)
     assert not waiter.ready()
-    m._on_beat({"id": "b", "models": {"m/a": [0, 0]}, "acks": {"m/a": lease.token}})
+    beat(m, "b", [0, 0, -1], {"m/a": lease.token})
     assert waiter.get(timeout=1) is None
     # a request waiting on b cancels an automatic sleep
-    m._on_beat({"id": "b", "models": {"m/a": [0, 1]}, "acks": {"m/a": lease.token}})
+    beat(m, "b", [0, 1, -1], {"m/a": lease.token})
     assert "a request arrived on router b" in m.drain(e, lease, False, clock() + 5)
     # requests in flight on c: a manual sleep waits for them
-    m._on_beat({"id": "b", "models": {"m/a": [0, 0]}, "acks": {"m/a": lease.token}})
-    m._on_beat({"id": "c", "models": {"m/a": [2, 0]}, "acks": {"m/a": lease.token}})
+    beat(m, "b", [0, 0, -1], {"m/a": lease.token})
+    beat(m, "c", [2, 0, -1], {"m/a": lease.token})
     manual = gevent.spawn(m.drain, e, lease, True, clock() + 5)
     gevent.sleep(0.1)
     assert not manual.ready()
-    m._on_beat({"id": "c", "models": {"m/a": [0, 0]}, "acks": {"m/a": lease.token}})
+    beat(m, "c", [0, 0, -1], {"m/a": lease.token})
     assert manual.get(timeout=1) is None
     assert m.peers_in_flight("m/a") == 0
     lease.release()
@@ -283,10 +295,10 @@ def test_idle_only_when_idle_on_every_router():
     t0 = traffic.clock()
     traffic.clock = lambda: t0 + 1000.0   # long idle here
     assert ctl.snapshot().models[0].idle_seconds > 900
-    m._on_beat({"id": "b", "models": {"m/a": [0, 0, m.wall() - 2.0]}, "acks": {}})
+    beat(m, "b", [0, 0, 2.0], {})
     view = ctl.snapshot().models[0]
     assert 1.5 < view.idle_seconds < 3.0
-    m._on_beat({"id": "b", "models": {"m/a": [1, 2, 0]}, "acks": {}})
+    beat(m, "b", [1, 2, -1], {})
     view = ctl.snapshot().models[0]
     assert view.in_flight == 1 and view.waiting == 2
 
@@ -357,3 +369,111 @@ def test_finished_requests_reach_the_other_routers_statistics_not_their_metrics(
     assert abs(stats["time_to_first_token"]["p50"] - 0.05) < 0.01
     assert ended == []        # not counted in b's own Prometheus metrics
     assert traffic_b.in_flight("m/a") == 0
+
+
+def test_malformed_messages_are_skipped_and_the_subscription_never_dies(caplog):
+    """A JSON array where an object belongs, wrong types, NaN, huge numbers: each message is
+    logged (once a minute per kind) and skipped; the good ones after it still apply."""
+    import json
+
+    store = MemoryStore()
+    ctl, _, _ = make()
+    m = member(ctl, store, "a")
+    e = ctl.entries["m/a"]
+
+    class Sub:
+        def __init__(self, msgs):
+            self.msgs = list(msgs)
+
+        def next(self, timeout):
+            if not self.msgs:
+                raise StoreDown("done")   # ends this subscription; the loop would resubscribe
+            return self.msgs.pop(0)
+
+        def close(self):
+            pass
+
+    good = {"model": "m/a", "state": "sleeping", "reason": "x", "level": 1, "router": "b",
+            "fence": 5, "time": 1.0}
+    bad = ["[1, 2, 3]", "{}", json.dumps(dict(good, fence="7")), json.dumps(dict(good, fence=-1)),
+           json.dumps(dict(good, state="napping")), json.dumps(dict(good, level=True)),
+           "not json", json.dumps(dict(good, model=["m/a"]))]
+    msgs = [("states", "b", t) for t in bad] + [
+        ("beats", "b", '{"id": "b", "models": [], "acks": {}, "time": 1}'),
+        ("beats", "b", '{"id": "b", "models": {"m/a": [0, 0, NaN]}, "acks": {}, "time": 1}'),
+        ("records", "b", '{"router": "b", "now": 5, "records": [["m/a", 1e300, 1, "x", 0, '
+                         'null, false, 1, 1, null]]}'),
+        ("states", "b", json.dumps(good))]
+    store.subscribe = lambda: Sub(msgs)
+    m._catch_up = lambda: None
+    loop = gevent.spawn(m._subscribe_loop)
+    gevent.sleep(0.2)
+    loop.kill()
+    assert e.state is State.SLEEPING and e.fence_seen == 5     # the good one after the bad
+    assert m.peers == {} and ctl.traffic.stats("m/a")["total_requests"] == 0
+    warned = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert any("states message from router 'b'" in w for w in warned)
+    assert len([w for w in warned if "states message" in w]) == 1   # once a minute
+
+
+def test_a_malformed_state_record_is_ignored_repaired_and_wakes_still_work():
+    store = MemoryStore()
+    ctl, _, _ = make()
+    m = member(ctl, store, "a")
+    e = ctl.entries["m/a"]
+    store.states_["m/a"] = {"model": "m/a", "state": "ready", "router": "b", "fence": "x7"}
+    ctl.sleep(e)                 # takes a lease: reads the hash (no traceback)
+    assert e.state is State.SLEEPING
+    assert ctl.ensure_ready(e) >= 0 and e.state is State.READY
+    # ... and the record was written again from what this router knew
+    gevent.spawn(m._send_loop)
+    gevent.sleep(0.05)
+    assert isinstance(store.states_["m/a"]["fence"], int)
+
+
+def test_a_second_router_with_the_same_id_is_refused():
+    from kvrouter.errors import KvrouterError
+
+    store = MemoryStore()
+    ctl_1, _, _ = make()
+    ctl_2, _, _ = make()
+    one, two = member(ctl_1, store, "gpu-a"), member(ctl_2, store, "gpu-a")
+    store.beat("gpu-a", one._beat_doc(), 1.0)
+    with pytest.raises(KvrouterError, match="another live router uses the id 'gpu-a'"):
+        two.check_unique()
+    # one that started while Redis was away stays out once it sees the other
+    assert two._held_by_another() and "another live router" in two.status()["degraded"]
+    assert not two.decides() and not two.decides("m/a")
+
+
+def test_a_model_only_one_router_serves_is_decided_there_and_drained_without_the_others():
+    store = MemoryStore()
+    ctl, _, _ = make(instances=[("a", "m/a", ""), ("x", "m/x", "")])
+    b = member(ctl, store, "b")            # not the leader; serves m/x, which a lacks
+    b.leader_id = "a"
+    b._on_beat({"id": "a", "models": {"m/a": [0, 0, -1]}, "acks": {}, "time": b.wall(),
+                "config": "other"})
+    assert b.decides("m/x") and not b.decides("m/a") and b.decides()
+    assert b.status()["config_differs"] == ["a"]
+    lease = b.acquire(ctl.entries["m/x"])
+    assert b.drain(ctl.entries["m/x"], lease, False, ctl.clock() + 1) is None   # a never acks m/x
+    lease.release()
+
+
+def test_a_peer_clock_an_hour_ahead_moves_no_idle_time(caplog):
+    store = MemoryStore()
+    ctl, _, traffic = make()
+    m = member(ctl, store, "a")
+    beat(m, "b", [0, 0, 30.0], {}, time=m.wall() + 3600)   # its last request: 30 s ago
+    assert 29 < m.peers_idle_seconds("m/a") < 31
+    assert any("clock is +3600" in r.getMessage() for r in caplog.records)
+    # finished requests are placed by their age too
+    import json
+
+    import time as _time
+
+    sender_now = _time.monotonic() + 3600.0
+    doc = {"router": "b", "now": sender_now, "records": [
+        ["m/a", sender_now - 3.0, sender_now - 2.0, "success", 0.0, None, False, 1, 1, None]]}
+    m._on_records(json.loads(json.dumps(doc)))
+    assert 1.5 < traffic.idle_seconds("m/a") < 2.5

@@ -16,15 +16,16 @@ def test_event_kinds_are_named_as_people_say_them():
 
 def test_a_listener_gets_the_backlog_then_waits_for_the_next_event():
     log = EventLog(wall=lambda: 100.0, keep=3)
+    base = log.last_id
     for i in range(5):
         log.publish("m", "ready", "draining", f"r{i}")
-    assert [e["id"] for e in log.since(0)] == [3, 4, 5]      # the last `keep`
-    waiter = gevent.spawn(log.next, 5, 5.0)
+    assert [e["id"] - base for e in log.since(0)] == [3, 4, 5]      # the last `keep`
+    waiter = gevent.spawn(log.next, base + 5, 5.0)
     gevent.sleep(0.01)
     assert not waiter.ready()
     log.publish("m", "draining", "sleeping", "done")
     assert [e["kind"] for e in waiter.get(timeout=1)] == ["sleep"]
-    assert log.next(6, 0.01) == []
+    assert log.next(base + 6, 0.01) == []
 
 
 def _state():
@@ -51,3 +52,21 @@ def test_top_renders_models_gpus_and_events():
     # 30 columns: weights 20/80 (8), KV in use 10/80 (4), reserved 10/80 (4), the rest free
     assert "[########====----..............] 80.0 GB (budget), 40.0 GB free" in gpu
     assert screen[-1].endswith("a/llama sleep: idle")
+
+
+def test_event_ids_grow_across_restarts_and_an_unknown_last_id_gets_the_recent_ones():
+    from kvrouter.control.events import EventLog
+
+    clock = [1000.0]
+    first = EventLog(wall=lambda: clock[0])
+    for _ in range(3):
+        first.publish("m", "ready", "sleeping", "x")
+    seen = first.last_id
+    clock[0] += 5.0                                # the router restarts
+    second = EventLog(wall=lambda: clock[0])
+    second.publish("m", "sleeping", "waking", "y")
+    assert second.last_id > seen                   # a dashboard's id is behind, not ahead
+    assert [e["reason"] for e in second.since(second.resume_from(seen))] == ["y"]
+    # an id from the future (or garbage) is not trusted: the recent events come
+    assert [e["reason"] for e in second.since(second.resume_from(seen * 10))] == ["y"]
+    assert second.resume_from(second.last_id) == second.last_id   # nothing new: wait

@@ -53,9 +53,10 @@ def events():
     log = router().controller.events
     since = request.headers.get("Last-Event-ID") or request.args.get("since")
     try:
-        last = int(since) if since is not None else max(0, log.last_id - 50)
+        asked = int(since) if since is not None else None
     except ValueError:
-        last = max(0, log.last_id - 50)
+        asked = None
+    last = log.resume_from(asked)
 
     def stream() -> Iterator[bytes]:
         nonlocal last
