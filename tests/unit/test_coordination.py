@@ -469,7 +469,6 @@ def test_a_peer_clock_an_hour_ahead_moves_no_idle_time(caplog):
     assert any("clock is +3600" in r.getMessage() for r in caplog.records)
     # finished requests are placed by their age too
     import json
-
     import time as _time
 
     sender_now = _time.monotonic() + 3600.0
