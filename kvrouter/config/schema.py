@@ -88,6 +88,13 @@ class RouterConfig:
     max_connections: Optional[int] = setting(
         None, "Client connections served at once (more wait in the listen backlog); default: "
         "what the open files limit allows, two descriptors a connection.", min=1)
+    max_connections_per_client: Optional[int] = setting(
+        None, "Connections one client address may hold at once (more are answered 503 at "
+        "once, with one warning a minute); default: a fair share, an eighth of "
+        "max_connections and at least 64.", min=1)
+    trusted_proxies: Tuple[str, ...] = setting(
+        (), "Client addresses not capped by max_connections_per_client (proxies or load "
+        "balancers in front of the router, which carry many clients).")
     workers: int = setting(
         1, "Router processes serving the port (SO_REUSEPORT); `auto`: one per CPU core. With "
         "more than one, a supervising process owns every model's state (sleep, wake, policy) "

@@ -27,7 +27,9 @@ class ServerLimits:
                  keepalive_timeout: float = 75.0, header_timeout: float = 30.0,
                  write_timeout: float = 120.0, max_pipeline_bytes: int = 1024 * 1024,
                  max_connections: Optional[int] = None,
-                 max_pending_body_bytes: Optional[int] = None):
+                 max_pending_body_bytes: Optional[int] = None,
+                 max_connections_per_client: Optional[int] = None,
+                 trusted_clients: frozenset = frozenset()):
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
         self.keepalive_timeout = keepalive_timeout
@@ -37,6 +39,17 @@ class ServerLimits:
         self.max_connections = max_connections or default_max_connections()
         self.max_pending_body_bytes = max_pending_body_bytes or max(
             4 * max_body_bytes, 256 * 1024 * 1024)
+        # one client address may hold this many connections at once (a fair share: an
+        # eighth of them, at least 64); the addresses in trusted_clients (proxies in front
+        # of the router, which carry many clients) are not capped
+        self.max_connections_per_client = max_connections_per_client or \
+            fair_share(self.max_connections)
+        self.trusted_clients = trusted_clients
+        self.keep_alive = True   # False while the server drains: each response closes
+
+
+def fair_share(max_connections: int) -> int:
+    return max(64, max_connections // 8)
 
 
 class BodyBudget:

@@ -43,6 +43,11 @@ log = logging.getLogger("kvrouter.http")
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _INTERNAL_ERROR = InternalError("internal server error").to_json()
+_BUSY = (b'{"error": {"message": "too many connections from your address; close some or '
+         b'retry", "type": "server_error", "param": null, "code": "too_many_connections"}}')
+_TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+             b"Retry-After: 1\r\nConnection: close\r\nContent-Length: " +
+             str(len(_BUSY)).encode() + b"\r\n\r\n" + _BUSY)
 WATCH_AFTER = 0.02  # seconds a handler runs before its client's socket is watched
 
 
@@ -273,7 +278,7 @@ class _Connection:
                 log.exception("unhandled error serving %s %s", req.method, req.path)
                 resp = Response(500, [("Content-Type", "application/json")],
                                 _INTERNAL_ERROR)
-            keep = req.keep_alive and not self.closed
+            keep = req.keep_alive and not self.closed and self.limits.keep_alive
             if isinstance(resp, StreamResponse):
                 return self._write_stream(req, resp, keep)
             self._write_fixed(req, resp, keep)
@@ -436,6 +441,9 @@ class HTTPServer:
                                     backlog=None if hasattr(listener, "accept") else backlog)
         self.server.drain = self.drain_idle
         self._reaper: Optional[gevent.Greenlet] = None
+        self.per_client: Dict[str, int] = {}   # client address -> connections it holds
+        self.refused_clients = 0
+        self._refused_warned_at = -1e9
 
     def drain_idle(self, n: int) -> int:
         """Close up to ``n`` idle connections (nginx does the same when it runs short of
@@ -464,10 +472,44 @@ class HTTPServer:
 
     def _handle(self, sock, addr) -> None:
         _set_nodelay(sock)
-        if self.pool.free_count() == 0:
-            self.drain_idle(1)  # this connection took the last slot: free one for the next
-        _Connection(sock, addr, self.handler, self.limits, self.precheck, self.budget,
-                    self.idle).run()
+        client = addr[0] if isinstance(addr, tuple) and addr else ""
+        held = self.per_client.get(client, 0)
+        if held >= self.limits.max_connections_per_client and \
+                client not in self.limits.trusted_clients:
+            self._refuse_client(sock, client)
+            return
+        self.per_client[client] = held + 1
+        try:
+            if self.pool.free_count() == 0:
+                self.drain_idle(1)  # this connection took the last slot: free one for the next
+            _Connection(sock, addr, self.handler, self.limits, self.precheck, self.budget,
+                        self.idle).run()
+        finally:
+            left = self.per_client.get(client, 1) - 1
+            if left > 0:
+                self.per_client[client] = left
+            else:
+                self.per_client.pop(client, None)
+
+    def _refuse_client(self, sock, client: str) -> None:
+        """One address holds its share of the connections: 503 at once, one warning a
+        minute (with how many were refused since the last one)."""
+        self.refused_clients += 1
+        now = self.server.loop.now()
+        if now - self._refused_warned_at >= 60.0:
+            log.warning("client %s holds %d connections (router.max_connections_per_client); "
+                        "refusing more from it (%d refused since the last warning; list a "
+                        "proxy in router.trusted_proxies)", client,
+                        self.limits.max_connections_per_client, self.refused_clients)
+            self._refused_warned_at, self.refused_clients = now, 0
+        try:
+            sock.sendall(_TOO_MANY)
+        except OSError:
+            pass
+        try:
+            sock.close()
+        except OSError:
+            pass
 
     @property
     def address(self):
@@ -496,3 +538,11 @@ class HTTPServer:
         if self._reaper is not None:
             self._reaper.kill(block=False)
         self.server.stop(timeout=timeout)
+
+    def drain(self, timeout: float) -> None:
+        """Stop accepting, close idle connections, answer the requests being served with
+        ``Connection: close`` (a kept-alive client reconnects to a listener that serves),
+        and wait for them at most ``timeout`` seconds."""
+        self.limits.keep_alive = False
+        self.drain_idle(1 << 30)
+        self.stop(timeout=timeout)

@@ -8,7 +8,7 @@ import socket
 from typing import Callable
 
 from kvrouter.config.schema import Config
-from kvrouter.http.limits import ServerLimits
+from kvrouter.http.limits import ServerLimits, fair_share
 from kvrouter.http.server import HTTPServer
 from kvrouter.router.auth import require_api_key
 
@@ -21,6 +21,9 @@ def apply_limits(limits: ServerLimits, cfg: Config) -> None:
     limits.write_timeout = r.stream_idle_timeout_seconds
     limits.header_timeout = r.header_timeout_seconds
     limits.keepalive_timeout = r.keepalive_timeout_seconds
+    limits.max_connections_per_client = r.max_connections_per_client or \
+        fair_share(limits.max_connections)
+    limits.trusted_clients = frozenset(r.trusted_proxies)
 
 
 def router_http_server(listener, handler, get_cfg: Callable[[], Config]) -> HTTPServer:

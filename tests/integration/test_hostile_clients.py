@@ -207,3 +207,46 @@ def test_out_of_descriptors_is_503_for_the_request_never_a_failed_engine(engine,
         assert "marked failed" not in r.proc.output() and "-> failed" not in r.proc.output()
     finally:
         r.stop()
+
+
+def test_one_address_cannot_hold_every_connection(engine, tmp_path):
+    """Trickling header bytes from one address holds at most its share: the next connection
+    from it is answered 503 at once (one warning a minute), other addresses are served, and a
+    listed proxy is not capped."""
+    port = free_port()
+    r = Router(router_config(engine, port, ", max_connections_per_client: 4, "
+                             "trusted_proxies: [127.0.0.3]")
+               .replace("router_host: 127.0.0.1", "router_host: 0.0.0.0")
+               .replace("header_timeout_seconds: 1", "header_timeout_seconds: 20"),
+               str(tmp_path))
+    held = []
+    try:
+        r.wait_models_ready()
+        for _ in range(4):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")   # never ends its headers
+            held.append(s)
+        time.sleep(0.3)
+        for _ in range(3):
+            extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+            answer = extra.recv(4096)
+            extra.close()
+            assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer
+        other = socket.create_connection(("127.0.0.2", port), source_address=("127.0.0.2", 0))
+        other.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert other.recv(4096).startswith(b"HTTP/1.1 200")
+        other.close()
+        proxy = []
+        for _ in range(6):   # a trusted proxy's address may hold more
+            s = socket.create_connection(("127.0.0.3", port), source_address=("127.0.0.3", 0))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            proxy.append(s)
+        proxy[-1].sendall(b"\r\n")
+        assert proxy[-1].recv(4096).startswith(b"HTTP/1.1 200")
+        held.extend(proxy)
+        text = r.proc.output()
+        assert text.count("refusing more from it") == 1, text[-2000:]
+    finally:
+        for s in held:
+            s.close()
+        r.stop()
