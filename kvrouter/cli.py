@@ -184,11 +184,13 @@ def _router_shape(node, host, port):
 @click.option("--host", default=None)
 @click.option("--port", type=int, default=None)
 @click.option("--cluster-host", "node", default=None)
-def worker(config, slot, owner_port, shared_path, host, port, node):
+@click.option("--listen-fd", type=int, default=None)
+def worker(config, slot, owner_port, shared_path, host, port, node, listen_fd):
     """A router worker process (started by `kvrouter serve` when router.workers > 1)."""
     from kvrouter.router.worker import run_worker
 
-    run_worker(_router_shape(node, host, port)(_load(config)), slot, owner_port, shared_path)
+    run_worker(_router_shape(node, host, port)(_load(config)), slot, owner_port, shared_path,
+               listen_fd)
 
 
 def _admin(config: str, method: str, path: str, token: Optional[str] = None):

@@ -16,7 +16,7 @@ from kvrouter.errors import KvrouterError
 from kvrouter.http.sockio import raise_open_files_limit
 from kvrouter.ports import EXIT_NO_PORT, cannot_listen
 from kvrouter.router.owner import serve_with_workers
-from kvrouter.router.server import RouterContext, build_server
+from kvrouter.router.server import RouterContext, build_server, coalesced
 
 log = logging.getLogger("kvrouter")
 
@@ -55,7 +55,8 @@ def serve(cfg: Config, shape: Callable[[Config], Config] = lambda cfg: cfg) -> N
 
     gevent.signal_handler(signal.SIGTERM, _stop)
     gevent.signal_handler(signal.SIGINT, _stop)
-    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(ctx.reload_from_file))
+    reload = coalesced(ctx.reload_from_file)
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
 
     gevent.spawn(logs.flush_forever)
     server.serve_forever()

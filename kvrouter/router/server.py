@@ -145,6 +145,28 @@ class RouterContext:
         return handle
 
 
+def coalesced(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` one run at a time: calls that come while it runs make one more run after it
+    (a storm of SIGHUPs is two reloads, the last with the file as it is then)."""
+    state = {"running": False, "again": False}
+
+    def call() -> None:
+        if state["running"]:
+            state["again"] = True
+            return
+        state["running"] = True
+        try:
+            while True:
+                state["again"] = False
+                fn()
+                if not state["again"]:
+                    break
+        finally:
+            state["running"] = False
+
+    return call
+
+
 def build_server(ctx: RouterContext, listener=None) -> HTTPServer:
     r = ctx.cfg.router
     ctx.server = router_http_server(listener or (r.router_host, r.router_port), ctx.handler(),

@@ -15,9 +15,10 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
-from typing import List
+from typing import List, Optional
 from urllib.parse import quote
 
 import gevent
@@ -166,17 +167,27 @@ class Worker:
         return StreamResponse(resp.status, out, resp.chunks())
 
 
-def run_worker(cfg: Config, slot: int, owner_port: int, shared_path: str) -> None:
+def run_worker(cfg: Config, slot: int, owner_port: int, shared_path: str,
+               listen_fd: Optional[int] = None) -> None:
+    """Serve on the owner's listening socket ``listen_fd`` (inherited: the owner keeps it
+    open, so a worker that stops never drops a connection waiting in its backlog), or on a
+    SO_REUSEPORT socket of its own."""
+    owner_pid = int(os.environ.pop("KVROUTER_OWNER_PID", "0") or 0)
+    if owner_pid and os.getppid() != owner_pid:
+        sys.exit(0)   # the owner died before this worker could ask to die with it
     logs.setup(cfg.router.log_level)
     raise_open_files_limit()
-    _die_with_parent()
     secret = os.environ.pop("KVROUTER_OWNER_SECRET", "")
     owner = Owner(owner_port, secret)
     shared = SharedState(shared_path)
     worker = Worker(cfg, slot, owner, shared)
     r = cfg.router
     try:
-        listener = reuseport_listener(r.router_host, r.router_port)
+        if listen_fd is not None:
+            listener = socket.socket(fileno=listen_fd)
+            listener.setblocking(False)
+        else:
+            listener = reuseport_listener(r.router_host, r.router_port)
     except OSError as err:
         log.error("worker %d: %s", slot, cannot_listen(r.router_host, r.router_port, err,
                                                        cfg.source))
@@ -187,24 +198,26 @@ def run_worker(cfg: Config, slot: int, owner_port: int, shared_path: str) -> Non
     gevent.spawn(logs.flush_forever)
     log.info("worker %d (pid %d) serving %s:%d", slot, os.getpid(), r.router_host,
              r.router_port)
+    owner.post("/internal/ready", {"slot": slot, "pid": os.getpid()})
 
     stopping = Event()
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     gevent.signal_handler(signal.SIGINT, stopping.set)
     stopping.wait()
-    # stop accepting (the other workers take the new connections); let the requests finish
-    server.drain_idle(1 << 30)   # idle keep-alive connections now; busy ones when done
-    server.stop(timeout=DRAIN_SECONDS)
+    # stop accepting (the others take the new connections, from the same queue); finish
+    # what is being served, each answer closing its connection
+    server.drain(timeout=DRAIN_SECONDS)
     worker.flush()
     logs.ACCESS.flush()
 
 
-def _die_with_parent() -> None:
-    """A worker whose owner is gone (killed outright) must not keep the port: Linux sends it
-    SIGTERM then (PR_SET_PDEATHSIG), and it drains and exits."""
+def die_with_parent() -> None:
+    """In a worker, between fork and exec (``preexec_fn``): Linux sends it SIGTERM when the
+    owner dies, however it dies (PR_SET_PDEATHSIG survives exec), so no worker outlives
+    its owner, not even one still importing when the owner is killed."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        log.warning("cannot ask to be stopped with the owner process (not Linux?)")
+        pass

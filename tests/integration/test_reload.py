@@ -122,7 +122,7 @@ def test_a_changed_engine_command_line_restarts_it_only_after_its_streams_finish
                             os.path.join(folder, "etc"), "--apply"], capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
-        assert "engine-a: restarted with its new command line" in r.stdout, r.stdout + r.stderr
+        assert "a: restarted with its new command line" in r.stdout, r.stdout + r.stderr
         # requests sent while it restarts wait for the new engine and are served
         late = run_concurrently(lambda i: http("POST", base + "/v1/completions", {
             "model": A, "prompt": "late", "max_tokens": 2}, timeout=60)[0], 5)

@@ -234,3 +234,145 @@ def test_workers_stop_when_their_owner_is_killed(tmp_path):
     finally:
         router.stop()
         a.stop()
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _in_flight(base, model):
+    return get_json(base + "/sleep/status")[1]["models"][model]["requests_in_flight"]
+
+
+def test_a_reload_storm_leaves_exactly_the_workers_of_the_last_config(tmp_path):
+    """100 SIGHUPs in a few seconds, then one that rotates the API key: two workers, both
+    on the last config (the revoked key refused everywhere, the new one accepted); a client
+    sending all along never had a connection refused; in-flight counts stay exact."""
+    a = SimEngine("vllm", A, args=["--enable-sleep-mode", "--itl-ms", "10"])
+    rp = free_port()
+
+    def config(key):
+        return (f"router: {{router_port: {rp}, workers: 2, api_keys: [{key}]}}\n"
+                "sleep_manager: {min_sleep_duration: 0}\ninstances:\n"
+                + instance_yaml("a", A, a.port, "vllm"))
+
+    router = Router(config("old-key"), str(tmp_path))
+    stop, refused, statuses = threading.Event(), [], []
+
+    def client():
+        while not stop.is_set():
+            try:
+                r = requests.get(router.base + "/health", timeout=10)
+                statuses.append(r.status_code)
+            except requests.ConnectionError as err:
+                refused.append(str(err))
+            time.sleep(0.02)
+
+    t = threading.Thread(target=client)
+    try:
+        router.wait_models_ready()
+        wait_until(lambda: len(_workers(router)) == 2, 15, what="two workers")
+        t.start()
+        # a long stream through the storm: its worker's count must survive every reload
+        streamed = {}
+
+        def stream():
+            with requests.post(router.base + "/v1/completions", stream=True, timeout=90,
+                               headers={"Authorization": "Bearer old-key"}, json={
+                                   "model": A, "prompt": "go", "stream": True,
+                                   "max_tokens": 500, "ignore_eos": True}) as r:
+                streamed["ok"] = b"".join(r.iter_content(None)).rstrip().endswith(b"[DONE]")
+
+        s = threading.Thread(target=stream)
+        s.start()
+        wait_until(lambda: _in_flight(router.base, A) == 1, 10, what="the stream counted")
+        for _ in range(100):
+            os.kill(router.proc.p.pid, signal.SIGHUP)
+            time.sleep(0.04)
+        assert _in_flight(router.base, A) == 1
+        with open(router.path, "w") as fh:
+            fh.write(config("new-key"))
+        os.kill(router.proc.p.pid, signal.SIGHUP)
+
+        def settled():
+            pids = _workers(router)
+            return len(pids) == 2 and all(
+                f"--slot" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")
+                for p in pids)
+
+        def only_new_key():
+            codes = {requests.get(router.base + "/v1/models", timeout=10,
+                                  headers={"Authorization": "Bearer old-key"}).status_code
+                     for _ in range(30)}
+            return codes == {401}
+
+        wait_until(only_new_key, 60, what="the revoked key refused by every worker")
+        wait_until(settled, 60, what="two workers left")
+        for _ in range(30):
+            r = requests.get(router.base + "/v1/models", timeout=10,
+                             headers={"Authorization": "Bearer new-key"})
+            assert r.status_code == 200
+        s.join(90)
+        assert streamed == {"ok": True}
+        wait_until(lambda: _in_flight(router.base, A) == 0, 10, what="the count back to 0")
+        stop.set()
+        t.join(10)
+        assert refused == [] and set(statuses) == {200}, (refused[:3], set(statuses))
+    finally:
+        stop.set()
+        router.stop()
+        a.stop()
+
+
+def test_a_reload_that_moves_the_port_keeps_it_until_a_restart(tmp_path):
+    a = SimEngine("vllm", A, args=["--enable-sleep-mode"])
+    rp, other = free_port(), free_port()
+    text = (f"router: {{router_port: {rp}, workers: 2}}\ninstances:\n"
+            + instance_yaml("a", A, a.port, "vllm"))
+    router = Router(text, str(tmp_path))
+    try:
+        router.wait_models_ready()
+        wait_until(lambda: len(_workers(router)) == 2, 15, what="two workers")
+        old = _workers(router)
+        with open(router.path, "w") as fh:
+            fh.write(text.replace(f"router_port: {rp}", f"router_port: {other}"))
+        os.kill(router.proc.p.pid, signal.SIGHUP)
+        wait_until(lambda: not (_workers(router) & old) and len(_workers(router)) == 2, 40,
+                   what="the workers replaced")
+        assert http("GET", router.base + "/health")[0] == 200      # still the old port
+        with pytest.raises(OSError):                                   # not the new one
+            http("GET", f"http://127.0.0.1:{other}/health", timeout=1)
+        assert "restart the router to move it" in router.proc.output()
+    finally:
+        router.stop()
+        a.stop()
+
+
+def test_an_owner_killed_while_its_workers_start_leaves_no_worker_and_no_memory(tmp_path):
+    a = SimEngine("vllm", A, args=["--enable-sleep-mode"])
+    rp = free_port()
+    text = (f"router: {{router_port: {rp}, workers: 2}}\ninstances:\n"
+            + instance_yaml("a", A, a.port, "vllm"))
+    router = Router(text, str(tmp_path), wait=False)
+    try:
+        wait_until(lambda: len(_workers(router)) == 2, 15, what="workers spawned")
+        pids = _workers(router)   # still importing: the owner dies under them
+        owner = router.proc.p.pid
+        os.kill(owner, signal.SIGKILL)
+        wait_until(lambda: not any(_alive(p) for p in pids), 40, what="the workers gone")
+        segment = f"/dev/shm/kvrouter-{rp}-{owner}"
+        assert os.path.exists(segment)                  # nobody could clean it up
+        router.stop()
+        again = Router(text, str(tmp_path))               # the next start does
+        try:
+            wait_until(lambda: not os.path.exists(segment), 10, what="the stale segment gone")
+            assert http("GET", again.base + "/health")[0] == 200
+        finally:
+            again.stop()
+    finally:
+        router.stop()
+        a.stop()
