@@ -133,17 +133,18 @@ def trace_cmd(base_url, endpoint, stream, concurrency, timeout, api_key, slo_ttf
         raise KvrouterError(f"{trace_file}: the trace has no requests")
     rows = trace.check_models(trace_file, rows, _served_models(base_url, api_key),
                               base_url, skip_unknown)
-    jobs = []
-    for i, r in enumerate(rows):
-        text = prompts.synthetic(1, r["prompt_tokens"], seed + i)[0][0]
-        jobs.append(Job(r["time"] / speed, r["model"], text, r["output_tokens"]))
+    def jobs():   # each prompt made when its time comes
+        for i, r in enumerate(rows):
+            text = prompts.synthetic(1, r["prompt_tokens"], seed + i)[0][0]
+            yield Job(r["time"] / speed, r["model"], text, r["output_tokens"])
+
     spec = LoadSpec(base_url=base_url, endpoint=endpoint, stream=stream, concurrency=concurrency,
                     request_rate=1.0, timeout=timeout, api_key=api_key,
                     slo=_slo(slo_ttft_ms, slo_tpot_ms, slo_e2e_ms))
     gen = LoadGenerator(spec)
     click.echo(f"replaying {len(rows)} requests over {rows[-1]['time'] / speed:.0f}s "
                f"against {base_url}", err=True)
-    duration_s = gen.run(jobs, progress=True)
+    duration_s = gen.run(jobs(), progress=True, total=len(rows))
     _finish(gen, duration_s, spec_dict(spec, trace=trace_file, speed=speed, requests=len(rows)),
             output)
 

@@ -11,7 +11,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 import gevent
@@ -157,10 +157,16 @@ class LoadGenerator:
         if sample.error is None and not sample.ok:
             sample.error = "stream_error"  # ended without [DONE]
 
-    def run(self, jobs: List[Job], progress: bool = False) -> float:
+    def run(self, jobs: Iterable[Job], progress: bool = False,
+            total: Optional[int] = None) -> float:
+        """Send ``jobs`` (a list, or with ``total`` an iterator made as it goes: a long
+        trace's prompts are never all in memory)."""
+        if total is None:
+            jobs = list(jobs)
+            total = len(jobs)
         s = self.spec
         started = time.perf_counter()
-        ticker = gevent.spawn(self._progress, len(jobs), started) if progress else None
+        ticker = gevent.spawn(self._progress, total, started) if progress else None
         deadline = started + s.duration if s.duration else None
         try:
             if s.request_rate:
@@ -174,7 +180,7 @@ class LoadGenerator:
                     pool.spawn(self.one, job)
                 pool.join()
             else:
-                queue = list(reversed(jobs))
+                queue = list(jobs)[::-1]
 
                 def worker():
                     while queue and (deadline is None or time.perf_counter() < deadline):
@@ -184,7 +190,7 @@ class LoadGenerator:
         finally:
             if ticker is not None:
                 ticker.kill()
-                self._show(len(jobs), started, sys.stderr.isatty())
+                self._show(total, started, sys.stderr.isatty())
                 sys.stderr.write("\n" if sys.stderr.isatty() else "")
         return time.perf_counter() - started
 

@@ -301,7 +301,7 @@ def test_a_reload_storm_leaves_exactly_the_workers_of_the_last_config(tmp_path):
         def settled():
             pids = _workers(router)
             return len(pids) == 2 and all(
-                f"--slot" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")
+                "--slot" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")
                 for p in pids)
 
         def only_new_key():

@@ -118,3 +118,21 @@ def test_a_trace_naming_models_the_config_lacks_is_refused_listing_what_it_has()
                                                     skip_unknown=True)] == ["a", "b"]
     with pytest.raises(KvrouterError, match="not in my.yaml"):  # none left: still an error
         trace.check_models("t.jsonl", rows, ["q"], "my.yaml", skip_unknown=True)
+
+
+def test_a_replay_makes_each_request_when_its_time_comes():
+    """`bench trace` hands the load generator an iterator: a long trace's prompts are made
+    as it goes, never all held at once."""
+    from kvrouter.bench.loadgen import Job, LoadGenerator, LoadSpec
+
+    made, sent = [], []
+
+    def jobs():
+        for i in range(5):
+            made.append(i)
+            yield Job(i * 0.01, "m", "x", 1)
+
+    gen = LoadGenerator(LoadSpec(base_url="http://127.0.0.1:9/v1", request_rate=1.0))
+    gen.one = lambda job: sent.append((job.at, len(made)))
+    gen.run(jobs(), total=5)
+    assert [n for _, n in sent] == [1, 2, 3, 4, 5]   # each made just before it was sent
