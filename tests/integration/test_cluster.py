@@ -515,3 +515,18 @@ def test_redis_with_an_acl_user_over_tls(redis_binary, tmp_path):
         if stack is not None:
             stack.stop()
         server.stop()
+
+
+def test_a_second_router_with_a_live_router_s_id_is_refused(stack_factory):
+    stack = stack_factory()
+    d = tempfile.mkdtemp(prefix="kvr-cl-")
+    stack.dirs.append(d)
+    twin = Router(stack.config, d, wait=False, cluster_host="gpu-a")
+    try:
+        code = twin.proc.p.wait(30)
+        text = twin.proc.output()
+    finally:
+        twin.stop()
+    assert code == 2, text[-2000:]
+    assert "another live router uses the id 'gpu-a'" in text and "--cluster-host" in text
+    assert stack.health("gpu-a")["cluster"]["this_router_leads"]   # the first one carries on
