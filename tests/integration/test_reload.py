@@ -29,22 +29,29 @@ def _config(rp, pa, pb, idle, with_b):
         instance_yaml("b", B, pb, "vllm", sim="itl_ms: 5, ttft_ms: 5") if with_b else "")
 
 
+def _streamer(base, max_tokens):
+    """stream(i): one streamed completion of ``max_tokens`` for A, through the openai SDK;
+    (tokens received, finish reason)."""
+    client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
+
+    def stream(i):
+        tokens, reason = 0, None
+        for chunk in client.completions.create(model=A, prompt=f"s{i}", max_tokens=max_tokens,
+                                               stream=True, extra_body={"ignore_eos": True}):
+            tokens += 1
+            reason = chunk.choices[0].finish_reason or reason
+        return tokens, reason
+
+    return stream
+
+
 def test_yaml_edit_reaches_the_router_without_losing_a_request():
     folder = tempfile.mkdtemp(prefix="kvr-", dir="/tmp")
     rp, pa, pb = free_port(), free_port(), free_port()
     base = f"http://127.0.0.1:{rp}"
     path = os.path.join(folder, "kvrouter.yaml")
     with supervised_stack(_config(rp, pa, pb, 300, False), base, folder=folder) as sup:
-        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
-
-        def stream(i):
-            tokens, reason = 0, None
-            for chunk in client.completions.create(model=A, prompt=f"s{i}", max_tokens=80,
-                                                   stream=True,
-                                                   extra_body={"ignore_eos": True}):
-                tokens += 1
-                reason = chunk.choices[0].finish_reason or reason
-            return tokens, reason
+        stream = _streamer(base, 80)
 
         results = {}
         pid = sup.process_info("engine-a")["pid"]
@@ -99,16 +106,7 @@ def test_a_changed_engine_command_line_restarts_it_only_after_its_streams_finish
     base = f"http://127.0.0.1:{rp}"
     path = os.path.join(folder, "kvrouter.yaml")
     with supervised_stack(_config(rp, pa, pb, 300, False), base, folder=folder) as sup:
-        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
-
-        def stream(i):
-            tokens, reason = 0, None
-            for chunk in client.completions.create(model=A, prompt=f"s{i}", max_tokens=60,
-                                                   stream=True,
-                                                   extra_body={"ignore_eos": True}):
-                tokens += 1
-                reason = chunk.choices[0].finish_reason or reason
-            return tokens, reason
+        stream = _streamer(base, 60)
 
         pid = sup.process_info("engine-a")["pid"]
         results = {}
