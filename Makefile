@@ -64,7 +64,7 @@ demo: render
 	@$(SUPERVISORCTL) status || true
 	@echo
 	@echo "Running under supervisord. Next:"
-	@echo "  $(VENV)/bin/supervisorctl -c $(OUT)/supervisord.conf status    (or: . $(VENV)/bin/activate; supervisorctl status)"
+	@echo "  supervisorctl status          (on PATH now, in $(BINDIR); or $(VENV)/bin/supervisorctl -c $(OUT)/supervisord.conf status)"
 	@echo "  curl -s localhost:8080/health/all ; curl -s localhost:8080/v1/models ; curl -s localhost:8080/traffic/stats"
 	@echo "  tail -f $(OUT)/logs/kvrouter.log"
 	@echo "  make demo-stop"
