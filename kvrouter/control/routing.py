@@ -13,7 +13,7 @@ position in the group, requests in flight, whether it may be chosen, its weight)
 | policy | rule |
 |---|---|
 | round_robin | the next routable replica after the last one chosen |
-| least_outstanding | the fewest requests in flight per unit of weight; lowest index on ties |
+| least_outstanding | the fewest requests in flight per unit of weight; lowest position on ties |
 | power_of_two | two distinct routable replicas drawn at random: the less loaded |
 | session | rendezvous hash of the session over the routable replicas, skipping any above
   ceil(1.25 x mean load) (bounded load); no session: least_outstanding |
@@ -46,7 +46,7 @@ class Rng(Protocol):
 
 
 class ReplicaLoad(NamedTuple):
-    index: int                  # position in the group (stable across reloads)
+    replica: int                # its position in the group (stable across reloads)
     in_flight: int              # requests sent to it and not finished
     routable: bool = True       # READY, and its breaker lets traffic through
     weight: float = 1.0         # relative capacity
@@ -58,7 +58,7 @@ class RouteKey(NamedTuple):
 
 
 class Choice(NamedTuple):
-    index: int
+    replica: int
     reason: str
 
 
@@ -67,13 +67,13 @@ def _load(r: ReplicaLoad) -> float:
 
 
 def _candidates(replicas: Sequence[ReplicaLoad], exclude: FrozenSet[int]):
-    return [r for r in replicas if r.routable and r.index not in exclude]
+    return [r for r in replicas if r.routable and r.replica not in exclude]
 
 
 def least_loaded(replicas: Sequence[ReplicaLoad],
                  exclude: FrozenSet[int] = frozenset()) -> Optional[ReplicaLoad]:
     found = _candidates(replicas, exclude)
-    return min(found, key=lambda r: (_load(r), r.index)) if found else None
+    return min(found, key=lambda r: (_load(r), r.replica)) if found else None
 
 
 class RoutingPolicy:
@@ -87,8 +87,8 @@ class RoutingPolicy:
     def observe(self, choice: Choice, key: RouteKey) -> None:
         """A request was sent where ``choice`` said."""
 
-    def forget(self, index: int) -> None:
-        """Replica ``index`` is gone (or lost its cache)."""
+    def forget(self, replica: int) -> None:
+        """Replica ``replica`` is gone (or lost its cache)."""
 
 
 class LeastOutstanding(RoutingPolicy):
@@ -96,7 +96,7 @@ class LeastOutstanding(RoutingPolicy):
 
     def choose(self, replicas, key, rng, exclude=frozenset()):
         best = least_loaded(replicas, exclude)
-        return Choice(best.index, f"least {best.in_flight}") if best else None
+        return Choice(best.replica, f"least {best.in_flight}") if best else None
 
 
 class RoundRobin(RoutingPolicy):
@@ -106,15 +106,15 @@ class RoundRobin(RoutingPolicy):
         self.last = -1
 
     def choose(self, replicas, key, rng, exclude=frozenset()):
-        found = sorted(_candidates(replicas, exclude), key=lambda r: r.index)
+        found = sorted(_candidates(replicas, exclude), key=lambda r: r.replica)
         if not found:
             return None
-        after = [r for r in found if r.index > self.last]
+        after = [r for r in found if r.replica > self.last]
         pick = after[0] if after else found[0]
-        return Choice(pick.index, "next")
+        return Choice(pick.replica, "next")
 
     def observe(self, choice, key):
-        self.last = choice.index
+        self.last = choice.replica
 
 
 class PowerOfTwo(RoutingPolicy):
@@ -123,16 +123,16 @@ class PowerOfTwo(RoutingPolicy):
     def choose(self, replicas, key, rng, exclude=frozenset()):
         found = _candidates(replicas, exclude)
         if len(found) <= 1:
-            return Choice(found[0].index, "only one") if found else None
+            return Choice(found[0].replica, "only one") if found else None
         i = rng.randrange(len(found))
         j = rng.randrange(len(found) - 1)
         a, b = found[i], found[j if j < i else j + 1]
-        pick = a if (_load(a), a.index) <= (_load(b), b.index) else b
-        return Choice(pick.index, f"p2c {a.in_flight}/{b.in_flight}")
+        pick = a if (_load(a), a.replica) <= (_load(b), b.replica) else b
+        return Choice(pick.replica, f"p2c {a.in_flight}/{b.in_flight}")
 
 
-def _score(session: str, index: int) -> int:
-    digest = hashlib.blake2b(f"{session}\0{index}".encode(), digest_size=8).digest()
+def _score(session: str, replica: int) -> int:
+    digest = hashlib.blake2b(f"{session}\0{replica}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 
 
@@ -152,14 +152,14 @@ class Session(RoutingPolicy):
             return None
         if not key.session:
             best = least_loaded(found)
-            return Choice(best.index, "no session: least") if best else None
+            return Choice(best.replica, "no session: least") if best else None
         total = sum(r.in_flight for r in found) + 1   # with this request
         cap = math.ceil(self.bound * total / len(found))
-        ranked = sorted(found, key=lambda r: _score(key.session or "", r.index), reverse=True)
+        ranked = sorted(found, key=lambda r: _score(key.session or "", r.replica), reverse=True)
         for rank, r in enumerate(ranked):
             if r.in_flight + 1 <= cap:
-                return Choice(r.index, "session" if rank == 0 else f"session, moved {rank}")
-        return Choice(ranked[0].index, "session")
+                return Choice(r.replica, "session" if rank == 0 else f"session, moved {rank}")
+        return Choice(ranked[0].replica, "session")
 
 
 class CacheAware(RoutingPolicy):
@@ -183,9 +183,9 @@ class CacheAware(RoutingPolicy):
         least = least_loaded(found)
         assert least is not None
         if hi - lo > self.balance_abs_threshold and hi > self.balance_rel_threshold * lo:
-            return Choice(least.index, f"imbalanced {hi}/{lo}: least")
+            return Choice(least.replica, f"imbalanced {hi}/{lo}: least")
         if key.blocks:
-            allowed = {r.index for r in found}
+            allowed = {r.replica for r in found}
             matched = {i: n for i, n in self.tree.matched_by(key.blocks).items()
                        if i in allowed}
             if matched:
@@ -193,16 +193,16 @@ class CacheAware(RoutingPolicy):
                 share = matched[best] / len(key.blocks)
                 if share > self.cache_threshold:
                     return Choice(best, f"prefix {share:.2f}")
-        return Choice(least.index, "least")
+        return Choice(least.replica, "least")
 
     def observe(self, choice, key):
         if key.blocks:
-            self.tree.insert(key.blocks, choice.index)
-            if self.tree.sizes.get(choice.index, 0) > self.max_tree_blocks * 1.25:
+            self.tree.insert(key.blocks, choice.replica)
+            if self.tree.sizes.get(choice.replica, 0) > self.max_tree_blocks * 1.25:
                 self.tree.evict(self.max_tree_blocks)   # amortised: a quarter at a time
 
-    def forget(self, index):
-        self.tree.remove(index)
+    def forget(self, replica):
+        self.tree.remove(replica)
 
 
 ROUTING: Dict[str, Type[RoutingPolicy]] = {p.name: p for p in (
