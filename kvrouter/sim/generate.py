@@ -238,7 +238,14 @@ class Generator:
                     choices.append([index, T.TokenStream(cfg.seed, prompt, k, gib),
                                     lengths[index], 0])
             st.update_segment()
-            gevent.sleep(st.timing.prefill_seconds(req["prompt_tokens"]))
+            cached = 0
+            if st.prefix is not None:   # a prefix already computed is not prefilled again
+                cached = sum(st.prefix.lookup(p) for p in req["prompts"])
+            req["cached_tokens"] = cached
+            gevent.sleep(st.timing.prefill_seconds(req["prompt_tokens"] - cached))
+            if st.prefix is not None:
+                for p in req["prompts"]:
+                    st.prefix.insert(p, st.prefix_capacity_blocks())
             first = time.monotonic()
             self.metrics.hist["queue"].observe(queue_time)
             self.metrics.hist["ttft"].observe(first - start)
@@ -298,6 +305,13 @@ class Generator:
         if details:  # vLLM 0.32 leaves the details out of a stream's usage chunk
             out["prompt_tokens_details"] = None
             out["completion_tokens_details"] = None
+        if self.cfg.prompt_tokens_details and (details or self.cfg.dialect == "vllm"):
+            # only with --enable-prompt-tokens-details (vLLM) / --enable-cache-report (SGLang)
+            cached = req.get("cached_tokens", 0)
+            out["prompt_tokens_details"] = {"cached_tokens": cached} \
+                if self.cfg.dialect == "sglang" else \
+                {"cached_tokens": cached, "created_cache_tokens": None,
+                 "multimodal_tokens": None}
         return out
 
     @property

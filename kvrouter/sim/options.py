@@ -61,6 +61,13 @@ class SimConfig:
     enable_sleep_mode: bool = opt(False)
     enable_memory_saver: bool = opt(False)
     weights_cpu_backup: bool = opt(False, flags=("--enable-weights-cpu-backup",))
+    no_prefix_caching: bool = opt(False, "turn the prefix cache off (it is on by default, as "
+                                  "in vLLM and SGLang)", flags=("--no-enable-prefix-caching",
+                                                                "--disable-radix-cache"))
+    prompt_tokens_details: bool = opt(
+        False, "report usage.prompt_tokens_details.cached_tokens (vLLM and SGLang do only "
+        "with this flag)", flags=("--enable-prompt-tokens-details", "--enable-cache-report"))
+    block_size: int = opt(16, "tokens per KV block: the prefix cache's unit")
     crash_on_sleeping_request: bool = opt(
         False, "old vLLM: a request to a sleeping engine kills it (default: it hangs)")
     # From the environment, as the real engines read them.

@@ -12,6 +12,7 @@ from gevent.lock import Semaphore
 
 from kvrouter import kvpool
 from kvrouter.sim.options import SimConfig
+from kvrouter.sim.prefix_cache import PrefixCache
 
 log = logging.getLogger("kvrouter.sim")
 GB = 1024 ** 3
@@ -90,6 +91,17 @@ class EngineState:
         self.last_sleep_seconds = 0.0
         self.last_wake_seconds = 0.0
         self.segment: Optional[KvcachedSegment] = None
+        self.prefix = PrefixCache(cfg.block_size, 0) if not cfg.no_prefix_caching else None
+
+    def prefix_capacity_blocks(self) -> int:
+        """Blocks the prefix cache may keep: the KV pool less what running requests hold."""
+        free = max(0, self.kv_capacity_tokens() - self.tokens_in_flight)
+        return free // self.cfg.block_size
+
+    def forget_prefixes(self) -> None:
+        """The KV cache was freed (a sleep, released memory): nothing stays cached."""
+        if self.prefix is not None:
+            self.prefix.clear()
 
     # --- memory ---------------------------------------------------------------------------
     @property
@@ -165,6 +177,7 @@ class EngineState:
         gevent.sleep(self.timing.sleep_seconds(level))
         self.sleep_level = level
         self.asleep_tags = {"weights", "kv_cache"}
+        self.forget_prefixes()
         if level == 2:
             self.weights_valid = False
         self.last_sleep_seconds = self.clock() - started
@@ -208,6 +221,8 @@ class EngineState:
         if "weights" in tags and not self.cfg.weights_cpu_backup:
             self.weights_valid = False
         self.released |= tags
+        if "kv_cache" in tags:
+            self.forget_prefixes()
         self.last_sleep_seconds = self.clock() - started
         self.update_segment()
 

@@ -25,6 +25,11 @@ def tokenize(text: str) -> List[int]:
             % VOCAB_SIZE for w in _WORD_RE.findall(text)]
 
 
+def tokens(text: str) -> List[str]:
+    """The tokens' texts (words and punctuation marks)."""
+    return _WORD_RE.findall(text)
+
+
 def count_tokens(text: str) -> int:
     return len(_WORD_RE.findall(text))
 

@@ -15,7 +15,7 @@ MODEL_DIR = os.path.join(ROOT, ".cache", "tiny-llama")
 START_TIMEOUT = 300
 
 
-def _instance(name, served, port, core, extra=""):
+def _instance(name, served, port, core, extra="", flags=""):
     model = os.path.join(ROOT, ".cache", f"model-{served}")
     if not os.path.exists(model):
         os.symlink(MODEL_DIR, model)
@@ -24,7 +24,7 @@ def _instance(name, served, port, core, extra=""):
             f"    engine_env: [HF_HUB_OFFLINE=1, VLLM_CPU_KVCACHE_SPACE=1,"
             f" VLLM_CPU_OMP_THREADS_BIND={core}, VLLM_SERVER_DEV_MODE=1]\n"
             f"    engine_args: ['--host 127.0.0.1 --port {port} --served-model-name {served}',"
-            f" '--max-model-len 256 --dtype float32 --enforce-eager --block-size 32']\n"
+            f" '--max-model-len 256 --dtype float32 --enforce-eager --block-size 32{flags}']\n"
             f"    startup_timeout_seconds: {START_TIMEOUT}\n{extra}")
 
 
@@ -58,7 +58,8 @@ def real():
            "instances:\n%s%s") % (
         rp, START_TIMEOUT,
         _instance("vllm-a", "tiny-a", pa, 0, "    sleep: {pinned: true}\n"),
-        _instance("vllm-b", "tiny-b", pb, 1, "    sleep: {idle_threshold_seconds: 600}\n"))
+        _instance("vllm-b", "tiny-b", pb, 1, "    sleep: {idle_threshold_seconds: 600}\n",
+                  " --enable-prompt-tokens-details"))
     sup, out = supervised(cfg, tmp)
     base = f"http://127.0.0.1:{rp}"
     started = time.monotonic()

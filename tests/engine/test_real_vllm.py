@@ -137,6 +137,32 @@ def test_fidelity_sim_matches_real_vllm(real):
         sim.stop()
 
 
+def test_prefix_cache_reports_like_the_real_engine(real):
+    """The same prompt twice to a real vLLM with --enable-prompt-tokens-details and to the
+    simulated one with the same flags: the usage has the same shape, and the second
+    request's cached_tokens is a positive whole number of blocks on both."""
+    sim = SimEngine("vllm", model="tiny-b", args=["--max-model-len", "256", "--block-size",
+                                                  "32", "--enable-prompt-tokens-details"])
+    prompt = " ".join(f"item {i}," for i in range(40))
+    try:
+        seen = {}
+        for name, base in (("real", real["engines"]["tiny-b"]), ("sim", sim.base)):
+            usages = []
+            for _ in range(2):
+                status, _, raw = http("POST", base + "/v1/completions", {
+                    "model": "tiny-b", "prompt": prompt, "max_tokens": 1, "temperature": 0},
+                    timeout=60)
+                assert status == 200, (name, raw[:300])
+                usages.append(json.loads(raw)["usage"])
+            cached = usages[1]["prompt_tokens_details"]["cached_tokens"]
+            assert cached > 0 and cached % 32 == 0 and cached < usages[1]["prompt_tokens"], \
+                (name, usages)
+            seen[name] = _shape(usages[1])
+        assert seen["sim"] == seen["real"], seen
+    finally:
+        sim.stop()
+
+
 def test_manual_sleep_and_request_held_across_wake(real):
     eng = real["engines"]["tiny-b"]
     status, _, body = http("POST", real["base"] + "/model/sleep/tiny-b", timeout=120)

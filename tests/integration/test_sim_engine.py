@@ -345,3 +345,36 @@ def test_a_bad_request_never_leaves_the_engine_busy(engine):
     assert stats["running"] == 0 and stats["waiting"] == 0
     ok = b'{"model": "org/sim-model", "prompt": "\\ud83d\\ude00 hi", "max_tokens": 3}'
     assert http("POST", engine.base + "/v1/completions", ok)[0] == 200  # a valid pair is fine
+
+
+def test_a_repeated_prefix_skips_its_prefill_and_is_reported_as_vllm_does():
+    """A conversation's next turn shares its leading blocks: prefill is shorter by them, and
+    with --enable-prompt-tokens-details the usage says how many tokens came from the cache
+    (SDK-readable); a sleep frees the KV cache, and with it every cached prefix."""
+    eng = SimEngine("vllm", model="org/prefix", env={"VLLM_SERVER_DEV_MODE": "1"},
+                    args=["--enable-sleep-mode", "--enable-prompt-tokens-details",
+                          "--ttft-ms", "5", "--prefill-ms-per-token", "0.5"])
+    try:
+        client = openai.OpenAI(base_url=eng.base + "/v1", api_key="x", max_retries=0)
+        history = " ".join(f"w{i}" for i in range(400))
+
+        def ask(prompt):
+            start = time.monotonic()
+            r = client.completions.create(model="org/prefix", prompt=prompt, max_tokens=1)
+            return time.monotonic() - start, r.usage.prompt_tokens_details.cached_tokens
+
+        cold, cached0 = ask(history)
+        warm, cached1 = ask(history + " and the next question")
+        assert cached0 == 0 and cached1 == 400 and warm < cold - 0.1, (cold, warm)
+        assert http("POST", eng.base + "/sleep?level=1")[0] == 200
+        assert http("POST", eng.base + "/wake_up")[0] == 200
+        assert ask(history)[1] == 0          # the cache went with the KV memory
+        plain = SimEngine("vllm", model="org/plain")   # without the flag: no details
+        try:
+            r = http("POST", plain.base + "/v1/completions",
+                     {"model": "org/plain", "prompt": history, "max_tokens": 1})
+            assert json.loads(r[2])["usage"]["prompt_tokens_details"] is None
+        finally:
+            plain.stop()
+    finally:
+        eng.stop()
