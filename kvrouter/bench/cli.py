@@ -135,7 +135,10 @@ def trace_cmd(base_url, endpoint, stream, concurrency, timeout, api_key, slo_ttf
                               base_url, skip_unknown)
     def jobs():   # each prompt made when its time comes
         for i, r in enumerate(rows):
-            text = prompts.synthetic(1, r["prompt_tokens"], seed + i)[0][0]
+            if "blocks" in r:   # shared prefixes: equal block ids, equal text
+                text = prompts.from_blocks(r["blocks"], r["prompt_tokens"], r["block_tokens"])
+            else:
+                text = prompts.synthetic(1, r["prompt_tokens"], seed + i)[0][0]
             yield Job(r["time"] / speed, r["model"], text, r["output_tokens"])
 
     spec = LoadSpec(base_url=base_url, endpoint=endpoint, stream=stream, concurrency=concurrency,
@@ -192,6 +195,37 @@ def external_cmd(tool, python, args):
         raise KvrouterError(f"benchmark tool {tool!r} is not installed for {python} (pip "
                             f"install {tool} there, or use tool: builtin)")
     os.execv(python, [python, *args])
+
+
+@bench.command("import-trace")
+@click.argument("fmt", metavar="FORMAT", type=click.Choice(["mooncake"]))
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "models", multiple=True, help="a model to give requests to (repeat)")
+@click.option("--models-from", "models_from", default=None, type=click.Path(dir_okay=False),
+              metavar="CONFIG", help="every model of this config (with or instead of --model)")
+@click.option("--assign", "rule", type=click.Choice(["conversation", "stripe"]),
+              default="conversation", show_default=True,
+              help="conversation: each conversation to one model (seeded hash); stripe: "
+              "requests dealt to the models in turn")
+@click.option("--seed", type=int, default=0)
+@click.option("--out", "out_path", required=True)
+def import_trace_cmd(fmt, source, models, models_from, rule, seed, out_path):
+    """Turn a public trace into a kvrouter trace (JSON lines for `bench trace` and
+    `simulate`), keeping its prompts' block ids so shared prefixes replay as shared text."""
+    from kvrouter.bench import importers
+
+    if models_from:
+        from kvrouter.config import load_config
+
+        models = tuple(models) + tuple(i.model for i in load_config(models_from).instances
+                                       if i.model not in models)
+    counts: dict = {}
+    with open(out_path, "w", encoding="utf-8") as fh:
+        for row in importers.mooncake(source, list(models), rule, seed):
+            counts[row["model"]] = counts.get(row["model"], 0) + 1
+            fh.write(json.dumps(row, separators=(",", ":")) + "\n")
+    click.echo(f"wrote {sum(counts.values())} requests to {out_path}: " +
+               ", ".join(f"{m}={counts.get(m, 0)}" for m in models))
 
 
 @bench.command("gen-trace")

@@ -1,9 +1,10 @@
 """Prompts for the load generator: synthetic of a given length, or a ShareGPT-format file."""
 from __future__ import annotations
 
+import functools
 import json
 import random
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from kvrouter.errors import KvrouterError
 from kvrouter.sim.text import VOCAB
@@ -13,6 +14,27 @@ def synthetic(n: int, tokens: int, seed: int) -> List[Tuple[str, Optional[int]]]
     """``n`` prompts of ``tokens`` words each (one word is one token for the simulated engine)."""
     rng = random.Random(seed)
     return [(" ".join(rng.choice(VOCAB) for _ in range(max(1, tokens))), None) for _ in range(n)]
+
+
+@functools.lru_cache(maxsize=8192)
+def _block_words(block: int, block_tokens: int) -> Tuple[str, ...]:
+    rng = random.Random(f"block-{block}")
+    return tuple(rng.choice(VOCAB) for _ in range(block_tokens))
+
+
+def from_blocks(blocks: Sequence[int], tokens: int, block_tokens: int) -> str:
+    """A prompt of ``tokens`` tokens whose i-th block of ``block_tokens`` is the text of
+    block id ``blocks[i]``: two prompts with the same leading block ids share exactly that
+    leading text (what a prefix cache can reuse), as traces with block hashes describe
+    (Mooncake's ``hash_ids``); different ids give different text. Past the listed blocks
+    the text goes on with ids of its own."""
+    words: List[str] = []
+    i = 0
+    while len(words) < max(1, tokens):
+        block = blocks[i] if i < len(blocks) else -1 - i - (blocks[-1] if blocks else 0)
+        words.extend(_block_words(block, block_tokens))
+        i += 1
+    return " ".join(words[:max(1, tokens)])
 
 
 def sharegpt(path: str, n: int, seed: int) -> List[Tuple[str, Optional[int]]]:

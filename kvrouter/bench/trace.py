@@ -1,7 +1,10 @@
 """Multi-model traces: a generator in the style of the Prism paper, and reading trace files.
 
 Trace file: JSON lines ``{"time": s, "model": M, "prompt_tokens": n, "output_tokens": n}``,
-or a CSV file (``.csv``) with those columns.
+or a CSV file (``.csv``) with those columns. A JSON line may also carry ``"blocks"``, the
+ids of its prompt's blocks of ``"block_tokens"`` tokens (512 when not given): prompts with
+the same leading ids share that leading text when replayed (``bench import-trace
+mooncake`` writes them).
 
 Generator: model popularity follows a power law (weight of the i-th model
 ``1 / i**alpha``); each model's arrivals are a gamma renewal process with the
@@ -106,9 +109,20 @@ def _row(r: dict) -> dict:
     model = r["model"]
     if not isinstance(model, str) or not model.strip():
         raise ValueError(f"model must be a non-empty string, got {model!r}")
-    return {"time": time, "model": sys.intern(model),
-            "prompt_tokens": _tokens(r, "prompt_tokens"),
-            "output_tokens": _tokens(r, "output_tokens")}
+    row = {"time": time, "model": sys.intern(model),
+           "prompt_tokens": _tokens(r, "prompt_tokens"),
+           "output_tokens": _tokens(r, "output_tokens")}
+    if r.get("blocks") is not None:   # the prompt's block ids (equal ids: equal text)
+        blocks = r["blocks"]
+        if not isinstance(blocks, list) or len(blocks) > MAX_TOKENS or not all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):
+            raise ValueError("blocks must be a list of whole numbers from 0")
+        row["blocks"] = tuple(blocks)
+        size = r.get("block_tokens", 512)
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 1 << 20:
+            raise ValueError(f"block_tokens must be a whole number from 1, got {size!r}")
+        row["block_tokens"] = size
+    return row
 
 
 def read(path: str) -> List[dict]:

@@ -137,3 +137,41 @@ def test_a_replay_makes_each_request_when_its_time_comes():
     gen.run(jobs(), total=5)
     made_when_sent = [n for _, n in sent]
     assert len(sent) == 5 and made_when_sent[0] <= 2 and made_when_sent[2] <= 4, made_when_sent
+
+
+def test_a_mooncake_trace_becomes_a_multi_model_trace_that_keeps_its_shared_prefixes(tmp_path):
+    import os
+    import subprocess
+
+    from kvrouter.bench import prompts
+    from tests.helpers import PY
+
+    src = os.path.join(os.path.dirname(__file__), "data", "traces",
+                       "mooncake-conversation-head.jsonl")
+    out = tmp_path / "t.jsonl"
+    r = subprocess.run([PY, "-m", "kvrouter", "bench", "import-trace", "mooncake", src,
+                        "--model", "a", "--model", "b", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "wrote 10 requests" in r.stdout, r.stderr
+    rows = trace.read(str(out))
+    assert [r["time"] for r in rows][-1] == 5.999 and rows[0]["prompt_tokens"] == 6758
+    assert {r["model"] for r in rows} == {"a", "b"} and rows[0]["block_tokens"] == 512
+    assert rows[0]["blocks"][:2] == (0, 1)
+    # replayed, equal block ids are equal text: every prompt starts with block 0's 512 words
+    texts = [prompts.from_blocks(r["blocks"], r["prompt_tokens"], 512).split()
+             for r in rows[:3]]
+    assert texts[0][:512] == texts[1][:512] == texts[2][:512]
+    assert texts[0][512:1024] != texts[1][512:1024]
+    assert len(texts[0]) == 6758
+    # the same seed, the same assignment; stripe deals them in turn
+    again = subprocess.run([PY, "-m", "kvrouter", "bench", "import-trace", "mooncake", src,
+                            "--model", "a", "--model", "b", "--assign", "stripe", "--out",
+                            str(tmp_path / "s.jsonl")], capture_output=True, text=True)
+    assert again.returncode == 0
+    assert [r["model"] for r in trace.read(str(tmp_path / "s.jsonl"))][:4] == ["a", "b", "a", "b"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"timestamp": 0, "input_length": "x", "output_length": 1}\n')
+    r = subprocess.run([PY, "-m", "kvrouter", "bench", "import-trace", "mooncake", str(bad),
+                        "--model", "a", "--out", str(tmp_path / "o.jsonl")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "bad.jsonl:1: not a Mooncake trace line" in r.stderr
