@@ -33,6 +33,7 @@ from kvrouter.ports import EXIT_NO_PORT, cannot_listen
 from kvrouter.router.listening import SECRET_HEADER, reuseport_listener
 from kvrouter.router.server import RouterContext, build_server, coalesced
 from kvrouter.router.shared import MAX_WORKERS, SharedState
+from kvrouter.router.shared import SIZE as SHARED_SIZE
 from kvrouter.router.worker import die_with_parent
 
 log = logging.getLogger("kvrouter")
@@ -225,8 +226,14 @@ def clean_stale_segments(folder: str = "/dev/shm") -> None:
     except OSError:
         return
     for name in names:
-        parts = name.split("-")
-        if len(parts) != 3 or parts[0] != "kvrouter" or not parts[2].isdigit():
+        parts = name.split("-")   # kvrouter-PORT-PID, and the size of ours only
+        if len(parts) != 3 or parts[0] != "kvrouter" or not parts[1].isdigit() or \
+                not parts[2].isdigit():
+            continue
+        try:
+            if os.path.getsize(os.path.join(folder, name)) != SHARED_SIZE:
+                continue
+        except OSError:
             continue
         try:
             os.kill(int(parts[2]), 0)
