@@ -211,13 +211,21 @@ def run_worker(cfg: Config, slot: int, owner_port: int, shared_path: str,
     logs.ACCESS.flush()
 
 
+def _prctl():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()   # looked up here: nothing is imported between fork and exec
+
+
 def die_with_parent() -> None:
     """In a worker, between fork and exec (``preexec_fn``): Linux sends it SIGTERM when the
     owner dies, however it dies (PR_SET_PDEATHSIG survives exec), so no worker outlives
     its owner, not even one still importing when the owner is killed."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
