@@ -69,8 +69,20 @@ def apply_systemd(cfg: Config, out_abs: str, touched: Iterable[str], changed: bo
     drained, then restarted; a running router reloads the YAML."""
     unit_dir = os.path.expanduser(UNIT_DIR)
     os.makedirs(unit_dir, exist_ok=True)
+    changed_units, new_units = set(), set()
     for path in sorted(glob.glob(os.path.join(out_abs, "systemd", "*"))):
-        shutil.copyfile(path, os.path.join(unit_dir, os.path.basename(path)))
+        name = os.path.basename(path)
+        dest = os.path.join(unit_dir, name)
+        with open(path, "rb") as fh:
+            text = fh.read()
+        try:
+            with open(dest, "rb") as fh:
+                if fh.read() == text:
+                    continue
+            changed_units.add(name)
+        except FileNotFoundError:
+            new_units.add(name)
+        shutil.copyfile(path, dest)
     for rel in touched:   # units a render removed leave the unit folder too
         name = os.path.basename(rel)
         if rel.startswith("systemd/") and not os.path.exists(os.path.join(out_abs, rel)):
@@ -86,8 +98,14 @@ def apply_systemd(cfg: Config, out_abs: str, touched: Iterable[str], changed: bo
     echo(f"installed the units in {unit_dir} and reloaded systemd: `systemctl --user start "
          "kvrouter` starts the router and every engine")
     active = _systemctl("is-active", "kvrouter.service").stdout.strip() == "active"
-    units = {os.path.basename(rel) for rel in touched}
-    renew_engines(cfg, [i for i in cfg.instances if i.unit_name in units], "systemd", echo)
+    renew_engines(cfg, [i for i in cfg.instances if i.unit_name in changed_units and
+                        _systemctl("is-active", i.unit_name).stdout.strip() == "active"],
+                  "systemd", echo)
+    added = sorted(u for u in new_units if u.startswith("kvrouter-engine-"))
+    if active and added:   # an engine added to a running stack starts with it
+        res = _systemctl("start", *added)
+        echo(f"started {', '.join(added)}" if res.returncode == 0 else
+             f"could not start {', '.join(added)}: {(res.stdout + res.stderr).strip()}")
     if active and changed and cfg.router.enable_router:
         res = _systemctl("reload", "kvrouter.service")
         echo("router reloaded its config" if res.returncode == 0 else
