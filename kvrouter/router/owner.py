@@ -11,6 +11,7 @@ dies; a new owner removes the shared memory a dead one left.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ from kvrouter.control.process import process_control_for
 from kvrouter.control.states import State
 from kvrouter.errors import KvrouterError
 from kvrouter.http.sockio import raise_open_files_limit
-from kvrouter.ports import EXIT_NO_PORT, cannot_listen
+from kvrouter.ports import EXIT_NO_PORT, cannot_listen, in_use
 from kvrouter.router.listening import SECRET_HEADER, reuseport_listener
 from kvrouter.router.server import RouterContext, build_server, coalesced
 from kvrouter.router.shared import MAX_WORKERS, SharedState
@@ -248,7 +249,10 @@ def clean_stale_segments(folder: str = "/dev/shm") -> None:
 
 
 def owner_listeners(cfg: Config, n: int) -> List[socket.socket]:
-    """The router's ``n`` listening sockets (raises OSError when the port is taken)."""
+    """The router's ``n`` listening sockets (raises OSError when the port is taken, also by
+    another router's SO_REUSEPORT sockets: two routers never share a port unnoticed)."""
+    if in_use(cfg.router.router_host, cfg.router.router_port):
+        raise OSError(errno.EADDRINUSE, "in use")
     out: List[socket.socket] = []
     try:
         for _ in range(n):

@@ -376,3 +376,25 @@ def test_an_owner_killed_while_its_workers_start_leaves_no_worker_and_no_memory(
     finally:
         router.stop()
         a.stop()
+
+
+def test_a_second_router_with_workers_on_the_same_port_is_refused(tmp_path):
+    """SO_REUSEPORT would let a second router's workers share the port and take some of its
+    connections; the second one is refused instead."""
+    a = SimEngine("vllm", A, args=["--enable-sleep-mode"])
+    rp = free_port()
+    text = (f"router: {{router_port: {rp}, workers: 2}}\ninstances:\n"
+            + instance_yaml("a", A, a.port, "vllm"))
+    os.makedirs(tmp_path / "one")
+    os.makedirs(tmp_path / "two")
+    first = Router(text, str(tmp_path / "one"))
+    second = Router(text, str(tmp_path / "two"), wait=False)
+    try:
+        assert second.proc.p.wait(30) == 2
+        assert f"cannot listen on 127.0.0.1:{rp}" in second.proc.output() or \
+            f"cannot listen on 0.0.0.0:{rp}" in second.proc.output()
+        assert http("GET", first.base + "/health")[0] == 200
+    finally:
+        second.stop()
+        first.stop()
+        a.stop()
