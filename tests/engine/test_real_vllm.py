@@ -143,7 +143,7 @@ def test_prefix_cache_reports_like_the_real_engine(real):
     request's cached_tokens is a positive whole number of blocks on both."""
     sim = SimEngine("vllm", model="tiny-b", args=["--max-model-len", "256", "--block-size",
                                                   "32", "--enable-prompt-tokens-details"])
-    prompt = " ".join(f"item {i}," for i in range(40))
+    prompt = " ".join(f"item {i}," for i in range(20))   # two 32-token blocks, under 256
     try:
         seen = {}
         for name, base in (("real", real["engines"]["tiny-b"]), ("sim", sim.base)):

@@ -148,7 +148,11 @@ class Stack:
             addr = HOSTS[0][1] if i < 2 else HOSTS[1][1]
             self.engines[f"m{i}"] = SimEngine(model=f"m{i}", port=port, host=addr,
                                               args=["--enable-sleep-mode", *engine_args])
-        self.router_ports = [free_port() for _ in HOSTS]
+        self.router_ports = []
+        while len(self.router_ports) < len(HOSTS):   # free on 127.0.0.1 is not free on
+            port = free_port()                         # 127.0.0.2/3: never an engine's port
+            if port not in ports and port not in self.router_ports:
+                self.router_ports.append(port)
         self.config = cluster_yaml(redis.url, ports, self.router_ports, sleep_manager, sleeps,
                                    lease, router=router)
         self.routers = {}
