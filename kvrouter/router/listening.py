@@ -11,6 +11,7 @@ from kvrouter.config.schema import Config
 from kvrouter.http.limits import ServerLimits, fair_share
 from kvrouter.http.server import HTTPServer
 from kvrouter.router.auth import require_api_key
+from kvrouter.router.routes import client_route
 
 SECRET_HEADER = "x-kvrouter-owner-secret"
 
@@ -36,7 +37,7 @@ def router_http_server(listener, handler, get_cfg: Callable[[], Config]) -> HTTP
 
     def precheck(req) -> None:
         keys = get_cfg().router.api_keys
-        if keys and req.path.startswith("/v1/"):
+        if keys and client_route(req.path):
             require_api_key(req.headers.get("authorization"), keys)
 
     return HTTPServer(listener, handler, limits, precheck=precheck)

@@ -90,7 +90,11 @@ class Proxy:
             raise BadRequest("request body must be a JSON object", code="invalid_body")
         model = body.get("model")
         if model is None or model == "":
-            raise BadRequest("you must provide a model parameter", param="model",
+            only = self.routes.only()
+            if only is not None:   # one model served: it is meant (vLLM's own default)
+                return only, req.body
+            raise BadRequest("you must provide a model parameter; this router serves "
+                             f"{', '.join(sorted(self.routes.names()))}", param="model",
                              code="missing_model")
         if not isinstance(model, str):
             raise BadRequest(f"model must be a string, got {type(model).__name__}",

@@ -7,6 +7,21 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 from kvrouter.control.entry import ModelEntry
 from kvrouter.errors import NotFound
 
+# the engines' own JSON routes that name a model in the body (vLLM's tokenizer, pooling,
+# scoring and SageMaker routes): routed like /v1, through the same gate, keys and accounting
+NATIVE_JSON = frozenset({"/tokenize", "/detokenize", "/pooling", "/classify", "/score",
+                         "/rerank", "/v2/rerank", "/invocations"})
+
+
+def client_route(path: str) -> bool:
+    """A path clients call with the API key: /v1/* and the engines' own JSON routes."""
+    return path.startswith("/v1/") or path in NATIVE_JSON
+
+
+def model_route(method: str, path: str) -> bool:
+    """A request the proxy routes by the body's ``model``."""
+    return method == "POST" and client_route(path) and not path.startswith("/v1/responses/")
+
 
 class RouteTable:
     def __init__(self, entries: Iterable[ModelEntry]):
@@ -25,6 +40,11 @@ class RouteTable:
 
     def get(self, name: str) -> Optional[ModelEntry]:
         return self._by_name.get(name)
+
+    def only(self) -> Optional[ModelEntry]:
+        """The model when the router serves exactly one (a request may then leave ``model``
+        out, as vLLM allows), else None."""
+        return self._entries[0] if len(self._entries) == 1 else None
 
     def require(self, name: str, known: bool = False) -> ModelEntry:
         """The entry for ``name`` or 404 (OpenAI's ``model_not_found``)."""

@@ -18,7 +18,7 @@ from kvrouter.metrics import RouterMetrics
 from kvrouter.router.api import create_app
 from kvrouter.router.listening import apply_limits, router_http_server
 from kvrouter.router.proxy import Proxy
-from kvrouter.router.routes import RouteTable
+from kvrouter.router.routes import RouteTable, model_route
 from kvrouter.traffic import TrafficMonitor
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ class RouterContext:
             path = req.path
             if path.startswith("/v1/responses/"):
                 return response_id(req)
-            if req.method == "POST" and path.startswith("/v1/"):
+            if model_route(req.method, path):
                 return proxy_handle(req)
             return flask_handle(req)
 

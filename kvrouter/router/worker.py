@@ -36,7 +36,7 @@ from kvrouter.ports import EXIT_NO_PORT, cannot_listen
 from kvrouter.router.errors import error_response
 from kvrouter.router.listening import SECRET_HEADER, reuseport_listener, router_http_server
 from kvrouter.router.proxy import Proxy
-from kvrouter.router.routes import RouteTable
+from kvrouter.router.routes import RouteTable, model_route
 from kvrouter.router.shared import SharedState
 from kvrouter.traffic import TrafficMonitor
 
@@ -135,8 +135,7 @@ class Worker:
         path = req.path
         if path.startswith("/internal/"):
             return error_response(NotFound(f"no route {req.method} {path}"))
-        if req.method == "POST" and path.startswith("/v1/") and \
-                not path.startswith("/v1/responses/"):
+        if model_route(req.method, path):
             try:
                 entry, payload = self.proxy._parse(req)
             except ApiError:

@@ -261,9 +261,10 @@ class SimEngine:
             if not isinstance(prompt, str):
                 raise SimError(400, "prompt must be a string", param="prompt")
         ids = T.tokenize(prompt)
-        out = {"count": len(ids), "max_model_len": self.cfg.max_model_len, "tokens": ids}
+        out = {"count": len(ids), "max_model_len": self.cfg.max_model_len, "tokens": ids,
+               "token_strs": None}   # vLLM's shape: the key is always there
         if body.get("return_token_strs"):
-            out["token_strs"] = [T.token_text(i) for i in ids]
+            out["token_strs"] = [T.tokens(prompt)[k] for k in range(len(ids))]
         return _json(200, out)
 
     def detokenize(self, req):

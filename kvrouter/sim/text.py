@@ -6,7 +6,7 @@ import hashlib
 import random
 import re
 import struct
-from typing import List
+from typing import Dict, List
 
 VOCAB = (
     "the of and to in is that it for on with as was by at be this from or an are which but "
@@ -19,10 +19,21 @@ _WORD_RE = re.compile(r"\w+|[^\w\s]")
 VOCAB_SIZE = 32000
 
 
+_LEARNED: Dict[int, str] = {}   # id -> the word it was made from, so ids detokenize back
+_LEARN_AT_MOST = 1 << 16
+
+
 def tokenize(text: str) -> List[int]:
-    """Words and punctuation marks are tokens; ids are stable hashes."""
-    return [int.from_bytes(hashlib.blake2b(w.encode(), digest_size=4).digest(), "little")
-            % VOCAB_SIZE for w in _WORD_RE.findall(text)]
+    """Words and punctuation marks are tokens; ids are stable hashes (remembered, so that
+    ``detokenize`` gives the words back)."""
+    ids = []
+    for w in _WORD_RE.findall(text):
+        i = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=4).digest(), "little") \
+            % VOCAB_SIZE
+        if len(_LEARNED) < _LEARN_AT_MOST:
+            _LEARNED.setdefault(i, w)
+        ids.append(i)
+    return ids
 
 
 def tokens(text: str) -> List[str]:
@@ -39,7 +50,9 @@ def token_text(token_id: int) -> str:
 
 
 def detokenize(ids: List[int]) -> str:
-    return "".join(token_text(i) for i in ids).lstrip()
+    """Words for ids: those ``tokenize`` made give their word back (a round trip), others a
+    word of the vocabulary."""
+    return "".join(" " + _LEARNED[i] if i in _LEARNED else token_text(i) for i in ids).lstrip()
 
 
 def seed_for(seed: int, prompt: str, index: int) -> int:

@@ -103,6 +103,8 @@ def _requests(model):
         ("/v1/completions", {"model": model, "prompt": "hi", "ignore_eos": True,
                              "temperature": 0}),                      # vLLM's default length
         ("/v1/completions", {"model": model, "prompt": "x", "max_tokens": -1}),
+        ("/tokenize", {"model": model, "prompt": "hello there"}),
+        ("/detokenize", {"model": model, "tokens": [5, 6, 7]}),
     ]
 
 

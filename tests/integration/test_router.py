@@ -317,3 +317,48 @@ def test_responses_are_stateful_per_engine(stack):
     with pytest.raises(openai.NotFoundError) as e:
         c.responses.retrieve("resp_unknown")
     assert e.value.body["code"] == "response_not_found"
+
+
+def test_the_engines_own_json_routes_are_routed_by_model(stack):
+    """vLLM's /tokenize and /detokenize go through the router like /v1 (alias rewritten, a
+    sleeping model woken, the request counted); a request without a model names the choices
+    when the router serves several."""
+    base = stack["router"].base
+    v = stack["vllm"]
+    assert http("POST", base + "/model/sleep/llama")[0] == 200
+    before = get_json(base + f"/traffic/stats/{VLLM_MODEL.replace('/', '%2F')}")[1][
+        "model_stats"]["total_requests"]
+    status, _, raw = http("POST", base + "/tokenize",
+                          {"model": "llama", "prompt": "Hello, router world"}, timeout=30)
+    body = json.loads(raw)
+    assert status == 200 and body["count"] == 4 and body["token_strs"] is None, body
+    assert v.stats()["wake_calls"] >= 1                       # the request woke it
+    status, _, raw = http("POST", base + "/detokenize",
+                          {"model": "llama", "tokens": body["tokens"]})
+    assert status == 200 and json.loads(raw)["prompt"] == "Hello , router world"
+    after = get_json(base + f"/traffic/stats/{VLLM_MODEL.replace('/', '%2F')}")[1][
+        "model_stats"]["total_requests"]
+    assert after == before + 2
+    status, _, raw = http("POST", base + "/tokenize", {"prompt": "x"})
+    err = json.loads(raw)["error"]
+    assert status == 400 and err["code"] == "missing_model" and "llama" in err["message"] \
+        and SGL_MODEL in err["message"]
+
+
+def test_with_one_model_a_request_may_leave_the_model_out(tmp_path):
+    eng = SimEngine("vllm", model="solo/model")
+    r = Router("router: {router_host: 127.0.0.1, router_port: %d, api_keys: [k1]}\n"
+               "instances:\n%s" % (free_port(), instance_yaml("solo", "solo/model", eng.port)),
+               str(tmp_path))
+    try:
+        r.wait_models_ready()
+        assert http("POST", r.base + "/tokenize", {"prompt": "a b"})[0] == 401   # keys too
+        auth = {"Authorization": "Bearer k1"}
+        status, _, raw = http("POST", r.base + "/tokenize", {"prompt": "a b"}, headers=auth)
+        assert status == 200 and json.loads(raw)["count"] == 2
+        status, _, raw = http("POST", r.base + "/v1/completions",
+                              {"prompt": "hi", "max_tokens": 2}, headers=auth)
+        assert status == 200 and json.loads(raw)["model"] == "solo/model"
+    finally:
+        r.stop()
+        eng.stop()
