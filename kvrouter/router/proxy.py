@@ -12,7 +12,8 @@ import os
 import re
 import time
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Optional
+from urllib.parse import unquote
 
 from kvrouter import logs
 from kvrouter.config.schema import Config
@@ -22,6 +23,7 @@ from kvrouter.errors import (
     ApiError,
     BadGateway,
     BadRequest,
+    Forbidden,
     GatewayTimeout,
     NotFound,
     ServiceUnavailable,
@@ -39,6 +41,14 @@ _COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _JSON_HEADERS = [("Content-Type", "application/json")]
 _RESPONSE_ID_RE = re.compile(rb'"id"\s*:\s*"(resp_[^"]+)"')
 RESPONSES_KEPT = 100_000
+UPSTREAM = "/upstream/"
+# what the router alone calls on an engine (its memory and lifecycle): refused through
+# /upstream/, where they would fight the controller
+LIFECYCLE_PATHS = frozenset({
+    "/sleep", "/wake_up", "/collective_rpc", "/release_memory_occupation",
+    "/resume_memory_occupation", "/pause_generation", "/continue_generation",
+    "/update_weights_from_disk", "/update_weights_from_tensor",
+    "/update_weights_from_distributed"})
 
 
 def _usage(data: bytes):
@@ -118,11 +128,40 @@ class Proxy:
             return error_response(err)
         return self._run(req, entry, payload)
 
-    def _run(self, req: Request, entry: ModelEntry, payload: bytes):
+    # --- /upstream/{model}/{path}: anything else an engine serves -----------------------------
+    def handle_upstream(self, req: Request):
+        """Any method and body to ``{path}`` of the model's engine (query kept, the answer
+        streamed back as the engine sends it), through the same key, gate and accounting;
+        the engine's lifecycle endpoints are the router's to call."""
+        try:
+            require_api_key(req.headers.get("authorization"), self.cfg.router.api_keys)
+            entry, target = self._upstream_target(req.path)
+        except ApiError as err:
+            self.traffic.unrouted += 1
+            return error_response(err)
+        return self._run(req, entry, req.body, target)
+
+    def _upstream_target(self, path: str):
+        rest = unquote(path[len(UPSTREAM):])
+        names = sorted((n for n in self.routes.names()
+                        if rest == n or rest.startswith(n + "/")), key=len, reverse=True)
+        if not names:
+            raise NotFound(f"no model in {path!r}: /upstream/MODEL/PATH, MODEL one of "
+                           f"{', '.join(sorted(self.routes.names()))}", param="model",
+                           code="model_not_found", type="invalid_request_error")
+        target = rest[len(names[0]):] or "/"
+        if target.rstrip("/") in LIFECYCLE_PATHS:
+            raise Forbidden(f"{target} changes the engine's memory or state, which the router "
+                            "manages: use POST /model/sleep/{model} or /model/wake/{model}",
+                            code="lifecycle_endpoint")
+        return self.routes.require(names[0]), target
+
+    def _run(self, req: Request, entry: ModelEntry, payload: bytes,
+             target: Optional[str] = None):
         rid = req.headers.get("x-request-id") or os.urandom(16).hex()
         rec = self.traffic.start(entry.name)
         try:
-            resp = self._forward(req, entry, payload, rid, rec)
+            resp = self._forward(req, entry, payload, rid, rec, target)
         except ClientGone:
             self.traffic.end(rec, "disconnect")
             self.access(req, entry.name, 499, 0, rec, rid)
@@ -174,7 +213,9 @@ class Proxy:
             return error_response(err)
         return self._run(req, entry, req.body)
 
-    def _forward(self, req, entry, payload, rid, rec):
+    def _forward(self, req, entry, payload, rid, rec, target=None):
+        """``target``: a passthrough's path on the engine (its content type and error
+        bodies kept as they are)."""
         try:
             waited = self.controller.ensure_ready(entry)
         except ApiError as err:
@@ -183,12 +224,13 @@ class Proxy:
         if waited:
             self.traffic.waited(rec, waited)
         headers = {"Content-Type": "application/json", "X-Request-Id": rid}
-        for name in ("authorization", "accept"):
+        for name in ("authorization", "accept") + (("content-type",) if target else ()):
             value = req.headers.get(name)
             if value is not None:
-                headers[name] = value
+                headers["Content-Type" if name == "content-type" else name] = value
         connect, first_byte, idle = self.timeouts
-        path = req.url.decode("latin-1")
+        path = req.url.decode("latin-1") if target is None else \
+            target + (f"?{req.query}" if req.query else "")
         pool = self.pool_for(entry)
         for attempt in (0, 1):
             try:
@@ -231,6 +273,8 @@ class Proxy:
                 body = b""
             outcome = "client_error" if resp.status < 500 else "upstream_error"
             self.traffic.end(rec, outcome)
+            if target is not None:   # the engine's own route: its own error shape
+                return Response(resp.status, out_headers, body)
             return Response(resp.status, _JSON_HEADERS + [("X-Request-Id", rid)],
                             normalize_error_body(resp.status, body))
         if resp.header("content-length") is not None:
@@ -251,9 +295,11 @@ class Proxy:
         rec.stream = True
         out_headers += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
         return StreamResponse(resp.status, out_headers, self._relay(
-            req, rid, resp, rec, entry, track_id=req.path == "/v1/responses"))
+            req, rid, resp, rec, entry, track_id=req.path == "/v1/responses",
+            sse=target is None or (resp.header("content-type") or "").startswith(
+                "text/event-stream")))
 
-    def _relay(self, req, rid, resp, rec, entry, track_id=False):
+    def _relay(self, req, rid, resp, rec, entry, track_id=False, sse=True):
         outcome = "disconnect"
         prompt = completion = 0
         chunks = 0
@@ -284,6 +330,8 @@ class Proxy:
                 if outcome == "upstream_error":
                     self.controller.upstream_failed(entry, str(err))
                 log.warning("%s: stream broke off: %s", entry.name, err)
+                if not sse:
+                    return   # not an event stream: the connection ends short
                 yield (b"" if clean else b"\n\n") + stream_error_event(
                     f"model {entry.name!r}: {err}", "server_error",
                     "upstream_timeout" if outcome == "timeout" else "upstream_error")

@@ -14,13 +14,15 @@ NATIVE_JSON = frozenset({"/tokenize", "/detokenize", "/pooling", "/classify", "/
 
 
 def client_route(path: str) -> bool:
-    """A path clients call with the API key: /v1/* and the engines' own JSON routes."""
-    return path.startswith("/v1/") or path in NATIVE_JSON
+    """A path clients call with the API key: /v1/*, the engines' own JSON routes and the
+    passthrough /upstream/MODEL/PATH."""
+    return path.startswith(("/v1/", "/upstream/")) or path in NATIVE_JSON
 
 
 def model_route(method: str, path: str) -> bool:
     """A request the proxy routes by the body's ``model``."""
-    return method == "POST" and client_route(path) and not path.startswith("/v1/responses/")
+    return method == "POST" and (path.startswith("/v1/") or path in NATIVE_JSON) and \
+        not path.startswith("/v1/responses/")
 
 
 class RouteTable:

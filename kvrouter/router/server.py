@@ -17,7 +17,7 @@ from kvrouter.http.wsgi import wsgi_handler
 from kvrouter.metrics import RouterMetrics
 from kvrouter.router.api import create_app
 from kvrouter.router.listening import apply_limits, router_http_server
-from kvrouter.router.proxy import Proxy
+from kvrouter.router.proxy import UPSTREAM, Proxy
 from kvrouter.router.routes import RouteTable, model_route
 from kvrouter.traffic import TrafficMonitor
 
@@ -133,11 +133,14 @@ class RouterContext:
                                     self.cfg.router.router_port)
 
         response_id = self.proxy.handle_response_id
+        upstream = self.proxy.handle_upstream
 
         def handle(req):
             path = req.path
             if path.startswith("/v1/responses/"):
                 return response_id(req)
+            if path.startswith(UPSTREAM):
+                return upstream(req)
             if model_route(req.method, path):
                 return proxy_handle(req)
             return flask_handle(req)

@@ -362,3 +362,35 @@ def test_with_one_model_a_request_may_leave_the_model_out(tmp_path):
     finally:
         r.stop()
         eng.stop()
+
+
+def test_upstream_passthrough_reaches_anything_an_engine_serves(stack):
+    """/upstream/MODEL/PATH: any method, query kept, the engine's own answer (not the OpenAI
+    envelope), a sleeping model woken, counted; lifecycle endpoints refused."""
+    base = stack["router"].base
+    model = SGL_MODEL.replace("/", "%2F")
+    # SGLang's own GET routes, through the model's name with its slash as is or encoded
+    for name in (SGL_MODEL, model):
+        status, _, raw = http("GET", base + f"/upstream/{name}/get_model_info")
+        assert status == 200 and "model_path" in json.loads(raw), raw[:200]
+    status, headers, raw = http("GET", base + f"/upstream/{SGL_MODEL}/metrics?x=1")
+    assert status == 200 and b"sglang:" in raw
+    # the engine's own error shape is kept (FastAPI's 404), not rewritten
+    status, _, raw = http("GET", base + f"/upstream/{SGL_MODEL}/no/such/route")
+    assert status == 404 and json.loads(raw) == {"detail": "Not Found"}
+    # a sleeping model is woken by a passthrough request, which is counted
+    assert http("POST", base + "/model/sleep/llama")[0] == 200
+    before = get_json(base + "/traffic/stats/llama")[1]["model_stats"]["total_requests"]
+    status, _, raw = http("POST", base + "/upstream/llama/tokenize", {"prompt": "a b c"},
+                          timeout=30)
+    assert status == 200 and json.loads(raw)["count"] == 3
+    after = get_json(base + "/traffic/stats/llama")[1]["model_stats"]["total_requests"]
+    assert after == before + 1
+    # what the router manages is refused there, with the way to do it
+    for path in ("sleep?level=1", "wake_up", "release_memory_occupation"):
+        status, _, raw = http("POST", base + f"/upstream/llama/{path}")
+        err = json.loads(raw)["error"]
+        assert status == 403 and err["code"] == "lifecycle_endpoint" and \
+            "/model/sleep/" in err["message"], (path, raw)
+    status, _, raw = http("GET", base + "/upstream/nope/health")
+    assert status == 404 and "llama" in json.loads(raw)["error"]["message"]
