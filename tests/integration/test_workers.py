@@ -398,3 +398,11 @@ def test_a_second_router_with_workers_on_the_same_port_is_refused(tmp_path):
         second.stop()
         first.stop()
         a.stop()
+
+
+def test_engine_native_routes_and_the_passthrough_through_workers(stack):
+    base = stack["base"]
+    status, headers, raw = http("POST", base + "/tokenize", {"model": A, "prompt": "one two"})
+    assert status == 200 and json.loads(raw)["count"] == 2
+    status, _, raw = http("GET", base + f"/upstream/{B}/get_model_info")
+    assert status == 200 and "model_path" in json.loads(raw)
