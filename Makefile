@@ -35,6 +35,7 @@ shims: install
 	  if [ -e $$dest ] && ! grep -q "$(MARK)" $$dest 2>/dev/null; then \
 	    echo "$$dest exists and is not kvrouter's: left alone (use $(VENV)/bin/$$cmd)"; continue; fi; \
 	  { echo '#!/bin/sh'; echo "# $(MARK) ($(CURDIR))"; \
+	    echo '[ -x "$(CURDIR)/$(VENV)/bin/'$$cmd'" ] || { echo "'$$cmd': $(CURDIR)/$(VENV) is gone: run make render in your kvrouter checkout" >&2; exit 127; }'; \
 	    if [ $$cmd = supervisorctl ]; then \
 	      echo 'case " $$* " in *" -c "*|*" --configuration"*) exec "$(CURDIR)/$(VENV)/bin/supervisorctl" "$$@";; esac'; \
 	      echo '[ -f supervisord.conf ] || [ -f etc/supervisord.conf ] && exec "$(CURDIR)/$(VENV)/bin/supervisorctl" "$$@"'; \

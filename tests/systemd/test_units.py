@@ -179,7 +179,8 @@ def test_make_render_under_systemd_installs_drains_and_reloads_without_superviso
                                       "check_interval_seconds: 0.3, idle_threshold_seconds: 55,")
     with open(path, "w") as fh:
         fh.write(text.replace(FAST, FAST.replace("itl_ms: 5", "itl_ms: 4"), 1))
-    out = subprocess.run(["make", "-s", "-C", ROOT, "render", f"CONFIG={path}", f"OUT={etc}"],
+    out = subprocess.run(["make", "-s", "-C", ROOT, "render", f"CONFIG={path}", f"OUT={etc}",
+                          f"BINDIR={os.path.join(folder, 'bin')}"],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "a: restarted with its new command line" in out.stdout, out.stdout + out.stderr
