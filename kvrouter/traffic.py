@@ -143,7 +143,8 @@ class ModelTraffic:
 
 
 class RequestRecord:
-    __slots__ = ("model", "start", "wait", "first_byte", "stream", "ended", "outcome")
+    __slots__ = ("model", "start", "wait", "first_byte", "stream", "ended", "outcome",
+                 "prompt_tokens", "completion_tokens")
 
     def __init__(self, model: ModelTraffic, start: float):
         self.model = model
@@ -153,6 +154,8 @@ class RequestRecord:
         self.stream = False
         self.ended = False
         self.outcome = ""
+        self.prompt_tokens = 0        # from the engine's usage, when it reported one
+        self.completion_tokens = 0
 
     @property
     def ttft(self) -> Optional[float]:
@@ -208,6 +211,7 @@ class TrafficMonitor:
             return
         rec.ended = True
         rec.outcome = outcome
+        rec.prompt_tokens, rec.completion_tokens = prompt_tokens, completion_tokens
         now = self.clock() if now is None else now
         m.in_flight -= 1
         m.total += 1

@@ -198,7 +198,7 @@ def external_cmd(tool, python, args):
 
 
 @bench.command("import-trace")
-@click.argument("fmt", metavar="FORMAT", type=click.Choice(["mooncake"]))
+@click.argument("fmt", metavar="FORMAT", type=click.Choice(["mooncake", "access-log"]))
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
 @click.option("--model", "models", multiple=True, help="a model to give requests to (repeat)")
 @click.option("--models-from", "models_from", default=None, type=click.Path(dir_okay=False),
@@ -210,16 +210,31 @@ def external_cmd(tool, python, args):
 @click.option("--seed", type=int, default=0)
 @click.option("--out", "out_path", required=True)
 def import_trace_cmd(fmt, source, models, models_from, rule, seed, out_path):
-    """Turn a public trace into a kvrouter trace (JSON lines for `bench trace` and
-    `simulate`), keeping its prompts' block ids so shared prefixes replay as shared text."""
+    """Turn a trace into a kvrouter trace (JSON lines for `bench trace` and `simulate`):
+    `mooncake` (kvcache-ai/Mooncake's, keeping its prompts' block ids so shared prefixes
+    replay as shared text) or `access-log` (this router's own access lines: the traffic it
+    served, with its models and token counts)."""
     from kvrouter.bench import importers
+
+    if fmt == "access-log":
+        rows, missing = importers.access_log(source)
+        with open(out_path, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, separators=(",", ":")) + "\n")
+        counts: dict = {}
+        for row in rows:
+            counts[row["model"]] = counts.get(row["model"], 0) + 1
+        click.echo(f"wrote {len(rows)} requests over {rows[-1]['time']:.0f}s to {out_path}: " +
+                   ", ".join(f"{m}={n}" for m, n in sorted(counts.items())) +
+                   (f"; {missing} without token counts got the defaults" if missing else ""))
+        return
 
     if models_from:
         from kvrouter.config import load_config
 
         models = tuple(models) + tuple(i.model for i in load_config(models_from).instances
                                        if i.model not in models)
-    counts: dict = {}
+    counts = {}
     with open(out_path, "w", encoding="utf-8") as fh:
         for row in importers.mooncake(source, list(models), rule, seed):
             counts[row["model"]] = counts.get(row["model"], 0) + 1

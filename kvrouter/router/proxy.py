@@ -175,10 +175,12 @@ class Proxy:
         if not self.cfg.router.access_log:
             return
         ttft = rec.ttft if rec.stream else None
+        tokens = f" tokens={rec.prompt_tokens}/{rec.completion_tokens}" \
+            if rec.prompt_tokens or rec.completion_tokens else ""
         logs.ACCESS.write(f"{req.method} {req.path} model={model} status={status} "
                           f"bytes={nbytes} duration={self.clock() - rec.start:.3f}s"
                           f"{f' ttft={ttft:.3f}s' if ttft else ''} rid={rid} "
-                          f"outcome={rec.outcome or 'open'}")
+                          f"outcome={rec.outcome or 'open'}{tokens}")
 
     # --- /v1/responses/{id}: stateful, must go to the engine that made the response ---------
     def remember_response(self, response_id: str, entry: ModelEntry) -> None:

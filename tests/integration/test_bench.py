@@ -103,3 +103,43 @@ def test_ab_without_a_checkout_says_how_to_make_one(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "not a kvrouter checkout" in r.stderr and "git worktree add" in r.stderr
+
+
+def test_the_router_s_own_access_log_becomes_a_trace(tmp_path):
+    """"What would policy X have done with this traffic?": the router's access lines carry
+    each request's model, times and tokens, and `import-trace access-log` makes a trace of
+    them that `simulate` replays."""
+    eng = SimEngine("vllm", model="al/m", args=["--ttft-ms", "1", "--itl-ms", "1"])
+    cfg = "router: {router_host: 127.0.0.1, router_port: %d}\ninstances:\n%s" % (
+        free_port(), instance_yaml("m", "al/m", eng.port, "vllm"))
+    r = Router(cfg, str(tmp_path))
+    try:
+        r.wait_models_ready()
+        from tests.helpers import http, wait_until
+
+        http("POST", r.base + "/v1/completions", {"model": "al/m", "prompt": "one two three",
+                                                   "max_tokens": 5, "ignore_eos": True})
+        http("POST", r.base + "/v1/completions", {
+            "model": "al/m", "prompt": "a b", "max_tokens": 4, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}})
+        http("POST", r.base + "/v1/completions", {"model": "al/m", "prompt": "x",
+                                                   "max_tokens": 3, "stream": True})
+        http("POST", r.base + "/v1/completions", {"model": "nope", "prompt": "x"})
+        wait_until(lambda: r.proc.output().count("kvrouter.access: POST") >= 4, 5,
+                   what="the access lines")
+        log = tmp_path / "kvrouter.log"
+        log.write_text(r.proc.output())
+        out = tmp_path / "t.jsonl"
+        g = run("import-trace", "access-log", str(log), "--out", str(out))
+        assert g.returncode == 0, g.stderr
+        assert "wrote 3 requests" in g.stdout and "1 without token counts" in g.stdout
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [(x["model"], x["prompt_tokens"], x["output_tokens"]) for x in rows] == [
+            ("al/m", 3, 5), ("al/m", 2, 4), ("al/m", 256, 128)]
+        assert rows[0]["time"] == 0.0 and rows[0]["time"] <= rows[1]["time"] <= rows[2]["time"]
+        sim = subprocess.run([PY, "-m", "kvrouter", "simulate", r.path, "--trace", str(out),
+                              "--policy", "lru"], capture_output=True, text=True)
+        assert sim.returncode == 0 and "\nlru " in sim.stdout, sim.stderr
+    finally:
+        r.stop()
+        eng.stop()

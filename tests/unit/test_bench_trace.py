@@ -175,3 +175,23 @@ def test_a_mooncake_trace_becomes_a_multi_model_trace_that_keeps_its_shared_pref
                         "--model", "a", "--out", str(tmp_path / "o.jsonl")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "bad.jsonl:1: not a Mooncake trace line" in r.stderr
+
+
+def test_access_lines_from_journald_and_from_the_log_file_are_read(tmp_path):
+    from kvrouter.bench import importers
+
+    log = tmp_path / "j.log"
+    log.write_text(
+        "2026-12-07T05:00:01.500000+0000 host kvrouter[9]: INFO kvrouter.access: POST "
+        "/v1/chat/completions model=a status=200 bytes=10 duration=0.500s rid=x "
+        "outcome=success tokens=7/3\n"
+        "2026-12-07T05:00:02.000000+0000 host kvrouter[9]: INFO kvrouter.access: POST "
+        "/v1/completions model=- status=404 bytes=0 duration=0.001s rid=y outcome=unrouted\n"
+        "2026-12-07T05:00:03.250000+0000 host kvrouter[9]: INFO kvrouter.access: POST "
+        "/v1/completions model=b status=200 bytes=10 duration=0.250s rid=z outcome=success "
+        "tokens=2/9\n"
+        "2026-12-07T05:00:04.000000+0000 host kvrouter[9]: INFO kvrouter: reloaded\n")
+    rows, missing = importers.access_log(str(log))
+    assert missing == 0 and rows == [
+        {"time": 0.0, "model": "a", "prompt_tokens": 7, "output_tokens": 3},
+        {"time": 2.0, "model": "b", "prompt_tokens": 2, "output_tokens": 9}]
