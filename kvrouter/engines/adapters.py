@@ -1,5 +1,5 @@
 """Engine adapters: how kvrouter asks each engine kind whether it is up, busy or asleep,
-and how it puts it to sleep and wakes it (``../shared/docs/engine-api.md``).
+and how it puts it to sleep and wakes it (each engine's sleep API is described below).
 
 Probes never generate: vLLM's /health is cheap; SGLang's /health runs a
 1-token generation by default, which is dangerous on a released engine, so it
