@@ -20,27 +20,26 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import socket
 import time
-import uuid
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import gevent
 from gevent.queue import Queue
 
-from kvrouter.cluster import wire
+from kvrouter.cluster import orphans, report, wire
+from kvrouter.cluster.identity import Identity
 from kvrouter.cluster.lease import RedisLease
+from kvrouter.cluster.peers import Peer, Peers, config_digest
 from kvrouter.cluster.records import Records
 from kvrouter.cluster.store import Store, StoreDown
 from kvrouter.config.cluster import redacted
 from kvrouter.config.schema import Config
-from kvrouter.control.coordination import Coordinator, Lease, holding
+from kvrouter.control.coordination import Coordinator, Lease
 from kvrouter.control.entry import ModelEntry
-from kvrouter.control.states import IN_TRANSITION, State
+from kvrouter.control.states import State
 from kvrouter.errors import KvrouterError
 from kvrouter.traffic import TrafficMonitor
 
@@ -52,32 +51,10 @@ ACK_SECONDS = 2.0        # an automatic sleep waits this long for every router t
 RETRY_SECONDS = 0.5      # how often an unreachable Redis is tried again
 
 
-def config_digest(cfg: Config) -> str:
-    """The config file's digest, which heartbeats carry so that routers notice they differ."""
-    try:
-        with open(cfg.source, "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()[:16]
-    except OSError:
-        return ""
-
-
 def _without_times(doc: dict) -> dict:
     """A heartbeat less what changes every time (its clock, the ages): unchanged or not."""
     return {k: ({m: row[:2] for m, row in v.items()} if k == "models" else v)
             for k, v in doc.items() if k != "time"}
-
-
-@dataclass
-class Peer:
-    """Another router, as its last heartbeat told."""
-
-    router_id: str
-    seen: float
-    # model -> (in flight, waiting, when its last request ended there on this router's
-    # clock, or None: never); the sender says how long ago, never at what wall time
-    models: Dict[str, tuple] = field(default_factory=dict)
-    acks: Dict[str, int] = field(default_factory=dict)           # model -> lease token seen
-    config: str = ""                                             # its config's digest
 
 
 class Cluster(Coordinator):
@@ -95,7 +72,8 @@ class Cluster(Coordinator):
         self.router_id = cfg.node or f"{socket.gethostname()}:{cfg.router.router_port}"
         self.url = f"http://{cfg.router.router_host}:{cfg.router.router_port}"
         self.ttl = max(1.0, 5 * cl.heartbeat_seconds)
-        self.peers: Dict[str, Peer] = {}
+        self.config_digest = config_digest(cfg)
+        self.peers = Peers(clock, wall, self.ttl, self.config_digest, cfg.source)
         self.up = True
         self.down_since: Optional[float] = None
         self.down_reason = ""
@@ -103,13 +81,9 @@ class Cluster(Coordinator):
         self.leader_id: Optional[str] = None
         self.outbox: Queue = Queue()
         self.records = Records(clock)
-        self.instance = uuid.uuid4().hex          # this process: two with one id are refused
-        self.config_digest = config_digest(cfg)
-        self.conflict: Optional[str] = None       # another live router with this id
+        self.identity = Identity(self.router_id)  # two routers with one id: one stays out
         self.loop_restarts = 0
-        self._bad: Dict[str, float] = {}          # what was malformed -> last logged
-        self._clock_warned: Dict[str, float] = {}
-        self._config_warned: Dict[str, str] = {}
+        self._malformed = wire.Complaints(clock)  # one warning a minute per kind
         self.on_end = self.records.add   # the traffic monitor's hook: a request finished here
         self._beat_due = True
         self._last_beat = 0.0
@@ -174,13 +148,6 @@ class Cluster(Coordinator):
             "level": entry.level, "router": self.router_id, "fence": entry.fence_seen,
             "time": self.wall()}))
 
-    def _malformed(self, what: str, err: Exception) -> None:
-        """One warning per kind of malformed input a minute (a flood stays one line)."""
-        now = self.clock()
-        if now - self._bad.get(what, -1e9) >= 60.0:
-            self._bad[what] = now
-            log.warning("ignored a malformed %s from Redis: %s", what, err)
-
     def refuse_wake(self, entry: ModelEntry) -> Optional[str]:
         if self.up or len(self.cfg.cluster.router_hosts) <= 1:
             return None
@@ -232,7 +199,7 @@ class Cluster(Coordinator):
     def decides(self, model: Optional[str] = None) -> bool:
         """The leader decides for the models it serves; a model the leader's config lacks
         is decided by the first (by id) live router that serves it."""
-        if not self.up or self.conflict:
+        if not self.up or self.identity.conflict:
             return False
         if model is None:
             return self.is_leader or any(self.decides(m) for m in list(self.ctl.entries))
@@ -247,44 +214,19 @@ class Cluster(Coordinator):
         return all(self.router_id < other for other in serving)
 
     def peers_waiting(self, model: str) -> int:
-        return sum((p.models.get(model) or [0, 0])[1] for p in self.alive())
+        return self.peers.waiting(model)
 
     def peers_in_flight(self, model: str) -> int:
-        return sum((p.models.get(model) or [0, 0])[0] for p in self.alive())
+        return self.peers.in_flight(model)
 
     def peers_idle_seconds(self, model: str) -> Optional[float]:
-        ends = [m[2] for m in (p.models.get(model) for p in self.alive())
-                if m and m[2] is not None]
-        return max(0.0, self.clock() - max(ends)) if ends else None
+        return self.peers.idle_seconds(model)
 
     def alive(self) -> List[Peer]:
-        now = self.clock()
-        return [p for p in self.peers.values() if now - p.seen <= self.ttl]
+        return self.peers.alive()
 
     def status(self) -> Dict[str, object]:
-        out: Dict[str, object] = {
-            "router_id": self.router_id, "redis": "ok" if self.up else "unreachable",
-            "leader": self.leader_id, "this_router_leads": self.decides(),
-            "routers": sorted([self.router_id] + [p.router_id for p in self.alive()]),
-            "auto_sleep": "on" if self.up else "paused (Redis unreachable)"}
-        differ = sorted(p.router_id for p in self.alive() if p.config and
-                        p.config != self.config_digest)
-        if differ:
-            out["config_differs"] = differ
-        dead = [g for g in self._loops if g.dead]
-        if self.conflict:
-            out["degraded"] = self.conflict
-        elif dead:
-            out["degraded"] = ("a cluster loop stopped and is being restarted (see the log); "
-                               "shared state may lag meanwhile")
-        if self.loop_restarts:
-            out["loop_restarts"] = self.loop_restarts
-        if not self.up:
-            out["degraded"] = (f"Redis at {self.redis_name} unreachable for "
-                               f"{self.clock() - (self.down_since or self.clock()):.0f}s "
-                               f"({self.down_reason}): serving on this router's own state; no "
-                               "automatic sleep until it is back")
-        return out
+        return report.status(self)
 
     # --- the responses map --------------------------------------------------------------------
     def remember_response(self, response_id: str, model: str) -> None:
@@ -345,7 +287,7 @@ class Cluster(Coordinator):
             in_flight = max(0, self.traffic.local_in_flight(e.name) - e.waiters)
             models[e.name] = [in_flight, e.waiters, self.records.age(e.name)]
         return {"id": self.router_id, "url": self.url, "leader": self.is_leader,
-                "instance": self.instance, "config": self.config_digest,
+                "instance": self.identity.instance, "config": self.config_digest,
                 "time": self.wall(), "models": models,
                 "acks": {e.name: e.fence_seen for e in list(self.ctl.entries.values())}}
 
@@ -459,27 +401,10 @@ class Cluster(Coordinator):
         doc = wire.beat_doc(raw)
         rid = doc["id"]
         if rid == self.router_id:
-            if doc["instance"] != self.instance:
-                self._claim_conflict(doc)
+            if self.identity.observe(doc):
+                self.is_leader = False
             return
-        now = self.clock()
-        models = {m: (n, w, None if age < 0 else now - age)
-                  for m, (n, w, age) in doc["models"].items()}
-        self.peers[rid] = Peer(rid, now, models, doc["acks"], doc["config"])
-        skew = doc["time"] - self.wall()
-        if abs(skew) > 1.0 and now - self._clock_warned.get(rid, -1e9) >= 600:
-            self._clock_warned[rid] = now
-            log.warning("router %s's clock is %+.1fs from this one's: kvrouter exchanges "
-                        "ages, not times, so nothing is shifted; set the clocks right (NTP)",
-                        rid, skew)
-        if doc["config"] and doc["config"] != self.config_digest and \
-                self._config_warned.get(rid) != doc["config"]:
-            self._config_warned[rid] = doc["config"]
-            mine, theirs = set(self.ctl.entries), set(doc["models"])
-            log.warning("router %s runs another config than this one (%s); each model is "
-                        "decided among the routers that serve it%s", rid, self.cfg.source,
-                        f" (only here: {', '.join(sorted(mine - theirs))}; only there: "
-                        f"{', '.join(sorted(theirs - mine))})" if mine != theirs else "")
+        self.peers.heard(doc, self.ctl.entries)
 
     def _on_records(self, doc: dict) -> None:
         self.records.replay(doc, self.traffic)
@@ -489,36 +414,23 @@ class Cluster(Coordinator):
         """Whether a live heartbeat under this router's id is another process's (two routers
         given one host name): then this one stays out (no heartbeat, no decisions)."""
         try:
-            raw = self.store.router(self.router_id)
+            beat = self.store.router(self.router_id)
         except StoreDown as err:
             self._down(err)
             return False
-        if not isinstance(raw, dict) or raw.get("instance") in (None, self.instance):
-            if self.conflict and raw is None:
-                self.conflict = None
-            return False
-        self._claim_conflict(raw)
-        return True
-
-    def _claim_conflict(self, raw: dict) -> None:
-        message = (f"another live router uses the id {self.router_id!r} ({raw.get('url')}): "
-                   "give each router its own cluster host (--cluster-host NAME, a host of "
-                   "cluster.hosts)")
-        if self.conflict != message:
-            log.error("%s", message)
-        self.conflict = message
-        self.is_leader = False
+        if self.identity.observe(beat):
+            self.is_leader = False
+            return True
+        return False
 
     def check_unique(self) -> None:
         """At start: refuse to join when a live router already holds this id."""
         try:
-            raw = self.store.router(self.router_id)
+            beat = self.store.router(self.router_id)
         except StoreDown:
             return   # Redis away: nothing to compare with; the heartbeat loop checks again
-        if isinstance(raw, dict) and raw.get("instance") and raw.get("instance") != self.instance:
-            raise KvrouterError(f"another live router uses the id {self.router_id!r} "
-                                f"({raw.get('url')}): give each router its own cluster host "
-                                "(--cluster-host NAME, a host of cluster.hosts)")
+        if self.identity.other(beat):
+            raise KvrouterError(self.identity.message(beat))
 
     # --- Redis away and back ------------------------------------------------------------------
     def _down(self, err: BaseException) -> None:
@@ -549,44 +461,8 @@ class Cluster(Coordinator):
             if e.name not in known and e.state in (State.READY, State.SLEEPING, State.STOPPED):
                 self._publish_own(e)
 
-    # --- transitions left behind --------------------------------------------------------------
     def _orphan_loop(self) -> None:
-        """A model left WAKING or DRAINING by a router that died (its lease expired, or Redis
-        lost it): ask the engine and settle it."""
-        while True:
-            gevent.sleep(self.cfg.cluster.wake_lease_seconds / 2)
-            if not self.up:
-                continue
-            for entry in list(self.ctl.entries.values()):
-                if entry.state not in IN_TRANSITION or entry.lock.locked():
-                    continue
-                try:
-                    held = self.store.exists(self.store.key("lease", entry.name))
-                except StoreDown as err:
-                    self._down(err)
-                    break
-                if not held:
-                    gevent.spawn(self._settle, entry)
-
-    def _settle(self, entry: ModelEntry) -> None:
-        with entry.lock:
-            if entry.state not in IN_TRANSITION:
-                return
-            lease = self.acquire(entry)
-            if lease is None:
-                return
-            with holding(entry, lease):
-                asleep = entry.adapter.is_sleeping()
-                if asleep is None:
-                    asleep = entry.state is State.WAKING
-                state = State.SLEEPING if asleep else State.READY
-                reason = ("the router that was changing it is gone; the engine reports it "
-                          f"is {'asleep' if asleep else 'awake'}")
-                if asleep:
-                    entry.adapter.mark_released()
-                self.ctl.set_state(entry, state, reason, origin=self.router_id)
-        if entry.state is State.SLEEPING and entry.waiters:
-            self.ctl.request_wake(entry, reason="requests waiting")
+        orphans.watch(self)
 
     # --- life -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -611,7 +487,7 @@ class Cluster(Coordinator):
     def stop(self) -> None:
         """Leave: give the leader's lease up and drop the heartbeat, so others take over now."""
         gevent.killall(self._loops, block=False)
-        if self.up and not self.conflict:
+        if self.up and not self.identity.conflict:
             try:
                 if self.is_leader:
                     self.store.release(self.store.key("leader"), self.router_id)

@@ -8,8 +8,9 @@ times: a router whose clock is off cannot make a model look busy or idle to the 
 """
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from kvrouter.control.states import State
 
@@ -19,8 +20,25 @@ MAX_NAME = 512
 STATES = frozenset(s.value for s in State)
 
 
+log = logging.getLogger("kvrouter.cluster")
+
+
 class BadMessage(ValueError):
     """A message or record from Redis that does not have the expected shape."""
+
+
+class Complaints:
+    """One warning a minute per kind of malformed input: a flood stays one line."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self.last: Dict[str, float] = {}   # what was malformed -> when last logged
+
+    def __call__(self, what: str, err: Exception) -> None:
+        now = self.clock()
+        if now - self.last.get(what, -1e9) >= 60.0:
+            self.last[what] = now
+            log.warning("ignored a malformed %s from Redis: %s", what, err)
 
 
 def _text(doc: dict, key: str, optional: bool = False, limit: int = MAX_NAME) -> Optional[str]:

@@ -19,7 +19,14 @@ from kvrouter import kvpool
 from kvrouter.config import schema
 from kvrouter.config.engine_args import parse_engine_args
 from kvrouter.config.hosts import place_on_hosts
-from kvrouter.config.located import NAME_RE, Ctx, check_unique, join, line_of
+from kvrouter.config.located import (
+    NAME_RE,
+    Ctx,
+    check_unique,
+    join,
+    line_of,
+    no_control_characters,
+)
 from kvrouter.config.yamlsrc import LineDict, LineList, parse_yaml
 from kvrouter.errors import ConfigError, ConfigErrors
 from kvrouter.versions import dotted, parse_version
@@ -435,29 +442,6 @@ def _seed_forms(raw: dict, ctx: Ctx) -> None:
             warn("name", f"missing: named {d['name']!r} after the model, as the seed does")
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _no_control_characters(value: Any, path: str, ctx: Ctx, line: Optional[int] = None) -> None:
-    """No key or string in the config holds a control character (a newline, a tab, NUL):
-    every one reaches a rendered file, a command line or a header, where a newline would
-    start a section of its own (``[program:...]`` in supervisord.conf)."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            where = join(path, key)
-            if isinstance(key, str) and _CONTROL.search(key):
-                ctx.error(where, f"a key holds a control character: {key!r}",
-                          line_of(value, key))
-            _no_control_characters(item, where, ctx, line_of(value, key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _no_control_characters(item, f"{path}[{i}]", ctx, line_of(value, i) or line)
-    elif isinstance(value, str) and _CONTROL.search(value):
-        char = _CONTROL.search(value).group()  # type: ignore[union-attr]
-        ctx.error(path, f"holds a control character ({char!r}); names, arguments and values "
-                  f"are single lines: {value!r}", line)
-
-
 def parse_config_text(text: str, source: str = "<config>", base_dir: str = ".",
                       strict: bool = False) -> schema.Config:
     """Validate YAML text; raise ConfigErrors listing every located mistake."""
@@ -473,7 +457,7 @@ def parse_config_text(text: str, source: str = "<config>", base_dir: str = ".",
         raise ConfigErrors([ConfigError(f"expected a mapping at the top level, found "
                                         f"{_type_name(raw)}", source=source)])
     _seed_forms(raw, ctx)
-    _no_control_characters(raw, "", ctx)
+    no_control_characters(raw, "", ctx)
     if ctx.errors:
         raise ConfigErrors(ctx.errors)
     cfg = _build(schema.Config, raw, "", ctx)

@@ -47,3 +47,26 @@ def check_unique(ctx: Ctx, items, what: str, key, paths, datas) -> None:
                 ctx.error(paths(i), f"duplicate {what} {value!r} (also in {paths(seen[value])})",
                           line_of(datas, i))
             seen.setdefault(value, i)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def no_control_characters(value: Any, path: str, ctx: Ctx, line: Optional[int] = None) -> None:
+    """No key or string in the config holds a control character (a newline, a tab, NUL):
+    every one reaches a rendered file, a command line or a header, where a newline would
+    start a section of its own (``[program:...]`` in supervisord.conf)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = join(path, key)
+            if isinstance(key, str) and _CONTROL.search(key):
+                ctx.error(where, f"a key holds a control character: {key!r}",
+                          line_of(value, key))
+            no_control_characters(item, where, ctx, line_of(value, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            no_control_characters(item, f"{path}[{i}]", ctx, line_of(value, i) or line)
+    elif isinstance(value, str) and _CONTROL.search(value):
+        char = _CONTROL.search(value).group()  # type: ignore[union-attr]
+        ctx.error(path, f"holds a control character ({char!r}); names, arguments and values "
+                  f"are single lines: {value!r}", line)

@@ -18,10 +18,8 @@ What it does:
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
-import resource
 import socket
 import sys
 import termios
@@ -32,9 +30,9 @@ from urllib.parse import unquote_to_bytes
 import gevent
 import httptools
 from gevent.pool import Pool
-from gevent.server import StreamServer
 
 from kvrouter.errors import ApiError, InternalError, api_error
+from kvrouter.http.admission import AcceptServer, ClientShares
 from kvrouter.http.limits import BodyBudget, ServerLimits
 from kvrouter.http.messages import ClientGone, Headers, Request, Response, StreamResponse
 from kvrouter.http.sockio import send_all
@@ -43,11 +41,6 @@ log = logging.getLogger("kvrouter.http")
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _INTERNAL_ERROR = InternalError("internal server error").to_json()
-_BUSY = (b'{"error": {"message": "too many connections from your address; close some or '
-         b'retry", "type": "server_error", "param": null, "code": "too_many_connections"}}')
-_TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-             b"Retry-After: 1\r\nConnection: close\r\nContent-Length: " +
-             str(len(_BUSY)).encode() + b"\r\n\r\n" + _BUSY)
 WATCH_AFTER = 0.02  # seconds a handler runs before its client's socket is watched
 
 
@@ -370,46 +363,6 @@ def _set_nodelay(sock) -> None:
         pass
 
 
-_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-class _StreamServer(StreamServer):
-    """gevent's StreamServer, quiet when accept() runs out of descriptors: one warning line
-    (at most every 10 s, with a count) and accepting pauses with backoff, as nginx does."""
-
-    _fd_delay = 0.0
-    _fd_warned_at = -1e9
-    _fd_errors = 0
-    drain: Callable[[int], int] = staticmethod(lambda n: 0)
-
-    def do_read(self):
-        try:
-            args = super().do_read()
-        except OSError as err:
-            if err.errno not in _OUT_OF_DESCRIPTORS:
-                raise
-            self._out_of_descriptors(err)
-            return None
-        self._fd_delay = 0.0
-        return args
-
-    def _out_of_descriptors(self, err: OSError) -> None:
-        self._fd_errors += 1
-        now = self.loop.now()
-        if now - self._fd_warned_at >= 10.0:
-            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-            log.warning("accept: %s (open files limit %d); pausing new connections "
-                        "(%d such errors since the last warning)", err.strerror, soft,
-                        self._fd_errors)
-            self._fd_warned_at, self._fd_errors = now, 0
-        if self.drain(8):
-            self._fd_delay = 0.0  # descriptors were freed: accept again soon
-        self._fd_delay = min(1.0, max(0.01, self._fd_delay * 2))
-        self.stop_accepting()
-        self._timer = self.loop.timer(self._fd_delay)
-        self._timer.start(self._start_accepting_if_started)  # type: ignore[call-arg,attr-defined]
-
-
 def _bytes_waiting(sock) -> int:
     """Bytes in the socket's receive buffer (FIONREAD: no read, no wait)."""
     try:
@@ -437,13 +390,11 @@ class HTTPServer:
         self.pool = Pool(self.limits.max_connections)
         # connections waiting for their next request, oldest first: closed when room is short
         self.idle: Dict[_Connection, float] = {}   # connection -> idle since (loop time)
-        self.server = _StreamServer(listener, self._handle, spawn=self.pool,
+        self.server = AcceptServer(listener, self._handle, spawn=self.pool,
                                     backlog=None if hasattr(listener, "accept") else backlog)
         self.server.drain = self.drain_idle
         self._reaper: Optional[gevent.Greenlet] = None
-        self.per_client: Dict[str, int] = {}   # client address -> connections it holds
-        self.refused_clients = 0
-        self._refused_warned_at = -1e9
+        self.shares = ClientShares(self.limits)
 
     def drain_idle(self, n: int) -> int:
         """Close up to ``n`` idle connections (nginx does the same when it runs short of
@@ -473,43 +424,16 @@ class HTTPServer:
     def _handle(self, sock, addr) -> None:
         _set_nodelay(sock)
         client = addr[0] if isinstance(addr, tuple) and addr else ""
-        held = self.per_client.get(client, 0)
-        if held >= self.limits.max_connections_per_client and \
-                client not in self.limits.trusted_clients:
-            self._refuse_client(sock, client)
+        if not self.shares.admit(client):
+            self.shares.refuse(sock, client, self.server.loop.now())
             return
-        self.per_client[client] = held + 1
         try:
             if self.pool.free_count() == 0:
                 self.drain_idle(1)  # this connection took the last slot: free one for the next
             _Connection(sock, addr, self.handler, self.limits, self.precheck, self.budget,
                         self.idle).run()
         finally:
-            left = self.per_client.get(client, 1) - 1
-            if left > 0:
-                self.per_client[client] = left
-            else:
-                self.per_client.pop(client, None)
-
-    def _refuse_client(self, sock, client: str) -> None:
-        """One address holds its share of the connections: 503 at once, one warning a
-        minute (with how many were refused since the last one)."""
-        self.refused_clients += 1
-        now = self.server.loop.now()
-        if now - self._refused_warned_at >= 60.0:
-            log.warning("client %s holds %d connections (router.max_connections_per_client); "
-                        "refusing more from it (%d refused since the last warning; list a "
-                        "proxy in router.trusted_proxies)", client,
-                        self.limits.max_connections_per_client, self.refused_clients)
-            self._refused_warned_at, self.refused_clients = now, 0
-        try:
-            sock.sendall(_TOO_MANY)
-        except OSError:
-            pass
-        try:
-            sock.close()
-        except OSError:
-            pass
+            self.shares.release(client)
 
     @property
     def address(self):

@@ -5,6 +5,7 @@ in-memory store with Redis's semantics (the real one is in tests/integration/tes
 import gevent
 import pytest
 
+from kvrouter.cluster import orphans
 from kvrouter.cluster.member import Cluster
 from kvrouter.cluster.store import StoreDown
 from kvrouter.config import parse_config_text
@@ -331,7 +332,7 @@ def test_a_model_left_waking_by_a_dead_router_is_settled_from_the_engine():
     e.adapter.asleep = False     # the dead router's wake went through
     m._on_state({"model": "m/a", "state": "waking", "router": "b", "fence": 3, "level": 1})
     assert e.state is State.WAKING
-    m._settle(e)                 # its lease is gone (no key in the store)
+    orphans.settle(m, e)         # its lease is gone (no key in the store)
     assert e.state is State.READY and e.adapter.wakes == 0
     kind, model, fence, doc = m.outbox.get_nowait()   # published with a newer token
     assert (kind, model, doc["state"], doc["router"]) == ("state", "m/a", "ready", "a")
