@@ -41,6 +41,8 @@ _COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _JSON_HEADERS = [("Content-Type", "application/json")]
 _RESPONSE_ID_RE = re.compile(rb'"id"\s*:\s*"(resp_[^"]+)"')
 RESPONSES_KEPT = 100_000
+_PASSED = ("authorization", "accept")   # client headers the engine gets
+_PASSED_UPSTREAM = _PASSED + ("content-type",)   # ... and through /upstream/, its body type
 UPSTREAM = "/upstream/"
 # what the router alone calls on an engine (its memory and lifecycle): refused through
 # /upstream/, where they would fight the controller
@@ -226,7 +228,7 @@ class Proxy:
         if waited:
             self.traffic.waited(rec, waited)
         headers = {"Content-Type": "application/json", "X-Request-Id": rid}
-        for name in ("authorization", "accept") + (("content-type",) if target else ()):
+        for name in _PASSED if target is None else _PASSED_UPSTREAM:
             value = req.headers.get(name)
             if value is not None:
                 headers["Content-Type" if name == "content-type" else name] = value
