@@ -82,14 +82,19 @@ def group_paths(path: str) -> List[str]:
     return [path] + [p for _, p in sorted(groups)]
 
 
+def _added(infos: List[PoolInfo]) -> PoolInfo:
+    """A pool's groups as one."""
+    return PoolInfo(sum(i.total for i in infos), sum(i.used for i in infos),
+                    sum(i.prealloc for i in infos))
+
+
 def read_pool(path: str) -> Optional[PoolInfo]:
     """A model's whole pool: its groups' figures added up (None without a first segment)."""
     first = read(path)
     if first is None:
         return None
     infos = [first] + [i for i in map(read, group_paths(path)[1:]) if i is not None]
-    return PoolInfo(sum(i.total for i in infos), sum(i.used for i in infos),
-                    sum(i.prealloc for i in infos))
+    return _added(infos)
 
 
 def set_pool_limit(path: str, total: int) -> PoolInfo:
@@ -107,8 +112,7 @@ def set_pool_limit(path: str, total: int) -> PoolInfo:
         weights = [1] * len(paths)
     infos = [set_limit(p, max(MIN_LIMIT, total * w // sum(weights)))
              for p, w in zip(paths, weights)]
-    return PoolInfo(sum(i.total for i in infos), sum(i.used for i in infos),
-                    sum(i.prealloc for i in infos))
+    return _added(infos)
 
 
 def read(path: str) -> Optional[PoolInfo]:
