@@ -343,12 +343,12 @@ def kv_list(config):
     for inst, path in _pools(cfg):
         info = kvpool.read_pool(path)
         if info is None:
-            rows.append((inst.model, "-", "-", "-", "-", f"{path} (not created yet)"))
+            rows.append((inst.key, "-", "-", "-", "-", f"{path} (not created yet)"))
             continue
         groups = kvpool.group_paths(path)
         more = f" (+{len(groups) - 1} KV groups: {', '.join(os.path.basename(g) for g in groups[1:])})" \
             if len(groups) > 1 else ""
-        rows.append((inst.model, kvpool.human(info.total), kvpool.human(info.used),
+        rows.append((inst.key, kvpool.human(info.total), kvpool.human(info.used),
                      kvpool.human(info.prealloc), kvpool.human(info.free), path + more))
     if len(rows) == 1:
         raise KvrouterError(f"{config}: no instance has kvcached enabled (ENABLE_KVCACHED)")
@@ -369,17 +369,18 @@ def kv_limit(model, size, config):
     from kvrouter import admin, kvpool
 
     cfg = _load(config)
-    inst = next((i for i, _ in _pools(cfg) if model in i.known_as), None)
+    inst = next((i for i, _ in _pools(cfg) if model == i.key or model in i.known_as[
+        len(i.route_names) if i.replica_of > 1 else 0:]), None)
     if inst is None:
         known = ", ".join(i.name for i, _ in _pools(cfg)) or "none"
         raise KvrouterError(f"{model}: not a kvcached-enabled model or instance of {config} "
                             f"(kvcached-enabled: {known})")
     if size.strip().lower() == "auto":
-        code, body = admin.call(cfg, "POST", admin.model_path("/model/kv", inst.model) +
+        code, body = admin.call(cfg, "POST", admin.model_path("/model/kv", inst.key) +
                                 "?limit=auto")
         if code != 200:
             raise KvrouterError(body.get("error", {}).get("message", f"HTTP {code}"))
-        click.echo(f"{inst.model}: {body['message']}")
+        click.echo(f"{inst.key}: {body['message']}")
         return
     try:
         total = kvpool.parse_size(size)
@@ -389,7 +390,7 @@ def kv_limit(model, size, config):
     except FileNotFoundError:
         raise KvrouterError(f"{model}: no kvcached pool at {inst.kv_pool_path} (is the engine "
                             "running with ENABLE_KVCACHED?)") from None
-    click.echo(f"{inst.model}: KV limit {kvpool.human(info.total)} (used "
+    click.echo(f"{inst.key}: KV limit {kvpool.human(info.total)} (used "
                f"{kvpool.human(info.used)}); the router's arbiter keeps it until "
                f"`kvrouter kv limit {model} auto`")
 

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from kvrouter import kvpool
-from kvrouter.control.states import State
+from kvrouter.control.states import State, group_state
 from kvrouter.traffic import OUTCOMES
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
@@ -62,7 +62,10 @@ class RouterMetrics:
     def __init__(self, controller, traffic):
         self.controller = controller
         self.traffic = traffic
-        self.series: Dict[str, _ModelSeries] = {m: _ModelSeries() for m in traffic.models}
+        self.series: Dict[str, _ModelSeries] = {m: _ModelSeries()
+                                                for m in traffic.models_shown()}
+        # a model's replicas, each on its own (the model's series hold their sum)
+        self.replica_outcomes: Dict[Tuple[str, str], Dict[str, int]] = {}
         self.transitions: Dict[Tuple[str, str, str], int] = {}
         self.transition_hist: Dict[Tuple[str, str], Hist] = {}
         self.registry = CollectorRegistry()
@@ -73,6 +76,13 @@ class RouterMetrics:
         self.series.setdefault(model, _ModelSeries())
 
     def on_end(self, model, outcome, rec, latency, prompt, completion, itl) -> None:
+        if rec.group is not None:   # a replica's request: the model's series, and its own
+            key = (rec.group.name, model)
+            counts = self.replica_outcomes.get(key)
+            if counts is None:
+                counts = self.replica_outcomes[key] = dict.fromkeys(OUTCOMES, 0)
+            counts[outcome] += 1
+            model = rec.group.name
         s = self.series.get(model) or self.series.setdefault(model, _ModelSeries())
         s.outcomes[outcome] += 1
         s.duration.observe(latency)
@@ -128,20 +138,23 @@ class RouterMetrics:
             for key, fam in hists.items():
                 h = getattr(s, key)
                 fam.add_metric([model], h.buckets(), h.sum)
-            entry = self.controller.entries.get(model)
-            if entry is None:
+            engines = self._engines(model)
+            if not engines:
                 continue  # removed by a reload: its counters stay, it has no state
-            in_flight.add_metric([model], self.traffic.models[model].in_flight)
-            waiting.add_metric([model], entry.waiters)
+            if model in self.traffic.models:
+                in_flight.add_metric([model], self.traffic.models[model].in_flight)
+            waiting.add_metric([model], sum(e.waiters for e in engines))
+            now = group_state(e.state for e in engines)
             for st in State:
-                state.add_metric([model, st.value], 1 if entry.state is st else 0)
-            path = entry.inst.kv_pool_path
-            pool = kvpool.read_pool(path) if path else None
-            if pool is not None:
-                kv.add_metric([model, "limit"], pool.total)
-                kv.add_metric([model, "used"], pool.used)
-                kv.add_metric([model, "prealloc"], pool.prealloc)
+                state.add_metric([model, st.value], 1 if now is st else 0)
+            pools = [p for p in (kvpool.read_pool(e.inst.kv_pool_path) for e in engines
+                                 if e.inst.kv_pool_path) if p is not None]
+            if pools:   # a model's replicas: their pools summed
+                kv.add_metric([model, "limit"], sum(p.total for p in pools))
+                kv.add_metric([model, "used"], sum(p.used for p in pools))
+                kv.add_metric([model, "prealloc"], sum(p.prealloc for p in pools))
         yield requests
+        yield from self._replicas()
         yield tokens
         yield from hists.values()
         yield in_flight
@@ -169,6 +182,36 @@ class RouterMetrics:
         for hkey, h in sorted(self.transition_hist.items()):
             th.add_metric(list(hkey), h.buckets(), h.sum)
         yield th
+
+    def _engines(self, model: str) -> list:
+        entries = self.controller.entries
+        if model in entries:
+            return [entries[model]]
+        return [entries[k] for k in self.traffic.replicas(model) if k in entries]
+
+    def _replicas(self):
+        """Each replica of a model with several: the families above with a replica label."""
+        requests = CounterMetricFamily("kvrouter_replica_requests", "Requests by model, "
+                                       "replica and outcome (models with several engines).",
+                                       labels=["model", "replica", "outcome"])
+        in_flight = GaugeMetricFamily("kvrouter_replica_requests_in_flight", "Requests in "
+                                      "flight on each replica.", labels=["model", "replica"])
+        state = GaugeMetricFamily("kvrouter_replica_state", "1 for the replica's current "
+                                  "state.", labels=["model", "replica", "state"])
+        for (model, replica), counts in sorted(self.replica_outcomes.items()):
+            for outcome, n in counts.items():
+                requests.add_metric([model, replica, outcome], n)
+        for entry in list(self.controller.entries.values()):
+            if entry.inst.replica_of <= 1:
+                continue
+            labels = [entry.model, entry.name]
+            t = self.traffic.models.get(entry.name)
+            in_flight.add_metric(labels, t.in_flight if t is not None else 0)
+            for st in State:
+                state.add_metric(labels + [st.value], 1 if entry.state is st else 0)
+        yield requests
+        yield in_flight
+        yield state
 
     def exposition(self):
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

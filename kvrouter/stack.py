@@ -122,9 +122,9 @@ def renew_engines(cfg: Config, instances: List, manager: str, echo: Echo) -> Non
     for inst in instances:
         if not cfg.router.enable_router:
             break
-        echo(f"{inst.name}: command line changed: draining {inst.model}, then restarting it")
-        try:
-            code, body = admin.call(cfg, "POST", admin.model_path("/model/restart", inst.model))
+        echo(f"{inst.name}: command line changed: draining {inst.key}, then restarting it")
+        try:   # one engine at a time: a model's other replicas keep serving
+            code, body = admin.call(cfg, "POST", admin.model_path("/model/restart", inst.key))
         except KvrouterError as err:
             echo(f"{inst.name}: the router did not answer ({err}); {manager} applies the "
                  "change", err=True)

@@ -143,11 +143,13 @@ class ModelTraffic:
 
 
 class RequestRecord:
-    __slots__ = ("model", "start", "wait", "first_byte", "stream", "ended", "outcome",
+    __slots__ = ("model", "group", "start", "wait", "first_byte", "stream", "ended", "outcome",
                  "prompt_tokens", "completion_tokens")
 
-    def __init__(self, model: ModelTraffic, start: float):
-        self.model = model
+    def __init__(self, model: ModelTraffic, start: float,
+                 group: Optional[ModelTraffic] = None):
+        self.model = model            # the engine's (a replica's, or the model's only one)
+        self.group = group            # the model's, when it has several replicas
         self.start = start
         self.wait = 0.0
         self.first_byte: Optional[float] = None
@@ -165,15 +167,27 @@ class RequestRecord:
         return self.first_byte - self.start - self.wait
 
 
+def traffic_keys(cfg) -> Tuple[List[str], Dict[str, str]]:
+    """A config's engines for a TrafficMonitor: every engine's key, and each replica's
+    model (``TrafficMonitor(*traffic_keys(cfg))``)."""
+    return ([i.key for i in cfg.instances],
+            {i.key: i.model for i in cfg.instances if i.replica_of > 1})
+
+
 class TrafficMonitor:
     """All models' traffic. One instance per router process (gevent: no locks needed)."""
 
     def __init__(self, models: Iterable[str], clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time, on_end: Optional[Callable] = None):
+                 wall: Callable[[], float] = time.time, on_end: Optional[Callable] = None,
+                 parents: Optional[Dict[str, str]] = None):
+        """``models``: every engine's key; ``parents``: a replica's key -> its model (the
+        model's totals are kept too, under its name)."""
         self.clock = clock
         self.wall = wall
         now = clock()
         self.models: Dict[str, ModelTraffic] = {m: ModelTraffic(m, now) for m in models}
+        self.parents: Dict[str, str] = {}
+        self.children: Dict[str, List[str]] = {}
         self.unrouted = 0
         self.wakes = WakeWindow()
         self.on_end = on_end  # metrics hook: on_end(model, outcome, record, now, tokens)
@@ -181,24 +195,73 @@ class TrafficMonitor:
         self.external: Optional[Callable[[str], int]] = None
         # requests the other routers of a cluster serve now, by model
         self.peers: Optional[Callable[[str], int]] = None
+        for key, model in (parents or {}).items():
+            self.add_model(key, model)
 
-    def add_model(self, model: str) -> None:
-        if model not in self.models:
-            self.models[model] = ModelTraffic(model, self.clock())
+    @classmethod
+    def for_config(cls, cfg, **kw) -> "TrafficMonitor":
+        keys, parents = traffic_keys(cfg)
+        return cls(keys, parents=parents, **kw)
+
+    def add_model(self, model: str, parent: Optional[str] = None) -> None:
+        """An engine's key; with ``parent``, a replica of that model (counted there too)."""
+        for name in (model, parent):
+            if name is not None and name not in self.models:
+                self.models[name] = ModelTraffic(name, self.clock())
+        if parent is not None and parent != model:
+            self.parents[model] = parent
+            kids = self.children.setdefault(parent, [])
+            if model not in kids:
+                kids.append(model)
 
     def remove_model(self, model: str) -> None:
         """Forget a model (a reload removed it); its requests in flight end normally."""
         self.models.pop(model, None)
+        parent = self.parents.pop(model, None)
+        if parent is not None:
+            kids = self.children.get(parent, [])
+            if model in kids:
+                kids.remove(model)
+            if not kids:
+                self.children.pop(parent, None)
+                self.models.pop(parent, None)
+
+    def replicas(self, model: str) -> List[str]:
+        """The keys of ``model``'s replicas (none when it has one engine)."""
+        return self.children.get(model, [])
+
+    def models_shown(self) -> List[str]:
+        """What the per-model views list: the models, not their replicas."""
+        return [m for m in self.models if m not in self.parents]
 
     # --- recording (hot path) --------------------------------------------------------------
-    def start(self, model: str) -> RequestRecord:
-        m = self.models[model]
-        now = self.clock()
+    @staticmethod
+    def _arrive(m: ModelTraffic, now: float) -> None:
         if not m.in_flight and m.last_end_mono is not None:
             m.gaps.append(now - m.last_end_mono)
         m.arrivals.append(now)
         m.in_flight += 1
-        return RequestRecord(m, now)
+
+    def start(self, model: str) -> RequestRecord:
+        m = self.models[model]
+        now = self.clock()
+        self._arrive(m, now)
+        parent = self.parents.get(model)
+        if parent is None:
+            return RequestRecord(m, now)
+        g = self.models[parent]
+        self._arrive(g, now)
+        return RequestRecord(m, now, g)
+
+    def move(self, rec: RequestRecord, model: str) -> None:
+        """The request goes to another replica of its model (a retry elsewhere)."""
+        m = self.models[model]
+        if m is rec.model:
+            return
+        rec.model.in_flight -= 1
+        m.in_flight += 1
+        m.arrivals.append(rec.start)
+        rec.model = m
 
     def waited(self, rec: RequestRecord, seconds: float) -> None:
         rec.wait += seconds
@@ -213,14 +276,28 @@ class TrafficMonitor:
         rec.outcome = outcome
         rec.prompt_tokens, rec.completion_tokens = prompt_tokens, completion_tokens
         now = self.clock() if now is None else now
+        latency = now - rec.start
+        wall = self.wall()
+        self._account(m, rec, outcome, prompt_tokens, completion_tokens, itl, now, wall,
+                      latency)
+        if rec.group is not None:
+            self._account(rec.group, rec, outcome, prompt_tokens, completion_tokens, itl, now,
+                          wall, latency)
+        self.wakes.add(now, rec.wait > 0)
+        if self.on_end is not None and not remote:
+            self.on_end(m.name, outcome, rec, latency, prompt_tokens, completion_tokens, itl)
+
+    @staticmethod
+    def _account(m: ModelTraffic, rec: RequestRecord, outcome: str, prompt_tokens: int,
+                 completion_tokens: int, itl: Optional[float], now: float, wall: float,
+                 latency: float) -> None:
         m.in_flight -= 1
         m.total += 1
         m.outcomes[outcome] += 1
         m.last_end_mono = now
-        wall = m.last_end_wall = self.wall()
+        m.last_end_wall = wall
         m.prompt_tokens += prompt_tokens
         m.completion_tokens += completion_tokens
-        latency = now - rec.start
         m.last_start_wall = wall - latency
         ok = outcome == "success"
         m.buckets.add(int(now), ok, latency, completion_tokens)
@@ -234,12 +311,9 @@ class TrafficMonitor:
                     m.ttft.append((now, ttft))
                 if itl is not None:
                     m.itl.append((now, itl))
-        self.wakes.add(now, rec.wait > 0)
         if rec.wait:
             m.wait.append((now, rec.wait))
             m.wait_total += rec.wait
-        if self.on_end is not None and not remote:
-            self.on_end(m.name, outcome, rec, latency, prompt_tokens, completion_tokens, itl)
 
     def replay(self, model: str, start: float, end: float, outcome: str, wait: float = 0.0,
                first_byte: Optional[float] = None, stream: bool = False, prompt_tokens: int = 0,
@@ -250,27 +324,40 @@ class TrafficMonitor:
         m = self.models.get(model)
         if m is None:
             return
-        if m.last_end_mono is not None and start > m.last_end_mono and not self.in_flight(model):
-            m.gaps.append(start - m.last_end_mono)
-        m.arrivals.append(start)
-        rec = RequestRecord(m, start)
+        parent = self.parents.get(model)
+        g = self.models.get(parent) if parent is not None else None
+        for t in (m, g):
+            if t is None:
+                continue
+            if t.last_end_mono is not None and start > t.last_end_mono and \
+                    not self.in_flight(t.name):
+                t.gaps.append(start - t.last_end_mono)
+            t.arrivals.append(start)
+            t.in_flight += 1
+        rec = RequestRecord(m, start, g)
         rec.wait, rec.first_byte, rec.stream = wait, first_byte, stream
-        m.in_flight += 1
-        last = m.last_end_mono
+        lasts = [(t, t.last_end_mono) for t in (m, g) if t is not None]
         self.end(rec, outcome, prompt_tokens, completion_tokens, itl, now=end, remote=remote)
-        if last is not None and last > end:
-            m.last_end_mono = last   # records may arrive out of order
+        for t, last in lasts:
+            if last is not None and last > end:
+                t.last_end_mono = last   # records may arrive out of order
 
     # --- queries -----------------------------------------------------------------------------
     def local_in_flight(self, model: str) -> int:
         """Requests in flight for ``model`` on this router (this process and its workers)."""
         n = self.models[model].in_flight
-        return n + self.external(model) if self.external is not None else n
+        if self.external is None:
+            return n
+        kids = self.children.get(model)
+        return n + (sum(map(self.external, kids)) if kids else self.external(model))
 
     def in_flight(self, model: str) -> int:
         """Requests in flight for ``model``: this router's, and the other routers'."""
         n = self.local_in_flight(model)
-        return n + self.peers(model) if self.peers is not None else n
+        if self.peers is None:
+            return n
+        kids = self.children.get(model)
+        return n + (sum(map(self.peers, kids)) if kids else self.peers(model))
 
     def arrival_gaps(self, model: str) -> Tuple[float, ...]:
         """Seconds between the model's last ARRIVALS request starts."""
@@ -344,10 +431,10 @@ class TrafficMonitor:
 
     def with_activity(self) -> List[str]:
         """Models that have had a request (the seed's traffic views list only these)."""
-        return [m for m, t in self.models.items() if t.total]
+        return [m for m in self.models_shown() if self.models[m].total]
 
     def idle(self, threshold: float) -> List[str]:
-        return [m for m in self.models if self.idle_seconds(m) >= threshold]
+        return [m for m in self.models_shown() if self.idle_seconds(m) >= threshold]
 
     def active(self, threshold: float) -> List[str]:
-        return [m for m in self.models if self.idle_seconds(m) < threshold]
+        return [m for m in self.models_shown() if self.idle_seconds(m) < threshold]

@@ -139,6 +139,10 @@ class MockPool:
     def __init__(self, handler):
         self.handler = handler
         self.requests = []
+        self.dead = False    # its engine's port refuses connections
+
+    def refuses(self, timeout=0.5):
+        return self.dead
 
     def request(self, method, path, headers, body=b"", connect_timeout=5.0,
                 first_byte_timeout=600.0, idle_timeout=300.0):
@@ -158,10 +162,25 @@ class FakeGate:
     def __init__(self):
         self.ready_calls = 0
         self.failures = []
+        self.down = set()      # engines (keys) not ready
+        self.loads = {}        # key -> requests in flight, as the policy sees them
+        self.scaled = []       # models the proxy asked to wake another replica of
+        self.waited_on = []    # engines a request waited for
 
     def ensure_ready(self, entry):
         self.ready_calls += 1
+        if entry.name in self.down:
+            self.waited_on.append(entry.name)
         return 0.0
+
+    def is_ready(self, entry):
+        return entry.name not in self.down
+
+    def load(self, entry):
+        return self.loads.get(entry.name, 0)
+
+    def scale(self, group, chooser=None):
+        self.scaled.append(group.model)
 
     def upstream_failed(self, entry, reason):
         self.failures.append((entry.name, reason))

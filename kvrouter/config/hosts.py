@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from typing import Optional
 
 from kvrouter.config import schema
 from kvrouter.config.located import NAME_RE, Ctx, check_unique, line_of
 
 
-def place_on_hosts(cfg: schema.Config, instances: list, raw: dict, ctx: Ctx) -> list:
+def place_on_hosts(cfg: schema.Config, instances: list, raw: dict, ctx: Ctx,
+                   origin: Optional[list] = None) -> list:
     """The cluster: each instance on a named host (routers connect to its address), host
     names unique, credentials for the supervisord that other hosts call, one router without
     Redis. Returns the instances with their ``address``."""
@@ -40,7 +42,8 @@ def place_on_hosts(cfg: schema.Config, instances: list, raw: dict, ctx: Ctx) -> 
         ctx.error("cluster.redis_url", f"expected redis://HOST:PORT/DB, rediss://... or "
                   f"unix://PATH, found {cl.redis_url!r}", line_of(raw_cl, "redis_url"))
     out = []
-    for i, inst in enumerate(instances):
+    for j, inst in enumerate(instances):
+        i = origin[j] if origin else j   # its entry in the file (replicas: N makes several)
         data = raw_instances[i] if isinstance(raw_instances, list) else None
         path = f"instances[{i}].host"
         if inst.host is None:

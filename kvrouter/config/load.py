@@ -16,7 +16,7 @@ import typing
 from typing import Any, Optional
 
 from kvrouter import kvpool
-from kvrouter.config import schema
+from kvrouter.config import replicas, schema
 from kvrouter.config.engine_args import parse_engine_args
 from kvrouter.config.hosts import place_on_hosts
 from kvrouter.config.located import (
@@ -351,30 +351,44 @@ def _semantics(cfg: schema.Config, raw: dict, ctx: Ctx, strict: bool) -> schema.
             ctx.error(f"instances[{i}].name", "expected letters, digits, '.', '_' or '-', found "
                       f"{inst.name!r}", line_of(data, "name"))
         instances.append(_resolve_instance(cfg, inst, i, ctx, data))
-    names = lambda i: f"instances[{i}]"  # noqa: E731
-    check_unique(ctx, instances, "instance name", lambda x: [x.name], names, raw_instances)
-    check_unique(ctx, instances, "model name", lambda x: x.route_names, names, raw_instances)
-    instances = place_on_hosts(cfg, instances, raw, ctx)
+    resolved = instances   # as written: one per entry of `instances`
+    expanded = replicas.expand(instances, raw_instances, ctx)
+    origin = [i for i, _ in expanded]   # each engine's entry in `instances` (short form)
+    instances = [inst for _, inst in expanded]
+    datas = None
+    if isinstance(raw_instances, LineList):
+        datas = LineList(raw_instances[i] for i in origin)
+        datas.lines = [line_of(raw_instances, i) for i in origin]
+    names = lambda j: f"instances[{origin[j]}]"  # noqa: E731
+    check_unique(ctx, instances, "instance name", lambda x: [x.name], names, datas)
+    instances = replicas.group(cfg, instances, ctx,
+                               {x.name: names(j) for j, x in enumerate(instances)},
+                               {x.name: line_of(raw_instances, origin[j]) for j, x in enumerate(instances)})
+    instances = place_on_hosts(cfg, instances, raw, ctx, origin)
+    def replica(j: int) -> str:   # which of an entry's replicas (replicas: N)
+        return f" of replica {instances[j].name}" if resolved[origin[j]].replicas > 1 else ""
+
     ports: dict = {}
-    for i, inst in enumerate(instances):
+    for j, inst in enumerate(instances):
         if not inst.port:
             continue
         where = (inst.host, inst.port)   # one port per host
         if where in ports:
-            ctx.error(f"instances[{i}].engine_args", f"duplicate port {inst.port} (also in "
-                      f"instances[{ports[where]}])", line_of(raw_instances, i))
-        ports.setdefault(where, i)
+            ctx.error(f"{names(j)}.engine_args", f"duplicate port {inst.port}{replica(j)} "
+                      f"(also in {names(ports[where])}{replica(ports[where])})",
+                      line_of(raw_instances, origin[j]))
+        ports.setdefault(where, j)
     if cfg.router.enable_router and not cfg.cluster.hosts and \
             (None, cfg.router.router_port) in ports:
         ctx.error("router.router_port", f"port {cfg.router.router_port} is also used by "
-                  f"instances[{ports[(None, cfg.router.router_port)]}]",
+                  f"{names(ports[(None, cfg.router.router_port)])}",
                   line_of(raw.get("router"), "router_port"))
     for h in cfg.cluster.router_hosts:
         port = h.router_port or cfg.router.router_port
         if (h.name, port) in ports:
             ctx.error(f"cluster.hosts[{cfg.cluster.hosts.index(h)}]", f"the router's port "
                       f"{port} on host {h.name!r} is also used by "
-                      f"instances[{ports[(h.name, port)]}]", None)
+                      f"{names(ports[(h.name, port)])}", None)
     clients = cfg.benchmark.clients
     raw_bench = raw.get("benchmark") if isinstance(raw, dict) else None
     raw_clients = raw_bench.get("clients") if isinstance(raw_bench, dict) else None
@@ -391,9 +405,9 @@ def _semantics(cfg: schema.Config, raw: dict, ctx: Ctx, strict: bool) -> schema.
             ctx.error(f"benchmark.clients[{i}].model", f"no instance serves {client.model!r}",
                       line_of(raw_clients[i], "model") if raw_clients else None)
 
-    _check_sleep_levels(cfg, instances, ctx, raw_instances)
+    _check_sleep_levels(cfg, resolved, ctx, raw_instances)
     warnings = []
-    for i, inst in enumerate(instances):
+    for i, inst in enumerate(resolved):
         if inst.venv_path and not os.path.isdir(inst.venv_path):
             msg = f"instances[{i}].venv_path: {inst.venv_path} does not exist on this machine"
             if strict:

@@ -24,6 +24,8 @@ ENGINE_LISTEN_DEFAULT = {"vllm": "0.0.0.0", "sglang": "127.0.0.1", "sim": "127.0
 PROCESS_MANAGERS = ("supervisord", "systemd")
 BENCH_TOOLS = ("builtin", "vllm", "sglang", "guidellm")
 SLEEP_POLICIES = ("lru", "seed", "ttl", "ollama", "static", "adaptive")  # control/policies.py
+ROUTING_POLICIES = ("cache_aware", "least_outstanding", "power_of_two", "round_robin",
+                    "session")   # control/routing.py
 _ANY_ADDRESS = ("0.0.0.0", "::", "")
 
 
@@ -156,6 +158,42 @@ class InstanceSleep:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    policy: str = setting(
+        "cache_aware", "How requests are spread over a model's replicas (README, \"Replicas\"):"
+        " cache_aware (longest cached prompt prefix unless the replicas are imbalanced), "
+        "least_outstanding, power_of_two, round_robin, session.", choices=ROUTING_POLICIES)
+    min_ready: int = setting(
+        1, "Replicas of a model kept awake while it has traffic: the policy sleeps the others "
+        "when idle, and the last ones only when the whole model is idle.", min=0)
+    wake_at_in_flight: int = setting(
+        8, "Requests in flight per ready replica at which another replica of the model is "
+        "woken (0: never wake one for load).", min=0)
+    session_header: str = setting(
+        "x-session-id", "Header naming a session for the session policy (else the body's "
+        "`user`).")
+    block_tokens: int = setting(
+        64, "Prompt tokens (about 4 bytes each) per block of the cache_aware prefix tree.",
+        min=1)
+    cache_threshold: float = setting(
+        0.3, "cache_aware: share of the prompt's blocks a replica must hold to be preferred.",
+        min=0, max=1)
+    balance_abs_threshold: int = setting(
+        64, "cache_aware: the replicas are imbalanced when max - min in flight exceeds this ...",
+        min=0)
+    balance_rel_threshold: float = setting(
+        1.5, "... and max exceeds this times min; then the least loaded gets the request.", min=1)
+    max_tree_blocks: int = setting(
+        65536, "cache_aware: prompt blocks remembered per replica (least recent dropped).", min=1)
+    eject_after_failures: int = setting(
+        5, "Consecutive failures (refused connection, 5xx or 429 before any byte) after which a "
+        "replica is ejected from routing.", min=1)
+    eject_seconds: float = setting(
+        30.0, "How long the first ejection lasts (doubling each time, at most 60 s or this); "
+        "then one request tries it again.", min=0.1)
+
+
+@dataclass(frozen=True)
 class SimOptions:
     dialect: str = setting("vllm", "Which engine the simulated engine imitates.", choices=DIALECTS)
     ttft_ms: float = setting(30.0, "Base time to first token, in ms (grows with prompt length).",
@@ -211,6 +249,17 @@ class Instance:
     host: Optional[str] = setting(
         None, "The cluster host (a name in cluster.hosts) the engine runs on; routers connect "
         "to that host's address. Required when cluster.hosts is set.")
+    replicas: int = setting(
+        1, "Short form for N identical replicas of this engine: instances <name>-1 .. <name>-N "
+        "on ports --port, --port+1, ...; `gpus` is divided among them in order (\"0,1\" with 2 "
+        "replicas: one GPU each), or shared when it names fewer GPUs than replicas.", min=1,
+        max=64)
+    routing_policy: Optional[str] = setting(
+        None, "How requests are spread over this model's replicas (overrides "
+        "routing.policy; replicas of one model must agree).", choices=ROUTING_POLICIES)
+    min_ready: Optional[int] = setting(
+        None, "Replicas of this model kept awake while it has traffic (overrides "
+        "routing.min_ready; replicas of one model must agree).", min=0)
     # Derived by the loader from engine_args and the environment keys.
     listen_host: str = derived("localhost")   # the engine's --host
     address: str = derived("")                # where routers connect (its host's address)
@@ -218,6 +267,10 @@ class Instance:
     argv_args: Tuple[str, ...] = derived(())
     upstream_model: str = derived("")
     route_names: Tuple[str, ...] = derived(())
+    # the controller's name for this engine: the model when it is the model's only engine,
+    # else the instance's name (one of the model's replicas)
+    key: str = derived("")
+    replica_of: int = derived(1)      # how many engines serve the model (1: no replicas)
     env: Tuple[Tuple[str, str], ...] = derived(())
     kvcached_enabled: bool = derived(False)
     # The sleep settings in force: this instance's overrides, else sleep_manager's.
@@ -386,6 +439,9 @@ class Config:
     instances: Tuple[Instance, ...] = setting((), "Engines to run and route to.", required=True)
     router: RouterConfig = setting(factory=RouterConfig, help="Router settings.")
     sleep_manager: SleepPolicy = setting(factory=SleepPolicy, help="Sleep policy for all models.")
+    routing: RoutingConfig = setting(
+        factory=RoutingConfig, help="Replicas: how requests are spread over the engines that "
+        "serve one model, when they are ejected, and when more are woken.")
     kvcached: Dict[str, Any] = setting(
         factory=dict, help="kvcached variables for every instance; keys become upper-case "
         "environment variables (kvcached_log_level -> KVCACHED_LOG_LEVEL).")

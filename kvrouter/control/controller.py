@@ -48,7 +48,7 @@ class Controller:
         self.metrics = metrics
         self.adapter_factory = adapter_factory
         self.entries: Dict[str, ModelEntry] = {
-            inst.model: ModelEntry(inst, adapter_factory(inst), clock()) for inst in cfg.instances}
+            inst.key: ModelEntry(inst, adapter_factory(inst), clock()) for inst in cfg.instances}
         self.health_loops: Dict[str, gevent.Greenlet] = {}
         self.transitions = Transitions(self)
         self.events = EventLog()
@@ -69,6 +69,7 @@ class Controller:
                     entry.level = memo["level"]
         self._asked_process_at: Dict[str, float] = {}
         self._policy: Optional[policies.Policy] = None
+        self.policy_poke = Event()   # set by a reload
         self.coord = Coordinator()   # the other routers (kvrouter.cluster), or none
 
     # --- state ------------------------------------------------------------------------------
@@ -186,6 +187,33 @@ class Controller:
         if entry.state is State.READY:
             self.set_state(entry, State.FAILED, reason)
         entry.poke.set()
+
+    # --- replicas (the proxy's view) ---------------------------------------------------------
+    def is_ready(self, entry: ModelEntry) -> bool:
+        return entry.state is State.READY
+
+    def load(self, entry: ModelEntry) -> int:
+        """Requests in flight on the engine: this router's (its workers') and its peers'."""
+        return self.traffic.in_flight(entry.name) if self.traffic is not None else 0
+
+    def scale(self, group, chooser=None) -> None:
+        """Elastic replicas, on each request for a model with several: wake one more when
+        fewer than ``min_ready`` are ready or the ready ones are loaded past
+        ``routing.wake_at_in_flight`` each (the request itself goes to a ready one)."""
+        if not self.cfg.sleep_manager.wakeup_on_request:
+            return
+        entries = group.entries
+        i = policy.wake_for_load([e.state for e in entries], [self.load(e) for e in entries],
+                                 group.min_ready, self.cfg.routing.wake_at_in_flight)
+        if i is not None:
+            ready = sum(1 for e in entries if e.state is State.READY)
+            self.request_wake(entries[i], reason=f"load: {ready} of {len(entries)} replicas "
+                              f"of {group.model} ready")
+
+    def breaker_moved(self, group, entry: ModelEntry, old, new, reason: str) -> None:
+        """A replica's breaker moved (the proxy ejected it or let it back): on /events."""
+        self.events.publish(entry.name, f"breaker {old.value}", f"breaker {new.value}",
+                            reason, state=False)
 
     def in_flight(self, entry: ModelEntry) -> int:
         """Requests being served by the engine (those waiting in ensure_ready excluded)."""
@@ -316,6 +344,8 @@ class Controller:
             elsewhere = self.coord.peers_idle_seconds(e.name)
             if elsewhere is not None:   # idle only when idle on every router
                 idle = min(idle, elsewhere)
+            if e.state is State.READY:   # not idle for longer than it has been awake (a
+                idle = min(idle, now - e.since)   # replica just woken for load, say)
             inst = e.inst
             last = (t.last_end_mono if t is not None and t.last_end_mono is not None
                     else (t.created_mono if t is not None else 0.0))
@@ -331,14 +361,18 @@ class Controller:
                 last_used=last, gaps=tuple(t.gaps) if t is not None else (),
                 wake_seconds=e.last_wake_seconds or e.inst.timing.wake_seconds(e.level),
                 arrival_gaps=self.traffic.arrival_gaps(e.name) if self.traffic is not None else (),
-                kv_wanted_gb=self.kv.wanted_gb.get(e.name, 0.0)))
+                kv_wanted_gb=self.kv.wanted_gb.get(e.name, 0.0),
+                group=e.model if inst.replica_of > 1 else "",
+                min_ready=inst.min_ready if inst.min_ready is not None else
+                self.cfg.routing.min_ready))
         recent, waited = self.traffic.wakes.totals(now) if self.traffic is not None else (0, 0)
         return policy.Snapshot(tuple(views), sm.auto_sleep_enabled, dict(sm.gpu_memory_gb),
                                recent, waited)
 
     def tick(self) -> List[policy.Action]:
         """Apply the policy once (the policy loop calls this every check interval)."""
-        actions = [a for a in self.sleep_policy.decide(self.snapshot())
+        snap = self.snapshot()
+        actions = [a for a in policy.keep_min_ready(snap, self.sleep_policy.decide(snap))
                    if self.coord.decides(a.model)]   # in a cluster: the models it decides
         for action in actions:
             entry = self.entries[action.model]
@@ -358,7 +392,12 @@ class Controller:
 
     def _policy_loop(self) -> None:
         while True:
-            gevent.sleep(self.sleep_policy.interval(self.cfg.sleep_manager.check_interval_seconds))
+            # a reload pokes it: a new check interval applies now, not after the old one
+            self.policy_poke.wait(
+                timeout=self.sleep_policy.interval(self.cfg.sleep_manager.check_interval_seconds))
+            if self.policy_poke.is_set():
+                self.policy_poke.clear()
+                continue
             if not self.coord.decides():
                 continue   # another router (the leader) makes the sleep decisions
             try:

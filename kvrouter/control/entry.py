@@ -1,14 +1,18 @@
-"""What the controller holds for one model: its state and the facts its transitions keep."""
+"""What the controller holds for one engine (its state and the facts its transitions keep),
+and for one model: its replicas, as the proxy routes among them."""
 from __future__ import annotations
 
-from typing import Optional
+import random
+from typing import Dict, List, Optional, Sequence
 
 import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
 
-from kvrouter.config.schema import Instance
+from kvrouter.config.schema import Instance, RoutingConfig
+from kvrouter.control import routing
 from kvrouter.control.coordination import Lease
+from kvrouter.control.ejection import Ejection, EjectionConfig
 from kvrouter.control.states import State
 from kvrouter.engines.adapters import EngineAdapter
 from kvrouter.http.client import UpstreamPool
@@ -20,7 +24,8 @@ class ModelEntry:
 
     def __init__(self, inst: Instance, adapter: EngineAdapter, now: float):
         self.inst = inst
-        self.name = inst.model
+        self.name = inst.key or inst.model   # the model, or this replica's instance name
+        self.model = inst.model
         self.adapter = adapter
         self.pool: UpstreamPool = adapter.pool
         self.state = State.STARTING
@@ -45,3 +50,53 @@ class ModelEntry:
         self.kv_pinned: Optional[int] = None  # a KV pool limit set by hand: the arbiter keeps it
         self.lease: Optional[Lease] = None   # held by this router's transition now
         self.fence_seen = 0                  # the highest lease token seen (cluster)
+
+
+def make_policy(name: str, cfg: RoutingConfig) -> routing.RoutingPolicy:
+    if name == "cache_aware":
+        return routing.CacheAware(cfg.cache_threshold, cfg.balance_abs_threshold,
+                                  cfg.balance_rel_threshold, cfg.max_tree_blocks)
+    return routing.get(name)
+
+
+class ModelGroup:
+    """One model as clients see it: its replicas in a fixed order (a routing policy's
+    ``replica`` is a position here), the policy that spreads requests over them, and each
+    replica's breaker. A model with one engine is a group of one: one code path."""
+
+    def __init__(self, entries: Sequence[ModelEntry], cfg: RoutingConfig,
+                 rng: Optional[random.Random] = None):
+        self.entries: List[ModelEntry] = list(entries)
+        first = self.entries[0].inst
+        self.model = first.model
+        self.route_names = first.route_names
+        self.upstream_model = first.upstream_model
+        self.min_ready = first.min_ready if first.min_ready is not None else cfg.min_ready
+        self.policy_name = first.routing_policy or cfg.policy
+        self.policy = make_policy(self.policy_name, cfg)
+        self.rng = rng or random.Random()
+        self.ejection_cfg = EjectionConfig(failure_threshold=cfg.eject_after_failures,
+                                           base_seconds=cfg.eject_seconds,
+                                           cap_seconds=max(60.0, cfg.eject_seconds))
+        self.ejections: Dict[str, Ejection] = {e.name: Ejection() for e in self.entries}
+        self.scale_task: Optional[gevent.Greenlet] = None   # a wake for load (single flight)
+        self.settings = cfg
+
+    @property
+    def keys(self) -> List[str]:
+        return [e.name for e in self.entries]
+
+    def same_shape(self, entries: Sequence[ModelEntry], cfg: RoutingConfig) -> bool:
+        """A reload left the replicas and routing settings as they were (keep what the
+        policy learned)."""
+        first = entries[0].inst
+        return [e.name for e in entries] == self.keys and cfg == self.settings and \
+            (first.routing_policy or cfg.policy) == self.policy_name
+
+    def take(self, entries: Sequence[ModelEntry]) -> None:
+        self.entries = list(entries)
+        first = self.entries[0].inst
+        self.route_names = first.route_names
+        self.upstream_model = first.upstream_model
+        self.min_ready = first.min_ready if first.min_ready is not None else \
+            self.settings.min_ready

@@ -26,6 +26,8 @@ def kind_of(old: str, new: str) -> str:
         return "waking"
     if new == "starting":
         return "restart" if old == "failed" else "starting"
+    if new.startswith("breaker "):   # a replica ejected from routing, or let back
+        return {"breaker open": "ejected", "breaker closed": "back"}.get(new, "trial")
     return new
 
 
@@ -45,15 +47,17 @@ class EventLog:
         self.listeners: List[Callable[[dict], None]] = []   # called on every event, in order
 
     def publish(self, model: str, old: str, new: str, reason: str,
-                origin: Optional[str] = None) -> dict:
-        """``origin``: the router that made the change, when it is another one."""
+                origin: Optional[str] = None, state: bool = True) -> dict:
+        """``origin``: the router that made the change, when it is another one; ``state``:
+        False for an event that is not a lifecycle state change (a replica's breaker),
+        which the listeners (shared memory, the cluster, the KV arbiter) do not get."""
         self.last_id += 1
         event = {"id": self.last_id, "time": self.wall(), "model": model,
                  "kind": kind_of(old, new), "from": old, "to": new, "reason": reason}
         if origin is not None:
             event["router"] = origin
         self.events.append(event)
-        for listener in self.listeners:
+        for listener in self.listeners if state else ():
             listener(event)
         new_event, self._new = self._new, Event()
         new_event.set()

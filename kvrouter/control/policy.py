@@ -36,6 +36,8 @@ class ModelView:
     wake_seconds: float = 0.0   # what a wake costs (measured, else the engine's model)
     arrival_gaps: Tuple[float, ...] = ()  # between its last few request starts
     kv_wanted_gb: float = 0.0   # KV its queued requests need beyond its pool's limit
+    group: str = ""             # the model, when this engine is one of its replicas
+    min_ready: int = 1          # replicas of that model kept awake while it has traffic
 
     @property
     def footprint_gb(self) -> float:
@@ -106,6 +108,50 @@ def decide(snap: Snapshot, threshold: Rule = configured_threshold,
                 actions.append(Action("stop", m.name, m.level,
                                       f"asleep {m.state_seconds:.0f}s >= {after:g}s"))
     return actions
+
+
+def keep_min_ready(snap: Snapshot, actions: List[Action]) -> List[Action]:
+    """Sleeps that would leave a model with fewer than ``min_ready`` ready replicas while
+    another of its replicas still serves traffic are dropped: the surplus replicas sleep
+    when idle, the last ones only when the whole model is idle."""
+    by_name = {m.name: m for m in snap.models}
+    sleeping = {a.model for a in actions if a.kind == "sleep"}
+    groups: Dict[str, List[ModelView]] = {}
+    for m in snap.models:
+        if m.group:
+            groups.setdefault(m.group, []).append(m)
+    dropped = set()
+    for members in groups.values():
+        ready = [m for m in members if m.state is State.READY]
+        going = [m for m in ready if m.name in sleeping]
+        if not going:
+            continue
+        if all(m.name in sleeping for m in ready):
+            continue   # the whole model is idle
+        keep = max(0, members[0].min_ready - (len(ready) - len(going)))
+        # keep the most recently used of those going
+        for m in sorted(going, key=lambda m: -m.last_used)[:keep]:
+            dropped.add(m.name)
+    return [a for a in actions if not (a.kind == "sleep" and a.model in dropped
+                                       and a.model in by_name)]
+
+
+def wake_for_load(states: Sequence[State], loads: Sequence[int], min_ready: int,
+                  wake_at: int) -> Optional[int]:
+    """Elastic replicas: the replica to wake now (its position), or None. One wake at a time
+    per model; a sleeping replica is woken when fewer than ``min_ready`` are ready, or when
+    the ready ones carry ``wake_at`` requests in flight each (0: never for load)."""
+    if any(s in (State.WAKING, State.STARTING) for s in states):
+        return None
+    asleep = [i for i, s in enumerate(states) if s in (State.SLEEPING, State.STOPPED)]
+    if not asleep:
+        return None
+    ready = [i for i, s in enumerate(states) if s is State.READY]
+    if len(ready) < min_ready:
+        return asleep[0]
+    if wake_at and ready and sum(loads[i] for i in ready) >= wake_at * len(ready):
+        return asleep[0]
+    return None
 
 
 def gpu_usage(models: Sequence[ModelView]) -> Dict[str, float]:

@@ -24,19 +24,19 @@ def reconfigure(ctl: "Controller", cfg: Config) -> Dict[str, List[str]]:
     new: Dict[str, ModelEntry] = {}
     report: Dict[str, List[str]] = {"added": [], "removed": [], "changed": [], "kept": []}
     for inst in cfg.instances:
-        entry = old.get(inst.model)
+        entry = old.get(inst.key)
         if entry is not None and entry.inst.base_url == inst.base_url:
             if entry.inst != inst:
-                report["changed"].append(inst.model)
+                report["changed"].append(inst.key)
                 entry.inst = entry.adapter.inst = inst
                 if entry.state not in ASLEEP:  # a sleeping model keeps the level it slept at
                     entry.level = inst.sleep_level
             else:
-                report["kept"].append(inst.model)
-            new[inst.model] = entry
+                report["kept"].append(inst.key)
+            new[inst.key] = entry
         else:
-            new[inst.model] = ModelEntry(inst, ctl.adapter_factory(inst), ctl.clock())
-            report["added" if entry is None else "changed"].append(inst.model)
+            new[inst.key] = ModelEntry(inst, ctl.adapter_factory(inst), ctl.clock())
+            report["added" if entry is None else "changed"].append(inst.key)
     report["removed"] = [name for name in old if name not in new]
     for name, entry in old.items():
         if new.get(name) is not entry:
@@ -46,6 +46,7 @@ def reconfigure(ctl: "Controller", cfg: Config) -> Dict[str, List[str]]:
             entry.pool.close_idle()
     ctl.cfg = cfg
     ctl.entries = new
+    ctl.policy_poke.set()
     if ctl.loops:  # running: probe the new entries
         for name, entry in new.items():
             if name not in ctl.health_loops:

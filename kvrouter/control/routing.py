@@ -19,7 +19,8 @@ position in the group, requests in flight, whether it may be chosen, its weight)
   ceil(1.25 x mean load) (bounded load); no session: least_outstanding |
 | cache_aware | when the group is imbalanced (max - min > 64 and max > 1.5 x min): the least
   loaded; else the replica holding the longest prefix of the prompt if it matches more than
-  30% of its blocks; else the least loaded (SGLang's gateway's defaults) |
+  30% of its blocks; else the least loaded, caching least on a tie (SGLang's gateway's
+  defaults) |
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from kvrouter.control.prefix import PrefixTree
 
 
 class Rng(Protocol):
-    def randrange(self, stop: int) -> int: ...
+    def randrange(self, start: int, stop: Optional[int] = ..., step: int = ...) -> int: ...
     def random(self) -> float: ...
 
 
@@ -193,7 +194,11 @@ class CacheAware(RoutingPolicy):
                 share = matched[best] / len(key.blocks)
                 if share > self.cache_threshold:
                     return Choice(best, f"prefix {share:.2f}")
-        return Choice(least.replica, "least")
+        # a miss: of the least loaded, the one caching least (new prefixes spread out)
+        sizes = self.tree.sizes
+        fresh = min((r for r in found if _load(r) == _load(least)),
+                    key=lambda r: (sizes.get(r.replica, 0), r.replica))
+        return Choice(fresh.replica, "least")
 
     def observe(self, choice, key):
         if key.blocks:

@@ -68,3 +68,21 @@ def check(old: State, new: State) -> None:
     """Raise IllegalTransition unless ``old -> new`` is in the table (staying is allowed)."""
     if old is not new and new not in ALLOWED[old]:
         raise IllegalTransition(f"{old.value} -> {new.value} is not an allowed transition")
+
+
+#: what a model with several replicas shows, the first of its replicas' states found here:
+#: ready while any replica is, else the one closest to serving
+GROUP_ORDER = (S.READY, S.WAKING, S.DRAINING, S.STARTING, S.SLEEPING, S.STOPPED, S.FAILED)
+
+
+def group_state(states) -> State:
+    """The state a model shows for its replicas' states."""
+    found = set(states)
+    return next((s for s in GROUP_ORDER if s in found), S.FAILED)
+
+
+def wake_order(state: State) -> int:
+    """Which replica a request for a model with none ready waits on: lowest first (one
+    already waking or starting, then one asleep, then one stopped, a failed one last)."""
+    return {S.WAKING: 0, S.STARTING: 1, S.DRAINING: 2, S.SLEEPING: 3, S.STOPPED: 4}.get(
+        state, 5)

@@ -191,6 +191,17 @@ class UpstreamPool:
             sock.close()               # EOF, reset, or bytes nobody asked for
         return None
 
+    def refuses(self, timeout: float = 0.5) -> bool:
+        """The engine's port refuses a connection now: its process is gone (what it was
+        sent died with it, and nothing it read can still be answered or billed)."""
+        try:
+            self._connect(timeout).close()
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+        return False
+
     def _connect(self, timeout: float):
         sock = socket.socket(self.family, socket.SOCK_STREAM)
         sock.settimeout(timeout)

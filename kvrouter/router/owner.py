@@ -82,6 +82,13 @@ def internal_routes(ctx: RouterContext, secret: str,
             ctx.proxy.remember_response(doc["id"], entry)
         return jsonify({"ok": True})
 
+    @bp.route("/internal/scale/<path:model>", methods=["POST"])
+    def scale(model):
+        group = ctx.routes.get(model)
+        if group is not None:   # the workers' requests are in the shared counts it reads
+            ctx.controller.scale(group)
+        return jsonify({"ok": True})
+
     @bp.route("/internal/upstream-failed/<path:model>", methods=["POST"])
     def upstream_failed(model):
         entry = ctx.controller.entries.get(model)
@@ -271,7 +278,7 @@ def serve_with_workers(cfg: Config, shape: Callable[[Config], Config] = lambda c
     clean_stale_segments()
     shared = SharedState(f"/dev/shm/kvrouter-{cfg.router.router_port}-{os.getpid()}",
                          create=True)
-    shared.register([i.model for i in cfg.instances])
+    shared.register([i.key for i in cfg.instances])
     ctx = RouterContext(cfg, process_control_for(cfg), shape)
     ctx.traffic.external = shared.in_flight
     ctx.controller.events.listeners.append(
@@ -310,7 +317,7 @@ def serve_with_workers(cfg: Config, shape: Callable[[Config], Config] = lambda c
 
     def _reload():
         if ctx.reload_from_file():
-            shared.register([i.model for i in ctx.cfg.instances])
+            shared.register([i.key for i in ctx.cfg.instances])
             for e in ctx.controller.entries.values():
                 shared.set_state(e.name, e.state)
             if worker_count(ctx.cfg) != workers.n:

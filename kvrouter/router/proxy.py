@@ -18,7 +18,8 @@ from urllib.parse import unquote
 from kvrouter import logs
 from kvrouter.config.schema import Config
 from kvrouter.control.controller import Controller
-from kvrouter.control.entry import ModelEntry
+from kvrouter.control.entry import ModelEntry, ModelGroup
+from kvrouter.control.routing import RouteKey
 from kvrouter.errors import (
     ApiError,
     BadGateway,
@@ -32,6 +33,8 @@ from kvrouter.http.client import UpstreamError, UpstreamPool, UpstreamTimeout
 from kvrouter.http.messages import ClientGone, Request, Response, StreamResponse
 from kvrouter.router.auth import require_api_key
 from kvrouter.router.errors import error_response, normalize_error_body, stream_error_event
+from kvrouter.router.replicas import Chooser
+from kvrouter.router.route_key import EMPTY, route_key
 from kvrouter.router.routes import RouteTable
 from kvrouter.traffic import TrafficMonitor
 
@@ -79,6 +82,8 @@ class Proxy:
         self.pool_for = pool_for
         self.responses: "OrderedDict[str, ModelEntry]" = OrderedDict()
         self.shared_responses: Any = None   # the cluster's map, so any router can answer
+        self.chooser = Chooser(controller.is_ready, controller.load, clock,
+                               getattr(controller, "breaker_moved", None))
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
@@ -104,31 +109,39 @@ class Proxy:
         if model is None or model == "":
             only = self.routes.only()
             if only is not None:   # one model served: it is meant (vLLM's own default)
-                return only, req.body
+                return only, req.body, body
             raise BadRequest("you must provide a model parameter; this router serves "
                              f"{', '.join(sorted(self.routes.names()))}", param="model",
                              code="missing_model")
         if not isinstance(model, str):
             raise BadRequest(f"model must be a string, got {type(model).__name__}",
                              param="model", code="invalid_model")
-        entry = self.routes.require(model, known=True)
+        group = self.routes.require(model, known=True)
         payload = req.body
-        if model != entry.inst.upstream_model:  # an alias: the engine knows another name
-            body["model"] = entry.inst.upstream_model
+        if model != group.upstream_model:  # an alias: the engine knows another name
+            body["model"] = group.upstream_model
             payload = json.dumps(body).encode()
-        return entry, payload
+        return group, payload, body
 
     # --- the route -----------------------------------------------------------------------------
     def handle(self, req: Request):
         try:
-            entry, payload = self._parse(req)
+            group, payload, body = self._parse(req)
         except ApiError as err:
             self.traffic.unrouted += 1
             if self.cfg.router.access_log:
                 logs.ACCESS.write(f"{req.method} {req.path} model=- status={err.status} "
                                   f"rid=- outcome=unrouted ({err.code or err.type})")
             return error_response(err)
-        return self._run(req, entry, payload)
+        return self._run(req, group, payload, key=self.route_key(group, req, body))
+
+    def route_key(self, group: ModelGroup, req: Request, body) -> RouteKey:
+        """What the model's routing policy needs of the request (nothing for most)."""
+        if len(group.entries) == 1 or not group.policy.needs_key:
+            return EMPTY
+        r = self.cfg.routing
+        return route_key(body, req.headers, r.session_header.lower(), r.block_tokens,
+                         blocks=group.policy.name == "cache_aware")
 
     # --- /upstream/{model}/{path}: anything else an engine serves -----------------------------
     def handle_upstream(self, req: Request):
@@ -137,11 +150,11 @@ class Proxy:
         the engine's lifecycle endpoints are the router's to call."""
         try:
             require_api_key(req.headers.get("authorization"), self.cfg.router.api_keys)
-            entry, target = self._upstream_target(req.path)
+            group, target = self._upstream_target(req.path)
         except ApiError as err:
             self.traffic.unrouted += 1
             return error_response(err)
-        return self._run(req, entry, req.body, target)
+        return self._run(req, group, req.body, target)
 
     def _upstream_target(self, path: str):
         rest = unquote(path[len(UPSTREAM):])
@@ -158,27 +171,39 @@ class Proxy:
                             code="lifecycle_endpoint")
         return self.routes.require(names[0]), target
 
-    def _run(self, req: Request, entry: ModelEntry, payload: bytes,
-             target: Optional[str] = None):
+    def _run(self, req: Request, group: ModelGroup, payload: bytes,
+             target: Optional[str] = None, key: RouteKey = EMPTY,
+             pinned: Optional[ModelEntry] = None):
+        """``pinned``: the one replica that may serve it (a response id's)."""
         rid = req.headers.get("x-request-id") or os.urandom(16).hex()
+        entry = pinned or self.chooser.pick(group, key)
+        if entry is None:   # none ready: wait on the replica closest to serving
+            entry = self.chooser.waiting_on(group)
         rec = self.traffic.start(entry.name)
+        if len(group.entries) > 1:
+            self.controller.scale(group, self.chooser)
         try:
-            resp = self._forward(req, entry, payload, rid, rec, target)
+            resp = self._forward(req, group, entry, payload, rid, rec, target, key,
+                                 pinned is not None)
         except ClientGone:
             self.traffic.end(rec, "disconnect")
-            self.access(req, entry.name, 499, 0, rec, rid)
+            self.access(req, group.model, 499, 0, rec, rid)
             raise
         if isinstance(resp, Response):  # a stream logs its line when it ends
-            self.access(req, entry.name, resp.status, len(resp.body), rec, rid)
+            self.access(req, group.model, resp.status, len(resp.body), rec, rid)
         return resp
 
-    def access(self, req: Request, model: str, status: int, nbytes: int, rec, rid: str) -> None:
-        """One access-log line per /v1 request (``router.access_log``), at its end."""
+    def access(self, req: Request, model: str, status: int, nbytes: int, rec,
+               rid: str) -> None:
+        """One access-log line per /v1 request (``router.access_log``), at its end; the
+        replica that served it ends the line when the model has several."""
         if not self.cfg.router.access_log:
             return
         ttft = rec.ttft if rec.stream else None
         tokens = f" tokens={rec.prompt_tokens}/{rec.completion_tokens}" \
             if rec.prompt_tokens or rec.completion_tokens else ""
+        if rec.group is not None:
+            tokens += f" replica={rec.model.name}"
         logs.ACCESS.write(f"{req.method} {req.path} model={model} status={status} "
                           f"bytes={nbytes} duration={self.clock() - rec.start:.3f}s"
                           f"{f' ttft={ttft:.3f}s' if ttft else ''} rid={rid} "
@@ -191,13 +216,14 @@ class Proxy:
         while len(self.responses) > RESPONSES_KEPT:
             self.responses.popitem(last=False)
         if self.shared_responses is not None:
-            self.shared_responses.remember_response(response_id, entry.name)
+            self.shared_responses.remember_response(response_id, entry.name)   # its key
 
     def _response_entry(self, response_id: str):
         entry = self.responses.get(response_id)
         if entry is None and self.shared_responses is not None:
-            model = self.shared_responses.response_model(response_id)   # another router's
-            entry = self.routes.get(model) if model else None
+            key = self.shared_responses.response_model(response_id)   # another router's
+            entry = next((e for e in self.routes.entries() if e.name == key), None) \
+                if key else None
         return entry
 
     def handle_response_id(self, req: Request):
@@ -215,18 +241,15 @@ class Proxy:
         except ApiError as err:
             self.traffic.unrouted += 1
             return error_response(err)
-        return self._run(req, entry, req.body)
+        group = self.routes.get(entry.model) or self.routes.require(entry.model)
+        return self._run(req, group, req.body, pinned=entry)
 
-    def _forward(self, req, entry, payload, rid, rec, target=None):
+    def _forward(self, req, group, entry, payload, rid, rec, target=None, key=EMPTY,
+                 pinned=False):
         """``target``: a passthrough's path on the engine (its content type and error
-        bodies kept as they are)."""
-        try:
-            waited = self.controller.ensure_ready(entry)
-        except ApiError as err:
-            self.traffic.end(rec, "rejected")
-            return error_response(err)
-        if waited:
-            self.traffic.waited(rec, waited)
+        bodies kept as they are). Until a byte reached the engine, or while an engine
+        answers an error that another replica may not, the request may go to another
+        replica of the model (``pinned``: never)."""
         headers = {"Content-Type": "application/json", "X-Request-Id": rid}
         for name in _PASSED if target is None else _PASSED_UPSTREAM:
             value = req.headers.get(name)
@@ -235,13 +258,34 @@ class Proxy:
         connect, first_byte, idle = self.timeouts
         path = req.url.decode("latin-1") if target is None else \
             target + (f"?{req.query}" if req.query else "")
-        pool = self.pool_for(entry)
-        for attempt in (0, 1):
+        tried: set = set()
+        retried_connect = False
+        chooser, several = self.chooser, len(group.entries) > 1 and not pinned
+        while True:
+            if several and chooser.ready(entry) and not chooser.routable(group, entry):
+                ejected = chooser.ejected(group)
+                if ejected:
+                    self.traffic.end(rec, "rejected")
+                    return error_response(ServiceUnavailable(
+                        f"model {group.model!r}: every ready replica is ejected: {ejected}",
+                        code="replicas_ejected", headers={"Retry-After": "2"}))
             try:
-                resp = pool.request(req.method, path, headers, payload, connect,
-                                          first_byte, idle)
-                break
+                waited = self.controller.ensure_ready(entry)
+            except ApiError as err:
+                self.traffic.end(rec, "rejected")
+                return error_response(err)
+            if waited:
+                self.traffic.waited(rec, waited)
+                if several:   # another replica may have come back first
+                    better = chooser.pick(group, key, frozenset(tried))
+                    if better is not None and better is not entry:
+                        entry = better
+                        self.traffic.move(rec, entry.name)
+            try:
+                resp = self.pool_for(entry).request(req.method, path, headers, payload,
+                                                    connect, first_byte, idle)
             except UpstreamTimeout as err:
+                chooser.outcome(group, entry, False, "timeout")
                 self.traffic.end(rec, "timeout")
                 return error_response(GatewayTimeout(f"model {entry.name!r}: {err}",
                                                      code="upstream_timeout"))
@@ -253,20 +297,40 @@ class Proxy:
                         "the router has run out of file descriptors (open files limit); retry",
                         code="router_overloaded", headers={"Retry-After": "1"}))
                 self.controller.upstream_failed(entry, str(err))
-                if attempt == 0 and err.phase == "connect":
-                    # Nothing reached the engine (it died or is restarting): wait until it is
-                    # ready again, bounded like any wait, then send the request once more.
-                    try:
-                        waited = self.controller.ensure_ready(entry)
-                    except ApiError:
-                        pass
-                    else:
-                        self.traffic.waited(rec, waited)
+                chooser.outcome(group, entry, False, str(err))
+                if err.phase == "connect" or several and self.pool_for(entry).refuses():
+                    # Nothing reached the engine (it died or is restarting), or the engine
+                    # that had it is gone (so is all it did with it): another replica, else
+                    # wait until this one is ready again, bounded like any wait, and send
+                    # the request once more.
+                    tried.add(entry.name)
+                    other = chooser.pick(group, key, frozenset(tried)) if several else None
+                    if other is not None:
+                        entry = other
+                        self.traffic.move(rec, entry.name)
+                        continue
+                    if not retried_connect:
+                        retried_connect = True
+                        if several:
+                            entry = chooser.waiting_on(group)
+                            self.traffic.move(rec, entry.name)
                         continue
                 self.traffic.end(rec, "upstream_error")
                 return error_response(ServiceUnavailable(
                     f"model {entry.name!r} is unreachable: {err}", code="model_unreachable",
                     headers={"Retry-After": "2"}))
+            if several and (resp.status >= 500 or resp.status == 429):
+                chooser.outcome(group, entry, False, f"answered {resp.status}")
+                tried.add(entry.name)
+                other = chooser.pick(group, key, frozenset(tried))
+                if other is not None:   # nothing reached the client yet: another replica
+                    resp.close()
+                    entry = other
+                    self.traffic.move(rec, entry.name)
+                    continue
+            elif several:
+                chooser.outcome(group, entry, True)
+            break
         rec.first_byte = self.clock()
         out_headers = [("Content-Type", resp.header("content-type", "application/json")),
                        ("X-Request-Id", rid)]
@@ -344,4 +408,4 @@ class Proxy:
             itl = (last - first) / (chunks - 1) \
                 if chunks > 1 and first is not None and last is not None else None
             self.traffic.end(rec, outcome, prompt, completion, itl)
-            self.access(req, entry.name, resp.status, sent, rec, rid)
+            self.access(req, entry.model, resp.status, sent, rec, rid)

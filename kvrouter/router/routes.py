@@ -1,10 +1,12 @@
 """The route table: every name a client may send as ``model`` (model, served names,
-aliases) -> the model's entry. Built once; the proxy and the admin app share it."""
+aliases) -> the model's group of replicas. Built once; the proxy and the admin app share
+it."""
 from __future__ import annotations
 
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
-from kvrouter.control.entry import ModelEntry
+from kvrouter.config.schema import RoutingConfig
+from kvrouter.control.entry import ModelEntry, ModelGroup
 from kvrouter.errors import NotFound
 
 # the engines' own JSON routes that name a model in the body (vLLM's tokenizer, pooling,
@@ -26,51 +28,80 @@ def model_route(method: str, path: str) -> bool:
 
 
 class RouteTable:
-    def __init__(self, entries: Iterable[ModelEntry]):
-        self._by_name: Dict[str, ModelEntry] = {}
+    """Every name a client may send as ``model`` -> the model's group of replicas; and each
+    engine by its own names, for the management routes."""
+
+    def __init__(self, entries: Iterable[ModelEntry], routing: Optional[RoutingConfig] = None):
+        self._by_name: Dict[str, ModelGroup] = {}
+        self._groups: List[ModelGroup] = []
         self._entries: List[ModelEntry] = []
-        self.rebuild(entries)
+        self.rebuild(entries, routing)
 
-    def rebuild(self, entries: Iterable[ModelEntry]) -> None:
-        """Route to these entries from now on (a reload); swapped in one step."""
-        by_name: Dict[str, ModelEntry] = {}
+    def rebuild(self, entries: Iterable[ModelEntry],
+                routing: Optional[RoutingConfig] = None) -> None:
+        """Route to these entries from now on (a reload); swapped in one step. A model whose
+        replicas and routing settings did not change keeps its group (what its policy
+        learned, its breakers)."""
+        cfg = routing or RoutingConfig()
         listed = list(entries)
+        by_model: Dict[str, List[ModelEntry]] = {}
         for entry in listed:
-            for name in entry.inst.route_names:
-                by_name[name] = entry
-        self._by_name, self._entries = by_name, listed
+            by_model.setdefault(entry.model, []).append(entry)
+        old = {g.model: g for g in self._groups}
+        groups: List[ModelGroup] = []
+        for model, reps in by_model.items():
+            group = old.get(model)
+            if group is not None and group.same_shape(reps, cfg):
+                group.take(reps)
+            else:
+                group = ModelGroup(reps, cfg)
+            groups.append(group)
+        by_name: Dict[str, ModelGroup] = {}
+        for group in groups:
+            for name in group.route_names:
+                by_name[name] = group
+        self._by_name, self._groups, self._entries = by_name, groups, listed
 
-    def get(self, name: str) -> Optional[ModelEntry]:
+    def get(self, name: str) -> Optional[ModelGroup]:
         return self._by_name.get(name)
 
-    def only(self) -> Optional[ModelEntry]:
+    def only(self) -> Optional[ModelGroup]:
         """The model when the router serves exactly one (a request may then leave ``model``
         out, as vLLM allows), else None."""
-        return self._entries[0] if len(self._entries) == 1 else None
+        return self._groups[0] if len(self._groups) == 1 else None
 
-    def require(self, name: str, known: bool = False) -> ModelEntry:
-        """The entry for ``name`` or 404 (OpenAI's ``model_not_found``)."""
-        entry = self._by_name.get(name)
-        if entry is None:
+    def require(self, name: str, known: bool = False) -> ModelGroup:
+        """The model's group for ``name`` or 404 (OpenAI's ``model_not_found``)."""
+        group = self._by_name.get(name)
+        if group is None:
             more = f" Known models: {', '.join(sorted(self._by_name))}" if known else ""
             raise NotFound(f"The model `{name}` does not exist.{more}", param="model",
                            code="model_not_found", type="invalid_request_error")
-        return entry
+        return group
 
-    def admin(self, name: str) -> ModelEntry:
-        """For the management routes: a model by any route name, else by its instance or
-        program name (``engine-llama``, ``kvrouter-engine-llama.service``); or 404."""
-        entry = self._by_name.get(name)
+    def admin(self, name: str) -> List[ModelEntry]:
+        """For the management routes: a model's engines (all its replicas) by any route
+        name, else one engine by its key, instance or program name (``engine-llama``,
+        ``kvrouter-engine-llama.service``); or 404."""
+        group = self._by_name.get(name)
+        if group is not None:
+            return list(group.entries)
+        entry = next((e for e in self._entries if name == e.name or
+                      name in e.inst.known_as[len(e.inst.route_names):]), None)
         if entry is None:
-            entry = next((e for e in self._entries if name in e.inst.known_as), None)
-        return entry if entry is not None else self.require(name)
+            self.require(name)
+        return [entry]   # type: ignore[list-item]
 
     def names(self) -> Iterator[str]:
         return iter(self._by_name)
 
-    def items(self) -> Iterator[Tuple[str, ModelEntry]]:
+    def items(self) -> Iterator[Tuple[str, ModelGroup]]:
         return iter(self._by_name.items())
 
-    def entries(self) -> List[ModelEntry]:
+    def groups(self) -> List[ModelGroup]:
         """Each model once, in config order."""
+        return list(self._groups)
+
+    def entries(self) -> List[ModelEntry]:
+        """Each engine once (every replica), in config order."""
         return list(self._entries)

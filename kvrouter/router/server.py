@@ -19,7 +19,7 @@ from kvrouter.router.api import create_app
 from kvrouter.router.listening import apply_limits, router_http_server
 from kvrouter.router.proxy import UPSTREAM, Proxy
 from kvrouter.router.routes import RouteTable, model_route
-from kvrouter.traffic import TrafficMonitor
+from kvrouter.traffic import TrafficMonitor, traffic_keys
 
 if TYPE_CHECKING:
     from kvrouter.cluster import Cluster
@@ -35,12 +35,12 @@ class RouterContext:
         self.cfg = cfg
         self.shape = shape   # applied to the config a reload reads (--cluster-host, --port)
         self.started = time.time()
-        self.traffic = TrafficMonitor([i.model for i in cfg.instances])
+        self.traffic = TrafficMonitor.for_config(cfg)
         self.controller = Controller(cfg, process=process, traffic=self.traffic)
         self.metrics = RouterMetrics(self.controller, self.traffic)
         self.controller.metrics = self.metrics
         self.traffic.on_end = self.metrics.on_end
-        self.routes = RouteTable(self.controller.entries.values())
+        self.routes = RouteTable(self.controller.entries.values(), cfg.routing)
         self.proxy = Proxy(cfg, self.controller, self.traffic, self.routes)
         self.cluster: Optional["Cluster"] = None
         if cfg.cluster.redis_url:
@@ -85,12 +85,13 @@ class RouterContext:
         """Take a new config without dropping a request: models added or removed, sleep
         settings, aliases, keys, budgets, timeouts. Unchanged models keep their state."""
         report = reconfigure(self.controller, cfg)
+        parents = traffic_keys(cfg)[1]
         for name in report["added"] + report["changed"]:
-            self.traffic.add_model(name)
+            self.traffic.add_model(name, parents.get(name))
             self.metrics.add_model(name)
         for name in report["removed"]:
             self.traffic.remove_model(name)
-        self.routes.rebuild(self.controller.entries.values())
+        self.routes.rebuild(self.controller.entries.values(), cfg.routing)
         self.proxy.configure(cfg)
         old, self.cfg = self.cfg, cfg
         if self.server is not None:

@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 from urllib.parse import quote
 
 import gevent
@@ -65,9 +65,38 @@ class Owner:
 class WorkerGate:
     """The controller's place in a worker's Proxy: the worker only proxies ready models."""
 
-    def __init__(self, shared: SharedState, owner: Owner):
+    SCALE_SECONDS = 0.5   # a model's load is reported to the owner at most this often
+
+    def __init__(self, shared: SharedState, owner: Owner, wake_at: int = 0,
+                 clock=time.monotonic):
         self.shared = shared
         self.owner = owner
+        self.wake_at = wake_at
+        self.clock = clock
+        self.scale_asked: Dict[str, float] = {}
+
+    def is_ready(self, entry: ModelEntry) -> bool:
+        return self.shared.ready(entry.name)
+
+    def load(self, entry: ModelEntry) -> int:
+        """Requests every worker has in flight on the engine (exact: shared memory)."""
+        return self.shared.in_flight(entry.name)
+
+    def scale(self, group, chooser=None) -> None:
+        """The owner decides whether to wake another replica; a worker tells it when its
+        model may need one (a replica not ready, or the ready ones loaded)."""
+        wake_at = self.wake_at
+        ready = [e for e in group.entries if self.shared.ready(e.name)]
+        if len(ready) == len(group.entries):
+            return
+        if len(ready) >= group.min_ready and (not wake_at or sum(
+                self.shared.in_flight(e.name) for e in ready) < wake_at * len(ready)):
+            return
+        now = self.clock()
+        if now - self.scale_asked.get(group.model, -1e9) < self.SCALE_SECONDS:
+            return
+        self.scale_asked[group.model] = now
+        gevent.spawn(self.owner.post, f"/internal/scale/{quote(group.model, safe='')}", {})
 
     def ensure_ready(self, entry: ModelEntry) -> float:
         if self.shared.ready(entry.name):
@@ -79,6 +108,25 @@ class WorkerGate:
     def upstream_failed(self, entry: ModelEntry, reason: str) -> None:
         gevent.spawn(self.owner.post, f"/internal/upstream-failed/{quote(entry.name, safe='')}",
                      {"reason": reason})
+
+
+class WorkerTraffic(TrafficMonitor):
+    """A worker's traffic: each request is counted in its engine's shared in-flight slot
+    from its start (and moved with it to another replica) to its end (``Worker._ended``)."""
+
+    shared: SharedState
+    slot: int
+
+    def start(self, model: str):
+        self.shared.add(self.slot, model, 1)
+        return super().start(model)
+
+    def move(self, rec, model: str) -> None:
+        old = rec.model.name
+        super().move(rec, model)
+        if old != model:
+            self.shared.add(self.slot, model, 1)
+            self.shared.add(self.slot, old, -1)
 
 
 class WorkerProxy(Proxy):
@@ -95,10 +143,14 @@ class Worker:
         self.slot = slot
         self.owner = owner
         self.shared = shared
-        self.traffic = TrafficMonitor([i.model for i in cfg.instances], on_end=self._ended)
+        self.traffic = traffic = WorkerTraffic.for_config(cfg, on_end=self._ended)
+        assert isinstance(traffic, WorkerTraffic)
+        traffic.shared, traffic.slot = shared, slot
         now = time.monotonic()
-        self.routes = RouteTable([ModelEntry(i, adapter_for(i), now) for i in cfg.instances])
-        self.proxy = WorkerProxy(cfg, WorkerGate(shared, owner), self.traffic,  # type: ignore
+        self.routes = RouteTable([ModelEntry(i, adapter_for(i), now) for i in cfg.instances],
+                                 cfg.routing)
+        gate = self.gate = WorkerGate(shared, owner, cfg.routing.wake_at_in_flight)
+        self.proxy = WorkerProxy(cfg, gate, self.traffic,  # type: ignore
                                  self.routes)
         self.proxy.owner = owner
         self.batch: List[list] = []
@@ -137,15 +189,17 @@ class Worker:
             return error_response(NotFound(f"no route {req.method} {path}"))
         if model_route(req.method, path):
             try:
-                entry, payload = self.proxy._parse(req)
+                group, payload, body = self.proxy._parse(req)
             except ApiError:
                 return self.forward(req)   # the owner answers (and counts) what is wrong
-            # counted before the state is read: the owner sets DRAINING before it reads the
-            # counts, so a sleep never starts under a request a worker let through
-            self.shared.add(self.slot, entry.name, 1)
-            if self.shared.ready(entry.name):
-                return self.proxy._run(req, entry, payload)
-            self.shared.add(self.slot, entry.name, -1)
+            # a replica is counted (WorkerTraffic.start) before its state is read again
+            # (WorkerGate.ensure_ready): the owner sets DRAINING before it reads the counts,
+            # so a sleep never starts under a request a worker let through
+            if any(self.shared.ready(e.name) for e in group.entries):
+                return self.proxy._run(req, group, payload,
+                                       key=self.proxy.route_key(group, req, body))
+            if len(group.entries) > 1:
+                self.gate.scale(group)
         return self.forward(req)
 
     def forward(self, req):

@@ -292,7 +292,16 @@ class SimEngine:
                            "tokens_in_flight": st.tokens_in_flight})
 
     def sim_fail(self, req):
-        """Make the engine dead: /health 503, generations 500; ?exit=1 also ends the process."""
+        """Make the engine dead: /health 503, generations 500; ?exit=1 also ends the process.
+        ?status=N (429, 503, ...): generations answer N while /health passes (an engine
+        overloaded or broken in a way its health check misses); ?status=0 ends that."""
+        q = parse_qs(req.query)
+        if "status" in q:
+            try:
+                self.state.refuse_status = int(q["status"][0])
+            except ValueError:
+                raise SimError(400, "status must be an integer", param="status") from None
+            return _json(200, {"refuse_status": self.state.refuse_status})
         self.state.dead = True
         if "exit=1" in req.query:
             gevent.spawn_later(0.05, crash, "simulated engine death (/sim/fail?exit=1)")

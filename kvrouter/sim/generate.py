@@ -180,6 +180,11 @@ class Generator:
         if st.dead:
             raise SimError(500, "EngineCore encountered an issue. See stack trace for the root "
                            "cause.", "InternalServerError")
+        if st.refuse_status:   # overloaded or broken while its health check passes
+            raise SimError(st.refuse_status, "The engine is overloaded; try again later."
+                           if st.refuse_status == 429 else "Internal server error",
+                           "TooManyRequests" if st.refuse_status == 429 else
+                           "InternalServerError")
         if self.cfg.dialect == "vllm" and st.is_sleeping():
             if self.cfg.crash_on_sleeping_request:
                 crash("request scheduled on a sleeping engine: CUDA error: an illegal memory "

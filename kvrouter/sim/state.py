@@ -71,6 +71,7 @@ class EngineState:
         self.started_at = time.time()
         self.ready_at = clock() + (cfg.startup_seconds if cfg.dialect == "sglang" else 0.0)
         self.dead = False
+        self.refuse_status = 0   # /sim/fail?status=N: generations answer N, health passes
         # vLLM sleep
         self.sleep_level = 0
         self.asleep_tags: Set[str] = set()

@@ -1,12 +1,12 @@
 """What every management view needs: the router's context, query parameters, auth."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, List
 
 from flask import current_app, request
 
 from kvrouter.control.entry import ModelEntry
-from kvrouter.errors import BadRequest
+from kvrouter.errors import BadRequest, Conflict
 from kvrouter.router.auth import require_admin, require_api_key
 
 
@@ -15,9 +15,20 @@ def router() -> Any:
     return current_app.extensions["kvrouter"]
 
 
-def entry_for(model: str) -> ModelEntry:
-    """The model's entry (any of its route names, its instance or program name) or 404."""
+def entries_for(model: str) -> List[ModelEntry]:
+    """The model's engines (all its replicas) by any of its route names, or one engine by
+    its key, instance or program name; or 404."""
     return router().routes.admin(model)
+
+
+def entry_for(model: str) -> ModelEntry:
+    """One engine: a model's only one, or a replica by its name; a model with several
+    replicas answers 409 naming them (the route wants one engine)."""
+    found = entries_for(model)
+    if len(found) > 1:
+        raise Conflict(f"model {model!r} has {len(found)} replicas "
+                       f"({', '.join(e.name for e in found)}): name one", code="replica_needed")
+    return found[0]
 
 
 def number_arg(name: str, default: float, lo: float = 0.0, hi: float = float("inf")) -> float:

@@ -11,7 +11,7 @@ from kvrouter import kvpool
 from kvrouter.control import report
 from kvrouter.control.states import ASLEEP, State, TransitionError
 from kvrouter.errors import BadRequest, Conflict
-from kvrouter.router.api.common import admin_required, entry_for, router
+from kvrouter.router.api.common import admin_required, entries_for, entry_for, router
 
 bp = Blueprint("sleep", __name__)
 log = logging.getLogger("kvrouter.admin")
@@ -33,7 +33,10 @@ def _transition(model: str, op: Callable, result: str, verb: str, done_already: 
     state answers success with a message that nothing was done. The seed's keys
     (``model_name``, ``success``, ``message``) come with kvrouter's."""
     admin_required()
-    entry = entry_for(model)
+    found = entries_for(model)
+    if len(found) > 1:
+        return _each_replica(model, found, op, result, verb, done_already)
+    entry = found[0]
     controller = router().controller
     if entry.state in done_already:
         return jsonify({"model_name": entry.name, "success": True,
@@ -60,6 +63,39 @@ def _transition(model: str, op: Callable, result: str, verb: str, done_already: 
                     "message": f"Model {entry.name} {verb} request successful",
                     "result": result, "changed": True,
                     "status": report.model_status(controller, entry)})
+
+
+def _each_replica(model: str, entries, op: Callable, result: str, verb: str,
+                  done_already: frozenset):
+    """A model with several replicas: the transition on each (at once); success when every
+    replica is in the asked state after it."""
+    controller = router().controller
+
+    def run(entry):
+        if entry.state in done_already:
+            return None
+        try:
+            op(entry)
+        except TransitionError as refusal:
+            return str(refusal)
+        return None
+
+    jobs = [gevent.spawn(run, e) for e in entries]
+    gevent.joinall(jobs)
+    errors = {e.name: j.value for e, j in zip(entries, jobs) if j.value}
+    for name, err in errors.items():
+        log.info("%s of %s refused: %s", verb, name, err)
+    replicas = [dict(report.model_status(controller, e), refused=errors.get(e.name))
+                for e in entries]
+    ok = not errors
+    message = f"Model {model} {verb} request " + ("successful on every replica" if ok else
+                                                   "failed on " + "; ".join(
+                                                       f"{n}: {m}" for n, m in errors.items()))
+    body = {"model_name": model, "success": ok, "message": message, "result": result,
+            "replicas": replicas}
+    if not ok:
+        raise Conflict(message, code="invalid_transition", extra=body)
+    return jsonify(body)
 
 
 def sleep_model(model):

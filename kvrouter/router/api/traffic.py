@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
-from kvrouter.router.api.common import entry_for, number_arg, router
+from kvrouter.router.api.common import entries_for, number_arg, router
 from kvrouter.traffic import WINDOW_MAX
 
 bp = Blueprint("traffic", __name__)
@@ -21,19 +21,29 @@ def _threshold() -> float:
     return number_arg("threshold", router().cfg.sleep_manager.idle_threshold_seconds)
 
 
+def _stats(traffic, name: str, window: float, threshold: float) -> dict:
+    """A model's figures; with several replicas, each replica's under ``replicas``."""
+    stats = traffic.stats(name, window, threshold)
+    kids = traffic.replicas(name)
+    if kids:
+        stats["replicas"] = {k: traffic.stats(k, window, threshold) for k in kids}
+    return stats
+
+
 def stats_all():
     traffic = router().traffic
     window, threshold = _window(), _threshold()
-    stats = {m: traffic.stats(m, window, threshold) for m in traffic.models}
+    stats = {m: _stats(traffic, m, window, threshold) for m in traffic.models_shown()}
     return jsonify({"traffic_stats": {m: stats[m] for m in traffic.with_activity()},
                     "window_seconds": int(round(window)), "unrouted_requests": traffic.unrouted,
                     "models": stats})
 
 
 def stats_one(model):
-    entry = entry_for(model)
-    stats = router().traffic.stats(entry.name, _window(), _threshold())
-    return jsonify({"model_stats": {"model_name": entry.name, **stats}, **stats})
+    found = entries_for(model)
+    name = found[0].model if len(found) > 1 else found[0].name
+    stats = _stats(router().traffic, name, _window(), _threshold())
+    return jsonify({"model_stats": {"model_name": name, **stats}, **stats})
 
 
 def idle_models():
@@ -58,7 +68,7 @@ def active_models():
     traffic = router().traffic
     threshold, window = _threshold(), _window()
     names = traffic.active(threshold)
-    stats = {m: traffic.stats(m, window, threshold) for m in names}
+    stats = {m: _stats(traffic, m, window, threshold) for m in names}
     seen = [m for m in names if traffic.models[m].total]
     return jsonify({
         "active_models": seen, "idle_threshold_seconds": threshold,
