@@ -344,8 +344,10 @@ class Controller:
             elsewhere = self.coord.peers_idle_seconds(e.name)
             if elsewhere is not None:   # idle only when idle on every router
                 idle = min(idle, elsewhere)
-            if e.state is State.READY:   # not idle for longer than it has been awake (a
-                idle = min(idle, now - e.since)   # replica just woken for load, say)
+            if e.state is State.READY and e.inst.replica_of > 1:
+                # a replica is not idle for longer than it has been awake (one just woken
+                # for load has not had its first request yet)
+                idle = min(idle, now - e.since)
             inst = e.inst
             last = (t.last_end_mono if t is not None and t.last_end_mono is not None
                     else (t.created_mono if t is not None else 0.0))
