@@ -11,7 +11,7 @@ SUPERVISORCTL := $(VENV)/bin/supervisorctl -c $(OUT)/supervisord.conf
 PYTEST_ARGS ?=
 
 .PHONY: install shims engine-env render demo demo-stop status test lint test-unit test-integration \
-        test-systemd test-engine bench bench-kv bench-policy install-units clean
+        test-systemd test-engine bench bench-kv bench-policy bench-replicas install-units clean
 
 install: $(VENV)/.installed
 
@@ -120,6 +120,15 @@ bench-kv: install
 bench-policy: install
 	$(VENV)/bin/pip install -q -e '.[plot]'
 	$(PY) -m kvrouter.lab.suite etc/lab/prism-24.yaml --out bench-results/policy-lab
+
+## replicas: scaling, routing policies on the Mooncake conversation trace (downloaded once), elastic vs always awake (the lab; seconds; prints tables)
+MOONCAKE_URL ?= https://raw.githubusercontent.com/kvcache-ai/Mooncake/main/FAST25-release/traces/conversation_trace.jsonl
+bench-replicas: install
+	@mkdir -p bench-results/traces
+	@test -s bench-results/traces/conversation_trace.jsonl || \
+	    curl -fsSL -o bench-results/traces/conversation_trace.jsonl $(MOONCAKE_URL) || \
+	    { rm -f bench-results/traces/conversation_trace.jsonl; echo "Mooncake trace not downloaded: the shipped excerpt is used"; }
+	$(PY) -m kvrouter.bench.replicas --out bench-results/replicas.json
 
 ## copy the rendered systemd user units and reload: then `systemctl --user start kvrouter`
 install-units: install

@@ -207,7 +207,8 @@ class Controller:
                                  group.min_ready, self.cfg.routing.wake_at_in_flight)
         if i is not None:
             ready = sum(1 for e in entries if e.state is State.READY)
-            self.request_wake(entries[i], reason=f"load: {ready} of {len(entries)} replicas "
+            why = "min_ready" if ready < group.min_ready else "load"
+            self.request_wake(entries[i], reason=f"{why}: {ready} of {len(entries)} replicas "
                               f"of {group.model} ready")
 
     def breaker_moved(self, group, entry: ModelEntry, old, new, reason: str) -> None:

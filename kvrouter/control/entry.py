@@ -52,13 +52,6 @@ class ModelEntry:
         self.fence_seen = 0                  # the highest lease token seen (cluster)
 
 
-def make_policy(name: str, cfg: RoutingConfig) -> routing.RoutingPolicy:
-    if name == "cache_aware":
-        return routing.CacheAware(cfg.cache_threshold, cfg.balance_abs_threshold,
-                                  cfg.balance_rel_threshold, cfg.max_tree_blocks)
-    return routing.get(name)
-
-
 class ModelGroup:
     """One model as clients see it: its replicas in a fixed order (a routing policy's
     ``replica`` is a position here), the policy that spreads requests over them, and each
@@ -73,7 +66,7 @@ class ModelGroup:
         self.upstream_model = first.upstream_model
         self.min_ready = first.min_ready if first.min_ready is not None else cfg.min_ready
         self.policy_name = first.routing_policy or cfg.policy
-        self.policy = make_policy(self.policy_name, cfg)
+        self.policy = routing.from_settings(self.policy_name, cfg)
         self.rng = rng or random.Random()
         self.ejection_cfg = EjectionConfig(failure_threshold=cfg.eject_after_failures,
                                            base_seconds=cfg.eject_seconds,

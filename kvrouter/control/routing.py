@@ -214,6 +214,14 @@ ROUTING: Dict[str, Type[RoutingPolicy]] = {p.name: p for p in (
     LeastOutstanding, RoundRobin, PowerOfTwo, Session, CacheAware)}
 
 
+def from_settings(name: str, settings) -> RoutingPolicy:
+    """A fresh policy ``name`` with the thresholds of ``settings`` (a RoutingConfig)."""
+    if name == "cache_aware":
+        return CacheAware(settings.cache_threshold, settings.balance_abs_threshold,
+                          settings.balance_rel_threshold, settings.max_tree_blocks)
+    return get(name)
+
+
 def get(name: str) -> RoutingPolicy:
     """A fresh policy object by name (each model's replicas get their own)."""
     try:

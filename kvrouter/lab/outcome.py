@@ -75,7 +75,7 @@ def summary(world: World, slo: Dict[str, Slo]) -> dict:
     met_total = 0
     for name in sorted({r.model for r in reqs}):
         mine = [r for r in reqs if r.model == name]
-        s = slo[world.routes[name].name]
+        s = slo[world.routes[name].model]
         met = [r for r in mine if s.meets(r)]
         ttft_ok = sum(1 for r in mine if r.ok and r.ttft is not None and r.ttft <= s.ttft)
         tpot_ok = sum(1 for r in mine if r.ok and (r.tpot is None or r.tpot <= s.tpot))
@@ -111,8 +111,14 @@ def summary(world: World, slo: Dict[str, Slo]) -> dict:
         "mean_gpu_memory_gb": world.mem_seconds / duration,
         "misses": dict(sorted(causes.items(), key=lambda kv: -kv[1])),
         "models": by_model,
-        "per_engine": {e.name: {"wakes": e.wakes, "cold_starts": e.starts, "sleeps": e.sleeps}
+        "per_engine": {e.name: {"wakes": e.wakes, "cold_starts": e.starts, "sleeps": e.sleeps,
+                                "served": e.served,
+                                "awake_seconds": round(world.awake_seconds(e), 3)}
                        for e in engines},
+        # replicas: engine-seconds awake, and prompt tokens served from prefix caches
+        "engine_seconds_awake": sum(world.awake_seconds(e) for e in engines),
+        "cached_prompt_share": (sum(r.cached for r in reqs if r.ok) /
+                                max(1, sum(r.prompt for r in reqs if r.ok))),
     }
 
 
@@ -123,11 +129,11 @@ def bench_result(world: World, slo: Dict[str, Slo], config: dict) -> dict:
     samples = _samples(reqs)
     models: Dict[str, dict] = {}
     for name in sorted({r.model for r in reqs}):
-        s = slo[world.routes[name].name]
+        s = slo[world.routes[name].model]
         models[name] = summarize([x for x in samples if x.model == name], duration,
                                  {"ttft": s.ttft, "tpot": s.tpot})
     total = summarize(samples, duration, {})
-    met = sum(1 for r in reqs if slo[world.routes[r.model].name].meets(r))
+    met = sum(1 for r in reqs if slo[world.routes[r.model].model].meets(r))
     total["goodput"] = {"slo": "per model", "requests_meeting_slo": met,
                         "attainment": met / len(reqs) if reqs else None,
                         "rate": met / duration}

@@ -24,19 +24,26 @@ from kvrouter.config.schema import Config, Instance
 from kvrouter.control import kvplan
 from kvrouter.control.kvplan import FLOOR_FRACTION
 from kvrouter.control.policies import Policy
-from kvrouter.control.policy import ModelView, NoRoom, Snapshot
+from kvrouter.control.policy import ModelView, NoRoom, Snapshot, keep_min_ready
 from kvrouter.control.states import ASLEEP, RESIDENT, State
+from kvrouter.lab.replicas import LabGroup, PrefixCache, cached_tokens, groups_of
 from kvrouter.timing import GB, WARM_UP_PROMPT_TOKENS, Timing
 from kvrouter.traffic import ARRIVALS, GAPS, WakeWindow, arrival_gaps
 
 
 class Req:
     __slots__ = ("t", "model", "prompt", "out", "need", "first", "end", "tpot", "cause", "ok",
-                 "queued_at")
+                 "queued_at", "engine", "blocks", "block_tokens", "session", "cached")
 
-    def __init__(self, t: float, model: str, prompt: int, out: int):
+    def __init__(self, t: float, model: str, prompt: int, out: int, blocks=(),
+                 block_tokens: int = 0, session: Optional[str] = None):
         self.t = t
         self.model = model
+        self.engine: Optional["Engine"] = None   # the replica that serves it
+        self.blocks: Tuple[int, ...] = tuple(blocks)
+        self.block_tokens = block_tokens
+        self.session = session
+        self.cached = 0
         self.prompt = prompt
         self.out = out
         self.need = prompt + out
@@ -57,8 +64,11 @@ class Engine:
 
     def __init__(self, inst: Instance, timing: Timing, gpus: Tuple[str, ...]):
         self.inst = inst
-        self.name = inst.model
+        self.name = inst.key or inst.model
         self.t = timing
+        self.cache = PrefixCache()
+        self.served = 0
+        self.awake = 0.0               # seconds resident, up to its last state change
         self.gpus = gpus
         self.state = State.READY
         self.since = 0.0
@@ -102,12 +112,14 @@ class World:
         for inst in cfg.instances:
             e = Engine(inst, inst.timing, tuple((inst.gpus or "0").split(",")))
             self.engines[e.name] = e
-        self.routes: Dict[str, Engine] = {}
-        for e in self.engines.values():
-            for alias in e.inst.route_names or (e.name,):
-                self.routes[alias] = e
-        self.requests = [Req(r["time"], r["model"], r["prompt_tokens"], r["output_tokens"])
-                         for r in rows]
+        self.groups = groups_of(list(self.engines.values()), cfg)
+        self.routes: Dict[str, LabGroup] = {}
+        for g in self.groups:
+            for alias in g.engines[0].inst.route_names or (g.model,):
+                self.routes[alias] = g
+        self.requests = [Req(r["time"], r["model"], r["prompt_tokens"], r["output_tokens"],
+                             r.get("blocks") or (), int(r.get("block_tokens") or 0),
+                             r.get("session")) for r in rows]
         self.duration = max((r.t for r in self.requests), default=0.0)
         self.unrouted = [r for r in self.requests if r.model not in self.routes]
         self.wake_window = WakeWindow()
@@ -201,7 +213,15 @@ class World:
         e.mem_gb = new
 
     def _on_arrive(self, r: Req) -> None:
-        e = self.routes[r.model]
+        g = self.routes[r.model]
+        e = g.choose(r.session, r.blocks) or g.waiting_on()
+        r.engine = e
+        self._arrive(e, r)
+        more = g.to_wake()   # elastic replicas: one more awake for load
+        if more is not None and not more.waiting:
+            self._wake(more)
+
+    def _arrive(self, e: "Engine", r: Req) -> None:
         if not e.in_flight and e.last_end is not None:
             e.gaps.append(self.now - e.last_end)
         e.arrivals.append(self.now)
@@ -237,7 +257,11 @@ class World:
             e.running += 1
             e.tokens += r.need
             changed = True
-            r.first = self.now + t.prefill_seconds(r.prompt)
+            e.served += 1
+            if r.blocks and r.block_tokens:   # the engine's prefix cache
+                r.cached = cached_tokens(e.cache, r.blocks, r.block_tokens, r.prompt)
+                e.cache.keep(r.blocks, t.capacity_tokens(e.limit) // r.block_tokens)
+            r.first = self.now + t.prefill_seconds(r.prompt - r.cached)
             if r.out > 1:
                 r.tpot = t.step_seconds(e.running)
                 r.end = r.first + (r.out - 1) * r.tpot
@@ -248,7 +272,8 @@ class World:
             self._mem(e)
 
     def _on_done(self, r: Req) -> None:
-        e = self.routes[r.model]
+        e = r.engine
+        assert e is not None
         r.ok = True
         self.wake_window.add(self.now, r.cause in ("wake", "cold start"))
         e.running -= 1
@@ -261,7 +286,15 @@ class World:
         self._admit(e)
 
     # --- transitions --------------------------------------------------------------------------
+    def awake_seconds(self, e: Engine) -> float:
+        """Seconds the engine held its GPU memory (resident) within the trace's span."""
+        extra = max(0.0, min(self.now, self.duration) - e.since) \
+            if e.state in RESIDENT else 0.0
+        return e.awake + extra
+
     def _set(self, e: Engine, state: State) -> None:
+        if e.state in RESIDENT:
+            e.awake += max(0.0, min(self.now, self.duration) - min(e.since, self.duration))
         e.state = state
         e.since = self.now
         e.version += 1
@@ -317,12 +350,14 @@ class World:
         e.sleeps += 1
         if e.steerable:
             e.limit = 0
+        e.cache.clear()   # the KV cache is freed with the sleep
         self._set(e, State.SLEEPING)
         if e.waiting:
             self._wake(e)
 
     def _on_tick(self, interval: float) -> None:
-        for a in self.policy.decide(self.snapshot()):
+        snap = self.snapshot()
+        for a in keep_min_ready(snap, self.policy.decide(snap)):
             e = self.engines[a.model]
             if a.kind == "sleep" and e.state is State.READY and not e.in_flight:
                 self._sleep(e, a.level)
@@ -393,14 +428,21 @@ class World:
             else:
                 kv = e.limit / GB
             engine_load = e.in_flight - len(e.waiting)
+            idle = 0.0 if e.in_flight else now - (e.last_end or 0.0)
+            replica = inst.replica_of > 1
+            if replica and e.state is State.READY:   # as the controller: not idle for
+                idle = min(idle, now - e.since)       # longer than it has been awake
             views.append(ModelView(
                 name=e.name, state=e.state, in_flight=engine_load, waiting=len(e.waiting),
-                idle_seconds=0.0 if e.in_flight else now - (e.last_end or 0.0),
+                idle_seconds=idle,
                 state_seconds=now - e.since, pinned=inst.sleep.pinned,
                 idle_threshold=inst.idle_threshold_seconds, stop_after=inst.stop_after_seconds,
                 level=e.level, gpus=e.gpus, weights_gb=e.t.weights_gb, kv_cache_gb=kv,
                 last_used=e.last_end or 0.0, gaps=tuple(e.gaps),
                 wake_seconds=e.last_wake_seconds or e.t.wake_seconds(e.level),
-                arrival_gaps=arrival_gaps(e.arrivals), kv_wanted_gb=wanted))
+                arrival_gaps=arrival_gaps(e.arrivals), kv_wanted_gb=wanted,
+                group=inst.model if replica else "",
+                min_ready=inst.min_ready if inst.min_ready is not None else
+                self.cfg.routing.min_ready))
         recent, waited = self.wake_window.totals(now)
         return Snapshot(tuple(views), self.sm.auto_sleep_enabled, self.budget, recent, waited)

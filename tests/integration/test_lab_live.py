@@ -72,3 +72,76 @@ def test_live_replay_and_simulation_agree(tmp_path, policy, idle):
     for m, (a_live, a_sim) in report.items():
         assert abs(a_live - a_sim) <= 0.05, (m, report)
     assert abs(live_wakes - sim["wakes"]) <= 0.1 * sim["wakes"], (live_wakes, sim["wakes"])
+
+
+def _free_run(n):
+    """A first port with the ``n - 1`` after it free too (replicas: N takes consecutive
+    ports)."""
+    import socket
+
+    for _ in range(50):
+        first = free_port()
+        try:
+            socks = []
+            for p in range(first, first + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return first
+    raise RuntimeError("no run of free ports")
+
+
+def test_live_replay_and_simulation_agree_with_elastic_replicas(tmp_path):
+    """One model, three replicas (the short form, under supervisord), elastic: woken for
+    load, slept when idle; the lab routes with the same policy objects."""
+    rp, first = free_port(), _free_run(3)
+    cfg = (f"router: {{router_host: 127.0.0.1, router_port: {rp}, access_log: false}}\n"
+           "sleep_manager: {auto_sleep_enabled: true, idle_threshold_seconds: 4,"
+           " check_interval_seconds: 0.25, min_sleep_duration: 0}\n"
+           "routing: {policy: least_outstanding, wake_at_in_flight: 2}\n"
+           "instances:\n"
+           "  - name: rep\n    model: lab/rep\n    engine: sim\n    replicas: 3\n"
+           "    gpus: '0,1,2'\n    weights_gb: 16\n"
+           "    sim: {dialect: vllm, ttft_ms: 30, itl_ms: 10, startup_seconds: 0,"
+           " max_concurrency: 4}\n"
+           "    engine_env: ['VLLM_SERVER_DEV_MODE=1']\n"
+           f"    engine_args: ['--host 127.0.0.1', '--port {first}', '--enable-sleep-mode']\n")
+    config = tmp_path / "kvrouter.yaml"
+    config.write_text(cfg)
+    raw = tmp_path / "raw.jsonl"
+    _kvrouter("bench", "gen-trace", "--model", "lab/rep", "--duration", "90", "--rate", "6",
+              "--cv", "2", "--on-seconds", "10", "--off-seconds", "10", "--prompt-tokens",
+              "64", "--output-tokens", "24", "--seed", "5", "--out", str(raw))
+    rows = [{"time": 0.0, "model": "lab/rep", "prompt_tokens": 64, "output_tokens": 24}]
+    rows += [json.loads(line) for line in raw.read_text().splitlines()]
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _kvrouter("simulate", str(config), "--trace", str(trace), "--policy", "lru",
+              "--json", str(tmp_path / "sim.json"))
+    sim = json.loads((tmp_path / "sim.json").read_text())["policies"]["lru"]["summary"]
+    slo = sim["models"]["lab/rep"]
+    assert sim["wakes"] >= 3, sim   # replicas woke for load (and after idle spells)
+    assert len(sim["per_engine"]) == 3 and \
+        sum(1 for e in sim["per_engine"].values() if e["served"]) >= 2, sim["per_engine"]
+
+    base = f"http://127.0.0.1:{rp}"
+    (tmp_path / "run").mkdir()
+    with supervised_stack(cfg, base, folder=str(tmp_path / "run")):
+        _kvrouter("bench", "trace", str(trace), "--base-url", base + "/v1",
+                  "--slo-ttft-ms", f"{slo['slo_ttft'] * 1000:.3f}",
+                  "--slo-tpot-ms", f"{slo['slo_tpot'] * 1000:.3f}",
+                  "--output", str(tmp_path / "live.json"), timeout=400)
+        status = get_json(base + "/model/sleep/status")[1]["models"]
+    live = json.loads((tmp_path / "live.json").read_text())
+    a_live = live["models"]["lab/rep"]["goodput"]["attainment"]
+    live_wakes = sum(m["wakes"] for m in status.values())
+    print(f"replicas: attainment live {a_live:.3f} sim {slo['attainment']:.3f}; wakes live "
+          f"{live_wakes} sim {sim['wakes']}; per engine sim {sim['per_engine']}")
+    assert live["total"]["completed"] == len(rows)
+    assert set(status) == {"rep-1", "rep-2", "rep-3"}
+    assert abs(a_live - slo["attainment"]) <= 0.05
