@@ -30,7 +30,6 @@ from kvrouter.bench.report import grid
 from kvrouter.bench.trace import generate
 from kvrouter.config import parse_config_text
 from kvrouter.config.schema import Config
-from kvrouter.control import policies
 from kvrouter.lab import outcome
 from kvrouter.lab import run as labrun
 from kvrouter.lab.world import World
@@ -55,8 +54,8 @@ def config(replicas: int, policy: str = "least_outstanding", sim: str = "",
 
 
 def _world(cfg: Config, rows: Sequence[dict], scale: float = 1.0) -> World:
-    return World(cfg, policies.get(cfg.sleep_manager.policy),
-                 labrun.scaled(rows, scale)).run()
+    return labrun.run(cfg, cfg.sleep_manager.policy, rows, labrun.slos_for(cfg, rows),
+                      scale)[0]
 
 
 # --- 1. scaling -------------------------------------------------------------------------------

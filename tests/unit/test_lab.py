@@ -60,7 +60,8 @@ def test_an_idle_model_sleeps_and_the_next_request_waits_for_one_wake(tmp_path):
     assert woken.ttft == pytest.approx(t.wake_seconds(1) + t.prefill_seconds(2)
                                        + t.prefill_seconds(100))
     assert s["wakes"] == 1 and s["wakes_on_request_path"] == 3
-    assert s["per_engine"]["m0"] == {"wakes": 1, "cold_starts": 0, "sleeps": 1}
+    assert {k: s["per_engine"]["m0"][k] for k in ("wakes", "cold_starts", "sleeps")} == \
+        {"wakes": 1, "cold_starts": 0, "sleeps": 1}
     assert s["misses"] == {"wake": 3}
     # m1 never had a request: it went to sleep after the threshold too
     assert s["per_engine"]["m1"]["sleeps"] == 1
@@ -100,7 +101,8 @@ def test_a_wake_evicts_the_least_recently_used_idle_model(tmp_path):
     rows = [req(0.0), req(2.0, model="m1"), req(3.0)]
     world, s = lab.run(cfg, "lru", rows, lab.slos_for(cfg, rows))
     assert [r.cause for r in world.requests] == ["", "wake", "wake"]
-    assert s["per_engine"]["m0"] == {"wakes": 1, "cold_starts": 0, "sleeps": 1}
+    assert {k: s["per_engine"]["m0"][k] for k in ("wakes", "cold_starts", "sleeps")} == \
+        {"wakes": 1, "cold_starts": 0, "sleeps": 1}
 
 
 def test_unloading_policies_pay_a_cold_start(tmp_path):
