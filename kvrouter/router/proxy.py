@@ -276,7 +276,8 @@ class Proxy:
                 return error_response(err)
             if waited:
                 self.traffic.waited(rec, waited)
-                if several:   # another replica may have come back first
+                if several:   # the load that waited may want another replica; and another
+                    self.controller.scale(group)   # may have come back first
                     better = chooser.pick(group, key, frozenset(tried))
                     if better is not None and better is not entry:
                         entry = better

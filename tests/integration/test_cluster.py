@@ -534,3 +534,70 @@ def test_a_second_router_with_a_live_router_s_id_is_refused(stack_factory):
     assert code == 2, text[-2000:]
     assert "another live router uses the id 'gpu-a'" in text and "--cluster-host" in text
     assert stack.health("gpu-a")["cluster"]["this_router_leads"]   # the first one carries on
+
+
+def test_replicas_in_a_cluster_one_wake_per_replica_across_routers(redis_server):
+    """Two routers, one model with two replicas: what one router does to a replica the
+    other sees, and a burst through both routers wakes each replica once."""
+    addr = HOSTS[0][1]
+    engines = [SimEngine(model="cl/rep", port=free_port(), host=addr,
+                         args=["--enable-sleep-mode", "--itl-ms", "10"]) for _ in range(2)]
+    rports = {}
+    while len(rports) < 2:
+        p = free_port()
+        if p not in [e.port for e in engines] and p not in rports.values():
+            rports[("gpu-a", "edge")[len(rports)]] = p
+    cfg = (f"cluster:\n  redis_url: {redis_server.url}\n  leader_lease_seconds: 1\n"
+           "  wake_lease_seconds: 1\n  hosts:\n"
+           f"    - {{name: gpu-a, address: {addr}, router: true, router_host: {addr},"
+           f" router_port: {rports['gpu-a']}}}\n"
+           f"    - {{name: edge, address: 127.0.0.4, router: true, router_host: 127.0.0.4,"
+           f" router_port: {rports['edge']}}}\n"
+           "sleep_manager: {check_interval_seconds: 0.2, min_sleep_duration: 0}\n"
+           "routing: {policy: least_outstanding, wake_at_in_flight: 1}\n"
+           "instances:\n" + "".join(
+               f"  - {{name: rep-{i}, model: cl/rep, engine: sim, host: gpu-a,"
+               f" engine_env: ['VLLM_SERVER_DEV_MODE=1'],"
+               f" engine_args: ['--host {addr}', '--port {e.port}', '--enable-sleep-mode']}}\n"
+               for i, e in enumerate(engines)))
+    routers = {}
+    try:
+        for name in ("gpu-a", "edge"):
+            d = tempfile.mkdtemp(prefix="kvr-cl-")
+            routers[name] = Router(cfg, d, cluster_host=name)
+        bases = {n: r.base for n, r in routers.items()}
+
+        def replicas(name):
+            return {r["model"]: r["state"] for r in
+                    get_json(bases[name] + "/health/cl/rep")[1]["replicas"]}
+
+        for name in bases:
+            wait_until(lambda: set(replicas(name).values()) == {"ready"}, 15,
+                       what=f"{name}: replicas ready")
+        assert http("POST", bases["gpu-a"] + "/model/sleep/rep-1")[0] == 200
+        wait_until(lambda: replicas("edge") == {"rep-0": "ready", "rep-1": "sleeping"}, 10,
+                   what="edge sees rep-1 asleep")
+        assert http("POST", bases["edge"] + "/model/sleep/cl/rep")[0] == 200
+        wait_until(lambda: set(replicas("gpu-a").values()) == {"sleeping"}, 10,
+                   what="gpu-a sees the model asleep")
+        wakes = [e.stats()["wake_calls"] for e in engines]
+
+        def one(i):
+            base = bases[("gpu-a", "edge")[i % 2]]
+            return http("POST", base + "/v1/completions",
+                        {"model": "cl/rep", "prompt": "hi", "max_tokens": 30}, timeout=60)[0]
+
+        codes, errors = run_concurrently(one, 40)
+        assert not errors and codes == [200] * 40, (codes, errors)
+        wait_until(lambda: [e.stats()["wake_calls"] - w for e, w in zip(engines, wakes)]
+                   == [1, 1], 10, what="each replica woken once, by one router")
+        time.sleep(0.5)
+        assert [e.stats()["wake_calls"] - w for e, w in zip(engines, wakes)] == [1, 1]
+    finally:
+        for name, r in routers.items():
+            out = r.proc.output()
+            r.stop()
+            print(f"--- router {name}\n" + "\n".join(
+                line for line in out.splitlines() if "kvrouter.access" not in line)[-3000:])
+        for e in engines:
+            e.stop()

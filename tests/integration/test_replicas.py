@@ -323,3 +323,47 @@ def test_a_replica_killed_under_load_is_ejected_at_once_and_back_after_its_resta
     for _ in range(6):
         assert _complete(base).status_code == 200
     assert _delta(before, _served(stack))[2] == 2
+
+
+def test_workers_balance_replicas_on_shared_counts_and_wake_each_once(tmp_path):
+    """Three router workers, two replicas: concurrent requests spread over both replicas
+    and are counted exactly once; the replicas asleep, a burst makes one wake per replica
+    whatever worker each request reached."""
+    engines = [SimEngine("vllm", MODEL, args=["--enable-sleep-mode", "--itl-ms", "10"])
+               for _ in range(2)]
+    rp = free_port()
+    cfg = (f"router: {{router_port: {rp}, workers: 3, max_queue_per_model: 400}}\n"
+           "routing: {policy: least_outstanding, wake_at_in_flight: 1}\n"
+           "sleep_manager: {min_sleep_duration: 0}\ninstances:\n" + "".join(
+               f"  - {{name: w-{i}, model: {MODEL}, engine: vllm, "
+               f"engine_args: ['--host 127.0.0.1 --port {e.port}']}}\n"
+               for i, e in enumerate(engines)))
+    router = Router(cfg, str(tmp_path))
+    try:
+        router.wait_models_ready()
+        base = router.base
+        wait_until(lambda: get_json(base + "/health")[1]["status"] == "healthy", 10)
+        before = [e.stats()["requests"] for e in engines]
+        codes, errors = run_concurrently(lambda _: _complete(base, tokens=30).status_code, 60)
+        assert not errors and codes == [200] * 60, (codes, errors)
+        got = [e.stats()["requests"] - b for e, b in zip(engines, before)]
+        assert sum(got) == 60 and min(got) >= 15, got
+
+        def counted():
+            s = get_json(base + f"/traffic/stats/{MODEL}")[1]
+            return s["total_requests"] == 60 and sum(
+                r["total_requests"] for r in s["replicas"].values()) == 60
+
+        wait_until(counted, 10, what="every request counted once, by model and replica")
+        assert http("POST", base + f"/model/sleep/{MODEL}")[0] == 200
+        wakes = [e.stats()["wake_calls"] for e in engines]
+        codes, errors = run_concurrently(lambda _: _complete(base, tokens=30).status_code, 40)
+        assert not errors and codes == [200] * 40, (codes, errors)
+        wait_until(lambda: [e.stats()["wake_calls"] - w for e, w in zip(engines, wakes)]
+                   == [1, 1], 10, what="one wake per replica")
+    finally:
+        print("\n".join(line for line in router.proc.output().splitlines()
+                        if "kvrouter.access" not in line)[-4000:])
+        router.stop()
+        for e in engines:
+            e.stop()
