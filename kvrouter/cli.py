@@ -208,13 +208,16 @@ def status(config):
     rows = [("MODEL", "STATE", "SINCE", "IN FLIGHT", "WAITING", "IDLE", "REQ/S (60s)",
              "GPU GB", "KV USED/LIMIT", "LAST WAKE")]
     for name, st in sleep["models"].items():
-        t = traffic["models"].get(name, {})
+        model = st.get("replica_of")   # a replica: its figures are under its model's
+        t = traffic["models"].get(model, {}).get("replicas", {}).get(name, {}) if model \
+            else traffic["models"].get(name, {})
         mem = st["memory"]
         wake = st["last_wake_seconds"]
         pool = st.get("kv_pool") or {}
         kv = "-" if pool.get("limit_bytes") is None else \
             f"{pool['used_bytes'] / 2**30:.2f}/{pool['limit_bytes'] / 2**30:.2f} GiB"
-        rows.append((name, st["state"] + (f" (L{st['sleep_level']}, {st['sleep_kind']})"
+        rows.append((f"{model} [{name}]" if model else name,
+                     st["state"] + (f" (L{st['sleep_level']}, {st['sleep_kind']})"
                                           if st["sleep_level"] else ""),
                      f"{st['since_seconds']:.0f}s", str(st["requests_in_flight"]),
                      str(st["waiting_requests"]), f"{t.get('idle_time_seconds', 0):.0f}s",

@@ -54,7 +54,8 @@ def render(state: dict, width: int = 120) -> str:
     for m in state["models"]:
         st = m["state"] + (f" L{m['sleep_level']}" if m["sleep_level"] else "")
         wake = "-" if m["last_wake_seconds"] is None else f"{m['last_wake_seconds']:.2f}s"
-        rows.append((m["model"], st, _ago(m["since_seconds"]),
+        name = f"{m['replica_of']} [{m['model']}]" if m.get("replica_of") else m["model"]
+        rows.append((name, st, _ago(m["since_seconds"]),
                      f"{m['in_flight']}/{m['waiting']}", f"{m['request_rate']:.2f}",
                      f"{_ms(m['ttft']['p50'])}/{_ms(m['ttft']['p99'])} ms",
                      f"{_ms(m['itl']['p50'])} ms", str(m["wakes"]), wake,

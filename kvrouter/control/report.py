@@ -18,6 +18,7 @@ def model_status(ctl: Controller, entry: ModelEntry) -> dict:
     asleep = entry.state in ASLEEP
     return {
         "model": entry.name, "instance": inst.name, "engine": inst.engine,
+        "replica_of": entry.model if inst.replica_of > 1 else None,
         "state": entry.state.value, "reason": entry.reason,
         "since_seconds": round(ctl.clock() - entry.since, 3),
         "sleep_level": entry.level if asleep else None,
@@ -154,9 +155,9 @@ def overview(ctl: Controller, traffic, entries) -> dict:
         st = model_status(ctl, e)
         tr = traffic.stats(e.name, window=60.0)
         models.append({
-            "model": e.name, "instance": e.inst.name,
+            "model": e.name, "instance": e.inst.name, "replica_of": st["replica_of"],
             "engine": e.inst.engine if e.inst.engine != "sim" else f"sim ({e.inst.dialect})",
-            "aliases": [a for a in e.inst.route_names if a != e.name],
+            "aliases": [a for a in e.inst.route_names if a not in (e.name, e.model)],
             "state": st["state"], "reason": st["reason"], "since_seconds": st["since_seconds"],
             "sleep_level": st["sleep_level"], "pinned": st["pinned"],
             "in_flight": st["requests_in_flight"], "waiting": st["waiting_requests"],

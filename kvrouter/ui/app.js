@@ -78,7 +78,8 @@
       : (m.memory.kv_cache_gb != null ? gb(m.memory.kv_cache_gb) + " GB (config)" : "-");
     const rateMax = Math.max(...m.history.map((h) => h.rate));
     return '<div class="card" data-model="' + esc(m.model) + '">' +
-      "<h3>" + esc(m.model) + (m.aliases.length ? ' <span class="muted">(' +
+      "<h3>" + (m.replica_of ? esc(m.replica_of) + ' <span class="muted">replica</span> ' : "") +
+        esc(m.model) + (m.aliases.length ? ' <span class="muted">(' +
         esc(m.aliases.join(", ")) + ")</span>" : "") + "</h3>" +
       '<span class="state ' + esc(m.state) + '">' + esc(m.state) + "</span> " +
       '<span class="muted since">for ' + ago(m.since_seconds) + "</span>" +

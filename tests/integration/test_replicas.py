@@ -4,6 +4,7 @@ answers 5xx and its return, a replica killed under load, manual sleep of the mod
 one replica, and the views showing each replica under its model."""
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -11,6 +12,7 @@ import requests
 from openai import OpenAI
 
 from tests.helpers import (
+    PY,
     Router,
     SimEngine,
     free_port,
@@ -104,6 +106,15 @@ def test_the_views_show_each_replica_under_its_model(stack):
                                                            for r in rep.values())
     _, one = get_json(base + "/traffic/stats/m-2")   # one replica by its instance name
     assert one["model_stats"]["model_name"] == "m-2"
+    _, ui = get_json(base + "/ui/state")
+    assert [(m["replica_of"], m["model"]) for m in ui["models"]] == [(MODEL, n) for n in NAMES]
+    from kvrouter.top import render
+
+    screen = render(ui)
+    assert f"{MODEL} [m-1]" in screen and f"{MODEL} [m-3]" in screen
+    out = subprocess.run([PY, "-m", "kvrouter", "status", stack["router"].path],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and f"{MODEL} [m-2]" in out.stdout, out.stdout + out.stderr
     metrics = requests.get(base + "/metrics", timeout=5).text
     assert f'kvrouter_replica_requests_in_flight{{model="{MODEL}",replica="m-1"}}' in metrics
     assert f'kvrouter_requests_total{{model="{MODEL}",outcome="success"}}' in metrics
