@@ -144,11 +144,39 @@ def _fmt(v, pct=False, digits=3) -> str:
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
+def live(results: Dict[str, object]) -> None:
+    """The live part: a real router and simulated engines (``replicas_live.py``)."""
+    from kvrouter.bench import replicas_live
+
+    print("\n## 4. Live: wake to first token (2 replicas asleep, one streamed request; "
+          "5 rounds)")
+    w = replicas_live.wake_to_first_token()
+    results["wake_to_first_token"] = w
+    for line in grid([("TTFT median (s)", "wake median (s)", "TTFT - wake median (ms)",
+                       "TTFT - wake max (ms)")] + [
+            (_fmt(w["ttft_median"]), _fmt(w["wake_median"]),
+             _fmt(1000 * w["ttft_minus_wake_median"] if w["ttft_minus_wake_median"] is not None
+                  else None),
+             _fmt(1000 * w["ttft_minus_wake_max"] if w["ttft_minus_wake_max"] is not None
+                  else None))]):
+        print(line)
+    print("\n## 5. Live: one of 3 replicas SIGKILLed under streamed load (12 clients, 8 s)")
+    k = replicas_live.killed_under_load()
+    results["killed"] = k
+    for line in grid([("requests", "ok", "failed before first byte", "broken mid-stream",
+                       "out of rotation after (s)", "serving again after restart (s)")] + [
+            (str(k["requests"]), str(k["ok"]), str(k["failed_before_first_byte"]),
+             str(k["broken_mid_stream"]), _fmt(k["out_of_rotation_after_s"]),
+             _fmt(k["serving_again_after_restart_s"]))]):
+        print(line)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvrouter.bench.replicas")
     ap.add_argument("--mooncake", default=DEFAULT_MOONCAKE)
     ap.add_argument("--limit", type=int, default=4000, help="Mooncake requests replayed")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--no-live", action="store_true", help="the lab's figures only")
     args = ap.parse_args(argv)
     results: Dict[str, object] = {}
 
@@ -185,6 +213,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             (r["mode"], _fmt(r["attainment"], True), f"{r['replica_seconds']:.0f}",
              _fmt(r["replica_seconds"] / awake - 1, True), str(r["wakes"])) for r in rows]):
         print(line)
+    if not args.no_live:
+        live(results)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as fh:

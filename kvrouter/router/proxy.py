@@ -133,6 +133,8 @@ class Proxy:
                 logs.ACCESS.write(f"{req.method} {req.path} model=- status={err.status} "
                                   f"rid=- outcome=unrouted ({err.code or err.type})")
             return error_response(err)
+        if len(group.entries) == 1:   # the common case: no replica to choose
+            return self._run(req, group, payload)
         return self._run(req, group, payload, key=self.route_key(group, req, body))
 
     def route_key(self, group: ModelGroup, req: Request, body) -> RouteKey:
@@ -176,11 +178,13 @@ class Proxy:
              pinned: Optional[ModelEntry] = None):
         """``pinned``: the one replica that may serve it (a response id's)."""
         rid = req.headers.get("x-request-id") or os.urandom(16).hex()
-        entry = pinned or self.chooser.pick(group, key)
-        if entry is None:   # none ready: wait on the replica closest to serving
-            entry = self.chooser.waiting_on(group)
-        rec = self.traffic.start(entry.name)
-        if len(group.entries) > 1:
+        entries = group.entries
+        if pinned is not None or len(entries) == 1:
+            entry = pinned or entries[0]
+            rec = self.traffic.start(entry.name)
+        else:
+            entry = self.chooser.pick(group, key) or self.chooser.waiting_on(group)
+            rec = self.traffic.start(entry.name)   # (none ready: wait on the one closest)
             self.controller.scale(group, self.chooser)
         try:
             resp = self._forward(req, group, entry, payload, rid, rec, target, key,
@@ -304,8 +308,10 @@ class Proxy:
                     # that had it is gone (so is all it did with it): another replica, else
                     # wait until this one is ready again, bounded like any wait, and send
                     # the request once more.
-                    tried.add(entry.name)
-                    other = chooser.pick(group, key, frozenset(tried)) if several else None
+                    other = None
+                    if several:
+                        tried.add(entry.name)
+                        other = chooser.pick(group, key, frozenset(tried))
                     if other is not None:
                         entry = other
                         self.traffic.move(rec, entry.name)
