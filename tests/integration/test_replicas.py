@@ -5,6 +5,7 @@ one replica, and the views showing each replica under its model."""
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -394,3 +395,81 @@ def test_workers_balance_replicas_on_shared_counts_and_wake_each_once(tmp_path):
         router.stop()
         for e in engines:
             e.stop()
+
+
+def test_under_supervisord_a_killed_replica_is_restarted_and_rejoins(tmp_path):
+    """`replicas: 3` rendered for supervisord: three engine programs; one SIGKILLed while
+    clients stream: no request fails before its first byte, supervisord restarts the
+    engine and the router sends it traffic again."""
+    import socket as _socket
+
+    from tests.helpers import supervised_stack
+
+    rp = free_port()
+    for _ in range(50):   # three consecutive free ports for the short form
+        first = free_port()
+        try:
+            socks = []
+            for p in range(first, first + 3):
+                s = _socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            break
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    cfg = (f"router: {{router_host: 127.0.0.1, router_port: {rp}}}\n"
+           "routing: {policy: round_robin}\n"
+           "instances:\n"
+           "  - name: sv\n    model: sv/m\n    engine: sim\n    replicas: 3\n"
+           "    sim: {dialect: vllm, itl_ms: 10, startup_seconds: 0}\n"
+           "    engine_env: ['VLLM_SERVER_DEV_MODE=1']\n"
+           f"    engine_args: ['--host 127.0.0.1', '--port {first}', '--enable-sleep-mode']\n")
+    base = f"http://127.0.0.1:{rp}"
+    with supervised_stack(cfg, base, folder=str(tmp_path)) as sup:
+        names = {p["name"] for p in sup.all_processes()}
+        assert {"engine-sv-1", "engine-sv-2", "engine-sv-3"} <= names, names
+        pid = sup.process_info("engine-sv-2")["pid"]
+        results = []
+        stop = threading.Event()
+
+        def client():
+            while not stop.is_set():
+                try:
+                    r = requests.post(base + "/v1/completions", stream=True, timeout=30,
+                                      json={"model": "sv/m", "prompt": "hi", "max_tokens": 30,
+                                            "stream": True})
+                    first_chunk = next(r.iter_content(chunk_size=None), b"")
+                    results.append(r.status_code if first_chunk else 0)
+                    for _ in r.iter_content(chunk_size=None):
+                        pass
+                except requests.RequestException:
+                    results.append(-1)
+
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: sup.process_info("engine-sv-2")["pid"] not in (0, pid) and
+                   sup.process_info("engine-sv-2")["statename"] == "RUNNING", 20,
+                   what="supervisord restarted engine-sv-2")
+        wait_until(lambda: get_json(base + "/health/sv/m")[1]["replicas"][1]["state"] ==
+                   "ready", 20, what="sv-2 back in the router")
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert results and set(results) == {200}, results   # none failed before a byte
+        _, stats = get_json(base + "/traffic/stats/sv-2")
+        before = stats["total_requests"]
+        for _ in range(6):
+            assert _complete_model(base, "sv/m") == 200
+        assert get_json(base + "/traffic/stats/sv-2")[1]["total_requests"] == before + 2
+
+
+def _complete_model(base, model):
+    return requests.post(base + "/v1/completions", timeout=30,
+                         json={"model": model, "prompt": "hi", "max_tokens": 2}).status_code
