@@ -27,6 +27,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(n: int) -> int:
+    """A first port with the ``n - 1`` after it free too (``replicas: N`` takes consecutive
+    ports)."""
+    for _ in range(50):
+        first = free_port()
+        socks = []
+        try:
+            for p in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 def wait_until(fn, timeout=15.0, interval=0.05, what="condition"):
     deadline = time.monotonic() + timeout
     last = None

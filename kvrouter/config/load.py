@@ -355,10 +355,7 @@ def _semantics(cfg: schema.Config, raw: dict, ctx: Ctx, strict: bool) -> schema.
     expanded = replicas.expand(instances, raw_instances, ctx)
     origin = [i for i, _ in expanded]   # each engine's entry in `instances` (short form)
     instances = [inst for _, inst in expanded]
-    datas = None
-    if isinstance(raw_instances, LineList):
-        datas = LineList(raw_instances[i] for i in origin)
-        datas.lines = [line_of(raw_instances, i) for i in origin]
+    datas = replicas.entries_of(raw_instances, origin)
     names = lambda j: f"instances[{origin[j]}]"  # noqa: E731
     check_unique(ctx, instances, "instance name", lambda x: [x.name], names, datas)
     instances = replicas.group(cfg, instances, ctx,

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Tuple
 from kvrouter import kvpool
 from kvrouter.config import schema
 from kvrouter.config.located import Ctx, line_of
+from kvrouter.config.yamlsrc import LineList
 
 
 def _replace_port(argv, port: int) -> tuple:
@@ -71,6 +72,15 @@ def expand(instances: List[schema.Instance], raw_instances,
                 inst, name=name, port=port, argv_args=_replace_port(inst.argv_args, port),
                 gpus=gpus, env=tuple(renv.items()), replicas=1)))
     return out
+
+
+def entries_of(raw_instances, origin: List[int]):
+    """The YAML entries (with their lines) of the expanded instances, for the messages."""
+    if not isinstance(raw_instances, LineList):
+        return None
+    datas = LineList(raw_instances[i] for i in origin)
+    datas.lines = [line_of(raw_instances, i) for i in origin]
+    return datas
 
 
 def group(cfg: schema.Config, instances: List[schema.Instance], ctx: Ctx,

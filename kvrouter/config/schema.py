@@ -82,6 +82,9 @@ class RouterConfig:
     ready_timeout_seconds: float = setting(
         120.0, "How long a request waits for its engine to become ready before 503.", min=0)
     max_body_mb: float = setting(32.0, "Largest request body accepted (413 above).", min=0.001)
+    max_upload_mb: float = setting(
+        25.0, "Largest multipart upload (an audio file to /v1/audio/transcriptions): 413 on "
+        "its Content-Length, before the body is read; at most max_body_mb.", min=0.001)
     header_timeout_seconds: float = setting(
         30.0, "Time a client has to send a request's whole header block (not per byte).",
         min=0.1)

@@ -5,10 +5,12 @@ with."""
 from __future__ import annotations
 
 import socket
-from typing import Callable
+from typing import Callable, Optional
 
 from kvrouter.config.schema import Config
+from kvrouter.errors import PayloadTooLarge
 from kvrouter.http.limits import ServerLimits, fair_share
+from kvrouter.http.multipart import is_multipart
 from kvrouter.http.server import HTTPServer
 from kvrouter.router.auth import require_api_key
 from kvrouter.router.routes import client_route
@@ -27,6 +29,18 @@ def apply_limits(limits: ServerLimits, cfg: Config) -> None:
     limits.trusted_clients = frozenset(r.trusted_proxies)
 
 
+def too_large(length: Optional[str], max_bytes: int) -> Optional[PayloadTooLarge]:
+    """The 413 for an upload whose Content-Length passes ``max_bytes``, else None."""
+    try:
+        n = int(length) if length is not None else 0
+    except ValueError:
+        return None
+    if n <= max_bytes:
+        return None
+    return PayloadTooLarge(f"upload of {n} bytes is over the limit of {max_bytes} bytes "
+                           "(router.max_upload_mb)", code="upload_too_large")
+
+
 def router_http_server(listener, handler, get_cfg: Callable[[], Config]) -> HTTPServer:
     """The router's HTTP server (the single process, the owner, each worker): its limits
     from the config, the API key checked on the headers, so an unauthenticated body is
@@ -36,9 +50,14 @@ def router_http_server(listener, handler, get_cfg: Callable[[], Config]) -> HTTP
     apply_limits(limits, cfg)
 
     def precheck(req) -> None:
-        keys = get_cfg().router.api_keys
-        if keys and client_route(req.path):
-            require_api_key(req.headers.get("authorization"), keys)
+        r = get_cfg().router
+        if r.api_keys and client_route(req.path):
+            require_api_key(req.headers.get("authorization"), r.api_keys)
+        if is_multipart(req.headers):   # an upload too big is refused before it is read
+            err = too_large(req.headers.get("content-length"),
+                            int(r.max_upload_mb * 1024 * 1024))
+            if err is not None:
+                raise err
 
     return HTTPServer(listener, handler, limits, precheck=precheck)
 

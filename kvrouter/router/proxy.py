@@ -27,8 +27,10 @@ from kvrouter.errors import (
     Forbidden,
     GatewayTimeout,
     NotFound,
+    PayloadTooLarge,
     ServiceUnavailable,
 )
+from kvrouter.http import multipart
 from kvrouter.http.client import UpstreamError, UpstreamPool, UpstreamTimeout
 from kvrouter.http.messages import ClientGone, Request, Response, StreamResponse
 from kvrouter.router.auth import require_api_key
@@ -94,8 +96,32 @@ class Proxy:
                          r.stream_idle_timeout_seconds)
 
     # --- request parsing -----------------------------------------------------------------------
+    def _parse_upload(self, req: Request):
+        """A multipart upload: routed by its ``model`` form field (an alias rewritten)."""
+        limit = int(self.cfg.router.max_upload_mb * 1024 * 1024)
+        if len(req.body) > limit:   # sent chunked: no Content-Length to refuse it on
+            raise PayloadTooLarge(f"upload of {len(req.body)} bytes is over the limit of "
+                                  f"{limit} bytes (router.max_upload_mb)",
+                                  code="upload_too_large")
+        ctype = req.headers.get("content-type") or ""
+        model, span = multipart.field(req.body, ctype, "model")
+        if not model:
+            only = self.routes.only()
+            if only is not None:
+                return only, req.body, None
+            raise BadRequest("the upload has no model field; this router serves "
+                             f"{', '.join(sorted(self.routes.names()))}", param="model",
+                             code="missing_model")
+        group = self.routes.require(model, known=True)
+        payload = req.body
+        if span is not None and model != group.upstream_model:
+            payload = multipart.replace(req.body, span, group.upstream_model)
+        return group, payload, None
+
     def _parse(self, req: Request):
         require_api_key(req.headers.get("authorization"), self.cfg.router.api_keys)
+        if multipart.is_multipart(req.headers):
+            return self._parse_upload(req)
         try:
             body = json.loads(req.body) if req.body else None
         except ValueError as err:
@@ -255,7 +281,9 @@ class Proxy:
         answers an error that another replica may not, the request may go to another
         replica of the model (``pinned``: never)."""
         headers = {"Content-Type": "application/json", "X-Request-Id": rid}
-        for name in _PASSED if target is None else _PASSED_UPSTREAM:
+        passed = _PASSED if target is None and not multipart.is_multipart(req.headers) \
+            else _PASSED_UPSTREAM   # an upload keeps its multipart type and boundary
+        for name in passed:
             value = req.headers.get(name)
             if value is not None:
                 headers["Content-Type" if name == "content-type" else name] = value

@@ -13,17 +13,22 @@ from kvrouter.errors import NotFound
 # scoring and SageMaker routes): routed like /v1, through the same gate, keys and accounting
 NATIVE_JSON = frozenset({"/tokenize", "/detokenize", "/pooling", "/classify", "/score",
                          "/rerank", "/v2/rerank", "/invocations"})
+# uploads (multipart/form-data) naming a model in a form field: Whisper's on vLLM, SGLang's
+UPLOAD_PATHS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations",
+                          "/generate_from_file"})
 
 
 def client_route(path: str) -> bool:
-    """A path clients call with the API key: /v1/*, the engines' own JSON routes and the
-    passthrough /upstream/MODEL/PATH."""
-    return path.startswith(("/v1/", "/upstream/")) or path in NATIVE_JSON
+    """A path clients call with the API key: /v1/*, the engines' own JSON and upload
+    routes and the passthrough /upstream/MODEL/PATH."""
+    return path.startswith(("/v1/", "/upstream/")) or path in NATIVE_JSON or \
+        path in UPLOAD_PATHS
 
 
 def model_route(method: str, path: str) -> bool:
-    """A request the proxy routes by the body's ``model``."""
-    return method == "POST" and (path.startswith("/v1/") or path in NATIVE_JSON) and \
+    """A request the proxy routes by the body's ``model`` (a JSON key or a form field)."""
+    return method == "POST" and (path.startswith("/v1/") or path in NATIVE_JSON or
+                                 path in UPLOAD_PATHS) and \
         not path.startswith("/v1/responses/")
 
 

@@ -17,6 +17,7 @@ import gevent
 from kvrouter.http.messages import Request, Response, StreamResponse
 from kvrouter.http.server import HTTPServer
 from kvrouter.http.sockio import raise_open_files_limit
+from kvrouter.sim import audio
 from kvrouter.sim import text as T
 from kvrouter.sim.generate import Generator, SimError
 from kvrouter.sim.metrics import EngineMetrics
@@ -103,6 +104,10 @@ class SimEngine:
             r[("GET", "/health")] = self.vllm_health
             r[("GET", "/ping")] = r[("POST", "/ping")] = self.vllm_health
             r[("GET", "/version")] = lambda req: _json(200, {"version": self.cfg.version})
+            r[("POST", "/v1/audio/transcriptions")] = lambda req: audio.transcribe(
+                req, self.gen.check_model)
+            r[("POST", "/v1/audio/translations")] = lambda req: audio.transcribe(
+                req, self.gen.check_model, translate=True)
             if self.cfg.sleep_endpoints:
                 r[("POST", "/sleep")] = self.vllm_sleep
                 r[("POST", "/wake_up")] = self.vllm_wake

@@ -6,7 +6,14 @@ import subprocess
 
 import pytest
 
-from tests.helpers import PY, free_port, get_json, instance_yaml, supervised_stack
+from tests.helpers import (
+    PY,
+    free_port,
+    free_port_run,
+    get_json,
+    instance_yaml,
+    supervised_stack,
+)
 
 MODELS = ["lab/a", "lab/b", "lab/c", "lab/d"]
 
@@ -16,6 +23,20 @@ def _kvrouter(*args, timeout=300):
                        timeout=timeout)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
+
+
+def _replay_live(cfg, rp, trace, slo, tmp_path):
+    """The trace through the config under supervisord: bench trace's result, and each
+    engine's sleep status at the end."""
+    base = f"http://127.0.0.1:{rp}"
+    (tmp_path / "run").mkdir()
+    with supervised_stack(cfg, base, folder=str(tmp_path / "run")):
+        _kvrouter("bench", "trace", str(trace), "--base-url", base + "/v1",
+                  "--slo-ttft-ms", f"{slo['slo_ttft'] * 1000:.3f}",
+                  "--slo-tpot-ms", f"{slo['slo_tpot'] * 1000:.3f}",
+                  "--output", str(tmp_path / "live.json"), timeout=400)
+        status = get_json(base + "/model/sleep/status")[1]["models"]
+    return json.loads((tmp_path / "live.json").read_text()), status
 
 
 # lru sleeps after the configured 3 s; adaptive learns from the traffic (gaps, arrival
@@ -54,15 +75,7 @@ def test_live_replay_and_simulation_agree(tmp_path, policy, idle):
     slo = next(iter(sim["models"].values()))   # the four models are alike
     assert sim["wakes"] >= 10, sim   # the trace exercises sleep and wake
 
-    base = f"http://127.0.0.1:{rp}"
-    (tmp_path / "run").mkdir()
-    with supervised_stack(cfg, base, folder=str(tmp_path / "run")):
-        _kvrouter("bench", "trace", str(trace), "--base-url", base + "/v1",
-                  "--slo-ttft-ms", f"{slo['slo_ttft'] * 1000:.3f}",
-                  "--slo-tpot-ms", f"{slo['slo_tpot'] * 1000:.3f}",
-                  "--output", str(tmp_path / "live.json"), timeout=400)
-        status = get_json(base + "/model/sleep/status")[1]["models"]
-    live = json.loads((tmp_path / "live.json").read_text())
+    live, status = _replay_live(cfg, rp, trace, slo, tmp_path)
     live_wakes = sum(m["wakes"] for m in status.values())
     report = {m: (live["models"][m]["goodput"]["attainment"], sim["models"][m]["attainment"])
               for m in MODELS}
@@ -74,32 +87,10 @@ def test_live_replay_and_simulation_agree(tmp_path, policy, idle):
     assert abs(live_wakes - sim["wakes"]) <= 0.1 * sim["wakes"], (live_wakes, sim["wakes"])
 
 
-def _free_run(n):
-    """A first port with the ``n - 1`` after it free too (replicas: N takes consecutive
-    ports)."""
-    import socket
-
-    for _ in range(50):
-        first = free_port()
-        try:
-            socks = []
-            for p in range(first, first + n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return first
-    raise RuntimeError("no run of free ports")
-
-
 def test_live_replay_and_simulation_agree_with_elastic_replicas(tmp_path):
     """One model, three replicas (the short form, under supervisord), elastic: woken for
     load, slept when idle; the lab routes with the same policy objects."""
-    rp, first = free_port(), _free_run(3)
+    rp, first = free_port(), free_port_run(3)
     cfg = (f"router: {{router_host: 127.0.0.1, router_port: {rp}, access_log: false}}\n"
            "sleep_manager: {auto_sleep_enabled: true, idle_threshold_seconds: 4,"
            " check_interval_seconds: 0.25, min_sleep_duration: 0}\n"
@@ -129,15 +120,7 @@ def test_live_replay_and_simulation_agree_with_elastic_replicas(tmp_path):
     assert len(sim["per_engine"]) == 3 and \
         sum(1 for e in sim["per_engine"].values() if e["served"]) >= 2, sim["per_engine"]
 
-    base = f"http://127.0.0.1:{rp}"
-    (tmp_path / "run").mkdir()
-    with supervised_stack(cfg, base, folder=str(tmp_path / "run")):
-        _kvrouter("bench", "trace", str(trace), "--base-url", base + "/v1",
-                  "--slo-ttft-ms", f"{slo['slo_ttft'] * 1000:.3f}",
-                  "--slo-tpot-ms", f"{slo['slo_tpot'] * 1000:.3f}",
-                  "--output", str(tmp_path / "live.json"), timeout=400)
-        status = get_json(base + "/model/sleep/status")[1]["models"]
-    live = json.loads((tmp_path / "live.json").read_text())
+    live, status = _replay_live(cfg, rp, trace, slo, tmp_path)
     a_live = live["models"]["lab/rep"]["goodput"]["attainment"]
     live_wakes = sum(m["wakes"] for m in status.values())
     print(f"replicas: attainment live {a_live:.3f} sim {slo['attainment']:.3f}; wakes live "

@@ -17,9 +17,11 @@ from tests.helpers import (
     Router,
     SimEngine,
     free_port,
+    free_port_run,
     get_json,
     http,
     run_concurrently,
+    supervised_stack,
     wait_until,
 )
 
@@ -401,25 +403,7 @@ def test_under_supervisord_a_killed_replica_is_restarted_and_rejoins(tmp_path):
     """`replicas: 3` rendered for supervisord: three engine programs; one SIGKILLed while
     clients stream: no request fails before its first byte, supervisord restarts the
     engine and the router sends it traffic again."""
-    import socket as _socket
-
-    from tests.helpers import supervised_stack
-
-    rp = free_port()
-    for _ in range(50):   # three consecutive free ports for the short form
-        first = free_port()
-        try:
-            socks = []
-            for p in range(first, first + 3):
-                s = _socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            break
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
+    rp, first = free_port(), free_port_run(3)
     cfg = (f"router: {{router_host: 127.0.0.1, router_port: {rp}}}\n"
            "routing: {policy: round_robin}\n"
            "instances:\n"
