@@ -200,3 +200,21 @@ def test_no_ready_replica_waits_on_the_one_closest_to_serving():
         S.SLEEPING, S.WAKING, S.STOPPED
     assert post(proxy).status == 200
     assert gate.waited_on == ["m-2"] and gate.scaled == ["org/m"]
+
+
+def test_multipart_fields_are_found_and_replaced_byte_for_byte():
+    from kvrouter.http import multipart
+
+    ctype = 'multipart/form-data; boundary="xy"'
+    body = (b'--xy\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
+            b'\x00\xff--x\r\n--xy\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+            b'alias\r\n--xy--\r\n')
+    value, span = multipart.field(body, ctype, "model")
+    assert value == "alias"
+    out = multipart.replace(body, span, "org/real")
+    assert multipart.field(out, ctype, "model")[0] == "org/real"
+    assert out.replace(b"org/real", b"alias") == body
+    assert body[multipart.find(body, ctype, "file")] == b"\x00\xff--x"
+    assert multipart.field(body, ctype, "language") == (None, None)
+    with pytest.raises(Exception, match="closing boundary"):
+        multipart.field(body[:60], ctype, "model")

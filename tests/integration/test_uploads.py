@@ -1,0 +1,113 @@
+"""Uploads through the router: the official openai SDK's audio transcription (a multipart
+upload with a `model` field) to a simulated vLLM engine, by alias, to a sleeping model
+(woken by the request), with API keys; and bad uploads answered with a clear 4xx while the
+router keeps serving."""
+import socket
+
+import pytest
+import requests
+from openai import OpenAI
+
+from tests.helpers import Router, SimEngine, free_port, get_json, http, instance_yaml
+
+KEY = "sk-upload-test"
+MODEL = "up/whisper"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    engine = SimEngine("vllm", MODEL, args=["--enable-sleep-mode"])
+    other = SimEngine("vllm", "up/other", args=["--enable-sleep-mode"])
+    rp = free_port()
+    cfg = (f"router: {{router_port: {rp}, api_keys: [{KEY}], max_upload_mb: 1}}\n"
+           "sleep_manager: {min_sleep_duration: 0}\ninstances:\n"
+           + instance_yaml("w", MODEL, engine.port, "vllm",
+                           "    served_model_names: [whisper-1]\n")
+           + instance_yaml("o", "up/other", other.port, "vllm"))
+    router = Router(cfg, str(tmp_path_factory.mktemp("uploads")))
+    try:
+        router.wait_models_ready()
+        yield {"base": router.base, "engine": engine, "rp": rp}
+    finally:
+        router.stop()
+        engine.stop()
+        other.stop()
+
+
+AUDIO = bytes(range(256)) * 400   # 100 KiB of "audio", every byte value in it
+
+
+def test_the_openai_sdk_transcribes_an_upload_through_the_router_by_alias(stack):
+    client = OpenAI(base_url=stack["base"] + "/v1", api_key=KEY)
+    out = client.audio.transcriptions.create(model="whisper-1",
+                                             file=("a.wav", AUDIO, "audio/wav"))
+    assert out.text.startswith(f"transcribed {len(AUDIO)} bytes ")   # the whole file arrived
+    again = client.audio.translations.create(model=MODEL, file=("a.wav", AUDIO, "audio/wav"))
+    assert again.text.split()[-1] == out.text.split()[-1]           # byte for byte the same
+    _, stats = get_json(stack["base"] + f"/traffic/stats/{MODEL}")
+    assert stats["successful_requests"] >= 2
+
+
+def test_an_upload_wakes_a_sleeping_model(stack):
+    base = stack["base"]
+    assert http("POST", base + f"/model/sleep/{MODEL}")[0] == 200
+    client = OpenAI(base_url=base + "/v1", api_key=KEY)
+    out = client.audio.transcriptions.create(model=MODEL, file=("a.wav", b"abc", "audio/wav"))
+    assert out.text.startswith("transcribed 3 bytes")
+    assert get_json(base + f"/health/{MODEL}")[1]["state"] == "ready"
+
+
+def _post(base, files=None, data=None, key=KEY, **kw):
+    return requests.post(base + "/v1/audio/transcriptions", files=files, data=data,
+                         headers={"Authorization": f"Bearer {key}"} if key else {},
+                         timeout=30, **kw)
+
+
+@pytest.mark.parametrize("data,status,code", [
+    ({}, 400, "missing_model"),                      # no model field (two models served)
+    ({"model": "nope"}, 404, "model_not_found"),
+])
+def test_bad_uploads_get_a_clear_4xx(stack, data, status, code):
+    r = _post(stack["base"], files={"file": ("a.wav", b"x" * 10)}, data=data)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+
+
+def test_a_model_field_after_the_file_still_routes(stack):
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            "filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n").encode() + b"y" * 50000 + \
+        (f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"
+         f"whisper-1\r\n--{boundary}--\r\n").encode()
+    r = requests.post(stack["base"] + "/v1/audio/transcriptions", data=body, timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}",
+                               "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 200 and r.json()["text"].startswith("transcribed 50000 bytes")
+
+
+def test_an_oversized_upload_is_refused_before_its_body_and_without_a_key_first(stack):
+    big = {"file": ("a.wav", b"z" * (2 * 1024 * 1024))}
+    r = _post(stack["base"], files=big, data={"model": MODEL}, key=None)
+    assert r.status_code == 401   # the key is checked before anything else
+    r = _post(stack["base"], files=big, data={"model": MODEL})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "upload_too_large"
+    assert _post(stack["base"], files={"file": ("a", b"ok")},
+                 data={"model": MODEL}).status_code == 200   # the router still serves
+
+
+def test_a_half_sent_upload_is_a_400_and_nothing_else_suffers(stack):
+    base = stack["base"]
+    body = b"--zz\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n" + MODEL.encode() + \
+        b"\r\n--zz\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nabc"
+    r = requests.post(base + "/v1/audio/transcriptions", data=body, timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}",
+                               "Content-Type": "multipart/form-data; boundary=zz"})
+    assert r.status_code == 400 and "closing boundary" in r.json()["error"]["message"]
+    # a client that sends half its declared body and goes away: the others are served
+    s = socket.create_connection(("127.0.0.1", stack["rp"]))
+    s.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+              + KEY.encode() + b"\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+              b"Content-Length: 100000\r\n\r\n" + body[:100])
+    s.close()
+    client = OpenAI(base_url=base + "/v1", api_key=KEY)
+    assert client.audio.transcriptions.create(model=MODEL, file=("a", b"q")).text
