@@ -191,15 +191,20 @@ class UpstreamPool:
             sock.close()               # EOF, reset, or bytes nobody asked for
         return None
 
-    def refuses(self, timeout: float = 0.5) -> bool:
+    def refuses(self, timeout: float = 0.5, tries: int = 3, gap: float = 0.05) -> bool:
         """The engine's port refuses a connection now: its process is gone (what it was
-        sent died with it, and nothing it read can still be answered or billed)."""
-        try:
-            self._connect(timeout).close()
-        except ConnectionRefusedError:
-            return True
-        except OSError:
-            return False
+        sent died with it, and nothing it read can still be answered or billed). Asked a
+        few times over a tenth of a second: a process being killed may still hold its
+        listening socket for a moment after its connections broke."""
+        for attempt in range(tries):
+            if attempt:
+                time.sleep(gap)
+            try:
+                self._connect(timeout).close()
+            except ConnectionRefusedError:
+                return True
+            except OSError:
+                return False
         return False
 
     def _connect(self, timeout: float):
