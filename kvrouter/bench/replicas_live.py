@@ -21,7 +21,7 @@ import signal  # noqa: E402
 import statistics  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from typing import Dict, List  # noqa: E402
+from typing import Dict, List, Optional  # noqa: E402
 
 import requests  # noqa: E402
 
@@ -63,6 +63,17 @@ def _states(base: str) -> List[str]:
     except (requests.RequestException, ValueError):
         return []
     return [r["state"] for r in body.get("replicas", [])]
+
+
+def _seconds_until(base: str, replica: int, state: str, timeout: float) -> Optional[float]:
+    """Seconds until the router shows replica ``replica`` in ``state`` (None: not within
+    ``timeout``)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if _states(base)[replica:replica + 1] == [state]:
+            return time.monotonic() - start
+        time.sleep(0.01)
+    return None
 
 
 def _stream(base: str, tokens: int, timeout: float = 30.0) -> Dict[str, object]:
@@ -133,21 +144,10 @@ def killed_under_load(clients: int = 12, seconds: float = 8.0, kill_at: float = 
         time.sleep(kill_at)
         os.killpg(engines[2].p.pid, signal.SIGKILL)
         killed = time.monotonic()
-        out_after = None
-        while time.monotonic() - killed < 5:
-            if _states(base)[2:3] == ["failed"]:
-                out_after = time.monotonic() - killed
-                break
-            time.sleep(0.01)
+        out_after = _seconds_until(base, 2, "failed", 5.0)
         time.sleep(max(0.0, seconds - kill_at - (time.monotonic() - killed)))
         engines[2] = _engine(ports[2])
-        restarted = time.monotonic()
-        back_after = None
-        while time.monotonic() - restarted < 20:
-            if _states(base)[2:3] == ["ready"]:
-                back_after = time.monotonic() - restarted
-                break
-            time.sleep(0.02)
+        back_after = _seconds_until(base, 2, "ready", 20.0)
     finally:
         stop.set()
         for t in threads:

@@ -59,12 +59,10 @@ class ModelGroup:
 
     def __init__(self, entries: Sequence[ModelEntry], cfg: RoutingConfig,
                  rng: Optional[random.Random] = None):
-        self.entries: List[ModelEntry] = list(entries)
+        self.settings = cfg
+        self.take(entries)
         first = self.entries[0].inst
         self.model = first.model
-        self.route_names = first.route_names
-        self.upstream_model = first.upstream_model
-        self.min_ready = first.min_ready if first.min_ready is not None else cfg.min_ready
         self.policy_name = first.routing_policy or cfg.policy
         self.policy = routing.from_settings(self.policy_name, cfg)
         self.rng = rng or random.Random()
@@ -72,8 +70,6 @@ class ModelGroup:
                                            base_seconds=cfg.eject_seconds,
                                            cap_seconds=max(60.0, cfg.eject_seconds))
         self.ejections: Dict[str, Ejection] = {e.name: Ejection() for e in self.entries}
-        self.scale_task: Optional[gevent.Greenlet] = None   # a wake for load (single flight)
-        self.settings = cfg
 
     @property
     def keys(self) -> List[str]:
@@ -87,7 +83,8 @@ class ModelGroup:
             (first.routing_policy or cfg.policy) == self.policy_name
 
     def take(self, entries: Sequence[ModelEntry]) -> None:
-        self.entries = list(entries)
+        """These engines (a reload's, with their instances' settings) from now on."""
+        self.entries: List[ModelEntry] = list(entries)
         first = self.entries[0].inst
         self.route_names = first.route_names
         self.upstream_model = first.upstream_model

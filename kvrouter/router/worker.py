@@ -27,6 +27,7 @@ from gevent.event import Event
 from kvrouter import logs
 from kvrouter.config.schema import Config
 from kvrouter.control.entry import ModelEntry
+from kvrouter.control.policy import wake_for_load
 from kvrouter.engines.adapters import adapter_for
 from kvrouter.errors import ApiError, NotFound, ServiceUnavailable
 from kvrouter.http.client import UpstreamError, UpstreamPool
@@ -83,14 +84,12 @@ class WorkerGate:
         return self.shared.in_flight(entry.name)
 
     def scale(self, group, chooser=None) -> None:
-        """The owner decides whether to wake another replica; a worker tells it when its
-        model may need one (a replica not ready, or the ready ones loaded)."""
-        wake_at = self.wake_at
-        ready = [e for e in group.entries if self.shared.ready(e.name)]
-        if len(ready) == len(group.entries):
-            return
-        if len(ready) >= group.min_ready and (not wake_at or sum(
-                self.shared.in_flight(e.name) for e in ready) < wake_at * len(ready)):
+        """The owner decides whether to wake another replica; a worker tells it when the
+        owner's rule (``policy.wake_for_load``) would, on the states and counts it shares."""
+        entries = group.entries
+        if wake_for_load([self.shared.state(e.name) for e in entries],
+                         [self.shared.in_flight(e.name) for e in entries],
+                         group.min_ready, self.wake_at) is None:
             return
         now = self.clock()
         if now - self.scale_asked.get(group.model, -1e9) < self.SCALE_SECONDS:
