@@ -74,10 +74,20 @@ class ApiError(Exception):
         self.headers = headers or {}
         self.extra = extra or {}   # more top-level keys beside "error" (e.g. a model's status)
 
+    dialect = "openai"   # "anthropic": the shape Anthropic's clients parse (/v1/messages)
+
     def body(self) -> dict:
+        if self.dialect == "anthropic":
+            return {"type": "error", "error": {"type": anthropic_type(self.status),
+                                               "message": self.message}}
         out = envelope(self.message, self.type, self.param, self.code)
         out.update(self.extra)
         return out
+
+    def for_anthropic(self) -> "ApiError":
+        """This error, answered in Anthropic's shape."""
+        self.dialect = "anthropic"
+        return self
 
     def to_json(self) -> bytes:
         return json.dumps(self.body()).encode()
@@ -148,6 +158,17 @@ def error_type(status: int) -> str:
         return cls.type
     return _TYPES_BY_STATUS.get(status, "server_error" if status >= 500
                                 else "invalid_request_error")
+
+
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                   403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                   429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_type(status: int) -> str:
+    """Anthropic's error type (``{"type": "error", "error": {"type", "message"}}``), which
+    follows the HTTP status in Anthropic's API."""
+    return ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
 
 def api_error(status: int, message: str, **kw) -> ApiError:

@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import json
 
-from kvrouter.errors import ApiError, envelope, error_type
+from kvrouter.errors import ApiError, anthropic_type, api_error, envelope, error_type
 from kvrouter.http.messages import Response
+
+ANTHROPIC_PATH = "/v1/messages"   # and /v1/messages/count_tokens: Anthropic's clients
+
+
+def anthropic_path(path: str) -> bool:
+    return path.startswith(ANTHROPIC_PATH)
 
 
 def error_response(err: ApiError) -> Response:
@@ -48,3 +54,20 @@ def normalize_error_body(status: int, body: bytes) -> bytes:
 def stream_error_event(message: str, type_: str = "server_error", code=None) -> bytes:
     """An in-band SSE error: the openai SDK raises APIError on an event with an ``error`` key."""
     return b"data: " + json.dumps(envelope(message, type_, None, code)).encode() + b"\n\n"
+
+
+def to_anthropic(resp: Response) -> Response:
+    """An error answered on /v1/messages (the router's own, or an engine's already put in
+    the OpenAI envelope) in the shape Anthropic's SDK parses."""
+    try:
+        message = str(json.loads(resp.body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = resp.body.decode("utf-8", "replace")[:2000]
+    body = api_error(resp.status, message).for_anthropic().to_json()
+    return Response(resp.status, resp.headers, body)
+
+
+def anthropic_stream_error(message: str, status: int = 502) -> bytes:
+    """An in-band error on an Anthropic event stream (its SDK raises on ``event: error``)."""
+    body = {"type": "error", "error": {"type": anthropic_type(status), "message": message}}
+    return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"

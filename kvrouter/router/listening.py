@@ -8,11 +8,12 @@ import socket
 from typing import Callable, Optional
 
 from kvrouter.config.schema import Config
-from kvrouter.errors import PayloadTooLarge
+from kvrouter.errors import ApiError, PayloadTooLarge
 from kvrouter.http.limits import ServerLimits, fair_share
 from kvrouter.http.multipart import is_multipart
 from kvrouter.http.server import HTTPServer
-from kvrouter.router.auth import require_api_key
+from kvrouter.router.auth import require_client_key
+from kvrouter.router.errors import anthropic_path
 from kvrouter.router.routes import client_route
 
 SECRET_HEADER = "x-kvrouter-owner-secret"
@@ -52,7 +53,10 @@ def router_http_server(listener, handler, get_cfg: Callable[[], Config]) -> HTTP
     def precheck(req) -> None:
         r = get_cfg().router
         if r.api_keys and client_route(req.path):
-            require_api_key(req.headers.get("authorization"), r.api_keys)
+            try:
+                require_client_key(req.headers, r.api_keys)
+            except ApiError as err:
+                raise err.for_anthropic() if anthropic_path(req.path) else err
         if is_multipart(req.headers):   # an upload too big is refused before it is read
             err = too_large(req.headers.get("content-length"),
                             int(r.max_upload_mb * 1024 * 1024))

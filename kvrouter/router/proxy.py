@@ -33,20 +33,29 @@ from kvrouter.errors import (
 from kvrouter.http import multipart
 from kvrouter.http.client import UpstreamError, UpstreamPool, UpstreamTimeout
 from kvrouter.http.messages import ClientGone, Request, Response, StreamResponse
-from kvrouter.router.auth import require_api_key
-from kvrouter.router.errors import error_response, normalize_error_body, stream_error_event
+from kvrouter.router.auth import require_client_key
+from kvrouter.router.errors import (
+    anthropic_path,
+    anthropic_stream_error,
+    error_response,
+    normalize_error_body,
+    stream_error_event,
+    to_anthropic,
+)
 from kvrouter.router.replicas import Chooser
 from kvrouter.router.route_key import EMPTY, route_key
 from kvrouter.router.routes import RouteTable
 from kvrouter.traffic import TrafficMonitor
 
 log = logging.getLogger("kvrouter.proxy")
-_PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-_COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+# OpenAI's usage names, and the Responses and Anthropic Messages APIs' ones
+_PROMPT_RE = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*(\d+)')
+_COMPLETION_RE = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*(\d+)')
 _JSON_HEADERS = [("Content-Type", "application/json")]
 _RESPONSE_ID_RE = re.compile(rb'"id"\s*:\s*"(resp_[^"]+)"')
 RESPONSES_KEPT = 100_000
-_PASSED = ("authorization", "accept")   # client headers the engine gets
+# client headers the engine gets (Anthropic's clients send their key and API version)
+_PASSED = ("authorization", "accept", "x-api-key", "anthropic-version", "anthropic-beta")
 _PASSED_UPSTREAM = _PASSED + ("content-type",)   # ... and through /upstream/, its body type
 UPSTREAM = "/upstream/"
 # what the router alone calls on an engine (its memory and lifecycle): refused through
@@ -119,7 +128,7 @@ class Proxy:
         return group, payload, None
 
     def _parse(self, req: Request):
-        require_api_key(req.headers.get("authorization"), self.cfg.router.api_keys)
+        require_client_key(req.headers, self.cfg.router.api_keys)
         if multipart.is_multipart(req.headers):
             return self._parse_upload(req)
         try:
@@ -151,6 +160,12 @@ class Proxy:
 
     # --- the route -----------------------------------------------------------------------------
     def handle(self, req: Request):
+        resp = self._handle(req)
+        if resp.status >= 400 and isinstance(resp, Response) and anthropic_path(req.path):
+            return to_anthropic(resp)   # Anthropic's clients parse their own error shape
+        return resp
+
+    def _handle(self, req: Request):
         try:
             group, payload, body = self._parse(req)
         except ApiError as err:
@@ -177,7 +192,7 @@ class Proxy:
         streamed back as the engine sends it), through the same key, gate and accounting;
         the engine's lifecycle endpoints are the router's to call."""
         try:
-            require_api_key(req.headers.get("authorization"), self.cfg.router.api_keys)
+            require_client_key(req.headers, self.cfg.router.api_keys)
             group, target = self._upstream_target(req.path)
         except ApiError as err:
             self.traffic.unrouted += 1
@@ -260,7 +275,7 @@ class Proxy:
         """GET/DELETE /v1/responses/{id}[/...] and POST .../cancel: to the engine that
         created the response (engines keep responses in memory; lost on restart)."""
         try:
-            require_api_key(req.headers.get("authorization"), self.cfg.router.api_keys)
+            require_client_key(req.headers, self.cfg.router.api_keys)
             response_id = req.path[len("/v1/responses/"):].split("/", 1)[0]
             entry = self._response_entry(response_id)
             if entry is None:
@@ -419,7 +434,10 @@ class Proxy:
                     last = now
                     chunks += 1
                     if b'"usage":{' in chunk or b'"usage": {' in chunk:
-                        prompt, completion = _usage(chunk)
+                        # (Anthropic's stream counts input in its first event, output
+                        # in its last)
+                        p, c = _usage(chunk)
+                        prompt, completion = p or prompt, c or completion
                     if chunks == 1 and track_id:
                         found = _RESPONSE_ID_RE.search(chunk)
                         if found:
@@ -435,9 +453,11 @@ class Proxy:
                 log.warning("%s: stream broke off: %s", entry.name, err)
                 if not sse:
                     return   # not an event stream: the connection ends short
-                yield (b"" if clean else b"\n\n") + stream_error_event(
-                    f"model {entry.name!r}: {err}", "server_error",
-                    "upstream_timeout" if outcome == "timeout" else "upstream_error")
+                message = f"model {entry.name!r}: {err}"
+                yield (b"" if clean else b"\n\n") + (
+                    anthropic_stream_error(message) if anthropic_path(req.path) else
+                    stream_error_event(message, "server_error", "upstream_timeout"
+                                       if outcome == "timeout" else "upstream_error"))
         finally:
             resp.close()
             itl = (last - first) / (chunks - 1) \

@@ -17,7 +17,7 @@ import gevent
 from kvrouter.http.messages import Request, Response, StreamResponse
 from kvrouter.http.server import HTTPServer
 from kvrouter.http.sockio import raise_open_files_limit
-from kvrouter.sim import audio
+from kvrouter.sim import anthropic, audio
 from kvrouter.sim import text as T
 from kvrouter.sim.generate import Generator, SimError
 from kvrouter.sim.metrics import EngineMetrics
@@ -104,6 +104,11 @@ class SimEngine:
             r[("GET", "/health")] = self.vllm_health
             r[("GET", "/ping")] = r[("POST", "/ping")] = self.vllm_health
             r[("GET", "/version")] = lambda req: _json(200, {"version": self.cfg.version})
+            if self.cfg.runner != "pooling":
+                r[("POST", "/v1/messages")] = lambda req: self._anthropic(
+                    anthropic.messages, req)
+                r[("POST", "/v1/messages/count_tokens")] = lambda req: self._anthropic(
+                    anthropic.count_tokens, req)
             r[("POST", "/v1/audio/transcriptions")] = lambda req: audio.transcribe(
                 req, self.gen.check_model)
             r[("POST", "/v1/audio/translations")] = lambda req: audio.transcribe(
@@ -153,6 +158,13 @@ class SimEngine:
             return fn(req)
         except SimError as err:
             return self.error(err.status, err.message, err.type, err.param)
+
+    def _anthropic(self, fn, req: Request):
+        """vLLM's Anthropic routes: errors in Anthropic's shape."""
+        try:
+            return fn(self.gen, self._body(req))
+        except SimError as err:
+            return anthropic.error(err)
 
     # --- OpenAI --------------------------------------------------------------------------------
     def _starting_guard(self) -> Optional[Response]:

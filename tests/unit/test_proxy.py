@@ -179,3 +179,47 @@ def test_api_keys_are_checked_before_anything_else():
     assert proxy.handle(request({"model": "org/a"},
                                 headers={"Authorization": "Bearer k2"})).status == 200
     assert len(pools["org/a"].requests) == 1
+
+
+def test_anthropic_messages_count_tokens_and_break_off_in_anthropics_shape():
+    events = [b'event: message_start\ndata: {"type": "message_start", "message": {"usage": '
+              b'{"input_tokens": 9, "output_tokens": 0}}}\n\n',
+              b'event: message_delta\ndata: {"type": "message_delta", "usage": '
+              b'{"output_tokens": 4}}\n\n']
+    proxy, _, traffic, _ = make(lambda *a: FakeResponse(
+        200, chunks=events, headers={"content-type": "text/event-stream"},
+        fail_after=UpstreamError("body", "engine closed the connection mid-response")))
+    resp = proxy.handle(request({"model": "org/a", "max_tokens": 4, "stream": True,
+                                 "messages": []}, path="/v1/messages"))
+    out = body_of(resp).split(b"\n\n")
+    assert out[2].startswith(b"event: error\ndata: ")
+    err = json.loads(out[2].split(b"data: ", 1)[1])
+    assert err["type"] == "error" and err["error"]["type"] == "api_error"
+    m = traffic.models["org/a"]
+    assert (m.prompt_tokens, m.completion_tokens) == (9, 4)   # input from the first event
+
+
+@pytest.mark.parametrize("engine_body,status,kind", [
+    (b'{"type": "error", "error": {"type": "BadRequestError", "message": "bad"}}', 400,
+     "invalid_request_error"),
+    (b'{"error": {"message": "bad", "type": "x"}}', 503, "overloaded_error"),
+    (b"plain bad", 500, "api_error"),
+])
+def test_anthropic_errors_from_the_engine_keep_status_and_message(engine_body, status, kind):
+    proxy, _, _, _ = make(lambda *a: FakeResponse(status, engine_body))
+    resp = proxy.handle(request({"model": "org/a", "max_tokens": 1}, path="/v1/messages"))
+    assert resp.status == status
+    body = json.loads(resp.body)
+    assert body == {"type": "error", "error": {"type": kind, "message": body["error"]["message"]}}
+    assert "bad" in body["error"]["message"]
+
+
+def test_anthropic_clients_key_and_router_errors():
+    proxy, _, _, _ = make(lambda *a: ok(), keys="k1")
+    req = request({"model": "org/a", "max_tokens": 1}, path="/v1/messages",
+                  headers={"x-api-key": "k1"})
+    assert proxy.handle(req).status == 200
+    bad = proxy.handle(request({"model": "org/a"}, path="/v1/messages",
+                               headers={"x-api-key": "k2"}))
+    assert bad.status == 401 and json.loads(bad.body)["error"]["type"] == "authentication_error"
+    assert json.loads(bad.body)["type"] == "error"

@@ -7,7 +7,7 @@ from flask import current_app, request
 
 from kvrouter.control.entry import ModelEntry
 from kvrouter.errors import BadRequest, Conflict
-from kvrouter.router.auth import require_admin, require_api_key
+from kvrouter.router.auth import require_admin, require_client_key
 
 
 def router() -> Any:
@@ -45,7 +45,7 @@ def number_arg(name: str, default: float, lo: float = 0.0, hi: float = float("in
 
 
 def api_key_required() -> None:
-    require_api_key(request.headers.get("Authorization"), router().cfg.router.api_keys)
+    require_client_key(request.headers, router().cfg.router.api_keys)
 
 
 def admin_required() -> None:
