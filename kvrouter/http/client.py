@@ -10,10 +10,11 @@ from __future__ import annotations
 import errno
 import socket
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import httptools
 
+from kvrouter.http.body import StreamBody
 from kvrouter.http.sockio import send_all
 
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
@@ -153,6 +154,14 @@ class UpstreamResponse:
             self.sock = None
 
 
+def _send_body(sock, body: StreamBody) -> None:
+    chunked = body.length is None
+    for piece in body.pieces():
+        send_all(sock, b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+    if chunked:
+        send_all(sock, b"0\r\n\r\n")
+
+
 class UpstreamPool:
     """Keep-alive connections to one engine (LIFO, so warm sockets are reused first)."""
 
@@ -222,16 +231,24 @@ class UpstreamPool:
         while self.idle:
             self.idle.pop()[0].close()
 
-    def request(self, method: str, path: str, headers: Dict[str, str], body: bytes = b"",
-                connect_timeout: float = 5.0, first_byte_timeout: float = 600.0,
+    def request(self, method: str, path: str, headers: Dict[str, str],
+                body: Union[bytes, StreamBody] = b"", connect_timeout: float = 5.0,
+                first_byte_timeout: float = 600.0,
                 idle_timeout: float = 300.0) -> UpstreamResponse:
+        """``body``: bytes, or a StreamBody sent as it is read (Content-Length when its
+        length is known, else chunked)."""
         lines = [f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"]
         for k, v in headers.items():
             lines.append(f"{k}: {v}\r\n")
-        if body or method in ("POST", "PUT", "PATCH"):
+        if isinstance(body, StreamBody):
+            lines.append(f"Content-Length: {body.length}\r\n" if body.length is not None
+                         else "Transfer-Encoding: chunked\r\n")
+        elif body or method in ("POST", "PUT", "PATCH"):
             lines.append(f"Content-Length: {len(body)}\r\n")
         lines.append("\r\n")
-        payload = "".join(lines).encode("latin-1") + body
+        payload = "".join(lines).encode("latin-1")
+        if not isinstance(body, StreamBody):
+            payload += body
         # A pooled connection is checked before reuse. If it still fails, the request is sent
         # again on a fresh connection only when it cannot have been processed: the engine
         # closed before the whole request was written (or it is a GET). Once written, a POST
@@ -254,6 +271,11 @@ class UpstreamPool:
             try:
                 sock.settimeout(first_byte_timeout)
                 send_all(sock, payload)
+                if isinstance(body, StreamBody):
+                    if body.started:   # its first pieces went on a connection that broke
+                        raise UpstreamError("first_byte", "engine connection failed while "
+                                            "the request body was sent")
+                    _send_body(sock, body)
                 written = True
                 while not parser.headers_done:
                     data = sock.recv(65536)

@@ -13,7 +13,7 @@ class ClientGone(BaseException):
 
 class Request:
     __slots__ = ("method", "url", "path", "query", "headers", "body", "version",
-                 "keep_alive", "remote")
+                 "keep_alive", "remote", "stream")
 
     def __init__(self):
         self.method = ""
@@ -25,6 +25,7 @@ class Request:
         self.version = "1.1"
         self.keep_alive = True
         self.remote = None
+        self.stream = None   # a BodyReader when the body is read as the handler asks
 
     def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
         return self.headers.get(name, default)

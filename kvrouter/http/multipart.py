@@ -8,7 +8,7 @@ replacing it leaves every other byte of the body as it came.
 from __future__ import annotations
 
 import re
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 from kvrouter.errors import BadRequest
 
@@ -52,6 +52,57 @@ def find(body: bytes, content_type: str, name: str) -> Optional[slice]:
         if found is not None and found.group(1) == wanted:
             return slice(head_end + 4, nxt)
         pos = nxt + 2
+
+
+class FieldScanner:
+    """Finds text field ``name`` in a body that arrives in pieces: ``scan(prefix)`` on the
+    bytes so far (each call with more) answers the field's (value, span) once its part is
+    complete, (None, None) once the body's closing delimiter shows it is absent, else
+    ``MORE``. Each byte is searched about once, however the body is cut."""
+
+    def __init__(self, content_type: str, name: str):
+        self.delim = b"--" + boundary(content_type)
+        self.wanted = name.encode()
+        self.pos = -1     # where the current part's delimiter starts (-1: not seen yet)
+        self.seen = 0     # searched up to here for what comes next
+
+    def scan(self, buf: Union[bytes, bytearray]):
+        delim = self.delim
+        while True:
+            if self.pos < 0:
+                pos = buf.find(delim, self.seen)
+                if pos < 0:
+                    self.seen = max(0, len(buf) - len(delim))
+                    return MORE
+                self.pos = self.seen = pos
+            start = self.pos + len(delim)
+            if len(buf) < start + 2:
+                return MORE
+            if buf[start:start + 2] == b"--":
+                return None, None
+            head_end = buf.find(b"\r\n\r\n", start)
+            if head_end < 0:
+                return MORE
+            nxt = buf.find(b"\r\n" + delim, max(head_end + 4, self.seen))
+            if nxt < 0:
+                self.seen = max(head_end + 4, len(buf) - len(delim) - 2)
+                return MORE
+            found = _NAME_RE.search(buf, start, head_end)
+            if found is not None and found.group(1) == self.wanted:
+                span = slice(head_end + 4, nxt)
+                try:
+                    return buf[span].decode("utf-8").strip(), span
+                except UnicodeDecodeError:
+                    raise BadRequest(f"the {self.name} field is not UTF-8 text",
+                                     param=self.name) from None
+            self.pos = self.seen = nxt + 2
+
+    @property
+    def name(self) -> str:
+        return self.wanted.decode()
+
+
+MORE = ("more", None)   # FieldScanner.scan: the field's part has not all arrived yet
 
 
 def field(body: bytes, content_type: str,

@@ -14,7 +14,7 @@ from kvrouter.http.multipart import is_multipart
 from kvrouter.http.server import HTTPServer
 from kvrouter.router.auth import require_client_key
 from kvrouter.router.errors import anthropic_path
-from kvrouter.router.routes import client_route
+from kvrouter.router.routes import client_route, streamed_body
 
 SECRET_HEADER = "x-kvrouter-owner-secret"
 
@@ -55,15 +55,15 @@ def router_http_server(listener, handler, get_cfg: Callable[[], Config]) -> HTTP
         if r.api_keys and client_route(req.path):
             try:
                 require_client_key(req.headers, r.api_keys)
-            except ApiError as err:
-                raise err.for_anthropic() if anthropic_path(req.path) else err
+            except ApiError as refused:
+                raise refused.for_anthropic() if anthropic_path(req.path) else refused
         if is_multipart(req.headers):   # an upload too big is refused before it is read
             err = too_large(req.headers.get("content-length"),
                             int(r.max_upload_mb * 1024 * 1024))
             if err is not None:
                 raise err
 
-    return HTTPServer(listener, handler, limits, precheck=precheck)
+    return HTTPServer(listener, handler, limits, precheck=precheck, stream_body=streamed_body)
 
 
 def reuseport_listener(host: str, port: int, backlog: int = 2048) -> socket.socket:

@@ -12,7 +12,7 @@ import os
 import re
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 from urllib.parse import unquote
 
 from kvrouter import logs
@@ -31,6 +31,7 @@ from kvrouter.errors import (
     ServiceUnavailable,
 )
 from kvrouter.http import multipart
+from kvrouter.http.body import StreamBody
 from kvrouter.http.client import UpstreamError, UpstreamPool, UpstreamTimeout
 from kvrouter.http.messages import ClientGone, Request, Response, StreamResponse
 from kvrouter.router.auth import require_client_key
@@ -73,6 +74,13 @@ def _usage(data: bytes):
     return (int(p[-1]) if p else 0), (int(c[-1]) if c else 0)
 
 
+def _shaped(req: Request, resp: Response) -> Response:
+    """An error on /v1/messages in the shape Anthropic's clients parse."""
+    if resp.status >= 400 and anthropic_path(req.path):
+        return to_anthropic(resp)
+    return resp
+
+
 def _pool_of(entry: ModelEntry) -> UpstreamPool:
     return entry.pool
 
@@ -105,27 +113,77 @@ class Proxy:
                          r.stream_idle_timeout_seconds)
 
     # --- request parsing -----------------------------------------------------------------------
+    def _upload_limit(self) -> int:
+        return int(self.cfg.router.max_upload_mb * 1024 * 1024)
+
     def _parse_upload(self, req: Request):
-        """A multipart upload: routed by its ``model`` form field (an alias rewritten)."""
-        limit = int(self.cfg.router.max_upload_mb * 1024 * 1024)
+        """A multipart upload: routed by its ``model`` form field (an alias rewritten). A
+        streamed one (``req.stream``) is read only until that field is found; the rest goes
+        to the engine as it arrives."""
+        if req.stream is not None:
+            return self._parse_streamed_upload(req)
+        limit = self._upload_limit()
         if len(req.body) > limit:   # sent chunked: no Content-Length to refuse it on
-            raise PayloadTooLarge(f"upload of {len(req.body)} bytes is over the limit of "
-                                  f"{limit} bytes (router.max_upload_mb)",
-                                  code="upload_too_large")
+            raise self._too_large(len(req.body))
         ctype = req.headers.get("content-type") or ""
         model, span = multipart.field(req.body, ctype, "model")
-        if not model:
-            only = self.routes.only()
-            if only is not None:
-                return only, req.body, None
-            raise BadRequest("the upload has no model field; this router serves "
-                             f"{', '.join(sorted(self.routes.names()))}", param="model",
-                             code="missing_model")
-        group = self.routes.require(model, known=True)
-        payload = req.body
+        group = self._upload_group(model)
         if span is not None and model != group.upstream_model:
-            payload = multipart.replace(req.body, span, group.upstream_model)
-        return group, payload, None
+            return group, multipart.replace(req.body, span, group.upstream_model), None
+        return group, req.body, None
+
+    def _too_large(self, n) -> PayloadTooLarge:
+        return PayloadTooLarge(f"upload of {n} bytes is over the limit of "
+                               f"{self._upload_limit()} bytes (router.max_upload_mb)",
+                               code="upload_too_large")
+
+    def _upload_group(self, model: Optional[str]) -> ModelGroup:
+        if model:
+            return self.routes.require(model, known=True)
+        only = self.routes.only()
+        if only is not None:
+            return only
+        raise BadRequest("the upload has no model field; this router serves "
+                         f"{', '.join(sorted(self.routes.names()))}", param="model",
+                         code="missing_model")
+
+    def _parse_streamed_upload(self, req: Request):
+        limit = self._upload_limit()
+        reader = req.stream
+        assert reader is not None
+        scanner = multipart.FieldScanner(req.headers.get("content-type") or "", "model")
+        pieces = iter(reader)
+        buf = bytearray()
+        found = multipart.MORE
+        while found is multipart.MORE:   # held until the field is found (a model field
+            piece = next(pieces, None)   # after the file costs the file, within the limit)
+            if piece is None:
+                raise BadRequest("multipart body ends before its closing boundary (a "
+                                 "half-sent upload?)", code="invalid_multipart")
+            if len(buf) + len(piece) > limit:
+                raise self._too_large(f"over {limit}")
+            reader.hold(len(piece))
+            buf += piece
+            found = scanner.scan(buf)
+        model, span = found
+        group = self._upload_group(model)
+        length = reader.length
+        if span is not None and model != group.upstream_model:
+            value = group.upstream_model.encode()
+            buf[span] = value
+            if length is not None:
+                length += len(value) - (span.stop - span.start)
+        return group, StreamBody(bytes(buf), self._bounded(pieces, limit - len(buf)),
+                                 length), None
+
+    def _bounded(self, pieces, left: int):
+        """The rest of a streamed upload, refused (413) past the limit (a chunked one has no
+        Content-Length the headers' check could refuse it on)."""
+        for piece in pieces:
+            left -= len(piece)
+            if left < 0:
+                raise self._too_large(f"over {self._upload_limit()}")
+            yield piece
 
     def _parse(self, req: Request):
         require_client_key(req.headers, self.cfg.router.api_keys)
@@ -160,12 +218,6 @@ class Proxy:
 
     # --- the route -----------------------------------------------------------------------------
     def handle(self, req: Request):
-        resp = self._handle(req)
-        if resp.status >= 400 and isinstance(resp, Response) and anthropic_path(req.path):
-            return to_anthropic(resp)   # Anthropic's clients parse their own error shape
-        return resp
-
-    def _handle(self, req: Request):
         try:
             group, payload, body = self._parse(req)
         except ApiError as err:
@@ -173,7 +225,7 @@ class Proxy:
             if self.cfg.router.access_log:
                 logs.ACCESS.write(f"{req.method} {req.path} model=- status={err.status} "
                                   f"rid=- outcome=unrouted ({err.code or err.type})")
-            return error_response(err)
+            return _shaped(req, error_response(err))
         if len(group.entries) == 1:   # the common case: no replica to choose
             return self._run(req, group, payload)
         return self._run(req, group, payload, key=self.route_key(group, req, body))
@@ -197,7 +249,9 @@ class Proxy:
         except ApiError as err:
             self.traffic.unrouted += 1
             return error_response(err)
-        return self._run(req, group, req.body, target)
+        body = req.body if req.stream is None else \
+            StreamBody(b"", req.stream, req.stream.length)   # sent on as it arrives
+        return self._run(req, group, body, target)
 
     def _upstream_target(self, path: str):
         rest = unquote(path[len(UPSTREAM):])
@@ -214,7 +268,7 @@ class Proxy:
                             code="lifecycle_endpoint")
         return self.routes.require(names[0]), target
 
-    def _run(self, req: Request, group: ModelGroup, payload: bytes,
+    def _run(self, req: Request, group: ModelGroup, payload: Union[bytes, StreamBody],
              target: Optional[str] = None, key: RouteKey = EMPTY,
              pinned: Optional[ModelEntry] = None):
         """``pinned``: the one replica that may serve it (a response id's)."""
@@ -234,8 +288,12 @@ class Proxy:
             self.traffic.end(rec, "disconnect")
             self.access(req, group.model, 499, 0, rec, rid)
             raise
+        except ApiError as err:   # a streamed body broke a limit while it was sent on
+            self.traffic.end(rec, "client_error")
+            resp = error_response(err)
         if isinstance(resp, Response):  # a stream logs its line when it ends
             self.access(req, group.model, resp.status, len(resp.body), rec, rid)
+            return _shaped(req, resp)
         return resp
 
     def access(self, req: Request, model: str, status: int, nbytes: int, rec,
@@ -346,7 +404,9 @@ class Proxy:
                         code="router_overloaded", headers={"Retry-After": "1"}))
                 self.controller.upstream_failed(entry, str(err))
                 chooser.outcome(group, entry, False, str(err))
-                if err.phase == "connect" or several and self.pool_for(entry).refuses():
+                resendable = not (isinstance(payload, StreamBody) and payload.started)
+                if err.phase == "connect" or several and resendable and \
+                        self.pool_for(entry).refuses():
                     # Nothing reached the engine (it died or is restarting), or the engine
                     # that had it is gone (so is all it did with it): another replica, else
                     # wait until this one is ready again, bounded like any wait, and send
@@ -372,7 +432,8 @@ class Proxy:
             if several and (resp.status >= 500 or resp.status == 429):
                 chooser.outcome(group, entry, False, f"answered {resp.status}")
                 tried.add(entry.name)
-                other = chooser.pick(group, key, frozenset(tried))
+                other = None if isinstance(payload, StreamBody) and payload.started else \
+                    chooser.pick(group, key, frozenset(tried))
                 if other is not None:   # nothing reached the client yet: another replica
                     resp.close()
                     entry = other

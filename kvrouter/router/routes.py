@@ -25,6 +25,17 @@ def client_route(path: str) -> bool:
         path in UPLOAD_PATHS
 
 
+def streamed_body(req) -> bool:
+    """A request served as soon as its headers are in, its body passed on as it arrives:
+    an upload (read only until its ``model`` field) and a passthrough with a body."""
+    headers = req.headers
+    if req.path.startswith("/upstream/"):
+        return bool(headers.get("transfer-encoding") or
+                    headers.get("content-length", "0") not in ("0", ""))
+    return req.method == "POST" and req.path in UPLOAD_PATHS and \
+        (headers.get("content-type") or "").lower().startswith("multipart/form-data")
+
+
 def model_route(method: str, path: str) -> bool:
     """A request the proxy routes by the body's ``model`` (a JSON key or a form field)."""
     return method == "POST" and (path.startswith("/v1/") or path in NATIVE_JSON or

@@ -30,6 +30,7 @@ from kvrouter.control.entry import ModelEntry
 from kvrouter.control.policy import wake_for_load
 from kvrouter.engines.adapters import adapter_for
 from kvrouter.errors import ApiError, NotFound, ServiceUnavailable
+from kvrouter.http.body import StreamBody
 from kvrouter.http.client import UpstreamError, UpstreamPool
 from kvrouter.http.messages import Response, StreamResponse
 from kvrouter.http.sockio import raise_open_files_limit
@@ -186,7 +187,7 @@ class Worker:
         path = req.path
         if path.startswith("/internal/"):
             return error_response(NotFound(f"no route {req.method} {path}"))
-        if model_route(req.method, path):
+        if model_route(req.method, path) and req.stream is None:   # (an upload: the owner's)
             try:
                 group, payload, body = self.proxy._parse(req)
             except ApiError:
@@ -206,8 +207,10 @@ class Worker:
         headers = {k: v for k, v in req.headers.items() if k not in HOP}
         target = req.path + ("?" + req.query if req.query else "")
         connect, first_byte, idle = self.forward_timeouts
+        body = req.body if req.stream is None else \
+            StreamBody(b"", req.stream, req.stream.length)   # passed on as it arrives
         try:
-            resp = self.owner.pool.request(req.method, target, headers, req.body,
+            resp = self.owner.pool.request(req.method, target, headers, body,
                                            connect_timeout=connect,
                                            first_byte_timeout=first_byte, idle_timeout=idle)
         except UpstreamError as err:

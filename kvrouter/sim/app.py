@@ -110,9 +110,9 @@ class SimEngine:
                 r[("POST", "/v1/messages/count_tokens")] = lambda req: self._anthropic(
                     anthropic.count_tokens, req)
             r[("POST", "/v1/audio/transcriptions")] = lambda req: audio.transcribe(
-                req, self.gen.check_model)
+                req, self.gen.check_model, self.state.counters)
             r[("POST", "/v1/audio/translations")] = lambda req: audio.transcribe(
-                req, self.gen.check_model, translate=True)
+                req, self.gen.check_model, self.state.counters, translate=True)
             if self.cfg.sleep_endpoints:
                 r[("POST", "/sleep")] = self.vllm_sleep
                 r[("POST", "/wake_up")] = self.vllm_wake
@@ -458,7 +458,8 @@ def serve(cfg: SimConfig) -> None:
     if cfg.dialect == "vllm" and cfg.startup_seconds:
         log.info("Loading weights of %s (%.1fs)...", cfg.model, cfg.startup_seconds)
         time.sleep(cfg.startup_seconds)
-    server = HTTPServer((cfg.host, cfg.port), engine.handle)
+    # uploads reach the handler as they arrive, as uvicorn hands an ASGI app its body
+    server = HTTPServer((cfg.host, cfg.port), engine.handle, stream_body=audio.streamed)
     server.start()
     if cfg.dialect == "sglang":
         engine.state.ready_at = time.monotonic() + cfg.startup_seconds

@@ -2,7 +2,9 @@
 upload with a `model` field) to a simulated vLLM engine, by alias, to a sleeping model
 (woken by the request), with API keys; and bad uploads answered with a clear 4xx while the
 router keeps serving."""
+import re
 import socket
+import time
 
 import pytest
 import requests
@@ -110,4 +112,78 @@ def test_a_half_sent_upload_is_a_400_and_nothing_else_suffers(stack):
               b"Content-Length: 100000\r\n\r\n" + body[:100])
     s.close()
     client = OpenAI(base_url=base + "/v1", api_key=KEY)
+    assert client.audio.transcriptions.create(model=MODEL, file=("a", b"q")).text
+
+
+def _upload_head(model, length, boundary=b"zz"):
+    """Request head and the body's first bytes: the model field, then a file part opened."""
+    part = (b"--" + boundary + b"\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"
+            + model.encode() + b"\r\n--" + boundary +
+            b"\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n")
+    head = (b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + KEY.encode() + b"\r\nContent-Type: multipart/form-data; boundary=" + boundary +
+            b"\r\n" + (b"Content-Length: %d\r\n" % length if length else
+                       b"Transfer-Encoding: chunked\r\n") + b"\r\n")
+    return head, part
+
+
+def _read_status(sock, timeout=10):
+    """The response's status and bytes (read to the end of a Content-Length body)."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+            re.search(rb"(?i)content-length: *(\d+)", data).group(1)):
+        got = sock.recv(65536)
+        if not got:
+            break
+        data += got
+    return int(data.split(b" ", 2)[1]), data
+
+
+def test_an_upload_reaches_the_engine_before_the_client_has_sent_it_all(stack):
+    """Streamed both ways: the engine has the first 200 KB while the client still holds the
+    rest; nothing waits for the whole body."""
+    engine = stack["engine"]
+    before = get_json(engine.base + "/sim/stats")[1]["upload_bytes"]
+    first, rest = b"a" * 200_000, b"b" * 300_000
+    tail = b"\r\n--zz--\r\n"
+    head, part = _upload_head(MODEL, 0)
+    body_start = part + first
+    s = socket.create_connection(("127.0.0.1", stack["rp"]))
+    s.sendall(head + b"%x\r\n%b\r\n" % (len(body_start), body_start))
+    deadline = time.monotonic() + 10
+    while get_json(engine.base + "/sim/stats")[1]["upload_bytes"] - before < 200_000:
+        assert time.monotonic() < deadline, "the engine never got the first part"
+        time.sleep(0.05)
+    end = rest + tail
+    s.sendall(b"%x\r\n%b\r\n0\r\n\r\n" % (len(end), end))
+    status, data = _read_status(s)
+    s.close()
+    assert status == 200 and b"transcribed 500000 bytes" in data
+
+
+def test_an_upload_for_an_unknown_model_is_refused_before_its_file_is_sent(stack):
+    head, part = _upload_head("no-such-model", 900_000)
+    s = socket.create_connection(("127.0.0.1", stack["rp"]))
+    s.sendall(head + part + b"x" * 1000)   # 900 KB announced, 1 KB of it sent
+    status, data = _read_status(s)
+    s.close()
+    assert status == 404 and b"model_not_found" in data
+
+
+def test_a_chunked_upload_past_the_limit_is_a_413(stack):
+    head, part = _upload_head(MODEL, 0)
+    s = socket.create_connection(("127.0.0.1", stack["rp"]))
+    s.sendall(head + b"%x\r\n%b\r\n" % (len(part), part))
+    piece = b"c" * 65536
+    status = None
+    try:
+        for _ in range(40):   # 2.5 MB against a 1 MB limit
+            s.sendall(b"%x\r\n%b\r\n" % (len(piece), piece))
+    except OSError:
+        pass
+    status, data = _read_status(s)
+    s.close()
+    assert status == 413 and b"upload_too_large" in data
+    client = OpenAI(base_url=stack["base"] + "/v1", api_key=KEY)
     assert client.audio.transcriptions.create(model=MODEL, file=("a", b"q")).text
