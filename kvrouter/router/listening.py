@@ -15,6 +15,7 @@ from kvrouter.http.server import HTTPServer
 from kvrouter.router.auth import require_client_key
 from kvrouter.router.errors import anthropic_path
 from kvrouter.router.routes import client_route, streamed_body
+from kvrouter.router.uploads import too_large
 
 SECRET_HEADER = "x-kvrouter-owner-secret"
 
@@ -30,16 +31,13 @@ def apply_limits(limits: ServerLimits, cfg: Config) -> None:
     limits.trusted_clients = frozenset(r.trusted_proxies)
 
 
-def too_large(length: Optional[str], max_bytes: int) -> Optional[PayloadTooLarge]:
+def too_large_upload(length: Optional[str], max_bytes: int) -> Optional[PayloadTooLarge]:
     """The 413 for an upload whose Content-Length passes ``max_bytes``, else None."""
     try:
         n = int(length) if length is not None else 0
     except ValueError:
         return None
-    if n <= max_bytes:
-        return None
-    return PayloadTooLarge(f"upload of {n} bytes is over the limit of {max_bytes} bytes "
-                           "(router.max_upload_mb)", code="upload_too_large")
+    return too_large(n, max_bytes) if n > max_bytes else None
 
 
 def router_http_server(listener, handler, get_cfg: Callable[[], Config]) -> HTTPServer:
@@ -58,7 +56,7 @@ def router_http_server(listener, handler, get_cfg: Callable[[], Config]) -> HTTP
             except ApiError as refused:
                 raise refused.for_anthropic() if anthropic_path(req.path) else refused
         if is_multipart(req.headers):   # an upload too big is refused before it is read
-            err = too_large(req.headers.get("content-length"),
+            err = too_large_upload(req.headers.get("content-length"),
                             int(r.max_upload_mb * 1024 * 1024))
             if err is not None:
                 raise err

@@ -27,7 +27,6 @@ from kvrouter.errors import (
     Forbidden,
     GatewayTimeout,
     NotFound,
-    PayloadTooLarge,
     ServiceUnavailable,
 )
 from kvrouter.http import multipart
@@ -46,6 +45,7 @@ from kvrouter.router.errors import (
 from kvrouter.router.replicas import Chooser
 from kvrouter.router.route_key import EMPTY, route_key
 from kvrouter.router.routes import RouteTable
+from kvrouter.router.uploads import parse_upload
 from kvrouter.traffic import TrafficMonitor
 
 log = logging.getLogger("kvrouter.proxy")
@@ -113,82 +113,11 @@ class Proxy:
                          r.stream_idle_timeout_seconds)
 
     # --- request parsing -----------------------------------------------------------------------
-    def _upload_limit(self) -> int:
-        return int(self.cfg.router.max_upload_mb * 1024 * 1024)
-
-    def _parse_upload(self, req: Request):
-        """A multipart upload: routed by its ``model`` form field (an alias rewritten). A
-        streamed one (``req.stream``) is read only until that field is found; the rest goes
-        to the engine as it arrives."""
-        if req.stream is not None:
-            return self._parse_streamed_upload(req)
-        limit = self._upload_limit()
-        if len(req.body) > limit:   # sent chunked: no Content-Length to refuse it on
-            raise self._too_large(len(req.body))
-        ctype = req.headers.get("content-type") or ""
-        model, span = multipart.field(req.body, ctype, "model")
-        group = self._upload_group(model)
-        if span is not None and model != group.upstream_model:
-            return group, multipart.replace(req.body, span, group.upstream_model), None
-        return group, req.body, None
-
-    def _too_large(self, n) -> PayloadTooLarge:
-        return PayloadTooLarge(f"upload of {n} bytes is over the limit of "
-                               f"{self._upload_limit()} bytes (router.max_upload_mb)",
-                               code="upload_too_large")
-
-    def _upload_group(self, model: Optional[str]) -> ModelGroup:
-        if model:
-            return self.routes.require(model, known=True)
-        only = self.routes.only()
-        if only is not None:
-            return only
-        raise BadRequest("the upload has no model field; this router serves "
-                         f"{', '.join(sorted(self.routes.names()))}", param="model",
-                         code="missing_model")
-
-    def _parse_streamed_upload(self, req: Request):
-        limit = self._upload_limit()
-        reader = req.stream
-        assert reader is not None
-        scanner = multipart.FieldScanner(req.headers.get("content-type") or "", "model")
-        pieces = iter(reader)
-        buf = bytearray()
-        found = multipart.MORE
-        while found is multipart.MORE:   # held until the field is found (a model field
-            piece = next(pieces, None)   # after the file costs the file, within the limit)
-            if piece is None:
-                raise BadRequest("multipart body ends before its closing boundary (a "
-                                 "half-sent upload?)", code="invalid_multipart")
-            if len(buf) + len(piece) > limit:
-                raise self._too_large(f"over {limit}")
-            reader.hold(len(piece))
-            buf += piece
-            found = scanner.scan(buf)
-        model, span = found
-        group = self._upload_group(model)
-        length = reader.length
-        if span is not None and model != group.upstream_model:
-            value = group.upstream_model.encode()
-            buf[span] = value
-            if length is not None:
-                length += len(value) - (span.stop - span.start)
-        return group, StreamBody(bytes(buf), self._bounded(pieces, limit - len(buf)),
-                                 length), None
-
-    def _bounded(self, pieces, left: int):
-        """The rest of a streamed upload, refused (413) past the limit (a chunked one has no
-        Content-Length the headers' check could refuse it on)."""
-        for piece in pieces:
-            left -= len(piece)
-            if left < 0:
-                raise self._too_large(f"over {self._upload_limit()}")
-            yield piece
-
     def _parse(self, req: Request):
         require_client_key(req.headers, self.cfg.router.api_keys)
         if multipart.is_multipart(req.headers):
-            return self._parse_upload(req)
+            return parse_upload(req, self.routes,
+                                int(self.cfg.router.max_upload_mb * 1024 * 1024))
         try:
             body = json.loads(req.body) if req.body else None
         except ValueError as err:
