@@ -231,6 +231,57 @@ class UpstreamPool:
         while self.idle:
             self.idle.pop()[0].close()
 
+    def upgrade(self, path: str, headers: Dict[str, str], connect_timeout: float = 5.0,
+                timeout: float = 60.0):
+        """Ask the engine to switch protocols (a WebSocket handshake) on a connection of its
+        own: (socket, status, headers, bytes after the head). On a status other than 101,
+        the socket is None and the last item is the engine's answer body."""
+        lines = [f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"]
+        lines += [f"{k}: {v}\r\n" for k, v in headers.items()]
+        try:
+            sock = self._connect(connect_timeout)
+        except socket.timeout:
+            raise UpstreamTimeout("connect", f"connect to {self.host}:{self.port} timed out "
+                                  f"after {connect_timeout:g}s") from None
+        except OSError as err:
+            raise UpstreamError("connect", f"cannot connect to {self.host}:{self.port}: "
+                                f"{err.strerror or err}", err.errno) from None
+        try:
+            sock.settimeout(timeout)
+            send_all(sock, ("".join(lines) + "\r\n").encode("latin-1"))
+            data = b""
+            while b"\r\n\r\n" not in data:
+                got = sock.recv(65536)
+                if not got or len(data) > 65536:
+                    raise ConnectionResetError("closed before the handshake's answer")
+                data += got
+            head, rest = data.split(b"\r\n\r\n", 1)
+            status_line, *header_lines = head.decode("latin-1").split("\r\n")
+            status = int(status_line.split(" ", 2)[1])
+            out = [(k.strip(), v.strip()) for k, v in
+                   (line.split(":", 1) for line in header_lines if ":" in line)]
+            if status == 101:
+                sock.settimeout(None)
+                return sock, status, out, rest
+            length = next((int(v) for k, v in out if k.lower() == "content-length"), 0)
+            while len(rest) < min(length, 65536):
+                got = sock.recv(65536)
+                if not got:
+                    break
+                rest += got
+            sock.close()
+            return None, status, out, rest[:length]
+        except socket.timeout:
+            sock.close()
+            raise UpstreamTimeout("first_byte", f"no handshake answer from the engine within "
+                                  f"{timeout:g}s") from None
+        except (OSError, ValueError, IndexError) as err:
+            sock.close()
+            raise UpstreamError("first_byte", f"engine handshake failed: {err}") from None
+        except BaseException:
+            sock.close()
+            raise
+
     def request(self, method: str, path: str, headers: Dict[str, str],
                 body: Union[bytes, StreamBody] = b"", connect_timeout: float = 5.0,
                 first_byte_timeout: float = 600.0,

@@ -15,8 +15,16 @@ import httptools
 from kvrouter.errors import ApiError, InternalError, api_error
 from kvrouter.http.body import BodyReader
 from kvrouter.http.limits import BodyBudget, ServerLimits
-from kvrouter.http.messages import ClientGone, Headers, Request, Response, StreamResponse
+from kvrouter.http.messages import (
+    ClientGone,
+    Headers,
+    Request,
+    Response,
+    StreamResponse,
+    Upgraded,
+)
 from kvrouter.http.sockio import send_all
+from kvrouter.http.websocket import is_upgrade
 
 log = logging.getLogger("kvrouter.http")
 
@@ -31,8 +39,11 @@ class Connection:
     def __init__(self, sock, addr, handler, limits: ServerLimits,
                  precheck: Optional[Callable[[Request], None]] = None,
                  budget: Optional[BodyBudget] = None, idle: Optional[dict] = None,
-                 stream_body: Optional[Callable[[Request], bool]] = None):
+                 stream_body: Optional[Callable[[Request], bool]] = None,
+                 sessions: Optional[set] = None):
         self.sock = sock
+        self.sessions = sessions if sessions is not None else set()   # Upgraded, running
+        self.upgraded = False
         self.stream_body = stream_body
         self.stream_req: Optional[Request] = None   # headers in, handler not started yet
         self.idle = idle if idle is not None else {}  # the server's idle connections
@@ -161,8 +172,12 @@ class Connection:
             self.parser.feed_data(data)
         except ApiError:
             raise
-        except httptools.HttpParserUpgrade:
-            raise api_error(400, "protocol upgrade is not supported") from None
+        except httptools.HttpParserUpgrade as up:
+            req = self.ready[-1] if self.ready else None
+            if req is None or not is_upgrade(req.headers):
+                raise api_error(400, "protocol upgrade is not supported") from None
+            req.body = data[up.args[0]:]   # the first bytes of the new protocol
+            self.upgraded = True           # nothing more is parsed on this connection
         except httptools.HttpParserError as err:
             cause = err.__context__
             if isinstance(cause, ApiError):
@@ -209,6 +224,9 @@ class Connection:
                     self._sent_continue = True
                     sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 while (self.ready or self.stream_req) and not self.closed:
+                    if self.upgraded and len(self.ready) == 1:
+                        self._serve_upgrade(self.ready.pop(0))
+                        return
                     if self.ready:
                         req = self.ready.pop(0)
                     else:
@@ -279,6 +297,39 @@ class Connection:
             self.closed = True
             gevent.kill(target, ClientGone)
             return
+
+    def _serve_upgrade(self, req: Request) -> None:
+        """An upgrade request: its handler's Upgraded takes the connection over; anything
+        else it answers is written and the connection closed."""
+        self.served += 1
+        self._serving = req
+        timer = self.loop.timer(WATCH_AFTER)
+        timer.start(self._start_watch, gevent.getcurrent())
+        try:
+            try:
+                resp = self.handler(req)
+            finally:
+                timer.stop()
+                timer.close()
+                if self.watcher is not None:
+                    self.watcher.kill(block=True)
+                    self.watcher = None
+            if not isinstance(resp, Upgraded):
+                self._write_fixed(req, resp, False)
+                return
+            early = req.body + b"".join(self.pending)   # what the watcher read meanwhile
+            self.pending = []
+            self.sock.settimeout(None)
+            send_all(self.sock, self._head(resp.status, resp.headers, True, ""))
+            self.sessions.add(resp)
+            try:
+                resp.run(self.sock, early)
+            finally:
+                self.sessions.discard(resp)
+        except (ClientGone, OSError):
+            pass
+        except Exception:
+            log.exception("unhandled error serving the upgrade %s", req.path)
 
     def _serve(self, req: Request) -> bool:
         """Run the handler for one request and write its response; False closes the connection."""

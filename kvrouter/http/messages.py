@@ -2,7 +2,7 @@
 exception raised in a handler whose client went away."""
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 Headers = List[Tuple[str, str]]
 
@@ -26,6 +26,7 @@ class Request:
         self.keep_alive = True
         self.remote = None
         self.stream = None   # a BodyReader when the body is read as the handler asks
+        # (an upgrade request's ``body``: what the client sent after its handshake)
 
     def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
         return self.headers.get(name, default)
@@ -49,3 +50,19 @@ class StreamResponse:
         self.status = status
         self.headers = headers
         self.chunks = chunks
+
+
+class Upgraded:
+    """A switch of protocols (a WebSocket): the server writes ``status`` (101) and
+    ``headers``, then ``run(sock, early)`` owns the connection until it returns (``early``:
+    bytes the client sent after its handshake); ``stop()`` asks it to end now (the server
+    is shutting down). The connection is closed after it."""
+
+    __slots__ = ("status", "headers", "run", "stop")
+
+    def __init__(self, headers: Headers, run: Callable[[Any, bytes], None],
+                 stop: Callable[[], None], status: int = 101):
+        self.status = status
+        self.headers = headers
+        self.run = run
+        self.stop = stop

@@ -70,6 +70,7 @@ class HTTPServer:
                  stream_body: Optional[Callable[[Request], bool]] = None):
         self.handler = handler
         self.stream_body = stream_body
+        self.sessions: set = set()   # upgraded connections (WebSockets) being relayed
         self.limits = limits or ServerLimits()
         self.precheck = precheck
         self.budget = BodyBudget(self.limits.max_pending_body_bytes)
@@ -117,7 +118,7 @@ class HTTPServer:
             if self.pool.free_count() == 0:
                 self.drain_idle(1)  # this connection took the last slot: free one for the next
             Connection(sock, addr, self.handler, self.limits, self.precheck, self.budget,
-                        self.idle, self.stream_body).run()
+                        self.idle, self.stream_body, self.sessions).run()
         finally:
             self.shares.release(client)
 
@@ -145,6 +146,8 @@ class HTTPServer:
         self.server._stop_event.wait()  # type: ignore[attr-defined]
 
     def stop(self, timeout: Optional[float] = None) -> None:
+        for session in list(self.sessions):   # a WebSocket ends with a close of its own
+            session.stop()
         if self._reaper is not None:
             self._reaper.kill(block=False)
         self.server.stop(timeout=timeout)
@@ -152,7 +155,7 @@ class HTTPServer:
     def drain(self, timeout: float) -> None:
         """Stop accepting, close idle connections, answer the requests being served with
         ``Connection: close`` (a kept-alive client reconnects to a listener that serves),
-        and wait for them at most ``timeout`` seconds."""
+        ask upgraded sessions to end, and wait for them at most ``timeout`` seconds."""
         self.limits.keep_alive = False
         self.drain_idle(1 << 30)
         self.stop(timeout=timeout)

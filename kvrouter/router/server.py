@@ -18,6 +18,7 @@ from kvrouter.metrics import RouterMetrics
 from kvrouter.router.api import create_app
 from kvrouter.router.listening import apply_limits, router_http_server
 from kvrouter.router.proxy import UPSTREAM, Proxy
+from kvrouter.router.realtime import REALTIME_PATH, RealtimeRoute
 from kvrouter.router.routes import RouteTable, model_route
 from kvrouter.traffic import TrafficMonitor, traffic_keys
 
@@ -135,9 +136,12 @@ class RouterContext:
 
         response_id = self.proxy.handle_response_id
         upstream = self.proxy.handle_upstream
+        realtime = RealtimeRoute(self.proxy).handle
 
         def handle(req):
             path = req.path
+            if path == REALTIME_PATH:
+                return realtime(req)
             if path.startswith("/v1/responses/"):
                 return response_id(req)
             if path.startswith(UPSTREAM):

@@ -34,10 +34,12 @@ from kvrouter.http.body import StreamBody
 from kvrouter.http.client import UpstreamError, UpstreamPool
 from kvrouter.http.messages import Response, StreamResponse
 from kvrouter.http.sockio import raise_open_files_limit
+from kvrouter.http.websocket import is_upgrade
 from kvrouter.ports import EXIT_NO_PORT, cannot_listen
 from kvrouter.router.errors import error_response
 from kvrouter.router.listening import SECRET_HEADER, reuseport_listener, router_http_server
 from kvrouter.router.proxy import Proxy
+from kvrouter.router.realtime import REALTIME_PATH, forward_upgrade
 from kvrouter.router.routes import RouteTable, model_route
 from kvrouter.router.shared import SharedState
 from kvrouter.traffic import TrafficMonitor
@@ -187,6 +189,8 @@ class Worker:
         path = req.path
         if path.startswith("/internal/"):
             return error_response(NotFound(f"no route {req.method} {path}"))
+        if path == REALTIME_PATH and is_upgrade(req.headers):   # the owner routes and counts
+            return forward_upgrade(self.owner.pool, req, self.forward_timeouts[0])
         if model_route(req.method, path) and req.stream is None:   # (an upload: the owner's)
             try:
                 group, payload, body = self.proxy._parse(req)

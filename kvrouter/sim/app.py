@@ -17,7 +17,7 @@ import gevent
 from kvrouter.http.messages import Request, Response, StreamResponse
 from kvrouter.http.server import HTTPServer
 from kvrouter.http.sockio import raise_open_files_limit
-from kvrouter.sim import anthropic, audio
+from kvrouter.sim import anthropic, audio, realtime
 from kvrouter.sim import text as T
 from kvrouter.sim.generate import Generator, SimError
 from kvrouter.sim.metrics import EngineMetrics
@@ -109,6 +109,8 @@ class SimEngine:
                     anthropic.messages, req)
                 r[("POST", "/v1/messages/count_tokens")] = lambda req: self._anthropic(
                     anthropic.count_tokens, req)
+            r[("GET", "/v1/realtime")] = lambda req: realtime.handle(
+                req, self.gen.check_model, self.state.counters)
             r[("POST", "/v1/audio/transcriptions")] = lambda req: audio.transcribe(
                 req, self.gen.check_model, self.state.counters)
             r[("POST", "/v1/audio/translations")] = lambda req: audio.transcribe(

@@ -88,7 +88,8 @@ class EngineState:
         self.abort_epoch = 0
         self.counters = {"requests": 0, "success": 0, "aborted": 0, "prompt_tokens": 0,
                          "generation_tokens": 0, "sleep_calls": 0, "wake_calls": 0,
-                         "release_calls": 0, "resume_calls": 0, "upload_bytes": 0}
+                         "release_calls": 0, "resume_calls": 0, "upload_bytes": 0,
+                         "realtime_sessions": 0}
         self.last_sleep_seconds = 0.0
         self.last_wake_seconds = 0.0
         self.segment: Optional[KvcachedSegment] = None

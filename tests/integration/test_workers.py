@@ -406,3 +406,27 @@ def test_engine_native_routes_and_the_passthrough_through_workers(stack):
     assert status == 200 and json.loads(raw)["count"] == 2
     status, _, raw = http("GET", base + f"/upstream/{B}/get_model_info")
     assert status == 200 and "model_path" in json.loads(raw)
+
+
+def test_uploads_and_websockets_through_workers(stack):
+    """Each reaches the owner through whichever worker took it, streamed, and is counted."""
+    import websocket
+    from openai import OpenAI
+
+    base = stack["base"]
+    before = _total(base, A)
+    client = OpenAI(base_url=base + "/v1", api_key="x")
+    audio = bytes(range(256)) * 1000
+    for _ in range(4):
+        out = client.audio.transcriptions.create(model=A, file=("a.wav", audio, "audio/wav"))
+        assert out.text.startswith(f"transcribed {len(audio)} bytes")
+    sessions = [websocket.create_connection(f"ws://127.0.0.1:{stack['router'].port}"
+                                            f"/v1/realtime?model={A}", timeout=10)
+                for _ in range(4)]
+    for ws in sessions:
+        assert json.loads(ws.recv())["type"] == "session.created"
+    in_flight = get_json(base + f"/traffic/stats/{A}")[1]["requests_in_flight"]
+    for ws in sessions:
+        ws.close()
+    assert in_flight == 4
+    wait_until(lambda: _total(base, A) == before + 8, 5, what="8 requests counted")
