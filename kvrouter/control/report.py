@@ -9,6 +9,7 @@ from kvrouter.control import policy
 from kvrouter.control.controller import Controller
 from kvrouter.control.entry import ModelEntry
 from kvrouter.control.states import ASLEEP, RESIDENT
+from kvrouter.engines.routes import client_routes
 from kvrouter.versions import dotted
 
 
@@ -158,6 +159,7 @@ def overview(ctl: Controller, traffic, entries) -> dict:
             "model": e.name, "instance": e.inst.name, "replica_of": st["replica_of"],
             "engine": e.inst.engine if e.inst.engine != "sim" else f"sim ({e.inst.dialect})",
             "aliases": [a for a in e.inst.route_names if a not in (e.name, e.model)],
+            "routes": client_routes(e.inst.dialect),
             "state": st["state"], "reason": st["reason"], "since_seconds": st["since_seconds"],
             "sleep_level": st["sleep_level"], "pinned": st["pinned"],
             "in_flight": st["requests_in_flight"], "waiting": st["waiting_requests"],

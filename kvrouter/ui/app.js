@@ -87,6 +87,8 @@
       '<dl class="kv">' +
       "<dt>engine</dt><dd>" + esc(m.engine) + (m.sleep_level ? ", sleep level " + m.sleep_level : "") +
         (m.pinned ? ", pinned" : "") + "</dd>" +
+      '<dt>routes</dt><dd class="routes"><details><summary>' + m.routes.length +
+        " routes</summary>" + esc(m.routes.join(", ")) + "</details></dd>" +
       '<dt>in flight</dt><dd class="inflight">' + m.in_flight + " running, " + m.waiting + " waiting</dd>" +
       "<dt>rate</dt><dd>" + m.request_rate.toFixed(2) + " req/s (1 min), " + m.total_requests + " in all</dd>" +
       "<dt>TTFT</dt><dd>p50 " + ms(m.ttft.p50) + " / p99 " + ms(m.ttft.p99) + " ms</dd>" +

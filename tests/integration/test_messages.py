@@ -2,6 +2,8 @@
 `/v1/messages` on a simulated engine, by alias, streamed and not, with API keys (the SDK
 sends `X-Api-Key`), to a sleeping model (woken by the request), token counts in the traffic
 figures; and errors in the shape Anthropic's SDK parses, from the router and the engine."""
+import json
+
 import anthropic
 import pytest
 import requests
@@ -105,3 +107,17 @@ def test_the_engines_validation_error_reaches_the_client_in_anthropics_shape(sta
     # and the router still serves the next one
     assert _client(stack).messages.create(
         model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "hi"}]).content
+
+
+def test_the_model_list_says_which_routes_each_engine_kind_serves(stack):
+    status, _, raw = http("GET", stack["base"] + "/v1/models",
+                          headers={"Authorization": f"Bearer {KEY}"})
+    cards = {c["id"]: c for c in json.loads(raw)["data"]}
+    assert status == 200
+    for route in ("POST /v1/messages", "GET /v1/realtime (WebSocket)",
+                  "POST /v1/audio/transcriptions (upload)", "POST /tokenize"):
+        assert route in cards["claude-local"]["routes"]
+    _, models = get_json(stack["base"] + "/models")
+    assert "ANY /upstream/{model}/{path}" in models["models"][MODEL]["routes"]
+    _, state = get_json(stack["base"] + "/ui/state")
+    assert any("POST /v1/messages" in m["routes"] for m in state["models"])

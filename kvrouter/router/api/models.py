@@ -5,6 +5,7 @@ from flask import Blueprint, Response, jsonify
 
 from kvrouter.control import report
 from kvrouter.control.states import group_state
+from kvrouter.engines.routes import client_routes
 from kvrouter.router.api.common import api_key_required, router
 
 bp = Blueprint("models", __name__)
@@ -13,7 +14,7 @@ bp = Blueprint("models", __name__)
 def _engine(e) -> dict:
     return {"endpoint": e.inst.base_url, "instance": e.inst.name, "engine": e.inst.engine,
             "aliases": list(e.inst.route_names[1:]), "state": e.state.value,
-            "kv_pool": report.kv_pool(e)}
+            "kv_pool": report.kv_pool(e), "routes": client_routes(e.inst.dialect)}
 
 
 def _model(group) -> dict:
@@ -39,7 +40,8 @@ def model_card(name, group) -> dict:
             "owned_by": first.inst.dialect if first.inst.engine != "sim" else "kvrouter-sim",
             "root": group.model,
             "max_model_len": min(lens) if lens else None,
-            "state": group_state(e.state for e in group.entries).value}
+            "state": group_state(e.state for e in group.entries).value,
+            "routes": client_routes(first.inst.dialect)}
     if len(group.entries) > 1:
         card["replicas"] = len(group.entries)
     return card
