@@ -9,7 +9,8 @@ Runs side by side, on this machine, in one run:
   3. kvrouter's RSS with 1,000 concurrent streams, and their errors;
   4. the simulated engine with 500 concurrent streams at 20 ms inter-token latency;
   5. the load generator's own request rate against the fast backend;
-  6. the traffic monitor's cost per request.
+  6. the traffic monitor's cost per request;
+  7. a 25 MB upload, direct and through kvrouter: added time and the router's memory.
 Prints a report and writes bench-results/speed.json. Figures, not assertions.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time  # noqa: E402
 
 import gevent  # noqa: E402
 
+from kvrouter.bench import uploads  # noqa: E402
 from kvrouter.bench.harness import (  # noqa: E402
     PY,
     Child,
@@ -258,6 +260,7 @@ def main(argv=None) -> int:
     results["wake"] = wake_and_readiness()
     results["monitor"] = monitor_cost()
     results["access_log"] = access_log_cost()
+    results["upload"] = uploads.upload_cost()
     save_results(args.out, results, report(results))
     return 0
 
@@ -319,6 +322,8 @@ def report(r: dict) -> str:
                  f"{w['first_token_minus_wake_ms_max']:.1f} ms ({w['rounds']} rounds)")
     lines.append(f"readiness noticed {w['readiness_noticed_ms']:.0f} ms after the engine turned "
                  "healthy")
+    if "upload" in r:
+        lines.append(uploads.report(r["upload"]))
     return "\n".join(lines)
 
 

@@ -143,3 +143,13 @@ def test_the_router_s_own_access_log_becomes_a_trace(tmp_path):
     finally:
         r.stop()
         eng.stop()
+
+
+def test_the_upload_benchmark_runs_and_reports_time_and_memory():
+    out = subprocess.run([PY, "-m", "kvrouter.bench.uploads", "--size-mb", "2",
+                          "--rounds", "1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads(out.stdout[:out.stdout.rindex("}") + 1])
+    assert figures["direct_s"] > 0 and figures["router_s"] > 0
+    assert figures["router_hwm_after_mb"] >= figures["router_rss_rest_mb"] > 0
+    assert "2 MB upload (median of 1)" in out.stdout
