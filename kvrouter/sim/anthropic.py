@@ -79,7 +79,6 @@ def messages(gen: Generator, body: Any):
     msg = {"id": mid, "type": "message", "role": "assistant", "model": parsed["model"],
            "content": [{"type": "text", "text": choice["message"]["content"]}],
            "stop_reason": _STOP.get(choice["finish_reason"], "end_turn"),
-           "stop_sequence": None,
            "usage": {"input_tokens": out["usage"]["prompt_tokens"],
                      "output_tokens": out["usage"]["completion_tokens"]}}
     return Response(200, JSON, json.dumps(msg).encode())
