@@ -17,7 +17,7 @@ import gevent
 from kvrouter.http.messages import Request, Response, StreamResponse
 from kvrouter.http.server import HTTPServer
 from kvrouter.http.sockio import raise_open_files_limit
-from kvrouter.sim import anthropic, audio, realtime
+from kvrouter.sim import anthropic, audio, native, realtime
 from kvrouter.sim import text as T
 from kvrouter.sim.generate import Generator, SimError
 from kvrouter.sim.metrics import EngineMetrics
@@ -134,6 +134,7 @@ class SimEngine:
             r[("GET", "/get_load")] = lambda req: _json(200, [{
                 "dp_rank": 0, "num_reqs": self.state.running + self.state.waiting,
                 "num_waiting_reqs": self.state.waiting, "num_tokens": self.state.tokens_in_flight}])
+            r[("POST", "/generate")] = lambda req: native.generate(self.gen, self._body(req))
             r[("POST", "/v1/tokenize")] = self.tokenize
             r[("POST", "/v1/detokenize")] = self.detokenize
             for m in ("GET", "POST"):

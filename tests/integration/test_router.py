@@ -1,6 +1,7 @@
 """The router in front of two simulated engines, driven by the official openai SDK."""
 import json
 import socket
+import subprocess
 import threading
 import time
 
@@ -394,3 +395,29 @@ def test_upstream_passthrough_reaches_anything_an_engine_serves(stack):
             "/model/sleep/" in err["message"], (path, raw)
     status, _, raw = http("GET", base + "/upstream/nope/health")
     assert status == 404 and "llama" in json.loads(raw)["error"]["message"]
+
+
+def test_sglang_native_generate_through_the_passthrough_with_curl(stack):
+    """SGLang's /generate has no model field: /upstream/MODEL/generate reaches it, plain and
+    streamed (curl -N: each event as it comes), counted under the model."""
+    base = stack["router"].base
+    before = get_json(base + f"/traffic/stats/{SGL_MODEL.replace('/', '%2F')}")[1][
+        "model_stats"]["total_requests"]
+    body = json.dumps({"text": "The capital of France is",
+                       "sampling_params": {"max_new_tokens": 5, "ignore_eos": True}})
+    out = subprocess.run(["curl", "-sS", "-X", "POST", "-H", "Content-Type: application/json",
+                          "-d", body, base + f"/upstream/{SGL_MODEL}/generate"],
+                         capture_output=True, text=True, timeout=30)
+    answer = json.loads(out.stdout)
+    assert answer["meta_info"]["completion_tokens"] == 5 and answer["text"]
+    assert answer["meta_info"]["finish_reason"] == {"type": "length", "length": 5}
+    streamed = subprocess.run(
+        ["curl", "-sS", "-N", "-X", "POST", "-H", "Content-Type: application/json", "-d",
+         json.dumps(dict(json.loads(body), stream=True)),
+         base + f"/upstream/{SGL_MODEL}/generate"], capture_output=True, timeout=30)
+    events = [e.data for e in parse_events(streamed.stdout)]
+    assert events[-1] == "[DONE]" and len(events) == 6
+    assert json.loads(events[-2])["text"] == answer["text"]   # cumulative, as SGLang's
+    after = get_json(base + f"/traffic/stats/{SGL_MODEL.replace('/', '%2F')}")[1][
+        "model_stats"]["total_requests"]
+    assert after == before + 2
