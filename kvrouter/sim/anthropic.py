@@ -1,8 +1,11 @@
 """The simulated engine's Anthropic Messages API, as vLLM serves it: ``POST /v1/messages``
-(a message, or its event stream: message_start, content_block_start, ping,
+(a message, or its event stream: message_start, content_block_start,
 content_block_delta..., content_block_stop, message_delta, message_stop) and
-``POST /v1/messages/count_tokens``. Errors in vLLM's shape for these routes:
-``{"type": "error", "error": {"type": <vLLM's error class>, "message": ...}}``."""
+``POST /v1/messages/count_tokens``. Errors in vLLM's shapes for these routes: what its
+handler refuses (an unknown model) as ``{"type": "error", "error": {"type": <vLLM's error
+class>, "message": ...}}``; a body that fails validation (no ``max_tokens``) in the OpenAI
+envelope, as vLLM's request validation answers on every route (checked against vLLM 0.32 by
+tests/engine). The router gives clients Anthropic's shape either way."""
 from __future__ import annotations
 
 import json
@@ -15,6 +18,10 @@ from kvrouter.sim.generate import Generator, SimError
 JSON = [("Content-Type", "application/json")]
 SSE = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
 _STOP = {"stop": "end_turn", "length": "max_tokens", "abort": "end_turn"}
+
+
+class Invalid(SimError):
+    """The body fails the request model's validation (answered in the OpenAI envelope)."""
 
 
 def error(err: SimError) -> Response:
@@ -30,29 +37,29 @@ def _text(content: Any, where: str) -> str:
         parts: List[str] = []
         for i, block in enumerate(content):
             if not isinstance(block, dict) or "type" not in block:
-                raise SimError(400, f"{where}[{i}]: a content block must be an object with a "
+                raise Invalid(400, f"{where}[{i}]: a content block must be an object with a "
                                "type", param=where)
             if block["type"] == "text":
                 parts.append(str(block.get("text", "")))
         return "".join(parts)
-    raise SimError(400, f"{where}: content must be a string or a list of blocks", param=where)
+    raise Invalid(400, f"{where}: content must be a string or a list of blocks", param=where)
 
 
 def _chat(body: Any) -> dict:
     """The request as the chat completion the engine runs."""
     if not isinstance(body, dict):
-        raise SimError(400, "the request body must be a JSON object")
+        raise Invalid(400, "the request body must be a JSON object")
     if not isinstance(body.get("max_tokens"), int) or isinstance(body["max_tokens"], bool):
-        raise SimError(400, "max_tokens: Field required (an integer)", param="max_tokens")
+        raise Invalid(400, "max_tokens: Field required (an integer)", param="max_tokens")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise SimError(400, "messages: a non-empty list is required", param="messages")
+        raise Invalid(400, "messages: a non-empty list is required", param="messages")
     chat = []
     if body.get("system"):
         chat.append({"role": "system", "content": _text(body["system"], "system")})
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise SimError(400, f"messages[{i}]: role must be user or assistant",
+            raise Invalid(400, f"messages[{i}]: role must be user or assistant",
                            param="messages")
         chat.append({"role": m["role"], "content": _text(m.get("content"),
                                                          f"messages[{i}].content")})
@@ -66,7 +73,9 @@ def count_tokens(gen: Generator, body: Any) -> Response:
     chat = _chat(dict(body, max_tokens=1) if isinstance(body, dict) else body)
     chat.pop("stream", None)
     parsed = gen.parse(chat, chat=True)
-    return Response(200, JSON, json.dumps({"input_tokens": parsed["prompt_tokens"]}).encode())
+    return Response(200, JSON, json.dumps({
+        "input_tokens": parsed["prompt_tokens"],
+        "context_management": {"original_input_tokens": parsed["prompt_tokens"]}}).encode())
 
 
 def messages(gen: Generator, body: Any):
@@ -98,7 +107,6 @@ def _events(gen: Generator, parsed: dict, mid: str) -> Iterator[bytes]:
             "usage": {"input_tokens": parsed["prompt_tokens"], "output_tokens": 0}}})
         yield _event("content_block_start", {"type": "content_block_start", "index": 0,
                                              "content_block": {"type": "text", "text": ""}})
-        yield _event("ping", {"type": "ping"})
         for step in run:
             for _, piece, finish in step:
                 if piece:

@@ -165,7 +165,13 @@ class SimEngine:
     def _anthropic(self, fn, req: Request):
         """vLLM's Anthropic routes: errors in Anthropic's shape."""
         try:
-            return fn(self.gen, self._body(req))
+            body = self._body(req)   # (a body that is not JSON: the OpenAI envelope too)
+        except SimError as err:
+            return self.error(err.status, err.message, err.type, err.param)
+        try:
+            return fn(self.gen, body)
+        except anthropic.Invalid as err:
+            return self.error(err.status, err.message, err.type, err.param)
         except SimError as err:
             return anthropic.error(err)
 

@@ -187,3 +187,15 @@ def test_a_chunked_upload_past_the_limit_is_a_413(stack):
     assert status == 413 and b"upload_too_large" in data
     client = OpenAI(base_url=stack["base"] + "/v1", api_key=KEY)
     assert client.audio.transcriptions.create(model=MODEL, file=("a", b"q")).text
+
+
+def test_the_passthrough_needs_the_key_and_streams_an_upload_on(stack):
+    base = stack["base"]
+    assert http("GET", base + f"/upstream/{MODEL}/v1/models")[0] == 401
+    auth = {"Authorization": f"Bearer {KEY}"}
+    status, _, raw = http("GET", base + f"/upstream/{MODEL}/v1/models", headers=auth)
+    assert status == 200 and MODEL in raw.decode()
+    # an upload through the passthrough: sent on as it arrives, the engine's answer back
+    r = requests.post(base + f"/upstream/{MODEL}/v1/audio/transcriptions", headers=auth,
+                      files={"file": ("a.wav", AUDIO)}, data={"model": MODEL}, timeout=30)
+    assert r.status_code == 200 and r.json()["text"].startswith(f"transcribed {len(AUDIO)}")
