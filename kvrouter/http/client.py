@@ -227,6 +227,17 @@ class UpstreamPool:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
+    def _dial(self, timeout: float):
+        """A new connection, or the UpstreamError (phase "connect") that says why not."""
+        try:
+            return self._connect(timeout)
+        except socket.timeout:
+            raise UpstreamTimeout("connect", f"connect to {self.host}:{self.port} timed out "
+                                  f"after {timeout:g}s") from None
+        except OSError as err:
+            raise UpstreamError("connect", f"cannot connect to {self.host}:{self.port}: "
+                                f"{err.strerror or err}", err.errno) from None
+
     def close_idle(self) -> None:
         while self.idle:
             self.idle.pop()[0].close()
@@ -238,14 +249,7 @@ class UpstreamPool:
         the socket is None and the last item is the engine's answer body."""
         lines = [f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"]
         lines += [f"{k}: {v}\r\n" for k, v in headers.items()]
-        try:
-            sock = self._connect(connect_timeout)
-        except socket.timeout:
-            raise UpstreamTimeout("connect", f"connect to {self.host}:{self.port} timed out "
-                                  f"after {connect_timeout:g}s") from None
-        except OSError as err:
-            raise UpstreamError("connect", f"cannot connect to {self.host}:{self.port}: "
-                                f"{err.strerror or err}", err.errno) from None
+        sock = self._dial(connect_timeout)
         try:
             sock.settimeout(timeout)
             send_all(sock, ("".join(lines) + "\r\n").encode("latin-1"))
@@ -309,14 +313,7 @@ class UpstreamPool:
             sock = self._take_idle() if attempt == 0 else None
             reused = sock is not None
             if sock is None:
-                try:
-                    sock = self._connect(connect_timeout)
-                except socket.timeout:
-                    raise UpstreamTimeout("connect", f"connect to {self.host}:{self.port} timed "
-                                          f"out after {connect_timeout:g}s") from None
-                except OSError as err:
-                    raise UpstreamError("connect", f"cannot connect to {self.host}:{self.port}: "
-                                        f"{err.strerror or err}", err.errno) from None
+                sock = self._dial(connect_timeout)
             parser = _Parser()
             written = False
             try:
