@@ -106,6 +106,11 @@ engine-env:
 
 ## speed figures: router (1 and N workers) vs direct, aiohttp and vllm-router (when PyPI has it), sim engine, load generator; the cluster's added latency, state propagation and leader failover (prints, no asserts)
 bench: install
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
+	    { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	      (apt-get install -y -q wrk nginx >/dev/null 2>&1 || \
+	       (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wrk nginx >/dev/null 2>&1)); } || \
+	    echo "wrk/nginx not installed (apt install wrk nginx): built-in load, no nginx rows"
 	@test -x .venv-peer/bin/vllm-router || ($(PYTHON) -m venv .venv-peer && \
 	    .venv-peer/bin/pip install -q vllm-router) || echo "vllm-router not installable: no peer"
 	VLLM_ROUTER=$$(test -x .venv-peer/bin/vllm-router && echo $(CURDIR)/.venv-peer/bin/vllm-router) \

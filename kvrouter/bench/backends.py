@@ -1,6 +1,6 @@
 """Processes for ``make bench``: a fixed-JSON fast backend and an aiohttp proxy baseline.
 
-    python -m kvrouter.bench.backends fast --port P [--events N --interval-ms T]
+    python -m kvrouter.bench.backends fast --port P [--events N --interval-ms T | --burst]
     python -m kvrouter.bench.backends aiohttp-proxy --port P --upstream http://127.0.0.1:Q
 
 The aiohttp proxy does what the seed project's router does: parse the JSON body,
@@ -23,7 +23,9 @@ MODELS = (b'{"object":"list","data":[{"id":"bench/model","object":"model","creat
           b'"owned_by":"bench","max_model_len":4096}]}')
 
 
-def fast(port: int, events: int, interval_ms: float) -> None:
+def fast(port: int, events: int, interval_ms: float, burst: bool = False) -> None:
+    """``burst``: a stream's events all in one write (as an engine under load, or a cached
+    answer, delivers them), else one write per event, ``interval_ms`` apart."""
     from gevent import monkey
 
     monkey.patch_all()
@@ -36,6 +38,9 @@ def fast(port: int, events: int, interval_ms: float) -> None:
     sse_h = [("Content-Type", "text/event-stream")]
 
     def stream():
+        if burst:
+            yield EVENT * events + b"data: [DONE]\n\n"
+            return
         for _ in range(events):
             yield EVENT
             if interval_ms:
@@ -97,12 +102,13 @@ def main(argv=None) -> None:
     f.add_argument("--port", type=int, required=True)
     f.add_argument("--events", type=int, default=100)
     f.add_argument("--interval-ms", type=float, default=0.0)
+    f.add_argument("--burst", action="store_true")
     a = sub.add_parser("aiohttp-proxy")
     a.add_argument("--port", type=int, required=True)
     a.add_argument("--upstream", required=True)
     args = p.parse_args(argv)
     if args.cmd == "fast":
-        fast(args.port, args.events, args.interval_ms)
+        fast(args.port, args.events, args.interval_ms, args.burst)
     else:
         aiohttp_proxy(args.port, args.upstream)
 

@@ -90,15 +90,18 @@ def wait_port(port: int, path: str = "/health", timeout: float = 20.0) -> None:
 
 
 BODY = json.dumps({"model": "bench/model", "prompt": "hello", "max_tokens": 1}).encode()
+BURST_BODY = json.dumps({"model": "bench/burst", "prompt": "hello", "max_tokens": 64,
+                        "stream": True}).encode()
+NGINX_BODY = json.dumps({"model": "bench/nginx", "prompt": "hello", "max_tokens": 1}).encode()
 STREAM_BODY = json.dumps({"model": "bench/model", "prompt": "hello", "max_tokens": 100,
                           "stream": True}).encode()
 
 
 # --- non-streamed ------------------------------------------------------------------------------
-def wrk(port: int, conns: int, seconds: float) -> dict:
+def wrk(port: int, conns: int, seconds: float, body: bytes = BODY) -> dict:
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     script.write('wrk.method = "POST"\nwrk.body = \'%s\'\n'
-                 'wrk.headers["Content-Type"] = "application/json"\n' % BODY.decode())
+                 'wrk.headers["Content-Type"] = "application/json"\n' % body.decode())
     script.close()
     out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{max(1, int(round(seconds)))}s", "--latency", "-s",
                           script.name, f"http://127.0.0.1:{port}/v1/completions"],
@@ -118,7 +121,7 @@ def wrk(port: int, conns: int, seconds: float) -> dict:
             "errors": int(errors.group(1)) if errors else 0, "tool": "wrk"}
 
 
-def builtin_load(port: int, conns: int, seconds: float) -> dict:
+def builtin_load(port: int, conns: int, seconds: float, body: bytes = BODY) -> dict:
     from kvrouter.http.client import UpstreamError, UpstreamPool
 
     pool = UpstreamPool("127.0.0.1", port, max_idle=conns)
@@ -131,7 +134,7 @@ def builtin_load(port: int, conns: int, seconds: float) -> dict:
             t0 = time.perf_counter()
             try:
                 r = pool.request("POST", "/v1/completions", {"Content-Type": "application/json"},
-                                 BODY)
+                                 body)
                 r.read()
                 if r.status != 200:
                     errors += 1
@@ -147,11 +150,44 @@ def builtin_load(port: int, conns: int, seconds: float) -> dict:
             "p99_ms": lat[int(len(lat) * 0.99)] * 1000, "errors": errors, "tool": "kvrouter-bench"}
 
 
-def load_tool(seconds: float) -> Tuple[str, Callable[[int, int], dict]]:
-    """wrk when installed, else kvrouter's own load: (its name, load(port, connections))."""
+def load_tool(seconds: float) -> Tuple[str, Callable[..., dict]]:
+    """wrk when installed, else kvrouter's own load: (its name, load(port, connections,
+    body=BODY))."""
     if shutil.which("wrk") is not None:
-        return "wrk", lambda port, conns: wrk(port, conns, seconds)
-    return "kvrouter-bench", lambda port, conns: builtin_load(port, conns, seconds)
+        return "wrk", lambda port, conns, body=BODY: wrk(port, conns, seconds, body)
+    return "kvrouter-bench", lambda port, conns, body=BODY: builtin_load(port, conns, seconds,
+                                                                         body)
+
+
+def start_nginx(port: int, fixed: bytes, models: bytes) -> Optional[Child]:
+    """nginx answering every POST with ``fixed`` (one process, no access log): the
+    backend whose own cost is least, so a router's cost shows. None when not installed."""
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx",
+                                                                       os.X_OK) else None)
+    if binary is None:
+        return None
+    root = tempfile.mkdtemp(prefix="kvr-nginx-")
+    temps = "".join(f"{kind}_temp_path {root}/{kind};\n" for kind in
+                    ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    with open(os.path.join(root, "nginx.conf"), "w") as fh:
+        fh.write(f"""worker_processes 1;
+error_log stderr warn;
+pid {root}/nginx.pid;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  {temps}
+  keepalive_requests 100000000;
+  server {{
+    listen 127.0.0.1:{port};
+    default_type application/json;
+    location = /v1/models {{ return 200 '{models.decode()}'; }}
+    location / {{ return 200 '{fixed.decode()}'; }}
+  }}
+}}
+""")
+    return Child([binary, "-p", root, "-c", os.path.join(root, "nginx.conf"), "-g",
+                  "daemon off; master_process off;"])
 
 
 def save_results(path: str, results: dict, text: str) -> None:

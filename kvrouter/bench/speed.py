@@ -2,10 +2,11 @@
 
 Runs side by side, on this machine, in one run:
   1. non-streamed requests/s and latency at concurrency 1 and 32: direct to a
-     fixed-JSON backend, through kvrouter (one process, and N workers), through an
-     aiohttp proxy baseline and the Rust vllm-router when installed (wrk when installed,
-     else kvrouter's own load generator; the processes and tools are in ``harness.py``);
-  2. streamed SSE events/s and time to first byte through each;
+     fixed-JSON backend and to nginx, through kvrouter (one process, and N workers),
+     through an aiohttp proxy yardstick and the Rust vllm-router when installed (wrk when
+     installed, else kvrouter's own load generator; ``sidebyside.py``, ``harness.py``);
+  2. streamed SSE events/s, streams/s and time to first byte through each, with events
+     spaced (a write each) and bursty (64 in one write);
   3. kvrouter's RSS with 1,000 concurrent streams, and their errors;
   4. the simulated engine with 500 concurrent streams at 20 ms inter-token latency;
   5. the load generator's own request rate against the fast backend;
@@ -27,13 +28,12 @@ import time  # noqa: E402
 
 import gevent  # noqa: E402
 
-from kvrouter.bench import uploads  # noqa: E402
+from kvrouter.bench import sidebyside, uploads  # noqa: E402
 from kvrouter.bench.harness import (  # noqa: E402
     PY,
     Child,
     free_port,
     load_tool,
-    peer_router,
     save_results,
     sse_streams,
     start_router,
@@ -178,67 +178,13 @@ def main(argv=None) -> int:
     tool, load = load_tool(secs)
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                      "load_tool": tool}
-    backend_port, slow_port, router_port, aio_port, workers_port, peer_port = (
-        free_port() for _ in range(6))
-    instances = "".join(
-        "  - {name: %s, model: %s, engine: sim, engine_args: ['--host 127.0.0.1 --port %d']}\n"
-        % (name, model, port) for name, model, port in
-        (("fast", "bench/model", backend_port), ("slow", "bench/slow", slow_port)))
-    router = start_router(router_port, instances)
-    n_workers = args.workers or os.cpu_count() or 2
-    with_workers = start_router(workers_port, instances, workers=n_workers)
-    children = [
-        Child([PY, "-m", "kvrouter.bench.backends", "fast", "--port", str(backend_port),
-               "--events", "100"]),
-        Child([PY, "-m", "kvrouter.bench.backends", "fast", "--port", str(slow_port),
-               "--events", "50", "--interval-ms", "100"]),
-    ]
-    children += [router, with_workers]
-    targets = {"direct": backend_port, "kvrouter": router_port,
-               f"kvrouter {n_workers} workers": workers_port}
-    peer = peer_router()
-    if peer:
-        children.append(Child([peer, "--host", "127.0.0.1", "--port", str(peer_port),
-                               "--worker-urls", f"http://127.0.0.1:{backend_port}",
-                               "--log-level", "warning"]))
-        targets["vllm-router"] = peer_port
-    else:
-        print("vllm-router not installed: no peer (pip install vllm-router; VLLM_ROUTER=path)")
-    if not args.skip_aiohttp:
-        try:
-            import aiohttp  # noqa: F401
-
-            children.append(Child([PY, "-m", "kvrouter.bench.backends", "aiohttp-proxy",
-                                   "--port", str(aio_port), "--upstream",
-                                   f"http://127.0.0.1:{backend_port}"]))
-            targets["aiohttp"] = aio_port
-        except ImportError:
-            print("aiohttp not installed: no baseline (pip install '.[bench]')")
+    bench = sidebyside.Bench(args.workers or os.cpu_count() or 2, not args.skip_aiohttp)
+    for note in bench.notes:
+        print(note)
     try:
-        wait_port(backend_port)
-        wait_port(slow_port)
-        wait_port(router_port, "/health")
-        wait_port(workers_port, "/health")
-        if "vllm-router" in targets:
-            wait_port(peer_port, "/health", timeout=60)
-        time.sleep(1.0)  # readiness probes
-        if "aiohttp" in targets:
-            wait_port(aio_port, "/")  # any answer
-    except RuntimeError:
-        pass
-    try:
-        non_stream = {}
-        for name, port in targets.items():
-            for c in (1, 32):
-                load(port, 8)  # warm connections
-                non_stream[f"{name} c={c}"] = load(port, c)
-        results["non_stream"] = non_stream
-        streams = {}
-        for name, port in targets.items():
-            streams[name] = sse_streams(port, 32, seconds=secs, expect_events=100)
-            single = sse_streams(port, 1, seconds=min(secs, 2.0), expect_events=100)
-            streams[name]["ttfb_c1_p50_ms"] = single["ttfb_p50_ms"]
-        results["stream"] = streams
+        bench.wait()
+        results.update(sidebyside.main_rows(bench, secs, load))
+        router = bench.router
         peak = {"rss_mb": 0.0}
 
         def sample():
@@ -249,13 +195,12 @@ def main(argv=None) -> int:
         slow_body = json.dumps({"model": "bench/slow", "prompt": "x", "max_tokens": 50,
                                 "stream": True}).encode()
         results["router_rss_idle_mb"] = router.rss_mb()
-        results["streams_1000"] = sse_streams(router_port, 1000, streams_each=1,
+        results["streams_1000"] = sse_streams(bench.ports["kvrouter"], 1000, streams_each=1,
                                               expect_events=50, body=slow_body, sample=sample)
         results["streams_1000"]["router_peak_rss_mb"] = peak["rss_mb"]
-        results["loadgen"] = loadgen_rate(backend_port, secs)
+        results["loadgen"] = loadgen_rate(bench.ports["fast"], secs)
     finally:
-        for ch in children:
-            ch.stop()
+        bench.stop()
     results["sim_engine"] = sim_itl(500, 20.0, 100)
     results["wake"] = wake_and_readiness()
     results["monitor"] = monitor_cost()
@@ -266,41 +211,9 @@ def main(argv=None) -> int:
 
 
 def report(r: dict) -> str:
-    ns = r["non_stream"]
-    lines = [f"kvrouter speed ({r['machine']['cpus']} CPUs, load tool: {r['load_tool']})", "",
-             "non-streamed requests        req/s     p50 ms   p99 ms   errors"]
-    for name, v in ns.items():
-        lines.append(f"  {name:<24} {v['rps']:>8.0f} {v['p50_ms'] or 0:>9.3f} "
-                     f"{v['p99_ms'] or 0:>8.3f} {v['errors']:>8}")
-    for target in [n[:-len(" c=1")] for n in ns if n.endswith(" c=1") and
-                   not n.startswith("direct")]:
-        if f"{target} c=1" in ns:
-            d1, t1 = ns["direct c=1"], ns[f"{target} c=1"]
-            lines.append(f"  {target} added latency at c=1: p50 "
-                         f"{(t1['p50_ms'] or 0) - (d1['p50_ms'] or 0):.3f} ms, p99 "
-                         f"{(t1['p99_ms'] or 0) - (d1['p99_ms'] or 0):.3f} ms")
-    if "aiohttp c=32" in ns:
-        lines.append(f"  kvrouter / aiohttp throughput at c=32: "
-                     f"{ns['kvrouter c=32']['rps'] / max(1.0, ns['aiohttp c=32']['rps']):.2f}x")
-    many = [n for n in ns if " workers c=32" in n]
-    for n in many:
-        for peer in ("kvrouter c=32", "vllm-router c=32"):
-            if peer in ns:
-                lines.append(f"  {n[:-5]} / {peer[:-5]} throughput at c=32: "
-                             f"{ns[n]['rps'] / max(1.0, ns[peer]['rps']):.2f}x")
-    lines += ["", "streamed, 100 events each     events/s (c=32)  errors   TTFB p50 ms (c=1)"]
-    for name, v in r["stream"].items():
-        lines.append(f"  {name:<28} {v['events_per_s']:>15.0f} {v['errors']:>7} "
-                     f"{v['ttfb_c1_p50_ms'] or 0:>19.3f}")
-    if "kvrouter" in r["stream"]:
-        added = r["stream"]["kvrouter"]["ttfb_c1_p50_ms"] - r["stream"]["direct"]["ttfb_c1_p50_ms"]
-        lines.append(f"  kvrouter added time to first byte (c=1, p50): {added:.3f} ms")
-    for n in [k for k in r["stream"] if k.endswith(" workers")]:
-        for peer in ("kvrouter", "vllm-router"):
-            if peer in r["stream"]:
-                ratio = r["stream"][n]["events_per_s"] / max(
-                    1.0, r["stream"][peer]["events_per_s"])
-                lines.append(f"  {n} / {peer} streamed events/s at c=32: {ratio:.2f}x")
+    lines = [f"kvrouter speed ({r['machine']['cpus']} CPUs, load tool: {r['load_tool']})"]
+    lines += [f"  ({note})" for note in r.get("notes", [])]
+    lines += sidebyside.report(r)
     s = r["streams_1000"]
     lines += ["", f"1,000 concurrent streams through kvrouter: {s['streams']} done, "
               f"{s['errors']} errors, router RSS idle {r['router_rss_idle_mb']:.0f} MB, "

@@ -12,6 +12,7 @@ import time
 import pytest
 import requests
 
+from kvrouter.router.worker import FLUSH_SECONDS
 from tests.helpers import (
     Router,
     SimEngine,
@@ -53,6 +54,17 @@ def _workers(router):
 
 def _served_by(headers):
     return headers.get("X-Kvrouter-Worker") or headers.get("x-kvrouter-worker")
+
+
+def _settled_total(base, model):
+    """The total once workers have pushed what they served (they batch their records)."""
+    last = _total(base, model)
+    while True:
+        time.sleep(3 * FLUSH_SECONDS)
+        now = _total(base, model)
+        if now == last:
+            return now
+        last = now
 
 
 def _total(base, model):
@@ -414,7 +426,7 @@ def test_uploads_and_websockets_through_workers(stack):
     from openai import OpenAI
 
     base = stack["base"]
-    before = _total(base, A)
+    before = _settled_total(base, A)
     client = OpenAI(base_url=base + "/v1", api_key="x")
     audio = bytes(range(256)) * 1000
     for _ in range(4):
@@ -429,4 +441,7 @@ def test_uploads_and_websockets_through_workers(stack):
     for ws in sessions:
         ws.close()
     assert in_flight == 4
-    wait_until(lambda: _total(base, A) == before + 8, 5, what="8 requests counted")
+    deadline = time.monotonic() + 10
+    while _total(base, A) - before < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _settled_total(base, A) - before == 8
