@@ -81,6 +81,7 @@ class Bench:
                 port = self.ports[f"vllm-router/{backend}"] = free_port()
                 self._start("vllm-router", [self.peer, "--host", "127.0.0.1", "--port",
                                             str(port), "--worker-urls", upstream,
+                                            "--prometheus-port", str(free_port()),
                                             "--log-level", "warning"])
             if self.aiohttp and backend != "burst":
                 port = self.ports[f"aiohttp/{backend}"] = free_port()
