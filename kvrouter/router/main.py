@@ -56,7 +56,7 @@ def serve(cfg: Config, shape: Callable[[Config], Config] = lambda cfg: cfg) -> N
     gevent.signal_handler(signal.SIGTERM, _stop)
     gevent.signal_handler(signal.SIGINT, _stop)
     reload = coalesced(ctx.reload_from_file)
-    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
+    gevent.signal_handler(signal.SIGHUP, logs.flushed(lambda: gevent.spawn(reload)))
 
     gevent.spawn(logs.flush_forever)
     server.serve_forever()

@@ -328,6 +328,6 @@ def serve_with_workers(cfg: Config, shape: Callable[[Config], Config] = lambda c
     gevent.signal_handler(signal.SIGTERM, _stop)
     gevent.signal_handler(signal.SIGINT, _stop)
     reload = coalesced(_reload)
-    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
+    gevent.signal_handler(signal.SIGHUP, logs.flushed(lambda: gevent.spawn(reload)))
     gevent.spawn(logs.flush_forever)
     server.serve_forever()
