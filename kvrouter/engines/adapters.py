@@ -54,6 +54,7 @@ class EngineAdapter(ABC):
         self.inst = inst
         self.pool = pool
         self.version: Version = ()
+        self._warm_route: Optional[int] = None   # which WARM_UPS request the model serves
 
     # --- capabilities -------------------------------------------------------------------------
     def refresh_version(self) -> Version:
@@ -141,14 +142,34 @@ class EngineAdapter(ABC):
                 return False
             gevent.sleep(0.05)
 
+    # one request each kind of model serves: a generative model's completion, a pooling
+    # model's (embedding, reranker, classifier) embedding or pooling
+    WARM_UPS = (("/v1/completions", {"prompt": "Hi", "max_tokens": 1, "temperature": 0},
+                 "choices"),
+                ("/v1/embeddings", {"input": "Hi"}, "data"),
+                ("/pooling", {"input": "Hi"}, "data"))
+
     def warm_up(self) -> None:
-        """One 1-token request before traffic is admitted again."""
-        data = self._ok("POST", "/v1/completions", {
-            "model": self.inst.upstream_model, "prompt": "Hi", "max_tokens": 1,
-            "temperature": 0}, timeout=120)
-        obj = json.loads(data)
-        if not obj.get("choices"):
-            raise EngineError(f"warm-up answered without choices: {data[:200]!r}")
+        """One small request before traffic is admitted again, of a kind the model serves
+        (the first route that is not a 404 is remembered); none when it serves none of them."""
+        routes = self.WARM_UPS[self._warm_route:] if self._warm_route is not None \
+            else self.WARM_UPS
+        for path, body, key in routes:
+            try:
+                status, data = self._call("POST", path, dict(body, model=self.inst.upstream_model),
+                                          timeout=120)
+            except UpstreamError as err:
+                raise EngineError(f"POST {path}: {err}") from None
+            if status == 404 and b"Not Found" in data:   # no such route for this model
+                continue
+            if status >= 400:
+                raise EngineError(f"POST {path}: HTTP {status} "
+                                  f"{data.decode('utf-8', 'replace')[:300]}")
+            self._warm_route = self.WARM_UPS.index((path, body, key))
+            if not json.loads(data).get(key):
+                raise EngineError(f"warm-up answered without {key}: {data[:200]!r}")
+            return
+        log.info("%s: no warm-up request this model serves; none sent", self.inst.name)
 
     @abstractmethod
     def is_sleeping(self) -> Optional[bool]:

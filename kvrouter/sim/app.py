@@ -17,7 +17,7 @@ import gevent
 from kvrouter.http.messages import Request, Response, StreamResponse
 from kvrouter.http.server import HTTPServer
 from kvrouter.http.sockio import raise_open_files_limit
-from kvrouter.sim import anthropic, audio, native, realtime
+from kvrouter.sim import anthropic, audio, native, realtime, scoring
 from kvrouter.sim import text as T
 from kvrouter.sim.generate import Generator, SimError
 from kvrouter.sim.metrics import EngineMetrics
@@ -104,6 +104,13 @@ class SimEngine:
             r[("GET", "/health")] = self.vllm_health
             r[("GET", "/ping")] = r[("POST", "/ping")] = self.vllm_health
             r[("GET", "/version")] = lambda req: _json(200, {"version": self.cfg.version})
+            if self.cfg.runner == "pooling":   # vLLM's scoring routes: pooling models only
+                for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+                    r[("POST", path)] = lambda req: _json(
+                        200, scoring.rerank(self.gen, self._body(req)))
+                for path in ("/score", "/v1/score"):
+                    r[("POST", path)] = lambda req: _json(
+                        200, scoring.score(self.gen, self._body(req)))
             if self.cfg.runner != "pooling":
                 r[("POST", "/v1/messages")] = lambda req: self._anthropic(
                     anthropic.messages, req)
