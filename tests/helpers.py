@@ -207,6 +207,20 @@ class Router:
         self.proc.stop()
 
 
+@contextlib.contextmanager
+def router_over(tmpdir, head, instances, engines):
+    """A router (``head``: its config up to ``instances:``, the instances' YAML items) in
+    front of running sim ``engines``, ready; it and the engines are stopped after."""
+    router = Router(head + "instances:\n" + "".join(instances), str(tmpdir))
+    try:
+        router.wait_models_ready()
+        yield router
+    finally:
+        router.stop()
+        for engine in engines:
+            engine.stop()
+
+
 def instance_yaml(name, model, port, dialect="vllm", extra="", sim=""):
     """One `engine: sim` instance; ``sim`` adds options to its sim: block ("itl_ms: 5")."""
     flag = "--enable-sleep-mode" if dialect == "vllm" else "--enable-memory-saver"

@@ -8,7 +8,7 @@ import anthropic
 import pytest
 import requests
 
-from tests.helpers import Router, SimEngine, free_port, get_json, http, instance_yaml
+from tests.helpers import SimEngine, free_port, get_json, http, instance_yaml, router_over
 
 KEY = "sk-messages-test"
 MODEL = "msg/llama"
@@ -18,20 +18,13 @@ MODEL = "msg/llama"
 def stack(tmp_path_factory):
     engine = SimEngine("vllm", MODEL, args=["--enable-sleep-mode"])
     other = SimEngine("vllm", "msg/other")
-    rp = free_port()
-    cfg = (f"router: {{router_port: {rp}, api_keys: [{KEY}]}}\n"
-           "sleep_manager: {min_sleep_duration: 0}\ninstances:\n"
-           + instance_yaml("m", MODEL, engine.port, "vllm",
-                           "    served_model_names: [claude-local]\n")
-           + instance_yaml("o", "msg/other", other.port, "vllm"))
-    router = Router(cfg, str(tmp_path_factory.mktemp("messages")))
-    try:
-        router.wait_models_ready()
+    head = (f"router: {{router_port: {free_port()}, api_keys: [{KEY}]}}\n"
+            "sleep_manager: {min_sleep_duration: 0}\n")
+    with router_over(tmp_path_factory.mktemp("messages"), head, [
+            instance_yaml("m", MODEL, engine.port, "vllm",
+                          "    served_model_names: [claude-local]\n"),
+            instance_yaml("o", "msg/other", other.port, "vllm")], [engine, other]) as router:
         yield {"base": router.base}
-    finally:
-        router.stop()
-        engine.stop()
-        other.stop()
 
 
 def _client(stack, key=KEY):

@@ -5,7 +5,7 @@ engine's own 404 for a generative model, which has no such route."""
 import openai
 import pytest
 
-from tests.helpers import Router, SimEngine, free_port, get_json, http, instance_yaml
+from tests.helpers import SimEngine, free_port, get_json, http, instance_yaml, router_over
 
 KEY = "sk-score-test"
 MODEL = "sc/bge-reranker"
@@ -16,19 +16,12 @@ DOCS = ["the cat sat on the mat", "stock prices fell today", "a cat and a mat"]
 def stack(tmp_path_factory):
     engine = SimEngine("vllm", MODEL, args=["--enable-sleep-mode", "--runner", "pooling"])
     chat = SimEngine("vllm", "sc/chat")
-    rp = free_port()
-    cfg = (f"router: {{router_port: {rp}, api_keys: [{KEY}]}}\n"
-           "sleep_manager: {min_sleep_duration: 0}\ninstances:\n"
-           + instance_yaml("r", MODEL, engine.port, "vllm", "    served_model_names: [rerank]\n")
-           + instance_yaml("c", "sc/chat", chat.port, "vllm"))
-    router = Router(cfg, str(tmp_path_factory.mktemp("scoring")))
-    try:
-        router.wait_models_ready()
+    head = (f"router: {{router_port: {free_port()}, api_keys: [{KEY}]}}\n"
+            "sleep_manager: {min_sleep_duration: 0}\n")
+    with router_over(tmp_path_factory.mktemp("scoring"), head, [
+            instance_yaml("r", MODEL, engine.port, "vllm", "    served_model_names: [rerank]\n"),
+            instance_yaml("c", "sc/chat", chat.port, "vllm")], [engine, chat]) as router:
         yield {"base": router.base}
-    finally:
-        router.stop()
-        engine.stop()
-        chat.stop()
 
 
 def _client(stack, root=False):

@@ -10,7 +10,7 @@ import pytest
 import requests
 from openai import OpenAI
 
-from tests.helpers import Router, SimEngine, free_port, get_json, http, instance_yaml
+from tests.helpers import SimEngine, free_port, get_json, http, instance_yaml, router_over
 
 KEY = "sk-upload-test"
 MODEL = "up/whisper"
@@ -21,19 +21,13 @@ def stack(tmp_path_factory):
     engine = SimEngine("vllm", MODEL, args=["--enable-sleep-mode"])
     other = SimEngine("vllm", "up/other", args=["--enable-sleep-mode"])
     rp = free_port()
-    cfg = (f"router: {{router_port: {rp}, api_keys: [{KEY}], max_upload_mb: 1}}\n"
-           "sleep_manager: {min_sleep_duration: 0}\ninstances:\n"
-           + instance_yaml("w", MODEL, engine.port, "vllm",
-                           "    served_model_names: [whisper-1]\n")
-           + instance_yaml("o", "up/other", other.port, "vllm"))
-    router = Router(cfg, str(tmp_path_factory.mktemp("uploads")))
-    try:
-        router.wait_models_ready()
+    head = (f"router: {{router_port: {rp}, api_keys: [{KEY}], max_upload_mb: 1}}\n"
+            "sleep_manager: {min_sleep_duration: 0}\n")
+    with router_over(tmp_path_factory.mktemp("uploads"), head, [
+            instance_yaml("w", MODEL, engine.port, "vllm",
+                          "    served_model_names: [whisper-1]\n"),
+            instance_yaml("o", "up/other", other.port, "vllm")], [engine, other]) as router:
         yield {"base": router.base, "engine": engine, "rp": rp}
-    finally:
-        router.stop()
-        engine.stop()
-        other.stop()
 
 
 AUDIO = bytes(range(256)) * 400   # 100 KiB of "audio", every byte value in it
