@@ -1,8 +1,9 @@
 """``make bench``'s upload row: a 25 MB multipart upload (Whisper's
 ``/v1/audio/transcriptions``) to a simulated vLLM engine, directly and through the router, in
-turns in one run: the router's added time (median of the rounds) and its memory (RSS at
+turns in one run: the router's added time (median of the rounds), its memory (RSS at
 rest, and its high-water mark after the uploads: the kernel's VmHWM, so no peak is missed
-between samples). Run alone: ``python -m kvrouter.bench.uploads``."""
+between samples) and the CPU time it spent per upload (which, unlike the added time, does
+not depend on how the cores were shared during the run). Run alone: ``python -m kvrouter.bench.uploads``."""
 from __future__ import annotations
 
 from gevent import monkey
@@ -39,6 +40,13 @@ def _vm(pid: int, key: str) -> float:
     return 0.0
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def upload_cost(size_mb: int = 25, rounds: int = 7) -> dict:
     sim_port, router_port = free_port(), free_port()
     sim = Child([PY, "-m", "kvrouter", "sim-engine", "--port", str(sim_port), "--model", "w",
@@ -67,12 +75,14 @@ def upload_cost(size_mb: int = 25, rounds: int = 7) -> dict:
                      headers=headers, timeout=30)   # warm: code paths, pooled connections
         rest_mb = _vm(router.p.pid, "VmRSS")
         hwm_before = _vm(router.p.pid, "VmHWM")
+        cpu_before = _cpu_seconds(router.p.pid)
         direct: List[float] = []
         routed: List[float] = []
         for i in range(rounds):   # in turns, so drift hits both alike
             for port, out in ((sim_port, direct), (router_port, routed))[::1 if i % 2 else -1]:
                 out.append(post(port))
         hwm_after = _vm(router.p.pid, "VmHWM")
+        cpu = (_cpu_seconds(router.p.pid) - cpu_before) / rounds
     finally:
         router.stop()
         sim.stop()
@@ -82,14 +92,16 @@ def upload_cost(size_mb: int = 25, rounds: int = 7) -> dict:
     return {"size_mb": size_mb, "rounds": rounds, "direct_s": d, "router_s": r,
             "added_pct": 100.0 * (r - d) / d, "router_rss_rest_mb": rest_mb,
             "router_hwm_before_mb": hwm_before, "router_hwm_after_mb": hwm_after,
-            "memory_ratio": hwm_after / rest_mb if rest_mb else None}
+            "memory_ratio": hwm_after / rest_mb if rest_mb else None,
+            "router_cpu_s_per_upload": cpu}
 
 
 def report(u: dict) -> str:
     return (f"{u['size_mb']} MB upload (median of {u['rounds']}): direct {u['direct_s']:.3f} s, "
             f"through kvrouter {u['router_s']:.3f} s ({u['added_pct']:+.1f}%); router RSS at "
             f"rest {u['router_rss_rest_mb']:.0f} MB, peak during the uploads "
-            f"{u['router_hwm_after_mb']:.0f} MB ({u['memory_ratio']:.2f}x at rest)")
+            f"{u['router_hwm_after_mb']:.0f} MB ({u['memory_ratio']:.2f}x at rest); router CPU "
+            f"{u['router_cpu_s_per_upload'] * 1000:.0f} ms per upload")
 
 
 def main(argv=None) -> int:

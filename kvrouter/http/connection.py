@@ -31,6 +31,7 @@ log = logging.getLogger("kvrouter.http")
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _INTERNAL_ERROR = InternalError("internal server error").to_json()
 WATCH_AFTER = 0.02  # seconds a handler runs before its client's socket is watched
+BODY_READ = 256 * 1024   # bytes asked of the socket at once for a body read as it is used
 
 
 class Connection:
@@ -249,7 +250,7 @@ class Connection:
         """Read and parse what the client sent next; ClientGone if it left or stalled."""
         self.sock.settimeout(self.limits.header_timeout)
         try:
-            data = self.sock.recv(65536)
+            data = self.sock.recv(BODY_READ)
         except (socket.timeout, OSError):
             data = b""
         if not data:
