@@ -52,6 +52,14 @@ class StreamBody:
         self.length = length
         self.started = False
 
+    @classmethod
+    def of(cls, req) -> "bytes | StreamBody":
+        """A request's body to send on: its bytes, or, when it is being read as it is
+        used (``req.stream``), a StreamBody that passes it on as it arrives."""
+        if req.stream is None:
+            return req.body
+        return cls(b"", req.stream, req.stream.length)
+
     def pieces(self) -> Iterator[bytes]:
         if self.head:
             yield self.head

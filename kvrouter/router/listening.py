@@ -57,7 +57,7 @@ def router_http_server(listener, handler, get_cfg: Callable[[], Config]) -> HTTP
                 raise refused.for_anthropic() if anthropic_path(req.path) else refused
         if is_multipart(req.headers):   # an upload too big is refused before it is read
             err = too_large_upload(req.headers.get("content-length"),
-                            int(r.max_upload_mb * 1024 * 1024))
+                                   int(r.max_upload_mb * 1024 * 1024))
             if err is not None:
                 raise err
 

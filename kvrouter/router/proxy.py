@@ -128,19 +128,12 @@ class Proxy:
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object", code="invalid_body")
         model = body.get("model")
-        if model is None or model == "":
-            only = self.routes.only()
-            if only is not None:   # one model served: it is meant (vLLM's own default)
-                return only, req.body, body
-            raise BadRequest("you must provide a model parameter; this router serves "
-                             f"{', '.join(sorted(self.routes.names()))}", param="model",
-                             code="missing_model")
-        if not isinstance(model, str):
+        if model not in (None, "") and not isinstance(model, str):
             raise BadRequest(f"model must be a string, got {type(model).__name__}",
                              param="model", code="invalid_model")
-        group = self.routes.require(model, known=True)
+        group = self.routes.resolve(model, "you must provide a model parameter")
         payload = req.body
-        if model != group.upstream_model:  # an alias: the engine knows another name
+        if model and model != group.upstream_model:  # an alias: the engine knows another name
             body["model"] = group.upstream_model
             payload = json.dumps(body).encode()
         return group, payload, body
@@ -178,9 +171,7 @@ class Proxy:
         except ApiError as err:
             self.traffic.unrouted += 1
             return error_response(err)
-        body = req.body if req.stream is None else \
-            StreamBody(b"", req.stream, req.stream.length)   # sent on as it arrives
-        return self._run(req, group, body, target)
+        return self._run(req, group, StreamBody.of(req), target)
 
     def _upstream_target(self, path: str):
         rest = unquote(path[len(UPSTREAM):])
@@ -276,6 +267,18 @@ class Proxy:
         group = self.routes.get(entry.model) or self.routes.require(entry.model)
         return self._run(req, group, req.body, pinned=entry)
 
+    def await_ready(self, entry: ModelEntry, rec):
+        """Wait (the gate) until ``entry`` can serve: (None, seconds waited), or (the error
+        answer, 0) when it cannot, the request's record ended as rejected."""
+        try:
+            waited = self.controller.ensure_ready(entry)
+        except ApiError as err:
+            self.traffic.end(rec, "rejected")
+            return error_response(err), 0.0
+        if waited:
+            self.traffic.waited(rec, waited)
+        return None, waited
+
     def _forward(self, req, group, entry, payload, rid, rec, target=None, key=EMPTY,
                  pinned=False):
         """``target``: a passthrough's path on the engine (its content type and error
@@ -303,19 +306,15 @@ class Proxy:
                     return error_response(ServiceUnavailable(
                         f"model {group.model!r}: every ready replica is ejected: {ejected}",
                         code="replicas_ejected", headers={"Retry-After": "2"}))
-            try:
-                waited = self.controller.ensure_ready(entry)
-            except ApiError as err:
-                self.traffic.end(rec, "rejected")
-                return error_response(err)
-            if waited:
-                self.traffic.waited(rec, waited)
-                if several:   # the load that waited may want another replica; and another
-                    self.controller.scale(group)   # may have come back first
-                    better = chooser.pick(group, key, frozenset(tried))
-                    if better is not None and better is not entry:
-                        entry = better
-                        self.traffic.move(rec, entry.name)
+            refused, waited = self.await_ready(entry, rec)
+            if refused is not None:
+                return refused
+            if waited and several:   # the load that waited may want another replica; and
+                self.controller.scale(group)   # another may have come back first
+                better = chooser.pick(group, key, frozenset(tried))
+                if better is not None and better is not entry:
+                    entry = better
+                    self.traffic.move(rec, entry.name)
             try:
                 resp = self.pool_for(entry).request(req.method, path, headers, payload,
                                                     connect, first_byte, idle)

@@ -125,14 +125,7 @@ class RealtimeRoute:
                              code="websocket_required")
         query = parse_qsl(req.query, keep_blank_values=True)
         model = next((v for k, v in query if k == "model"), "")
-        if model:
-            group = p.routes.require(model, known=True)
-        else:
-            group = p.routes.only()
-            if group is None:
-                raise BadRequest("name the model: /v1/realtime?model=...; this router serves "
-                                 f"{', '.join(sorted(p.routes.names()))}", param="model",
-                                 code="missing_model")
+        group = p.routes.resolve(model, "name the model: /v1/realtime?model=...")
         query = [(k, group.upstream_model if k == "model" else v) for k, v in query]
         return group, REALTIME_PATH + ("?" + urlencode(query) if query else "")
 
@@ -147,13 +140,9 @@ class RealtimeRoute:
         entry = group.entries[0] if len(group.entries) == 1 else \
             p.chooser.pick(group) or p.chooser.waiting_on(group)
         rec = p.traffic.start(entry.name)
-        try:
-            waited = p.controller.ensure_ready(entry)
-        except ApiError as err:
-            p.traffic.end(rec, "rejected")
-            return error_response(err)
-        if waited:
-            p.traffic.waited(rec, waited)
+        refused, _ = p.await_ready(entry, rec)
+        if refused is not None:
+            return refused
         connect, first_byte, _ = p.timeouts
         try:
             sock, status, headers, rest = _open(p.pool_for(entry), path, req, connect,

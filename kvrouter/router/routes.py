@@ -7,7 +7,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from kvrouter.config.schema import RoutingConfig
 from kvrouter.control.entry import ModelEntry, ModelGroup
-from kvrouter.errors import NotFound
+from kvrouter.errors import BadRequest, NotFound
 
 # the engines' own JSON routes that name a model in the body (vLLM's tokenizer, pooling,
 # scoring and SageMaker routes): routed like /v1, through the same gate, keys and accounting
@@ -85,6 +85,17 @@ class RouteTable:
         """The model when the router serves exactly one (a request may then leave ``model``
         out, as vLLM allows), else None."""
         return self._groups[0] if len(self._groups) == 1 else None
+
+    def resolve(self, name: Optional[str], missing: str) -> ModelGroup:
+        """The group a request names (404 for an unknown name); no name: the one model
+        served (as vLLM does), else a 400 that says ``missing`` and lists the models."""
+        if name:
+            return self.require(name, known=True)
+        only = self.only()
+        if only is not None:
+            return only
+        raise BadRequest(f"{missing}; this router serves {', '.join(sorted(self._by_name))}",
+                         param="model", code="missing_model")
 
     def require(self, name: str, known: bool = False) -> ModelGroup:
         """The model's group for ``name`` or 404 (OpenAI's ``model_not_found``)."""

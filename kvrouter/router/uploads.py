@@ -33,14 +33,7 @@ def parse_upload(req: Request, routes: RouteTable, limit: int):
 
 
 def _group(routes: RouteTable, model: Optional[str]) -> ModelGroup:
-    if model:
-        return routes.require(model, known=True)
-    only = routes.only()
-    if only is not None:   # one model served: it is meant
-        return only
-    raise BadRequest("the upload has no model field; this router serves "
-                     f"{', '.join(sorted(routes.names()))}", param="model",
-                     code="missing_model")
+    return routes.resolve(model, "the upload has no model field")
 
 
 def _parse_streamed(req: Request, routes: RouteTable, limit: int):

@@ -211,10 +211,8 @@ class Worker:
         headers = {k: v for k, v in req.headers.items() if k not in HOP}
         target = req.path + ("?" + req.query if req.query else "")
         connect, first_byte, idle = self.forward_timeouts
-        body = req.body if req.stream is None else \
-            StreamBody(b"", req.stream, req.stream.length)   # passed on as it arrives
         try:
-            resp = self.owner.pool.request(req.method, target, headers, body,
+            resp = self.owner.pool.request(req.method, target, headers, StreamBody.of(req),
                                            connect_timeout=connect,
                                            first_byte_timeout=first_byte, idle_timeout=idle)
         except UpstreamError as err:
