@@ -198,29 +198,43 @@ def external_cmd(tool, python, args):
 
 
 @bench.command("import-trace")
-@click.argument("fmt", metavar="FORMAT", type=click.Choice(["mooncake", "access-log"]))
-@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.argument("fmt", metavar="FORMAT", type=click.Choice(
+    ["mooncake", "access-log", "azure", "burstgpt", "servegen"]))
+@click.argument("source", type=click.Path(exists=True))
 @click.option("--model", "models", multiple=True, help="a model to give requests to (repeat)")
 @click.option("--models-from", "models_from", default=None, type=click.Path(dir_okay=False),
               metavar="CONFIG", help="every model of this config (with or instead of --model)")
-@click.option("--assign", "rule", type=click.Choice(["conversation", "stripe"]),
-              default="conversation", show_default=True,
-              help="conversation: each conversation to one model (seeded hash); stripe: "
-              "requests dealt to the models in turn")
+@click.option("--assign", "rule", type=click.Choice(
+    ["conversation", "stripe", "zipf", "windows", "client"]), default=None,
+              help="how requests are given to models (docs/policy-lab.md, \"Public traces\"): "
+              "conversation (mooncake's default): each conversation to one model; stripe: in "
+              "turn; zipf (azure's, burstgpt's default): at random by power-law popularity; "
+              "windows: consecutive windows of the trace overlaid, one per model; client "
+              "(servegen's default): one client per model, busiest first")
+@click.option("--alpha", type=float, default=1.0, show_default=True,
+              help="zipf: popularity exponent")
+@click.option("--start", type=float, default=0.0, show_default=True,
+              help="servegen: from this second of the clients' traces")
+@click.option("--duration", type=float, default=3600.0, show_default=True,
+              help="servegen: seconds of the traces to replay")
+@click.option("--rate", type=float, default=None,
+              help="servegen: total mean requests/s (default: the clients' own)")
 @click.option("--seed", type=int, default=0)
 @click.option("--out", "out_path", required=True)
-def import_trace_cmd(fmt, source, models, models_from, rule, seed, out_path):
+def import_trace_cmd(fmt, source, models, models_from, rule, alpha, start, duration, rate,
+                     seed, out_path):
     """Turn a trace into a kvrouter trace (JSON lines for `bench trace` and `simulate`):
     `mooncake` (kvcache-ai/Mooncake's, keeping its prompts' block ids so shared prefixes
-    replay as shared text) or `access-log` (this router's own access lines: the traffic it
-    served, with its models and token counts)."""
-    from kvrouter.bench import importers
+    replay as shared text), `access-log` (this router's own access lines: the traffic it
+    served, with its models and token counts), `azure` (Azure LLM inference trace 2023
+    CSV), `burstgpt` (BurstGPT CSV), `servegen` (a folder of ServeGen client traces)."""
+    import random
+
+    from kvrouter.bench import importers, public_traces
 
     if fmt == "access-log":
         rows, missing = importers.access_log(source)
-        with open(out_path, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, separators=(",", ":")) + "\n")
+        _write_rows(rows, out_path)
         counts: dict = {}
         for row in rows:
             counts[row["model"]] = counts.get(row["model"], 0) + 1
@@ -228,19 +242,37 @@ def import_trace_cmd(fmt, source, models, models_from, rule, seed, out_path):
                    ", ".join(f"{m}={n}" for m, n in sorted(counts.items())) +
                    (f"; {missing} without token counts got the defaults" if missing else ""))
         return
-
     if models_from:
         from kvrouter.config import load_config
 
         models = tuple(models) + tuple(i.model for i in load_config(models_from).instances
                                        if i.model not in models)
+    if fmt == "mooncake":
+        out = list(importers.mooncake(source, list(models), rule or "conversation", seed))
+    else:
+        if rule == "conversation":
+            raise click.UsageError(f"--assign conversation is for mooncake; {fmt} takes "
+                                   "zipf, stripe, windows or client")
+        if fmt == "servegen":
+            reqs = public_traces.servegen(source, start, duration, random.Random(seed),
+                                          len(models), rate)
+        else:
+            reqs = (public_traces.azure if fmt == "azure" else public_traces.burstgpt)(source)
+        default = "client" if fmt == "servegen" else "zipf"
+        out = list(public_traces.assign(reqs, list(models), rule or default, seed, alpha))
+    out.sort(key=lambda r: r["time"])
+    _write_rows(out, out_path)
     counts = {}
-    with open(out_path, "w", encoding="utf-8") as fh:
-        for row in importers.mooncake(source, list(models), rule, seed):
-            counts[row["model"]] = counts.get(row["model"], 0) + 1
-            fh.write(json.dumps(row, separators=(",", ":")) + "\n")
-    click.echo(f"wrote {sum(counts.values())} requests to {out_path}: " +
+    for row in out:
+        counts[row["model"]] = counts.get(row["model"], 0) + 1
+    click.echo(f"wrote {len(out)} requests to {out_path}: " +
                ", ".join(f"{m}={counts.get(m, 0)}" for m in models))
+
+
+def _write_rows(rows, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, separators=(",", ":")) + "\n")
 
 
 @bench.command("gen-trace")

@@ -117,6 +117,13 @@ def _convert_scalar(tp, value, meta, path, line, ctx) -> Any:
     else:  # pragma: no cover - schema bug
         raise TypeError(f"unsupported setting type {tp!r} at {path}")
     lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
+    if choices is not None and kind == "parametrized" and ":" in str(result):
+        problem = schema.policy_param_problem(result)
+        if problem is None:
+            return result
+        if problem:
+            ctx.error(path, problem, line)
+            return _BAD
     if choices is not None and result not in choices:
         close = difflib.get_close_matches(str(result), [str(c) for c in choices], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

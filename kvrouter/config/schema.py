@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from kvrouter import kvpool
+from kvrouter.control.names import SLEEP_POLICIES
 from kvrouter.timing import DEFAULT_KV_CACHE_GB, DEFAULT_MAX_MODEL_LEN, DEFAULT_WEIGHTS_GB, Timing
 
 ENGINES = ("vllm", "sglang", "sim")
@@ -23,7 +24,6 @@ DIALECTS = ("vllm", "sglang")
 ENGINE_LISTEN_DEFAULT = {"vllm": "0.0.0.0", "sglang": "127.0.0.1", "sim": "127.0.0.1"}
 PROCESS_MANAGERS = ("supervisord", "systemd")
 BENCH_TOOLS = ("builtin", "vllm", "sglang", "guidellm")
-SLEEP_POLICIES = ("lru", "seed", "ttl", "ollama", "static", "adaptive")  # control/policies.py
 ROUTING_POLICIES = ("cache_aware", "least_outstanding", "power_of_two", "round_robin",
                     "session")   # control/routing.py
 _ANY_ADDRESS = ("0.0.0.0", "::", "")
@@ -120,8 +120,10 @@ class RouterConfig:
 class SleepPolicy:
     policy: str = setting(
         "lru", "Which sleep policy decides (README, \"Choosing a sleep policy\"): lru (the "
-        "idle threshold, least recently used evicted first), adaptive (learns each model's "
-        "idle gaps), seed, ttl, ollama, static (never sleeps).", choices=SLEEP_POLICIES)
+        "idle threshold, least recently used evicted first), slo (sleeps as much as an SLO "
+        "attainment target allows: slo:0.99), adaptive (learns each model's idle gaps), "
+        "seed, ttl, ollama, static (never sleeps). lru:T and ttl:T set the idle threshold "
+        "to T seconds.", choices=SLEEP_POLICIES, kind="parametrized")
     idle_threshold_seconds: float = setting(
         300.0, "Idle time (since the end of the last request) before a model is put to sleep.",
         min=0)

@@ -331,7 +331,7 @@ class Controller:
     def sleep_policy(self) -> policies.Policy:
         """The policy in force (``sleep_manager.policy``; a reload may change it)."""
         name = self.cfg.sleep_manager.policy
-        if self._policy is None or self._policy.name != name:
+        if self._policy is None or self._policy.label != name:
             self._policy = policies.get(name)
         return self._policy
 

@@ -10,18 +10,32 @@ The live controller and ``kvrouter simulate`` call the same objects: ``decide`` 
   which the seed did not have: without it a wake that needs room would fail).
 - ``ttl``: llama-swap: unload (sleep, then stop the process) once the model has had no
   request for its TTL (the idle threshold), checked every second.
-- ``ollama``: keep-alive 5 minutes then unload; at most 3 models loaded per GPU; the one
-  with the shortest keep-alive left (the least recently used) goes first.
+- ``ollama``: keep-alive 5 minutes then unload; at most 3 models loaded per GPU in all
+  (``OLLAMA_MAX_LOADED_MODELS``' default: 3 x GPUs); the one with the shortest keep-alive
+  left (the least recently used) goes first; while no loaded model is idle a request
+  queues (``OLLAMA_MAX_QUEUE``) rather than fail.
 - ``static``: nothing sleeps: every model resident, GPU memory split evenly among them.
+- ``static-sized``: nothing sleeps; each GPU's KV memory split in proportion to each
+  model's expected KV occupancy (the policy lab sizes it from the trace's first part).
 - ``adaptive``: ski rental over each model's own idle-gap history: sleep once the idle
   time is past both what the model's requests normally leave between them and K times
   its wake cost, capped by the configured threshold; evict the model whose next request
   is predicted furthest away.
+- ``slo``: sleeps as much as an SLO attainment target allows: the share of requests that
+  may wait for a wake is half the target's error budget; every model's idle threshold is
+  the one that costs least memory for the late requests it causes (ski rental), all at
+  one price per late request, the price chosen so that the predicted share meets the
+  budget, and corrected by the share measured over the last 10 minutes.
+
+A policy name may carry its parameter: ``lru:30`` and ``ttl:30`` (idle threshold, seconds),
+``slo:0.995`` (attainment target).
 """
 from __future__ import annotations
 
-from typing import ClassVar, Dict, List, Optional, Sequence, Type
+import math
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
+from kvrouter.control.names import policy_param_problem
 from kvrouter.control.policy import Action, ModelView, Snapshot, decide, evictable, plan_room, sleep_candidate
 from kvrouter.control.states import State
 
@@ -29,8 +43,17 @@ from kvrouter.control.states import State
 class Policy:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
-    elastic_kv: ClassVar[bool] = True    # False: each model keeps an even share (static)
-    max_resident: ClassVar[Optional[int]] = None   # models loaded per GPU at most
+    elastic_kv: ClassVar[bool] = True    # False: each model keeps a fixed share (static)
+    sizing: ClassVar[str] = "even"       # static shares: "even", or "load" (static-sized)
+    queue_when_full: ClassVar[bool] = False   # no room for a wake: wait (True) or refuse
+
+    def __init__(self, param: Optional[float] = None, label: str = ""):
+        self.param = param
+        self.label = label or self.name   # as named in the config (with its parameter)
+
+    def max_loaded(self, snap: Snapshot) -> Optional[int]:
+        """Models resident at most, all GPUs together (None: no limit)."""
+        return None
 
     def interval(self, configured: float) -> float:
         """Seconds between two ``decide`` calls."""
@@ -55,12 +78,16 @@ class Policy:
         return decide(snap, self.threshold, self.stop_after)
 
     def plan_room(self, snap: Snapshot, target: str) -> List[Action]:
-        return plan_room(snap, target, self.evict_order, self.max_resident)
+        return plan_room(snap, target, self.evict_order, self.max_loaded(snap))
 
 
 class Lru(Policy):
     name = "lru"
-    summary = "idle threshold from the config, least recently used evicted first"
+    summary = "idle threshold from the config (lru:T: T seconds), least recently used " \
+        "evicted first"
+
+    def threshold(self, m: ModelView) -> Optional[float]:
+        return m.idle_threshold if self.param is None else self.param
 
 
 class Seed(Policy):
@@ -86,16 +113,24 @@ class Unload(Policy):
 
 class Ttl(Unload):
     name = "ttl"
-    summary = "llama-swap: unload after the TTL (idle threshold) since the last request"
+    summary = "llama-swap: unload after the TTL (idle threshold; ttl:T) since the last request"
+
+    def threshold(self, m: ModelView) -> Optional[float]:
+        return m.idle_threshold if self.param is None else self.param
 
 
 class Ollama(Unload):
     name = "ollama"
-    summary = "Ollama: keep-alive 5 min, at most 3 loaded per GPU"
-    max_resident = 3
+    summary = "Ollama: keep-alive 5 min, at most 3 x GPUs loaded, requests queue when full"
+    PER_GPU = 3
+    queue_when_full = True
 
     def threshold(self, m: ModelView) -> Optional[float]:
         return 300.0
+
+    def max_loaded(self, snap: Snapshot) -> Optional[int]:
+        gpus = set(snap.gpu_budget_gb) | {g for m in snap.models for g in m.gpus}
+        return self.PER_GPU * max(1, len(gpus))
 
 
 class Static(Policy):
@@ -108,6 +143,12 @@ class Static(Policy):
 
     def stop_after(self, m: ModelView) -> Optional[float]:
         return None
+
+
+class StaticSized(Static):
+    name = "static-sized"
+    summary = "static partitioning: every model resident, KV split by expected load"
+    sizing = "load"
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -140,6 +181,25 @@ def misses_per_wake(m: ModelView) -> float:
         return 1.0
     p = sum(1 for g in m.arrival_gaps if g < m.wake_seconds) / len(m.arrival_gaps)
     return 1.0 / (1.0 - min(p, 0.95))
+
+
+def late_per_wake(m: ModelView) -> float:
+    """Requests a wake makes late, counted on the model's recent arrivals: the one that
+    starts it, and on average as many as followed an arrival within the wake time (clumped
+    arrivals count as clumped, Poisson ones as rate x wake time)."""
+    gaps = m.arrival_gaps
+    if not gaps:
+        return 1.0
+    w = m.wake_seconds
+    follow = 0
+    for i in range(len(gaps)):
+        t = 0.0
+        for g in gaps[i:]:
+            t += g
+            if t > w:
+                break
+            follow += 1
+    return 1.0 + follow / len(gaps)
 
 
 class Adaptive(Policy):
@@ -200,7 +260,11 @@ class Adaptive(Policy):
 
     def decide(self, snap: Snapshot) -> List[Action]:
         price = self.price(snap)
-        actions = decide(snap, lambda m: self.threshold(m, price), self.stop_after)
+        return self.relieve(snap, decide(snap, lambda m: self.threshold(m, price),
+                                         self.stop_after))
+
+    def relieve(self, snap: Snapshot, actions: List[Action]) -> List[Action]:
+        """``actions``, and sleeps of quiet models on GPUs where busier ones want KV."""
         if not snap.auto_sleep:
             return actions
         chosen = {a.model for a in actions}
@@ -224,13 +288,161 @@ class Adaptive(Policy):
         return actions
 
 
+class Slo(Adaptive):
+    """Sleep as much as an attainment target allows, and no more.
+
+    A late request is one that waits for a wake. The share of requests that may be late is
+    ``WAKE_SHARE`` of the target's error budget (1 - target); the rest is left for what sleep
+    does not cause (queues, long prompts). For each model, a threshold T costs memory while
+    it idles up to T in each of its recent idle gaps, and makes late the requests that end a
+    gap longer than T (``misses_per_wake`` of them a wake: arrivals come in clumps). One
+    price per late request, the same for every model, turns this into ski rental per model
+    (the threshold that costs least over its gaps); the price is the lowest at which the
+    late requests predicted over all models' histories (idle arrivals x share of gaps
+    longer than T x misses per wake) stay within the budget: memory goes where a late
+    request costs least. The budget is then corrected by what was measured over the last
+    10 minutes (more waited than budgeted: tighter, in proportion; fewer: looser, at most 2x),
+    so mistakes of the prediction (memory pressure, evictions) are fed back.
+
+    Lower traffic lengthens gaps and lowers the budget in requests, so thresholds lengthen:
+    the policy does not trade attainment for memory as the rate falls. Models with fewer
+    than ``MIN_GAPS`` gaps borrow the rest from all models' gaps; a model with none keeps the
+    configured threshold (also the longest any idles).
+    """
+
+    name = "slo"
+    summary = "sleeps as much as an SLO attainment target allows (ski rental at one price)"
+    TARGET = 0.99
+    WAKE_SHARE = 0.85
+    MIN_GAPS = 16
+    LOOSEN = 1.0
+
+    def __init__(self, param: Optional[float] = None, label: str = ""):
+        super().__init__(param, label)
+        self.target = self.TARGET if param is None else param
+        self.thresholds: Dict[str, float] = {}
+        self._hulls: Dict[str, tuple] = {}
+        self._plan_key: Optional[tuple] = None
+        self._correction = 1.0      # budget x this: what was measured fed back
+        self._corrected_at = 0
+
+    @property
+    def budget(self) -> float:
+        return (1 - self.target) * self.WAKE_SHARE
+
+    def _hull(self, m: ModelView, prior: Tuple[float, ...]) -> List[Tuple[float, float, float]]:
+        """(threshold, memory-seconds per gap, wakes per gap) of the thresholds that can be
+        best at some price over the model's gaps and ``prior`` ones: the lower convex hull
+        of (wakes, memory), fewest wakes last."""
+        key = (m.gaps, prior)
+        hit = self._hulls.get(m.name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        g = sorted(m.gaps + prior)
+        n = len(g)
+        points = [(0.0, 0.0, float(n))]    # sleep at once: every gap a wake
+        prefix = 0.0
+        for i, x in enumerate(g):          # awake through gaps up to x
+            prefix += x
+            points.append((x, prefix + (n - i - 1) * x, float(n - i - 1)))
+        points = [(t, mem / n, w / n) for t, mem, w in points]
+        hull: List[Tuple[float, float, float]] = []
+        for p in points:                   # wakes fall, memory rises: keep the convex part
+            while len(hull) >= 2:
+                (_, m1, w1), (_, m2, w2) = hull[-2], hull[-1]
+                # slope (memory per wake saved) must rise along the hull
+                if (m2 - m1) * (w1 - p[2]) >= (p[1] - m1) * (w1 - w2):
+                    hull.pop()
+                else:
+                    break
+            if not hull or p[2] < hull[-1][2]:
+                hull.append(p)
+        self._hulls[m.name] = (key, hull)
+        return hull
+
+    def _plan(self, snap: Snapshot) -> None:
+        learned = [m for m in snap.models if m.requests]
+        total = sum(m.requests for m in snap.models)
+        key = (snap.recent_requests // 50, snap.recent_wake_waits,
+               tuple((m.name, len(m.gaps), m.gaps[-1:], m.idle_arrivals // 20) for m in learned))
+        if key == self._plan_key:
+            return
+        self._plan_key = key
+        if total >= self._corrected_at + 1 / self.budget:   # once per 1/budget requests
+            self._corrected_at = total
+            measured = (snap.recent_wake_waits + 1) / (snap.recent_requests + 1 / self.budget)
+            self._correction = min(self.LOOSEN, max(0.02, self._correction * math.sqrt(
+                self.budget / measured)))
+        budget = self.budget * self._correction * total
+        # a model with few gaps of its own borrows the others' (quantiles of all gaps seen)
+        pooled = sorted(g for m in learned for g in m.gaps)
+        if not pooled:
+            self.thresholds = {}
+            return
+
+        def prior(m: ModelView) -> Tuple[float, ...]:
+            k = self.MIN_GAPS - len(m.gaps)
+            if k <= 0 or not pooled:
+                return ()
+            return tuple(pooled[min(len(pooled) - 1, int((i + 0.5) / k * len(pooled)))]
+                         for i in range(k))
+
+        spread = [(m, self._hull(m, prior(m)), max(1, m.idle_arrivals) * late_per_wake(m),
+                   max(m.footprint_gb, 0.1)) for m in learned]
+
+        def choose(price: float) -> Tuple[Dict[str, float], float]:
+            out, late = {}, 0.0
+            for m, hull, weight, gb in spread:
+                # least memory-seconds x GB + price x late requests, per gap
+                per_gap = weight / max(1, m.idle_arrivals)
+                best = min(hull, key=lambda p: p[1] * gb + price * p[2] * per_gap)
+                out[m.name] = best[0]
+                late += best[2] * weight
+            return out, late
+
+        lo, hi = 1e-3, 1e9
+        chosen, late = choose(hi)
+        if late <= budget:
+            for _ in range(40):
+                mid = math.sqrt(lo * hi)
+                trial, late = choose(mid)
+                if late <= budget:
+                    hi, chosen = mid, trial
+                else:
+                    lo = mid
+                if hi / lo < 1.05:
+                    break
+        self.thresholds = chosen
+
+    def threshold(self, m: ModelView, price: Optional[float] = None) -> Optional[float]:
+        t = self.thresholds.get(m.name)
+        if t is None:
+            return m.idle_threshold
+        return min(m.idle_threshold, t * 1.05 + 1.0 + m.wake_seconds)
+
+    def decide(self, snap: Snapshot) -> List[Action]:
+        self._plan(snap)
+        return self.relieve(snap, decide(snap, self.threshold, self.stop_after))
+
+
 POLICIES: Dict[str, Type[Policy]] = {
-    cls.name: cls for cls in (Lru, Seed, Ttl, Ollama, Static, Adaptive)}
+    cls.name: cls for cls in (Lru, Seed, Ttl, Ollama, Static, StaticSized, Adaptive, Slo)}
+
+
+def check(name: str) -> None:
+    """Raise ValueError, saying why, unless ``name`` is a policy (with a valid parameter)."""
+    base = name.partition(":")[0]
+    if base not in POLICIES:
+        raise ValueError(f"unknown sleep policy {name!r}; choose one of {', '.join(POLICIES)}")
+    problem = policy_param_problem(name) if ":" in name else None
+    if problem:
+        raise ValueError(problem)
 
 
 def get(name: str) -> Policy:
     try:
-        return POLICIES[name]()
-    except KeyError:
-        raise KeyError(f"unknown sleep policy {name!r}; choose one of "
-                       f"{', '.join(POLICIES)}") from None
+        check(name)
+    except ValueError as err:
+        raise KeyError(str(err)) from None
+    base, sep, raw = name.partition(":")
+    return POLICIES[base](float(raw) if sep else None, name)

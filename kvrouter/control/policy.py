@@ -38,6 +38,8 @@ class ModelView:
     kv_wanted_gb: float = 0.0   # KV its queued requests need beyond its pool's limit
     group: str = ""             # the model, when this engine is one of its replicas
     min_ready: int = 1          # replicas of that model kept awake while it has traffic
+    requests: int = 0           # requests it has had (since the router started)
+    idle_arrivals: int = 0      # of them, those that found it idle (each ended an idle gap)
 
     @property
     def footprint_gb(self) -> float:
@@ -165,10 +167,11 @@ def gpu_usage(models: Sequence[ModelView]) -> Dict[str, float]:
 
 
 def plan_room(snap: Snapshot, target: str, order: Callable[[ModelView], float] = least_recent,
-              max_resident: Optional[int] = None) -> List[Action]:
+              max_loaded: Optional[int] = None) -> List[Action]:
     """Actions that make room for ``target`` (empty when it fits or there is no budget):
-    idle models on its GPUs are put to sleep, lowest ``order`` first, until its footprint
-    fits every budget and (``max_resident``) each GPU holds fewer models than that."""
+    idle models are put to sleep, lowest ``order`` first, until its footprint fits the
+    budgets of its GPUs and (``max_loaded``) fewer than that many models are resident in all
+    (a victim for memory is on one of its GPUs; for the count, anywhere)."""
     by_name = {m.name: m for m in snap.models}
     t = by_name[target]
     others = [m for m in snap.models if m.name != target]
@@ -179,38 +182,34 @@ def plan_room(snap: Snapshot, target: str, order: Callable[[ModelView], float] =
         over = {g: used.get(g, 0.0) + need - snap.gpu_budget_gb[g]
                 for g in t.gpus if g in snap.gpu_budget_gb}
         over = {g: v for g, v in over.items() if v > 1e-9}
-    crowded: Dict[str, int] = {}
-    if max_resident is not None:
-        for g in t.gpus:
-            n = sum(1 for m in others if m.state in RESIDENT and g in m.gpus)
-            if n >= max_resident:
-                crowded[g] = n - max_resident + 1
+    crowded = 0
+    if max_loaded is not None:
+        crowded = max(0, sum(1 for m in others if m.state in RESIDENT) - max_loaded + 1)
     if not over and not crowded:
         return []
-    candidates = sorted(
-        (m for m in others if evictable(m) and set(m.gpus) & (set(over) | set(crowded))),
-        key=order)
+    idle = sorted((m for m in others if evictable(m)), key=order)
+    # first those that free memory where it is needed (they count too), then any for the count
+    candidates = [m for m in idle if set(m.gpus) & set(over)] + \
+        [m for m in idle if not set(m.gpus) & set(over)]
     actions = []
     for m in candidates:
-        if not over and not crowded:
-            break
-        why = sorted(set(over) | set(crowded))
-        actions.append(Action("sleep", m.name, m.level,
-                              f"make room for {target} on GPU {','.join(why)}"))
+        frees = bool(set(m.gpus) & set(over))
+        if not (frees or crowded):
+            continue
+        why = f"GPU {','.join(sorted(over))}" if over else f"{max_loaded} models loaded"
+        actions.append(Action("sleep", m.name, m.level, f"make room for {target} ({why})"))
         share = m.footprint_gb / max(1, len(m.gpus))
         for g in m.gpus:
             if g in over:
                 over[g] -= share
                 if over[g] <= 1e-9:
                     del over[g]
-            if g in crowded:
-                crowded[g] -= 1
-                if crowded[g] <= 0:
-                    del crowded[g]
+        crowded = max(0, crowded - 1)
+        if not over and not crowded:
+            break
     if over or crowded:
         detail = ", ".join([f"GPU {g} short by {v:.1f} GB" for g, v in sorted(over.items())] +
-                           [f"GPU {g} holds {max_resident} models already"
-                            for g in sorted(crowded)])
+                           ([f"{max_loaded} models loaded already"] if crowded else []))
         raise NoRoom(f"no room for {target}: {detail} even after sleeping every idle, "
-                     "unpinned model on it")
+                     "unpinned model")
     return actions

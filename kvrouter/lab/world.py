@@ -12,7 +12,10 @@ timing and memory model (``timing.py``, the one the simulated engine sleeps by):
   evictions ``plan_room`` asks for), as the router's gate does; no room: it is refused;
 - sleep and wake take the engine's modelled time, plus the router's 1-token warm-up;
 - kvcached pools (``elastic``) are divided again every ``kv_rebalance_seconds``;
-  ``static`` gives every model an even share of its GPU for the whole run.
+  ``static`` gives every model an even share of its GPU for the whole run, ``static-sized``
+  a share by its expected load (``sizing``, from the trace's first part);
+- a policy that queues when full (``ollama``) keeps a request waiting while no room can be
+  made, and tries again whenever a request ends.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from kvrouter.control.kvplan import FLOOR_FRACTION
 from kvrouter.control.policies import Policy
 from kvrouter.control.policy import ModelView, NoRoom, Snapshot, keep_min_ready
 from kvrouter.control.states import ASLEEP, RESIDENT, State
+from kvrouter.lab import sizing
 from kvrouter.lab.replicas import LabGroup, PrefixCache, cached_tokens, groups_of
 from kvrouter.timing import GB, WARM_UP_PROMPT_TOKENS, Timing
 from kvrouter.traffic import ARRIVALS, GAPS, WakeWindow, arrival_gaps
@@ -85,6 +89,8 @@ class Engine:
         self.gaps: Deque[float] = deque(maxlen=GAPS)
         self.arrivals: Deque[float] = deque(maxlen=ARRIVALS)
         self.last_wake_seconds = 0.0
+        self.requests = 0              # arrivals, and those that found it idle
+        self.idle_arrivals = 0
         self.wakes = 0
         self.starts = 0
         self.sleeps = 0
@@ -100,7 +106,10 @@ class Engine:
 
 
 class World:
-    def __init__(self, cfg: Config, policy: Policy, rows: Sequence[dict]):
+    def __init__(self, cfg: Config, policy: Policy, rows: Sequence[dict],
+                 history: Optional[Sequence[dict]] = None):
+        """``history``: the requests a ``static-sized`` partition is sized from (default:
+        the first part of ``rows``)."""
         self.cfg = cfg
         self.sm = cfg.sleep_manager
         self.policy = policy
@@ -126,35 +135,30 @@ class World:
         self.mem_total = 0.0
         self.mem_seconds = 0.0
         self.last_t = 0.0
-        self._place()
+        self.full: List[Engine] = []    # waiting for room (a policy that queues when full)
+        self._place(sizing.history(rows) if history is None else history)
 
     # --- setup --------------------------------------------------------------------------------
-    def _place(self) -> None:
+    def _place(self, history: Sequence[dict]) -> None:
         """All engines start awake, as many as fit their GPUs' budgets (the rest asleep);
-        ``static`` splits each GPU evenly; kvcached pools share what the weights leave."""
+        ``static`` splits each GPU evenly (``static-sized``: by expected load); kvcached
+        pools share what the weights leave."""
         elastic = self.policy.elastic_kv
         if not elastic and self.budget:
-            per_gpu: Dict[str, int] = {}
-            for e in self.engines.values():
-                for g in e.gpus:
-                    per_gpu[g] = per_gpu.get(g, 0) + 1
-            for e in self.engines.values():
-                share = sum(self.budget.get(g, 0.0) / per_gpu[g] for g in e.gpus)
-                if share and share < e.t.weights_gb:
-                    raise ValueError(f"static partitioning: {e.name}'s weights "
-                                     f"({e.t.weights_gb:g} GB) do not fit its share of GPU "
-                                     f"{','.join(e.gpus)} ({share:.1f} GB)")
-                if share:
-                    e.limit = int((share - e.t.weights_gb) * GB)
+            sizing.partition(list(self.engines.values()), self.budget,
+                             self.policy.sizing, history)
         for e in self.engines.values():
             e.steerable = (elastic and e.inst.kvcached_enabled and len(e.gpus) == 1
                            and bool(self.budget))
             if e.steerable:
                 e.limit = int(e.ceiling * FLOOR_FRACTION)
             e.state = State.SLEEPING
+        cap = self.policy.max_loaded(self.snapshot())
+        loaded = 0
         for e in self.engines.values():   # in config order, while they fit
-            if not self.budget or self._fits(e):
+            if (not self.budget or self._fits(e)) and (cap is None or loaded < cap):
                 e.state = State.READY
+                loaded += 1
             self._mem(e)
         if any(e.steerable for e in self.engines.values()):
             self._rebalance()
@@ -222,8 +226,10 @@ class World:
             self._wake(more)
 
     def _arrive(self, e: "Engine", r: Req) -> None:
+        e.requests += 1
         if not e.in_flight and e.last_end is not None:
             e.gaps.append(self.now - e.last_end)
+            e.idle_arrivals += 1
         e.arrivals.append(self.now)
         e.in_flight += 1
         if e.state is State.READY:
@@ -284,6 +290,14 @@ class World:
         if e.steerable:
             self._mem(e)
         self._admit(e)
+        if self.full and not e.in_flight:   # an idle model: room for one waiting?
+            self._retry_full()
+
+    def _retry_full(self) -> None:
+        waiting, self.full = self.full, []
+        for w in waiting:
+            if w.waiting and w.state in ASLEEP:
+                self._wake(w)
 
     # --- transitions --------------------------------------------------------------------------
     def awake_seconds(self, e: Engine) -> float:
@@ -305,6 +319,10 @@ class World:
         try:
             actions = self.policy.plan_room(self.snapshot(), e.name)
         except NoRoom:
+            if self.policy.queue_when_full:   # Ollama: wait for a loaded model to idle
+                if e not in self.full:
+                    self.full.append(e)
+                return
             for r in e.waiting:
                 r.cause = "refused: no room"
                 self.wake_window.add(self.now, True)
@@ -354,6 +372,8 @@ class World:
         self._set(e, State.SLEEPING)
         if e.waiting:
             self._wake(e)
+        elif self.full:
+            self._retry_full()
 
     def _on_tick(self, interval: float) -> None:
         snap = self.snapshot()
@@ -443,6 +463,7 @@ class World:
                 arrival_gaps=arrival_gaps(e.arrivals), kv_wanted_gb=wanted,
                 group=inst.model if replica else "",
                 min_ready=inst.min_ready if inst.min_ready is not None else
-                self.cfg.routing.min_ready))
+                self.cfg.routing.min_ready, requests=e.requests,
+                idle_arrivals=e.idle_arrivals))
         recent, waited = self.wake_window.totals(now)
         return Snapshot(tuple(views), self.sm.auto_sleep_enabled, self.budget, recent, waited)

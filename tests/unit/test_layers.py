@@ -10,6 +10,7 @@ from tests.helpers import ROOT
 LAYERS = {
     "kvrouter": 1, "kvrouter.errors": 1, "kvrouter.versions": 1, "kvrouter.http": 1,
     "kvrouter.config": 1, "kvrouter.traffic": 1, "kvrouter.control.states": 1,
+    "kvrouter.control.names": 1,
     "kvrouter.kvpool": 1, "kvrouter.logs": 1, "kvrouter.timing": 1,
     "kvrouter.sim": 2, "kvrouter.render": 2,
     "kvrouter.control.policy": 2, "kvrouter.control.kvplan": 2, "kvrouter.control.process": 2,
@@ -37,7 +38,7 @@ FORBIDDEN = {
                      "kvrouter.control.transitions", "kvrouter.control.kvsteer",
                      "kvrouter.engines", "kvrouter.http"),
 }
-PURE = ("kvrouter.control.states", "kvrouter.control.policy", "kvrouter.control.kvplan",
+PURE = ("kvrouter.control.states", "kvrouter.control.names", "kvrouter.control.policy", "kvrouter.control.kvplan",
         "kvrouter.control.policies", "kvrouter.timing", "kvrouter.control.routing",
         "kvrouter.control.prefix", "kvrouter.control.ejection")
 # what a pure module may not import from the standard library either: clocks, randomness,

@@ -4,6 +4,7 @@ import pytest
 from kvrouter.config.schema import SLEEP_POLICIES
 from kvrouter.control import policies
 from kvrouter.control.policies import misses_per_wake, ski_rental_threshold
+from kvrouter.control.policy import NoRoom
 from tests.unit.test_policy import snap, view
 
 
@@ -39,13 +40,39 @@ def test_unloading_policies_stop_a_model_once_asleep():
         == ["b"]
 
 
-def test_ollama_keeps_at_most_three_models_per_gpu():
+def test_ollama_keeps_at_most_three_models_per_gpu_in_all():
     p = policies.get("ollama")
+    # one GPU: three loaded, the fourth evicts the one with the shortest keep-alive left
     s = snap(view("t", state="sleeping", weights=1, kv=0),
-             *[view(f"m{i}", weights=1, kv=0, last_used=float(i)) for i in range(3)],
-             view("other", gpus=("1",), weights=1, kv=0))
-    assert [a.model for a in p.plan_room(s, "t")] == ["m0"]   # shortest keep-alive left
+             *[view(f"m{i}", weights=1, kv=0, last_used=float(i)) for i in range(3)])
+    assert [a.model for a in p.plan_room(s, "t")] == ["m0"]
     assert policies.get("lru").plan_room(s, "t") == []        # no budget, no limit
+    # two GPUs: the cap is six in all (OLLAMA_MAX_LOADED_MODELS' default), not three each
+    s = snap(view("t", state="sleeping", weights=1, kv=0),
+             *[view(f"m{i}", weights=1, kv=0, last_used=float(i)) for i in range(4)],
+             view("other", gpus=("1",), weights=1, kv=0, last_used=9.0))
+    assert p.plan_room(s, "t") == []
+    s = snap(view("t", state="sleeping", weights=1, kv=0),
+             *[view(f"m{i}", weights=1, kv=0, last_used=float(i + 1)) for i in range(4)],
+             view("x", gpus=("1",), weights=1, kv=0, last_used=0.5),
+             view("y", gpus=("1",), weights=1, kv=0, last_used=9.0))
+    assert [a.model for a in p.plan_room(s, "t")] == ["x"]   # any GPU's, for the count
+    busy = snap(view("t", state="sleeping", weights=1, kv=0),
+                *[view(f"m{i}", weights=1, kv=0, in_flight=1) for i in range(3)])
+    with pytest.raises(NoRoom, match="3 models loaded already"):
+        p.plan_room(busy, "t")
+    assert p.queue_when_full   # the lab queues that request, as Ollama does
+
+
+def test_policy_names_carry_their_parameter():
+    assert policies.get("lru:30").threshold(view("m", threshold=300)) == 30
+    assert policies.get("ttl:5").threshold(view("m")) == 5
+    assert policies.get("slo:0.995").target == 0.995
+    assert policies.get("lru:30").label == "lru:30"
+    for bad, why in (("static:3", "takes no parameter"), ("slo:5", "from 0.5 to 0.9999"),
+                     ("lru:x", "must be from 0"), ("nope:3", "unknown sleep policy")):
+        with pytest.raises(KeyError, match=why):
+            policies.get(bad)
 
 
 def test_ski_rental_threshold_sits_between_bursts_and_pauses():
