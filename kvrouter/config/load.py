@@ -28,6 +28,7 @@ from kvrouter.config.located import (
     no_control_characters,
 )
 from kvrouter.config.yamlsrc import LineDict, LineList, parse_yaml
+from kvrouter.control.names import policy_param_problem
 from kvrouter.errors import ConfigError, ConfigErrors
 from kvrouter.versions import dotted, parse_version
 
@@ -118,7 +119,7 @@ def _convert_scalar(tp, value, meta, path, line, ctx) -> Any:
         raise TypeError(f"unsupported setting type {tp!r} at {path}")
     lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
     if choices is not None and kind == "parametrized" and ":" in str(result):
-        problem = schema.policy_param_problem(result)
+        problem = policy_param_problem(result)
         if problem is None:
             return result
         if problem:

@@ -12,6 +12,7 @@ from kvrouter.config.schema import Config
 from kvrouter.control import policies
 from kvrouter.lab import outcome
 from kvrouter.lab.world import World
+from kvrouter.timing import Timing
 
 TARGET = 0.99
 FLOOR = 0.5
@@ -31,8 +32,8 @@ def slos_for(cfg: Config, rows: Sequence[dict], ttft_scale: float = outcome.TTFT
 
 
 def run(cfg: Config, policy: str, rows: Sequence[dict], slo: Dict[str, outcome.Slo],
-        scale: float = 1.0) -> Tuple[World, dict]:
-    world = World(cfg, policies.get(policy), scaled(rows, scale)).run()
+        scale: float = 1.0, timings: Optional[Dict[str, Timing]] = None) -> Tuple[World, dict]:
+    world = World(cfg, policies.get(policy), scaled(rows, scale), timings=timings).run()
     return world, outcome.summary(world, slo)
 
 
@@ -43,36 +44,41 @@ def base_rate(rows: Sequence[dict]) -> float:
 
 def max_rate(cfg: Config, policy: str, rows: Sequence[dict], slo: Dict[str, outcome.Slo],
              target: float = TARGET, scales: Optional[Sequence[float]] = None,
-             refine: int = 5) -> dict:
+             refine: int = 5, timings: Optional[Dict[str, Timing]] = None,
+             whole: bool = False) -> dict:
     """The highest rate at which ``policy`` meets ``target`` attainment, and the curve.
 
     Scales go up by sqrt(2) from 1/4 to 64 until two in a row miss the target after one met
     it (attainment is not monotonic: a policy that wakes models loses more at low rates) or
     attainment falls under FLOOR; the last passing scale is refined by bisection."""
     scales = list(scales) if scales else [2 ** (k / 2) for k in range(-4, 13)]
-    curve: List[Tuple[float, float]] = []
+    curve: List[Tuple[float, float, float]] = []
     best: Optional[float] = None
     fail_above: Optional[float] = None
     misses = 0
+
+    def point(s: float) -> float:
+        summary = run(cfg, policy, rows, slo, s, timings)[1]
+        att = summary["attainment"] or 0.0
+        curve.append((s, att, summary["gpu_memory_gb_seconds"] / 3600.0))
+        return att
+
     for s in scales:
-        att = run(cfg, policy, rows, slo, s)[1]["attainment"] or 0.0
-        curve.append((s, att))
+        att = point(s)
         if att >= target:
             best, fail_above, misses = s, None, 0
         elif best is not None:
             fail_above = fail_above or s
             misses += 1
-            if misses >= 2:
+            if misses >= 2 and not whole:
                 break
-        if att < FLOOR:   # far below: higher rates only do worse
+        if att < FLOOR and not whole:   # far below: higher rates only do worse
             break
     if best is not None and fail_above is not None:
         lo, hi = best, fail_above
         for _ in range(refine):
             mid = math.sqrt(lo * hi)
-            att = run(cfg, policy, rows, slo, mid)[1]["attainment"] or 0.0
-            curve.append((mid, att))
-            if att >= target:
+            if point(mid) >= target:
                 lo = mid
             else:
                 hi = mid
@@ -81,4 +87,5 @@ def max_rate(cfg: Config, policy: str, rows: Sequence[dict], slo: Dict[str, outc
     curve.sort()
     return {"target": target, "max_scale": best,
             "max_rate": best * rate if best is not None else None,
-            "curve": [{"scale": s, "rate": s * rate, "attainment": a} for s, a in curve]}
+            "curve": [{"scale": s, "rate": s * rate, "attainment": a, "gpu_gb_h": m}
+                      for s, a, m in curve]}

@@ -1,10 +1,15 @@
-"""``make bench-policy``: the policy lab's figures for docs/performance.md, in one command.
+"""``make bench-policy``: every sleep policy against fair baselines, on a training set and
+a held-out test set of traces (``lab/heldout.py``), simulated.
 
-Generates the Prism-style traces (parameters and seeds below), runs every policy on each at
-the trace's own rate and searches each policy's highest rate at 99% SLO attainment, checks
-the targets, and writes a markdown section, JSON and plots.
+For each trace and policy: the run at the trace's own rate (SLO attainment, GPU memory in
+GB x hours) and the attainment curve over rates (1/4x to 32x the trace's, each point with
+its memory), with the highest rate at 99% attainment. Baselines: ``static`` (each GPU split
+evenly, as labelled), ``static-sized`` (KV by expected load, sized from the trace's first
+fifth), the timers (``lru`` at the configured 300 s, ``seed``, ``ttl``, ``ollama``), and
+the best fixed timer in hindsight (``lru:T`` over a grid of T, the best per trace with its
+T): the oracle to beat. The new policy's targets are checked on the test set only.
 
-    python -m kvrouter.lab.suite [CONFIG] [--out DIR] [--duration SECONDS]
+    python -m kvrouter.lab.suite [--out DIR] [--sets train,test] [--only NAME ...]
 """
 from __future__ import annotations
 
@@ -14,136 +19,198 @@ import multiprocessing
 import os
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
-from kvrouter.bench import trace
-from kvrouter.config.load import load_config
 from kvrouter.errors import KvrouterError
-from kvrouter.lab import report
+from kvrouter.lab import heldout
 from kvrouter.lab import run as lab
 
-NEW = "adaptive"
-BASELINES = ("static", "seed", "ttl", "ollama", "lru")
-# Prism-style traces: power-law popularity over 24 models, gamma arrivals (CV 2 and 4, as
-# Prism's benchmarks), models active about a quarter of the time (on 60 s / off 180 s on
-# average: mostly idle, and a model's rate jumps from 0 to its peak within a minute),
-# prompt and output lengths uniform over about 8..512 tokens (Prism's input/output ranges).
-TRACE: Dict[str, Any] = dict(rate=20.0, alpha=1.0, on_seconds=60.0, off_seconds=180.0,
-                             prompt_tokens=260, output_tokens=260, length_jitter=0.97)
-TRACES: Dict[str, Dict[str, Any]] = {"cv2-seed1": dict(cv=2.0, seed=1), "cv4-seed1": dict(cv=4.0, seed=1),
-          "cv2-seed2": dict(cv=2.0, seed=2), "cv4-seed2": dict(cv=4.0, seed=2)}
+NEW = "slo"
+OURS = (NEW, "adaptive")
+BASELINES = ("static", "static-sized", "lru", "seed", "ttl", "ollama")
+GRID = (10, 30, 60, 120)        # lru:T, with lru itself (300 s): the fixed timers
+ORACLE = "lru-best"
+SCALES = [2.0 ** k for k in range(-2, 6)]
+_CASES: Dict[str, Any] = {}
+
+
+def timers() -> Tuple[str, ...]:
+    return tuple(f"lru:{t}" for t in GRID) + ("lru",)
+
+
+def _case(name: str):
+    if name not in _CASES:
+        sets = dict(heldout.TRAIN, **heldout.TEST)
+        _CASES[name] = sets[name]()
+    return _CASES[name]
 
 
 def _job(args) -> tuple:
-    """One policy on one trace (a worker process): its run at the trace's rate, its max rate."""
-    config, label, path, name = args
-    cfg = load_config(config)
-    rows = trace.read(path)
-    slo = lab.slos_for(cfg, rows)
+    """One policy on one trace (in a worker process)."""
+    trace_name, policy = args
+    case = _case(trace_name)
+    slo = lab.slos_for(case.cfg, case.rows)
     started = time.monotonic()
-    _, summary = lab.run(cfg, name, rows, slo)
-    seconds = time.monotonic() - started
-    return label, name, {"summary": summary, "seconds": seconds,
-                         "max_rate": lab.max_rate(cfg, name, rows, slo)}
+    try:
+        summary = lab.run(case.cfg, policy, case.rows, slo, timings=case.timings)[1]
+        curve = lab.max_rate(case.cfg, policy, case.rows, slo, scales=SCALES, refine=4,
+                             timings=case.timings, whole=True)
+    except ValueError as err:   # static: the weights do not fit an even split
+        return trace_name, policy, {"error": str(err)}
+    small = {k: summary[k] for k in ("requests", "attainment", "gpu_memory_gb_seconds",
+                                     "mean_gpu_memory_gb", "wakes", "cold_starts", "misses",
+                                     "refused")}
+    return trace_name, policy, {"summary": small, "max_rate": curve,
+                                "seconds": time.monotonic() - started}
 
 
-def run_suite(config: str, out: str, duration: float, jobs: int = 0) -> dict:
-    cfg = load_config(config)
-    models = [i.model for i in cfg.instances]
-    os.makedirs(out, exist_ok=True)
+def run_suite(out: str, sets: List[str], only: Optional[List[str]] = None,
+              jobs: int = 0) -> dict:
+    chosen = {"train": heldout.TRAIN, "test": heldout.TEST}
+    names = [(s, n) for s in sets for n in chosen[s] if not only or n in only]
+    if not names:
+        raise KvrouterError("no trace chosen")
     doc: Dict[str, dict] = {}
-    work = []
-    for label, params in TRACES.items():
-        rows = trace.generate(models, duration, TRACE["rate"], TRACE["alpha"], params["cv"],
-                              TRACE["on_seconds"], TRACE["off_seconds"],
-                              TRACE["prompt_tokens"], TRACE["output_tokens"],
-                              TRACE["length_jitter"], seed=params["seed"])
-        path = os.path.join(out, f"{label}.jsonl")
-        trace.write(rows, path)
-        doc[label] = {"trace": dict(TRACE, **params, duration=duration, models=len(models),
-                                    requests=len(rows), rate=lab.base_rate(rows)),
-                      "results": {}}
-        work += [(config, label, path, name) for name in (NEW,) + BASELINES]
+    policies = OURS + BASELINES + timers()
+    for s, n in names:
+        case = _case(n)
+        doc[n] = {"set": s, "what": case.what, "models": len(case.cfg.instances),
+                  "requests": len(case.rows), "rate": lab.base_rate(case.rows),
+                  "results": {}}
+    work = [(n, p) for _, n in names for p in policies]
+    os.makedirs(out, exist_ok=True)
     with multiprocessing.Pool(jobs or os.cpu_count() or 1) as pool:
-        for label, name, result in pool.imap_unordered(_job, work):
-            doc[label]["results"][name] = result
-            print(f"{label} {name}: {result['summary']['attainment'] * 100:.2f}% at the "
-                  f"trace's rate, max {result['max_rate']['max_rate'] or 0:.1f} req/s "
-                  f"({result['seconds']:.1f} s a run)", file=sys.stderr, flush=True)
-    for label, d in doc.items():
-        d["results"] = {n: d["results"][n] for n in (NEW,) + BASELINES}
-        d["checks"] = checks(d["results"])
-        t = d["trace"]
-        report.plot({n: r["max_rate"]["curve"] for n, r in d["results"].items()},
-                    os.path.join(out, f"{label}.png"), title=f"{label}: {t['models']} models, "
-                    f"{duration:.0f} s, {t['rate']:.1f} req/s", target=lab.TARGET)
+        for n, p, res in pool.imap_unordered(_job, work):
+            doc[n]["results"][p] = res
+            if "error" in res:
+                print(f"{n} {p}: left out: {res['error']}", file=sys.stderr, flush=True)
+                continue
+            s = res["summary"]
+            print(f"{n} {p}: {s['attainment'] * 100:.2f}% at the trace's rate, "
+                  f"{s['gpu_memory_gb_seconds'] / 3600:.0f} GB*h, max "
+                  f"{res['max_rate']['max_rate'] or 0:.1f} req/s ({res['seconds']:.0f} s)",
+                  file=sys.stderr, flush=True)
+    for d in doc.values():
+        d["oracle"] = oracle(d["results"])
+        d["checks"] = checks(d["results"], d["oracle"])
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as fh:
         json.dump(doc, fh, indent=1)
-    text = markdown(doc, config)
+    text = markdown(doc)
     with open(os.path.join(out, "performance.md"), "w", encoding="utf-8") as fh:
         fh.write(text)
     print(text)
     return doc
 
 
-def checks(results: Dict[str, dict]) -> List[dict]:
-    """The targets of the policy lab, each with the figures behind it."""
-    def rate(name):
-        return results[name]["max_rate"]["max_rate"] or 0.0
-
-    new, static = rate(NEW), rate("static")
-    best = max(BASELINES, key=rate)
-    s_new, s_seed = results[NEW]["summary"], results["seed"]["summary"]
-    both = (s_new["attainment"] or 0) >= lab.TARGET and (s_seed["attainment"] or 0) >= lab.TARGET
-    saving = 1 - s_new["gpu_memory_gb_seconds"] / s_seed["gpu_memory_gb_seconds"]
-    return [
-        {"target": f"{NEW} sustains >= 4x the rate of static at 99% SLO attainment",
-         "value": f"{new / static:.2f}x ({new:.1f} vs {static:.1f} req/s)" if static else "-",
-         "met": bool(static) and new >= 4 * static},
-        {"target": f"at the trace's rate, both at >= 99% attainment, {NEW} uses >= 30% fewer "
-         "GPU memory-seconds than seed",
-         "value": f"{saving * 100:.0f}% fewer ({s_new['attainment'] * 100:.2f}% vs "
-         f"{s_seed['attainment'] * 100:.2f}% attainment)", "met": both and saving >= 0.30},
-        {"target": f"{NEW} is not worse than the best baseline ({best})",
-         "value": f"{new:.1f} vs {rate(best):.1f} req/s", "met": new >= rate(best) - 1e-9},
-    ]
+def _ok(res: dict) -> bool:
+    return "summary" in res
 
 
-def markdown(doc: Dict[str, dict], config: str) -> str:
-    lines = [f"Config `{config}`; `make bench-policy` regenerates this section.", ""]
-    for label, d in doc.items():
-        t = d["trace"]
-        lines += [f"#### Trace {label}: {t['models']} models, {t['duration']:.0f} s, "
-                  f"{t['requests']} requests ({t['rate']:.1f} req/s), CV {t['cv']:g}, "
-                  f"seed {t['seed']}", "",
-                  "| policy | SLO attainment | TTFT p99 ms | wakes (requests waiting) | cold "
-                  "starts | GPU memory GB (mean) | max rate at 99% | top miss causes |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name, r in d["results"].items():
-            s = r["summary"]
-            mr = r["max_rate"]["max_rate"]
-            causes = ", ".join(f"{k} {v}" for k, v in list(s["misses"].items())[:2]) or "-"
-            lines.append(
-                f"| {name} | {s['attainment'] * 100:.2f}% | {s['ttft']['p99'] * 1000:.0f} | "
-                f"{s['wakes']} ({s['wakes_on_request_path']}) | {s['cold_starts']} | "
-                f"{s['mean_gpu_memory_gb']:.0f} | "
-                f"{'none' if mr is None else f'{mr:.1f} req/s'} | {causes} |")
-        lines += ["", "| target | measured | met |", "|---|---|---|"]
-        for c in d["checks"]:
-            lines.append(f"| {c['target']} | {c['value']} | {'yes' if c['met'] else 'NO'} |")
+def _att(res: dict) -> float:
+    return res["summary"]["attainment"] or 0.0 if _ok(res) else 0.0
+
+
+def _mem(res: dict) -> float:
+    return res["summary"]["gpu_memory_gb_seconds"] / 3600.0
+
+
+def _max(res: dict) -> float:
+    return (res["max_rate"]["max_rate"] or 0.0) if _ok(res) else 0.0
+
+
+def oracle(results: Dict[str, dict]) -> dict:
+    """The best fixed timer in hindsight: least memory at >= 99% at the trace's rate, and
+    highest max rate, each with its threshold."""
+    fixed = {p: results[p] for p in timers() if _ok(results.get(p, {}))}
+    passing = [p for p in fixed if _att(fixed[p]) >= lab.TARGET]
+    by_mem = min(passing, key=lambda p: _mem(fixed[p])) if passing else None
+    by_rate = max(fixed, key=lambda p: _max(fixed[p])) if fixed else None
+    return {"memory": by_mem, "memory_gb_h": _mem(fixed[by_mem]) if by_mem else None,
+            "rate": by_rate, "max_rate": _max(fixed[by_rate]) if by_rate else None}
+
+
+def checks(results: Dict[str, dict], best: dict) -> Dict[str, Optional[bool]]:
+    """The new policy's targets on one trace (None: not applicable)."""
+    new = results.get(NEW, {})
+    if not _ok(new):
+        return {}
+    base = {p: results[p] for p in BASELINES + timers() if _ok(results.get(p, {}))}
+    reaching = [p for p in base if _att(base[p]) >= lab.TARGET]
+    least = min((_mem(base[p]) for p in reaching), default=None)
+    return {
+        "reaches_99_where_any_baseline_does": _att(new) >= lab.TARGET if reaching else None,
+        "memory_within_10pct_of_best_baseline": (
+            _att(new) >= lab.TARGET and _mem(new) <= 1.1 * least) if least else None,
+        "memory_below_best_fixed_timer": (
+            _att(new) >= lab.TARGET and _mem(new) < best["memory_gb_h"])
+        if best["memory_gb_h"] else None,
+        "max_rate_at_least_best_baseline": _max(new) >= max(_max(r) for r in base.values())
+        - 1e-9 if base else None,
+    }
+
+
+def tally(doc: Dict[str, dict], which: str) -> Dict[str, Tuple[int, int]]:
+    """Per check: (traces where met, traces where it applies), over one set."""
+    out: Dict[str, Tuple[int, int]] = {}
+    for d in doc.values():
+        if d["set"] != which:
+            continue
+        for k, v in d["checks"].items():
+            met, n = out.get(k, (0, 0))
+            if v is not None:
+                out[k] = (met + int(v), n + 1)
+    return out
+
+
+def _gbh(v: Optional[float]) -> str:
+    return f" ({v:.0f} GB*h)" if v else ""
+
+
+def markdown(doc: Dict[str, dict]) -> str:
+    lines = ["`make bench-policy` regenerates this section (`python -m kvrouter.lab.suite`).",
+             ""]
+    for which in ("test", "train"):
+        t = tally(doc, which)
+        if not t:
+            continue
+        lines += [f"#### {NEW}'s targets on the {which} set", "",
+                  "| target | traces met / where it applies |", "|---|---|"]
+        for k, (met, n) in t.items():
+            lines.append(f"| {k.replace('_', ' ')} | {met} / {n} |")
+        lines.append("")
+    for name, d in doc.items():
+        o = d["oracle"]
+        lines += [f"#### {d['set']}: {name}: {d['what']}; {d['models']} models, "
+                  f"{d['requests']} requests, {d['rate']:.1f} req/s", "",
+                  f"Best fixed timer in hindsight: {o['memory'] or 'none'} for memory at 99%"
+                  f"{_gbh(o['memory_gb_h'])}, {o['rate']} for max rate.", "",
+                  "| policy | attainment at the trace's rate | GPU GB*h | max rate at 99% | "
+                  "attainment at 1/4x, 1x, 4x, 16x the rate | top miss cause |",
+                  "|---|---|---|---|---|---|"]
+        for p, r in d["results"].items():
+            if not _ok(r):
+                lines.append(f"| {p} | left out: {r.get('error', '-')} | | | | |")
+                continue
+            curve = {c["scale"]: c["attainment"] for c in r["max_rate"]["curve"]}
+            pts = ", ".join(f"{curve[s] * 100:.1f}%" if s in curve else "-"
+                            for s in (0.25, 1.0, 4.0, 16.0))
+            miss = next(iter(r["summary"]["misses"].items()), None)
+            lines.append(f"| {p} | {_att(r) * 100:.2f}% | {_mem(r):.0f} | "
+                         f"{_max(r):.1f} | {pts} | "
+                         f"{f'{miss[0]} {miss[1]}' if miss else '-'} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m kvrouter.lab.suite", description=__doc__)
-    p.add_argument("config", nargs="?", default="etc/lab/prism-24.yaml")
     p.add_argument("--out", default="bench-results/policy-lab")
-    p.add_argument("--duration", type=float, default=1800.0)
+    p.add_argument("--sets", default="test,train")
+    p.add_argument("--only", action="append", help="a trace by name (repeat)")
     p.add_argument("--jobs", type=int, default=0, help="worker processes (default: cores)")
     args = p.parse_args(argv)
     try:
-        run_suite(args.config, args.out, args.duration, args.jobs)
+        run_suite(args.out, args.sets.split(","), args.only, args.jobs)
     except KvrouterError as err:
         print(f"Error: {err}", file=sys.stderr)
         return 2

@@ -107,9 +107,11 @@ class Engine:
 
 class World:
     def __init__(self, cfg: Config, policy: Policy, rows: Sequence[dict],
-                 history: Optional[Sequence[dict]] = None):
+                 history: Optional[Sequence[dict]] = None,
+                 timings: Optional[Dict[str, Timing]] = None):
         """``history``: the requests a ``static-sized`` partition is sized from (default:
-        the first part of ``rows``)."""
+        the first part of ``rows``); ``timings``: a timing profile per engine (by key or
+        model) instead of the config's."""
         self.cfg = cfg
         self.sm = cfg.sleep_manager
         self.policy = policy
@@ -119,7 +121,9 @@ class World:
         self.budget: Dict[str, float] = dict(self.sm.gpu_memory_gb)
         self.engines: Dict[str, Engine] = {}
         for inst in cfg.instances:
-            e = Engine(inst, inst.timing, tuple((inst.gpus or "0").split(",")))
+            timing = (timings or {}).get(inst.key or inst.model) or \
+                (timings or {}).get(inst.model) or inst.timing
+            e = Engine(inst, timing, tuple((inst.gpus or "0").split(",")))
             self.engines[e.name] = e
         self.groups = groups_of(list(self.engines.values()), cfg)
         self.routes: Dict[str, LabGroup] = {}
