@@ -11,7 +11,7 @@ SUPERVISORCTL := $(VENV)/bin/supervisorctl -c $(OUT)/supervisord.conf
 PYTEST_ARGS ?=
 
 .PHONY: install shims engine-env render demo demo-stop status test lint test-unit test-integration \
-        test-systemd test-engine bench bench-kv bench-policy bench-replicas install-units clean
+        test-systemd test-engine bench bench-kv bench-policy bench-replicas traces install-units clean
 
 install: $(VENV)/.installed
 
@@ -121,18 +121,27 @@ bench: install
 bench-kv: install
 	$(PY) -m kvrouter.bench.arbiter --out bench-results/kv-arbiter.json
 
-## the policy lab: every sleep policy on four Prism-style traces, simulated (about 5 minutes)
-bench-policy: install
-	$(VENV)/bin/pip install -q -e '.[plot]'
-	$(PY) -m kvrouter.lab.suite etc/lab/prism-24.yaml --out bench-results/policy-lab
-
-## replicas: scaling, routing policies on the Mooncake conversation trace (downloaded once), elastic vs always awake (the lab; seconds; prints tables)
+## public traces into bench-results/traces (Azure LLM inference 2023 code and conversation,
+## Mooncake's conversations); each kept once downloaded; the shipped excerpts stand in when offline
+AZURE_URL ?= https://raw.githubusercontent.com/Azure/AzurePublicDataset/master/data
 MOONCAKE_URL ?= https://raw.githubusercontent.com/kvcache-ai/Mooncake/main/FAST25-release/traces/conversation_trace.jsonl
-bench-replicas: install
+traces:
 	@mkdir -p bench-results/traces
+	@for f in AzureLLMInferenceTrace_code.csv AzureLLMInferenceTrace_conv.csv; do \
+	    test -s bench-results/traces/$$f || curl -fsSL -o bench-results/traces/$$f $(AZURE_URL)/$$f || \
+	    { rm -f bench-results/traces/$$f; echo "$$f not downloaded: its shipped excerpt is used"; }; done
 	@test -s bench-results/traces/conversation_trace.jsonl || \
 	    curl -fsSL -o bench-results/traces/conversation_trace.jsonl $(MOONCAKE_URL) || \
 	    { rm -f bench-results/traces/conversation_trace.jsonl; echo "Mooncake trace not downloaded: the shipped excerpt is used"; }
+
+## the policy lab: every sleep policy against fair baselines on a training and a held-out test
+## set of traces (docs/policy-lab.md; simulated; about 40 minutes on 2 cores)
+bench-policy: install traces
+	$(VENV)/bin/pip install -q -e '.[plot]'
+	$(PY) -m kvrouter.lab.suite --out bench-results/policy-lab
+
+## replicas: scaling, routing policies on the Mooncake conversation trace (downloaded once), elastic vs always awake (the lab; seconds; prints tables)
+bench-replicas: install traces
 	$(PY) -m kvrouter.bench.replicas --out bench-results/replicas.json
 
 ## copy the rendered systemd user units and reload: then `systemctl --user start kvrouter`

@@ -46,6 +46,7 @@ class Policy:
     elastic_kv: ClassVar[bool] = True    # False: each model keeps a fixed share (static)
     sizing: ClassVar[str] = "even"       # static shares: "even", or "load" (static-sized)
     queue_when_full: ClassVar[bool] = False   # no room for a wake: wait (True) or refuse
+    unloads: ClassVar[bool] = False      # a model not loaded has no process (Ollama, llama-swap)
 
     def __init__(self, param: Optional[float] = None, label: str = ""):
         self.param = param
@@ -103,6 +104,8 @@ class Seed(Policy):
 
 class Unload(Policy):
     """Unloading tools (llama-swap, Ollama): an idle model's process goes away."""
+
+    unloads = True
 
     def interval(self, configured: float) -> float:
         return min(configured, 1.0)

@@ -40,18 +40,16 @@ def occupancy_bytes(rows: Sequence[dict], timings: Dict[str, Timing],
 
 def floor_bytes(rows: Sequence[dict], timings: Dict[str, Timing],
                 alias: Dict[str, str]) -> Dict[str, float]:
-    """Twice the largest request each model had (or one max-length sequence if none)."""
-    out: Dict[str, float] = {m: float(t.max_model_len * t.bytes_per_token)
-                             for m, t in timings.items()}
-    seen: Dict[str, float] = {}
+    """Twice the largest request each model had; a model with none gets twice the largest
+    request any model had (no history at all: one max-length sequence)."""
+    seen: Dict[str, int] = {}
     for r in rows:
         model = alias.get(r["model"], r["model"])
-        t = timings.get(model)
-        if t is not None:
-            need = 2.0 * (r["prompt_tokens"] + r["output_tokens"]) * t.bytes_per_token
-            seen[model] = max(seen.get(model, 0.0), need)
-    out.update(seen)
-    return out
+        if model in timings:
+            seen[model] = max(seen.get(model, 0), r["prompt_tokens"] + r["output_tokens"])
+    largest = max(seen.values(), default=0)
+    return {m: 2.0 * (seen.get(m) or largest or t.max_model_len / 2) * t.bytes_per_token
+            for m, t in timings.items()}
 
 
 def kv_shares(kv_gb_by_gpu: Dict[str, float], models_by_gpu: Dict[str, Sequence[str]],

@@ -30,7 +30,7 @@ OURS = (NEW, "adaptive")
 BASELINES = ("static", "static-sized", "lru", "seed", "ttl", "ollama")
 GRID = (10, 30, 60, 120)        # lru:T, with lru itself (300 s): the fixed timers
 ORACLE = "lru-best"
-SCALES = [2.0 ** k for k in range(-2, 6)]
+SCALES = [2.0 ** k for k in range(-2, 5)]
 _CASES: Dict[str, Any] = {}
 
 

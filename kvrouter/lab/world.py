@@ -163,6 +163,8 @@ class World:
             if (not self.budget or self._fits(e)) and (cap is None or loaded < cap):
                 e.state = State.READY
                 loaded += 1
+            elif self.policy.unloads:
+                e.state = State.STOPPED
             self._mem(e)
         if any(e.steerable for e in self.engines.values()):
             self._rebalance()

@@ -185,3 +185,18 @@ def test_seed_loader_forms_are_accepted_with_located_warnings():
                      "seed.yaml:3: instances[0].engine: `sgl` read as `sglang`",
                      "seed.yaml:2: instances[0].name: missing: named 'Llama-3.2-1B'"):
         assert expected in text, text
+
+
+def test_a_sleep_policy_may_carry_its_parameter():
+    base = "instances:\n  - {name: a, model: m, engine: vllm, engine_args: ['--port 8001']}\n"
+    for name in ("lru:30", "ttl:5", "slo:0.995", "slo", "static-sized"):
+        cfg = parse_config_text(f"sleep_manager: {{policy: '{name}'}}\n" + base, source="f.yaml")
+        assert cfg.sleep_manager.policy == name
+    for name, why in (("slo:5", "must be from 0.5 to 0.9999"),
+                      ("static:3", "takes no parameter"),
+                      ("lru:soon", "must be from 0 to"),
+                      ("lrv:30", "expected one of lru")):
+        with pytest.raises(ConfigErrors) as info:
+            parse_config_text(f"sleep_manager: {{policy: '{name}'}}\n" + base, source="f.yaml")
+        assert "f.yaml:1: sleep_manager.policy" in str(info.value), str(info.value)
+        assert why in str(info.value)
