@@ -26,7 +26,7 @@ from kvrouter.config.schema import Config
 from kvrouter.timing import Timing
 
 BASE_CONFIG = "etc/lab/prism-24.yaml"
-DURATION = 1800.0
+DURATION = 900.0
 # Prism-style traces: power-law popularity, gamma arrivals, models active about a quarter
 # of the time (on 60 s / off 180 s), prompts and outputs about 8..512 tokens
 GEN = dict(rate=20.0, alpha=1.0, cv=2.0, on_seconds=60.0, off_seconds=180.0,
@@ -169,9 +169,9 @@ TEST = {
     "azure-conv": _public("azure-conv", "Azure LLM inference 2023, conversation (zipf "
                           "over 24)", _azure("conv")),
     "servegen-am": _public("servegen-am", "ServeGen m-mid, 24 busiest clients, day 2 "
-                           "06:00-08:00, 5 req/s", _servegen(DAY2 + 6 * 3600, 2, 5.0)),
+                           "07:00-08:00, 5 req/s", _servegen(DAY2 + 7 * 3600, 1, 5.0)),
     "servegen-pm": _public("servegen-pm", "ServeGen m-mid, 24 busiest clients, day 2 "
-                           "20:00-22:00, 5 req/s", _servegen(DAY2 + 20 * 3600, 2, 5.0)),
+                           "21:00-22:00, 5 req/s", _servegen(DAY2 + 21 * 3600, 1, 5.0)),
 }
 if os.path.exists(os.path.join(TRACES_DIR, "conversation_trace.jsonl")):
     TEST["mooncake"] = _public("mooncake", "Mooncake conversations (one model each)",

@@ -30,7 +30,7 @@ OURS = (NEW, "adaptive")
 BASELINES = ("static", "static-sized", "lru", "seed", "ttl", "ollama")
 GRID = (10, 30, 60, 120)        # lru:T, with lru itself (300 s): the fixed timers
 ORACLE = "lru-best"
-SCALES = [2.0 ** k for k in range(-2, 5)]
+SCALES = [0.25, 0.5, 1.0, 2.0, 4.0, 16.0]
 _CASES: Dict[str, Any] = {}
 
 
@@ -53,7 +53,7 @@ def _job(args) -> tuple:
     started = time.monotonic()
     try:
         summary = lab.run(case.cfg, policy, case.rows, slo, timings=case.timings)[1]
-        curve = lab.max_rate(case.cfg, policy, case.rows, slo, scales=SCALES, refine=4,
+        curve = lab.max_rate(case.cfg, policy, case.rows, slo, scales=SCALES, refine=3,
                              timings=case.timings, whole=True)
     except ValueError as err:   # static: the weights do not fit an even split
         return trace_name, policy, {"error": str(err)}

@@ -89,6 +89,7 @@ class Engine:
         self.gaps: Deque[float] = deque(maxlen=GAPS)
         self.arrivals: Deque[float] = deque(maxlen=ARRIVALS)
         self.last_wake_seconds = 0.0
+        self.making_room = False       # its wake waits for the models it evicts to sleep
         self.requests = 0              # arrivals, and those that found it idle
         self.idle_arrivals = 0
         self.wakes = 0
@@ -243,7 +244,7 @@ class World:
             return
         r.cause = "cold start" if e.state in (State.STOPPED, State.STARTING) else "wake"
         e.waiting.append(r)
-        if e.state in ASLEEP:
+        if e.state in ASLEEP and not e.making_room:
             self._wake(e)
 
     def _submit(self, e: Engine, r: Req) -> None:
@@ -302,7 +303,7 @@ class World:
     def _retry_full(self) -> None:
         waiting, self.full = self.full, []
         for w in waiting:
-            if w.waiting and w.state in ASLEEP:
+            if w.waiting and w.state in ASLEEP and not w.making_room:
                 self._wake(w)
 
     # --- transitions --------------------------------------------------------------------------
@@ -340,6 +341,14 @@ class World:
             victim = self.engines[a.model]
             delay += victim.t.sleep_seconds(a.level)
             self._sleep(victim, a.level, done_at=self.now + delay)
+        if delay:   # as live: the model stays asleep (its memory not counted) meanwhile
+            e.making_room = True
+            self.at(self.now + delay, "room_made", e, delay)
+        else:
+            self._on_room_made(e, 0.0)
+
+    def _on_room_made(self, e: Engine, delay: float) -> None:
+        e.making_room = False
         stopped = e.state is State.STOPPED
         cost = (e.t.start_seconds() if stopped else e.t.wake_seconds(e.level)) + \
             e.t.prefill_seconds(WARM_UP_PROMPT_TOKENS)
@@ -347,7 +356,7 @@ class World:
         if e.steerable:   # before traffic: what is free on its GPU, at least its floor
             e.limit = self._free_kv(e)
             self._mem(e)
-        self.at(self.now + delay + cost, "woken", e, e.version, delay + cost, stopped)
+        self.at(self.now + cost, "woken", e, e.version, delay + cost, stopped)
 
     def _on_woken(self, e: Engine, version: int, seconds: float, started: bool) -> None:
         if e.version != version:

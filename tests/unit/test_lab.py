@@ -189,3 +189,15 @@ def test_simulate_leaves_out_a_policy_the_deployment_cannot_run(tmp_path):
     alone = subprocess.run([PY, "-m", "kvrouter", "simulate", cfg.source, "--trace",
                             str(trace), "--policy", "static"], capture_output=True, text=True)
     assert alone.returncode == 2 and "Error: policy static: static partitioning" in alone.stderr
+
+
+def test_a_model_being_woken_holds_no_memory_until_its_evictions_are_done(tmp_path):
+    # three of five fit; m3's wake evicts m0; while m0 drains, m4 asks for room: as live,
+    # m3 is still asleep (its make_room runs), so one more eviction (m1) is enough
+    cfg = config(tmp_path, sleep=", gpu_memory_gb: {'0': 72}", instances=5)
+    rows = [req(0.0), req(0.1, model="m1"), req(0.2, model="m2"),
+            req(1.0, model="m3"), req(1.1, model="m4")]
+    world, s = lab.run(cfg, "lru", rows, lab.slos_for(cfg, rows))
+    assert all(r.ok for r in world.requests)
+    sleeps = {k: v["sleeps"] for k, v in s["per_engine"].items()}
+    assert sleeps == {"m0": 1, "m1": 1, "m2": 0, "m3": 0, "m4": 0}
