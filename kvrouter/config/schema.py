@@ -138,6 +138,10 @@ class SleepPolicy:
                          choices=(1, 2))
     stop_after_seconds: Optional[float] = setting(
         None, "Deep sleep: stop the engine process after this long asleep (none: never).", min=0)
+    room_wait_seconds: float = setting(
+        30.0, "With gpu_memory_gb: how long a wake that needs room waits for a busy model to "
+        "go idle (to evict it) before the requests waiting for the wake get a 503 (0: at "
+        "once).", min=0)
     wake_timeout_seconds: float = setting(
         120.0, "Longest a wake may take (plus the engine's startup_timeout_seconds when it "
         "starts a stopped engine): past it the wake is abandoned, the model marked failed and "

@@ -114,7 +114,7 @@ class Controller:
         router, sm = self.cfg.router, self.cfg.sleep_manager
         if entry.state in states.WAKEABLE:
             # a little past the wake's own deadline, so a hung wake reports its own failure
-            timeout = sm.wake_timeout_seconds + self.WAKE_GRACE + (
+            timeout = sm.wake_timeout_seconds + sm.room_wait_seconds + self.WAKE_GRACE + (
                 entry.inst.startup_timeout_seconds if entry.state is State.STOPPED else 0)
         else:
             timeout = router.ready_timeout_seconds

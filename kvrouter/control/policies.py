@@ -337,18 +337,23 @@ class Slo(Adaptive):
         """(threshold, memory-seconds per gap, wakes per gap) of the thresholds that can be
         best at some price over the model's gaps and ``prior`` ones: the lower convex hull
         of (wakes, memory), fewest wakes last."""
-        key = (m.gaps, prior)
+        cap = m.idle_threshold
+        key = (m.gaps, prior, cap)
         hit = self._hulls.get(m.name)
         if hit is not None and hit[0] == key:
             return hit[1]
-        g = sorted(m.gaps + prior)
-        n = len(g)
-        points = [(0.0, 0.0, float(n))]    # sleep at once: every gap a wake
+        g = sorted(x for x in m.gaps + prior if x < cap)
+        longer = len(m.gaps) + len(prior) - len(g)   # gaps the configured threshold covers
+        n = len(g) + longer
+        # a gap longer than any seen is always possible: below the configured threshold,
+        # each threshold is charged one wake more than its history shows (Laplace)
+        points = [(0.0, 0.0, (n + 1.0) / (n + 1))]
         prefix = 0.0
         for i, x in enumerate(g):          # awake through gaps up to x
             prefix += x
-            points.append((x, prefix + (n - i - 1) * x, float(n - i - 1)))
-        points = [(t, mem / n, w / n) for t, mem, w in points]
+            left = n - i - 1
+            points.append((x, (prefix + left * x) / n, (left + 1.0) / (n + 1)))
+        points.append((cap, (prefix + longer * cap) / n, longer / (n + 1.0)))
         hull: List[Tuple[float, float, float]] = []
         for p in points:                   # wakes fall, memory rises: keep the convex part
             while len(hull) >= 2:

@@ -11,7 +11,7 @@ evicted first, how many may be resident on a GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from kvrouter.control.states import RESIDENT, State
 
@@ -96,7 +96,43 @@ def sleep_candidate(m: ModelView, threshold: Rule = configured_threshold) -> boo
 def decide(snap: Snapshot, threshold: Rule = configured_threshold,
            stop_after: Rule = configured_stop_after) -> List[Action]:
     """Sleep the models idle for ``threshold(m)`` (None: never); stop the models asleep
-    for ``stop_after(m)`` (None: never)."""
+    for ``stop_after(m)`` (None: never); and while a GPU holds more than its budget (the
+    engines came up together, all awake), sleep idle models on it until it fits."""
+    actions = _decide(snap, threshold, stop_after)
+    return actions + over_budget(snap, {a.model for a in actions if a.kind == "sleep"})
+
+
+def over_budget(snap: Snapshot, leaving: Set[str]) -> List[Action]:
+    """Sleeps that bring every GPU within its budget: idle models, least recently used
+    first (on a tie, the later in the config first, as the lab places them)."""
+    if not snap.gpu_budget_gb:
+        return []
+    staying = [m for m in snap.models if m.name not in leaving]
+    used = gpu_usage(staying)
+    over = {g: used.get(g, 0.0) - b for g, b in snap.gpu_budget_gb.items()
+            if used.get(g, 0.0) - b > 1e-9}
+    if not over:
+        return []
+    order = {m.name: i for i, m in enumerate(snap.models)}
+    actions = []
+    for m in sorted((m for m in staying if evictable(m) and set(m.gpus) & set(over)),
+                    key=lambda m: (m.last_used, -order[m.name])):
+        if not over:
+            break
+        if not set(m.gpus) & set(over):
+            continue
+        actions.append(Action("sleep", m.name, m.level,
+                              f"GPU {','.join(sorted(set(m.gpus) & set(over)))} holds more "
+                              "than its budget"))
+        for g in m.gpus:
+            if g in over:
+                over[g] -= m.footprint_gb / max(1, len(m.gpus))
+                if over[g] <= 1e-9:
+                    del over[g]
+    return actions
+
+
+def _decide(snap: Snapshot, threshold: Rule, stop_after: Rule) -> List[Action]:
     actions: List[Action] = []
     for m in snap.models:
         if m.pinned:
@@ -164,6 +200,16 @@ def gpu_usage(models: Sequence[ModelView]) -> Dict[str, float]:
             for g in m.gpus:
                 used[g] = used.get(g, 0.0) + share
     return used
+
+
+def could_fit(snap: Snapshot, target: str) -> bool:
+    """Whether ``target`` would fit its GPUs' budgets once every unpinned model there slept
+    (else no wait for room can help)."""
+    t = next(m for m in snap.models if m.name == target)
+    pinned = gpu_usage([m for m in snap.models if m.pinned and m.name != target])
+    share = t.footprint_gb / max(1, len(t.gpus))
+    return all(pinned.get(g, 0.0) + share <= snap.gpu_budget_gb[g] + 1e-9
+               for g in t.gpus if g in snap.gpu_budget_gb)
 
 
 def plan_room(snap: Snapshot, target: str, order: Callable[[ModelView], float] = least_recent,

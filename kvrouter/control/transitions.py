@@ -205,13 +205,22 @@ class Transitions:
         return done()
 
     # --- wake ---------------------------------------------------------------------------------
-    def make_room(self, entry: ModelEntry) -> Result:
-        """Put idle models to sleep until ``entry`` fits its GPUs' budgets (refused: no room)."""
+    def make_room(self, entry: ModelEntry, wait: float = 0.0) -> Result:
+        """Put idle models to sleep until ``entry`` fits its GPUs' budgets (refused: no room).
+        While every model that could make room is busy, wait up to ``wait`` seconds (while
+        requests wait for the wake) for one to go idle, as Ollama queues such a request."""
         ctl = self.ctl
-        try:
-            actions = ctl.sleep_policy.plan_room(ctl.snapshot(), entry.name)
-        except policy.NoRoom as err:
-            return refused(str(err))
+        deadline = ctl.clock() + wait
+        while True:
+            snap = ctl.snapshot()
+            try:
+                actions = ctl.sleep_policy.plan_room(snap, entry.name)
+                break
+            except policy.NoRoom as err:
+                if ctl.clock() >= deadline or not entry.waiters or \
+                        not policy.could_fit(snap, entry.name):
+                    return refused(str(err))
+            gevent.sleep(self.NOT_READY_POLL)
         for action in actions:
             victim = ctl.entries[action.model]
             result = self.sleep(victim, action.level, manual=False, reason=action.reason)
@@ -262,7 +271,7 @@ class Transitions:
         started = ctl.clock()
         stopped = entry.state is State.STOPPED
         action = "start" if stopped else "wake"
-        room = self.make_room(entry)
+        room = self.make_room(entry, ctl.cfg.sleep_manager.room_wait_seconds)
         if not room.ok:
             log.warning("%s: not woken: %s", entry.name, room.message)
             return room   # stays asleep; nothing to restart on a GPU that is full

@@ -65,12 +65,12 @@ def deployment(models: int, base: str = BASE_CONFIG) -> Config:
         out.append(inst)
     doc["instances"] = out
     doc["sleep_manager"]["gpu_memory_gb"] = {str(g): 80 for g in range(gpus)}
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        yaml.safe_dump(doc, fh)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as tmp:
+        yaml.safe_dump(doc, tmp)
     try:
-        return load_config(fh.name)
+        return load_config(tmp.name)
     finally:
-        os.unlink(fh.name)
+        os.unlink(tmp.name)
 
 
 def slower(cfg: Config, factor: float) -> Dict[str, Timing]:
@@ -151,6 +151,13 @@ TRAIN = {
     "train-cv4-s1": _generated("train-cv4-s1", "CV 4, seed 1", cv=4.0, seed=1),
     "train-cv2-s2": _generated("train-cv2-s2", "CV 2, seed 2", cv=2.0, seed=2),
     "train-cv4-s2": _generated("train-cv4-s2", "CV 4, seed 2", cv=4.0, seed=2),
+    "train-cv6": _generated("train-cv6", "CV 6", cv=6.0, seed=201),
+    "train-models-36": _generated("train-models-36", "36 models on 9 GPUs", models=36,
+                                  seed=202),
+    "train-wake-1.5x": _generated("train-wake-1.5x", "wakes 1.5x slower, CV 3", wake=1.5,
+                                  cv=3.0, seed=203),
+    "train-off-600": _generated("train-off-600", "on 60 s / off 600 s", off_seconds=600.0,
+                                rate=10.0, seed=204),
 }
 TEST = {
     "cv1": _generated("cv1", "Poisson arrivals (CV 1)", cv=1.0, seed=101),

@@ -20,6 +20,7 @@ timing and memory model (``timing.py``, the one the simulated engine sleeps by):
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
@@ -27,12 +28,12 @@ from kvrouter.config.schema import Config, Instance
 from kvrouter.control import kvplan
 from kvrouter.control.kvplan import FLOOR_FRACTION
 from kvrouter.control.policies import Policy
-from kvrouter.control.policy import ModelView, NoRoom, Snapshot, keep_min_ready
+from kvrouter.control.policy import NoRoom, Snapshot, could_fit, keep_min_ready
 from kvrouter.control.states import ASLEEP, RESIDENT, State
-from kvrouter.lab import sizing
+from kvrouter.lab import sizing, views
 from kvrouter.lab.replicas import LabGroup, PrefixCache, cached_tokens, groups_of
 from kvrouter.timing import GB, WARM_UP_PROMPT_TOKENS, Timing
-from kvrouter.traffic import ARRIVALS, GAPS, WakeWindow, arrival_gaps
+from kvrouter.traffic import ARRIVALS, GAPS, WakeWindow
 
 
 class Req:
@@ -90,6 +91,7 @@ class Engine:
         self.arrivals: Deque[float] = deque(maxlen=ARRIVALS)
         self.last_wake_seconds = 0.0
         self.making_room = False       # its wake waits for the models it evicts to sleep
+        self.room_since = 0.0          # when its wake began to wait for room
         self.requests = 0              # arrivals, and those that found it idle
         self.idle_arrivals = 0
         self.wakes = 0
@@ -171,7 +173,15 @@ class World:
             self._rebalance()
 
     def _footprint_gb(self, e: Engine) -> float:
-        return e.t.weights_gb + (e.ceiling * FLOOR_FRACTION if e.steerable else e.limit) / GB
+        return e.t.weights_gb + (e.ceiling * FLOOR_FRACTION if e.steerable else
+                                 self.declared_kv(e)) / GB
+
+    def declared_kv(self, e: Engine) -> float:
+        """The KV bytes the policy counts for an engine without a steerable pool: as the
+        live controller, the config's kv_cache_gb (none declared: 0); static: its share."""
+        if not self.policy.elastic_kv:
+            return e.limit
+        return (e.inst.kv_cache_gb or 0.0) * GB
 
     def _fits(self, e: Engine) -> bool:
         for g in e.gpus:
@@ -322,19 +332,22 @@ class World:
         self._mem(e)
 
     def _wake(self, e: Engine) -> None:
-        """The single wake the first waiting request starts: evictions, then the wake."""
+        """The single wake the first waiting request starts: evictions, then the wake.
+        No room while the models that could make it are busy: it waits for one to go idle,
+        ``room_wait_seconds`` at most (Ollama: for as long as it takes), as the live gate."""
+        snap = self.snapshot()
         try:
-            actions = self.policy.plan_room(self.snapshot(), e.name)
+            actions = self.policy.plan_room(snap, e.name)
         except NoRoom:
-            if self.policy.queue_when_full:   # Ollama: wait for a loaded model to idle
+            wait = math.inf if self.policy.queue_when_full else self.sm.room_wait_seconds
+            if wait > 0 and could_fit(snap, e.name):
                 if e not in self.full:
                     self.full.append(e)
+                    e.room_since = self.now
+                    if wait < math.inf:
+                        self.at(self.now + wait, "room_wait_over", e, self.now)
                 return
-            for r in e.waiting:
-                r.cause = "refused: no room"
-                self.wake_window.add(self.now, True)
-                e.in_flight -= 1
-            e.waiting = []
+            self._refuse(e)
             return
         delay = 0.0
         for a in actions:   # the live controller sleeps the victims one after the other
@@ -346,6 +359,18 @@ class World:
             self.at(self.now + delay, "room_made", e, delay)
         else:
             self._on_room_made(e, 0.0)
+
+    def _refuse(self, e: Engine) -> None:
+        for r in e.waiting:
+            r.cause = "refused: no room"
+            self.wake_window.add(self.now, True)
+            e.in_flight -= 1
+        e.waiting = []
+
+    def _on_room_wait_over(self, e: Engine, since: float) -> None:
+        if e in self.full and e.room_since == since:
+            self.full.remove(e)
+            self._refuse(e)
 
     def _on_room_made(self, e: Engine, delay: float) -> None:
         e.making_room = False
@@ -449,36 +474,4 @@ class World:
 
     # --- what the policy sees -----------------------------------------------------------------
     def snapshot(self) -> Snapshot:
-        now = self.now
-        views = []
-        for e in self.engines.values():
-            inst = e.inst
-            wanted = 0.0
-            if e.steerable:
-                floor = e.ceiling * FLOOR_FRACTION
-                kv = (max(e.kv_used(), floor) if e.state in RESIDENT else floor) / GB
-                if e.queue:
-                    demand = e.kv_used() + sum(r.need for r in e.queue) * e.t.bytes_per_token
-                    wanted = max(0, demand - e.limit) / GB
-            else:
-                kv = e.limit / GB
-            engine_load = e.in_flight - len(e.waiting)
-            idle = 0.0 if e.in_flight else now - (e.last_end or 0.0)
-            replica = inst.replica_of > 1
-            if replica and e.state is State.READY:   # as the controller: not idle for
-                idle = min(idle, now - e.since)       # longer than it has been awake
-            views.append(ModelView(
-                name=e.name, state=e.state, in_flight=engine_load, waiting=len(e.waiting),
-                idle_seconds=idle,
-                state_seconds=now - e.since, pinned=inst.sleep.pinned,
-                idle_threshold=inst.idle_threshold_seconds, stop_after=inst.stop_after_seconds,
-                level=e.level, gpus=e.gpus, weights_gb=e.t.weights_gb, kv_cache_gb=kv,
-                last_used=e.last_end or 0.0, gaps=tuple(e.gaps),
-                wake_seconds=e.last_wake_seconds or e.t.wake_seconds(e.level),
-                arrival_gaps=arrival_gaps(e.arrivals), kv_wanted_gb=wanted,
-                group=inst.model if replica else "",
-                min_ready=inst.min_ready if inst.min_ready is not None else
-                self.cfg.routing.min_ready, requests=e.requests,
-                idle_arrivals=e.idle_arrivals))
-        recent, waited = self.wake_window.totals(now)
-        return Snapshot(tuple(views), self.sm.auto_sleep_enabled, self.budget, recent, waited)
+        return views.snapshot(self)

@@ -86,10 +86,14 @@ def test_static_says_when_the_weights_do_not_fit_an_even_share(tmp_path):
         lab.run(cfg, "static", [req(0.0)], {})
 
 
-def test_no_room_refuses_the_request_with_the_reason(tmp_path):
-    # one GPU holds one model; m0 is busy for the whole trace when m1 is asked for
-    cfg = config(tmp_path, sleep=", gpu_memory_gb: {'0': 30}")
+def test_no_room_waits_for_a_busy_model_to_go_idle_then_refuses_with_the_reason(tmp_path):
+    # one GPU holds one model; m0 is busy for 20 s when m1 is asked for
     rows = [req(0.0, out=2000), req(1.0, model="m1")]
+    cfg = config(tmp_path, sleep=", gpu_memory_gb: {'0': 30}")
+    world, s = lab.run(cfg, "lru", rows, lab.slos_for(cfg, rows))
+    assert world.requests[1].ok and world.requests[1].cause == "wake"   # waited for room
+    assert world.requests[1].first > world.requests[0].end
+    cfg = config(tmp_path, sleep=", gpu_memory_gb: {'0': 30}, room_wait_seconds: 5")
     world, s = lab.run(cfg, "lru", rows, lab.slos_for(cfg, rows))
     assert world.engines["m1"].state.value == "sleeping"   # did not fit at the start
     assert world.requests[1].cause == "refused: no room" and not world.requests[1].ok

@@ -39,8 +39,9 @@ def test_static_sized_gives_the_busy_model_the_kv_an_even_split_denies_it(tmp_pa
 
 
 def test_ollama_queues_a_request_until_a_loaded_model_goes_idle(tmp_path):
-    # room for one model; m0 is busy when m1 is asked for: lru refuses, Ollama queues
-    cfg = config(tmp_path, sleep=", gpu_memory_gb: {'0': 30}")
+    # room for one model; m0 is busy when m1 is asked for: lru refuses once its wait for
+    # room is over, Ollama queues for as long as it takes
+    cfg = config(tmp_path, sleep=", gpu_memory_gb: {'0': 30}, room_wait_seconds: 0.5")
     rows = [req(0.0, out=200), req(1.0, model="m1")]
     _, s_lru = lab.run(cfg, "lru", rows, lab.slos_for(cfg, rows))
     world, s = lab.run(cfg, "ollama", rows, lab.slos_for(cfg, rows))
