@@ -38,8 +38,8 @@ FORBIDDEN = {
                      "kvrouter.control.transitions", "kvrouter.control.kvsteer",
                      "kvrouter.engines", "kvrouter.http"),
 }
-PURE = ("kvrouter.control.states", "kvrouter.control.names", "kvrouter.control.policy", "kvrouter.control.kvplan",
-        "kvrouter.control.policies", "kvrouter.timing", "kvrouter.control.routing",
+PURE = ("kvrouter.control.states", "kvrouter.control.names", "kvrouter.control.policy",
+        "kvrouter.control.kvplan", "kvrouter.control.policies", "kvrouter.timing", "kvrouter.control.routing",
         "kvrouter.control.prefix", "kvrouter.control.ejection")
 # what a pure module may not import from the standard library either: clocks, randomness,
 # sockets, the file system, threads (the caller passes `now` and an `rng`)
