@@ -22,7 +22,7 @@ The live controller and ``kvrouter simulate`` call the same objects: ``decide`` 
   its wake cost, capped by the configured threshold; evict the model whose next request
   is predicted furthest away.
 - ``slo``: sleeps as much as an SLO attainment target allows: the share of requests that
-  may wait for a wake is half the target's error budget; every model's idle threshold is
+  may wait for a wake is 85% of the target's error budget; every model's idle threshold is
   the one that costs least memory for the late requests it causes (ski rental), all at
   one price per late request, the price chosen so that the predicted share meets the
   budget, and corrected by the share measured over the last 10 minutes.
@@ -298,19 +298,20 @@ class Slo(Adaptive):
     ``WAKE_SHARE`` of the target's error budget (1 - target); the rest is left for what sleep
     does not cause (queues, long prompts). For each model, a threshold T costs memory while
     it idles up to T in each of its recent idle gaps, and makes late the requests that end a
-    gap longer than T (``misses_per_wake`` of them a wake: arrivals come in clumps). One
-    price per late request, the same for every model, turns this into ski rental per model
-    (the threshold that costs least over its gaps); the price is the lowest at which the
-    late requests predicted over all models' histories (idle arrivals x share of gaps
-    longer than T x misses per wake) stay within the budget: memory goes where a late
-    request costs least. The budget is then corrected by what was measured over the last
-    10 minutes (more waited than budgeted: tighter, in proportion; fewer: looser, at most 2x),
-    so mistakes of the prediction (memory pressure, evictions) are fed back.
+    gap longer than T (``late_per_wake`` of them a wake: those that arrive within the wake
+    time, counted on its recent arrivals). Below the configured threshold each T is charged
+    one wake more than its history shows (a gap longer than any seen can come). One price
+    per late request, the same for every model, turns this into ski rental per model (the
+    threshold that costs least over its gaps); the price is the lowest at which the late
+    requests predicted over all models' histories stay within the budget: memory goes
+    where a late request costs least. What was measured over the last 10 minutes is fed
+    back once every 1/budget requests: more waited than budgeted, the budget tightens by
+    the square root of the excess, cumulatively (never looser than planned).
 
-    Lower traffic lengthens gaps and lowers the budget in requests, so thresholds lengthen:
-    the policy does not trade attainment for memory as the rate falls. Models with fewer
-    than ``MIN_GAPS`` gaps borrow the rest from all models' gaps; a model with none keeps the
-    configured threshold (also the longest any idles).
+    Lower traffic lengthens gaps and lowers the budget in requests, so thresholds lengthen.
+    Models with fewer than ``MIN_GAPS`` gaps borrow the rest from all models' gaps; a model
+    with no request keeps the configured threshold (also the longest any idles). The
+    constants were chosen on the policy lab's training set (``lab/heldout.py``).
     """
 
     name = "slo"
@@ -318,7 +319,6 @@ class Slo(Adaptive):
     TARGET = 0.99
     WAKE_SHARE = 0.85
     MIN_GAPS = 16
-    LOOSEN = 1.0
 
     def __init__(self, param: Optional[float] = None, label: str = ""):
         super().__init__(param, label)
@@ -379,7 +379,7 @@ class Slo(Adaptive):
         if total >= self._corrected_at + 1 / self.budget:   # once per 1/budget requests
             self._corrected_at = total
             measured = (snap.recent_wake_waits + 1) / (snap.recent_requests + 1 / self.budget)
-            self._correction = min(self.LOOSEN, max(0.02, self._correction * math.sqrt(
+            self._correction = min(1.0, max(0.02, self._correction * math.sqrt(
                 self.budget / measured)))
         budget = self.budget * self._correction * total
         # a model with few gaps of its own borrows the others' (quantiles of all gaps seen)

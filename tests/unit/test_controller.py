@@ -211,6 +211,21 @@ def test_no_room_is_503_with_reason_and_nothing_restarts():
     assert b.state is State.SLEEPING and proc.calls == []
 
 
+def test_a_wake_that_needs_room_waits_for_a_busy_model_to_go_idle():
+    ctl, _, traffic = make(extra_sleep=', gpu_memory_gb: {"0": 15}, room_wait_seconds: 5',
+                           instances=[("a", "m/a", ", weights_gb: 10"),
+                                      ("b", "m/b", ", weights_gb: 10")])
+    b = ctl.entries["m/b"]
+    ctl.sleep(b)
+    rec = traffic.start("m/a")            # a is busy: it cannot be evicted now
+    waiter = gevent.spawn(ctl.ensure_ready, b)
+    gevent.sleep(0.3)
+    assert not waiter.ready() and b.state is State.SLEEPING   # waiting for room
+    traffic.end(rec, "success")           # a goes idle: evicted, b wakes
+    waiter.get(timeout=5)
+    assert b.state is State.READY and ctl.entries["m/a"].state is State.SLEEPING
+
+
 def test_wake_that_hangs_is_abandoned_marked_failed_and_restarted():
     ctl, proc, _ = make(extra_sleep=", wake_timeout_seconds: 0.3")
     e = ctl.entries["m/a"]

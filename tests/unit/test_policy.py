@@ -78,3 +78,27 @@ def test_multi_gpu_models_count_a_share_per_gpu():
              view("a", gpus=("0",), weights=50, kv=0, last_used=1),
              budget={"0": 60, "1": 60})
     assert [a.model for a in plan_room(s, "target")] == ["a"]
+
+
+def test_a_gpu_over_its_budget_has_idle_models_slept_until_it_fits():
+    from kvrouter.control.policy import over_budget
+    # engines came up together: three of 15 GB on a 40 GB GPU; the busy one stays
+    s = snap(view("a", last_used=5.0), view("b", last_used=1.0),
+             view("c", in_flight=1, last_used=0.0), budget={"0": 40.0})
+    actions = decide(s)
+    assert [(a.kind, a.model) for a in actions] == [("sleep", "b")]
+    assert "holds more than its budget" in actions[0].reason
+    # ties (all unused yet): the later in the config sleeps first, as the lab places them
+    s = snap(view("a"), view("b"), view("c"), budget={"0": 40.0})
+    assert [a.model for a in over_budget(s, set())] == ["c"]
+    assert over_budget(snap(view("a"), view("b"), budget={"0": 40.0}), set()) == []
+
+
+def test_no_room_is_worth_waiting_for_only_when_the_model_could_fit():
+    from kvrouter.control.policy import could_fit
+    s = snap(view("t", state="sleeping"), view("busy", in_flight=1), budget={"0": 20.0})
+    with pytest.raises(NoRoom):
+        plan_room(s, "t")
+    assert could_fit(s, "t")               # once "busy" goes idle
+    pinned = snap(view("t", state="sleeping"), view("p", pinned=True), budget={"0": 20.0})
+    assert not could_fit(pinned, "t")      # a pinned model never leaves
