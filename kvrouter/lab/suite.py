@@ -2,7 +2,7 @@
 a held-out test set of traces (``lab/heldout.py``), simulated.
 
 For each trace and policy: the run at the trace's own rate (SLO attainment, GPU memory in
-GB x hours) and the attainment curve over rates (1/4x to 32x the trace's, each point with
+GB x hours) and the attainment curve over rates (1/4x to 16x the trace's, each point with
 its memory), with the highest rate at 99% attainment. Baselines: ``static`` (each GPU split
 evenly, as labelled), ``static-sized`` (KV by expected load, sized from the trace's first
 fifth), the timers (``lru`` at the configured 300 s, ``seed``, ``ttl``, ``ollama``), and
