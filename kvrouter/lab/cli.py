@@ -21,9 +21,10 @@ def simulate(cfg: Config, trace_file: str, names: Sequence[str], scale: float,
              per_model: bool, json_out: Optional[str], out_dir: Optional[str],
              plot_out: Optional[str], skip_unknown: bool = False) -> Dict[str, dict]:
     for name in names:
-        if name not in policies.POLICIES:
-            raise KvrouterError(f"--policy {name}: unknown; choose from "
-                                f"{', '.join(policies.POLICIES)}")
+        try:
+            policies.check(name)
+        except ValueError as err:
+            raise KvrouterError(f"--policy {name}: {err}") from None
     if plot_out and not find_max:
         raise KvrouterError("--plot draws attainment against rate: add --max-rate")
     if plot_out:
@@ -88,7 +89,8 @@ def options(fn):
                      help="JSON lines {time, model, prompt_tokens, output_tokens} "
                      "(`kvrouter bench gen-trace` writes them), or a .csv with those columns."),
         click.option("--policy", "names", multiple=True,
-                     help=f"Repeat for several (default: all of {', '.join(policies.POLICIES)})."),
+                     help=f"Repeat for several (default: all of {', '.join(policies.POLICIES)}); "
+                     "lru:T and ttl:T take a threshold, slo:P a target."),
         click.option("--scale", type=float, default=1.0, show_default=True,
                      help="Rate scale: 2 replays the trace in half the time."),
         click.option("--max-rate", "find_max", is_flag=True,

@@ -138,24 +138,29 @@ def test_simulate_command(tmp_path):
     assert f"1 model(s) of the trace are not in {cfg.source}: other. {cfg.source} has: " \
         "m0, m1." in refused.stderr
     run = subprocess.run([PY, "-m", "kvrouter", "simulate", cfg.source, "--trace", str(trace),
-                          "--policy", "lru", "--policy", "static", "--out-dir",
+                          "--policy", "lru:2", "--policy", "static", "--out-dir",
                           str(tmp_path / "out"), "--json", str(tmp_path / "s.json"),
                           "--skip-unknown"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert "1 model(s) not in" in run.stderr and "[1/2] lru: replaying 40 requests" in run.stderr
+    assert "1 model(s) not in" in run.stderr and "[1/2] lru:2: replaying 40 requests" in \
+        run.stderr
     assert run.stdout.splitlines()[1].split()[:3] == ["policy", "SLO", "att."]
     doc = json.loads((tmp_path / "s.json").read_text())
-    assert set(doc["policies"]) == {"lru", "static"}
-    assert doc["policies"]["lru"]["summary"]["requests"] == 40
+    assert set(doc["policies"]) == {"lru:2", "static"}
+    assert doc["policies"]["lru:2"]["summary"]["requests"] == 40
     cmp = subprocess.run([PY, "-m", "kvrouter", "bench", "--compare",
-                          str(tmp_path / "out" / "lru.json"), str(tmp_path / "out" /
+                          str(tmp_path / "out" / "lru:2.json"), str(tmp_path / "out" /
                                                                   "static.json")],
                          capture_output=True, text=True)
     assert cmp.returncode == 0 and "[m0]" in cmp.stdout, cmp.stderr
 
     bad = subprocess.run([PY, "-m", "kvrouter", "simulate", cfg.source, "--trace", str(trace),
                           "--policy", "nope"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--policy nope: unknown; choose from lru" in bad.stderr
+    assert bad.returncode == 2 and "--policy nope: unknown sleep policy 'nope'; choose one " \
+        "of lru" in bad.stderr
+    bad = subprocess.run([PY, "-m", "kvrouter", "simulate", cfg.source, "--trace", str(trace),
+                          "--policy", "slo:7"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "must be from 0.5 to 0.9999" in bad.stderr
     bad = subprocess.run([PY, "-m", "kvrouter", "simulate", cfg.source, "--trace", str(trace),
                           "--plot", str(tmp_path / "p.png")], capture_output=True, text=True)
     assert bad.returncode == 2 and "--plot draws attainment against rate" in bad.stderr
