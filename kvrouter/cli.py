@@ -405,7 +405,8 @@ def _add_simulate():
     @with_config
     @lab_cli.options
     def simulate(config, trace_file, names, scale, find_max, target, ttft_slo_scale,
-                 tpot_slo_scale, per_model, json_out, out_dir, skip_unknown, plot_out):
+                 tpot_slo_scale, per_model, json_out, out_dir, skip_unknown, plot_out,
+                 timing):
         """Replay a trace against CONFIG's engines under each sleep policy, in seconds: no
         process, no socket. Prints SLO attainment, goodput, TTFT, wakes and GPU memory per
         policy (the policies' own code, the simulated engine's timing model)."""
@@ -413,7 +414,7 @@ def _add_simulate():
 
         lab_cli.simulate(_load(config), trace_file, names or list(policies.POLICIES), scale,
                          find_max, target, ttft_slo_scale, tpot_slo_scale, per_model, json_out,
-                         out_dir, plot_out, skip_unknown)
+                         out_dir, plot_out, skip_unknown, timing)
 
 
 def _add_bench():

@@ -275,6 +275,35 @@ def _write_rows(rows, path: str) -> None:
             fh.write(json.dumps(row, separators=(",", ":")) + "\n")
 
 
+@bench.command("calibrate")
+@click.option("--engine-url", required=True, help="the engine itself (http://HOST:PORT), "
+              "not the router")
+@click.option("--model", required=True, help="the model name the engine serves")
+@click.option("--dialect", type=click.Choice(["vllm", "sglang"]), default="vllm",
+              show_default=True)
+@click.option("--rounds", type=int, default=5, show_default=True)
+@click.option("--long-prompt", "long", type=int, default=1024, show_default=True,
+              help="words in the long prompt (the short one has 16)")
+@click.option("--concurrency", type=int, default=4, show_default=True,
+              help="streams at once for the batch slowdown")
+@click.option("--sleep", "with_sleep", is_flag=True,
+              help="also time a level-1 sleep and the wake (the engine sleeps meanwhile)")
+@click.option("--out", "out_path", required=True, help="the profile (YAML)")
+def calibrate_cmd(engine_url, model, dialect, rounds, long, concurrency, with_sleep,
+                  out_path):
+    """Measure a running engine's prefill, decode step, batch slowdown (and with --sleep
+    its sleep and wake) and write a timing profile: the keys of a sim: block, read by
+    `kvrouter simulate --timing`."""
+    from kvrouter.bench import calibrate
+
+    result = calibrate.measure(engine_url, model, dialect, rounds, long=long,
+                               concurrency=concurrency, with_sleep=with_sleep)
+    calibrate.write(out_path, model, engine_url, result)
+    shown = dict(result["profile"], **result["measured"])
+    click.echo(f"{model}: " + ", ".join(f"{k} {v:g}" for k, v in shown.items()) +
+               f"\nprofile: {out_path}")
+
+
 @bench.command("gen-trace")
 @click.option("--model", "models", multiple=True, help="most popular first")
 @click.option("--models-from", "models_from", default=None, type=click.Path(dir_okay=False),

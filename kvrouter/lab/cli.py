@@ -19,7 +19,8 @@ from kvrouter.lab import run as lab
 def simulate(cfg: Config, trace_file: str, names: Sequence[str], scale: float,
              find_max: bool, target: float, ttft_scale: float, tpot_scale: float,
              per_model: bool, json_out: Optional[str], out_dir: Optional[str],
-             plot_out: Optional[str], skip_unknown: bool = False) -> Dict[str, dict]:
+             plot_out: Optional[str], skip_unknown: bool = False,
+             timing_file: Optional[str] = None) -> Dict[str, dict]:
     for name in names:
         try:
             policies.check(name)
@@ -34,22 +35,27 @@ def simulate(cfg: Config, trace_file: str, names: Sequence[str], scale: float,
         raise KvrouterError(f"{trace_file}: the trace has no requests")
     known = {a for i in cfg.instances for a in i.route_names or (i.model,)}
     rows = trace.check_models(trace_file, rows, known, cfg.source, skip_unknown)
-    slo = lab.slos_for(cfg, rows, ttft_scale, tpot_scale)
+    timings = None
+    if timing_file:
+        from kvrouter.bench import calibrate
+
+        timings = lab.timings_from(cfg, calibrate.load(timing_file), timing_file)
+    slo = lab.slos_for(cfg, rows, ttft_scale, tpot_scale, timings)
     results: Dict[str, dict] = {}
     for n, name in enumerate(names, 1):
         click.echo(f"[{n}/{len(names)}] {name}: replaying {len(rows)} requests"
                    f"{' and searching for the max rate' if find_max else ''} ...", err=True)
         started = time.monotonic()
         try:
-            world, summary = lab.run(cfg, name, rows, slo, scale)
+            world, summary = lab.run(cfg, name, rows, slo, scale, timings)
         except ValueError as err:   # the deployment cannot run this way (static: no fit)
             if len(names) == 1:
                 raise KvrouterError(f"policy {name}: {err}") from None
             click.echo(f"warning: policy {name} left out: {err}", err=True)
             continue
         results[name] = {"summary": summary,
-                         "max_rate": lab.max_rate(cfg, name, rows, slo, target)
-                         if find_max else None}
+                         "max_rate": lab.max_rate(cfg, name, rows, slo, target,
+                                                  timings=timings) if find_max else None}
         click.echo(f"[{n}/{len(names)}] {name}: done in {time.monotonic() - started:.1f}s",
                    err=True)
         if out_dir:
@@ -107,6 +113,10 @@ def options(fn):
                      help="Write POLICY.json per policy (kvrouter-bench/1, for bench --compare)."),
         click.option("--skip-unknown", is_flag=True,
                      help="Leave out the requests for models the config lacks (else an error)."),
+        click.option("--timing", "timing", default=None,
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="A timing profile (`kvrouter bench calibrate` writes one): its "
+                     "models' timing instead of the config's."),
         click.option("--plot", "plot_out", default=None,
                      help="Attainment vs rate plot (.png/.svg; needs --max-rate, matplotlib)."),
     ]

@@ -5,11 +5,13 @@ compressed (scale 2 = the same requests in half the time, twice the rate).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from kvrouter.config.schema import Config
 from kvrouter.control import policies
+from kvrouter.errors import KvrouterError
 from kvrouter.lab import outcome
 from kvrouter.lab.world import World
 from kvrouter.timing import Timing
@@ -23,12 +25,32 @@ def scaled(rows: Sequence[dict], scale: float) -> List[dict]:
 
 
 def slos_for(cfg: Config, rows: Sequence[dict], ttft_scale: float = outcome.TTFT_SLO_SCALE,
-             tpot_scale: float = outcome.TPOT_SLO_SCALE) -> Dict[str, outcome.Slo]:
-    timings = {i.model: i.timing for i in cfg.instances}
+             tpot_scale: float = outcome.TPOT_SLO_SCALE,
+             profile: Optional[Dict[str, Timing]] = None) -> Dict[str, outcome.Slo]:
+    timings = {i.model: (profile or {}).get(i.key or i.model) or i.timing
+               for i in cfg.instances}
     # requests name a model by any of its route names
     alias = {a: i.model for i in cfg.instances for a in i.route_names or (i.model,)}
     named = [dict(r, model=alias.get(r["model"], r["model"])) for r in rows]
     return outcome.slos(timings, named, ttft_scale, tpot_scale)
+
+
+def timings_from(cfg: Config, profiles: Dict[str, dict], where: str) -> Dict[str, Timing]:
+    """Each engine's timing with its model's profile (by model or route name) laid over."""
+    out: Dict[str, Timing] = {}
+    used = set()
+    for inst in cfg.instances:
+        for name in (inst.model, *(inst.route_names or ())):
+            if name in profiles:
+                out[inst.key or inst.model] = dataclasses.replace(inst.timing,
+                                                                  **profiles[name])
+                used.add(name)
+                break
+    unknown = sorted(set(profiles) - used)
+    if unknown:
+        raise KvrouterError(f"{where}: profiles for models {cfg.source} lacks: "
+                            f"{', '.join(unknown)}")
+    return out
 
 
 def run(cfg: Config, policy: str, rows: Sequence[dict], slo: Dict[str, outcome.Slo],

@@ -2,13 +2,14 @@
 import json
 import os
 import signal
+import subprocess
 import time
 
 import openai
 import pytest
 
 from kvrouter.http.sse import parse_events
-from tests.helpers import SimEngine, get_json, http, run_concurrently, wait_until
+from tests.helpers import PY, SimEngine, get_json, http, run_concurrently, wait_until
 from tests.integration import conformance
 
 
@@ -271,3 +272,20 @@ def test_engine_killed_is_restarted_by_supervisord_and_serves_again(real):
         model="tiny-a", prompt="again", max_tokens=2, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 2
     print(f"served again {time.monotonic() - t0:.0f}s after the restart")
+
+
+def test_calibrate_measures_a_real_engine(real, tmp_path):
+    """`kvrouter bench calibrate` against real vLLM (CPU): a profile the lab can replay with."""
+    import yaml
+
+    profile = tmp_path / "tiny-a.yaml"
+    r = subprocess.run([PY, "-m", "kvrouter", "bench", "calibrate", "--engine-url",
+                        real["engines"]["tiny-a"], "--model", "tiny-a", "--rounds", "3",
+                        "--long-prompt", "100", "--concurrency", "2", "--out", str(profile)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    p = yaml.safe_load(profile.read_text())["profiles"]["tiny-a"]
+    assert p["itl_ms"] > 0 and p["ttft_ms"] > 0, p
+    assert p["prefill_ms_per_token"] > 0, p     # a longer prompt takes longer on a CPU
+    assert p["batch_slowdown"] >= 0, p
