@@ -102,6 +102,16 @@ def decide(snap: Snapshot, threshold: Rule = configured_threshold,
     return actions + over_budget(snap, {a.model for a in actions if a.kind == "sleep"})
 
 
+def _free(over: Dict[str, float], m: ModelView) -> None:
+    """``m`` put to sleep: what each GPU is over its budget shrinks by its share (a GPU
+    no longer over is dropped)."""
+    for g in m.gpus:
+        if g in over:
+            over[g] -= m.footprint_gb / max(1, len(m.gpus))
+            if over[g] <= 1e-9:
+                del over[g]
+
+
 def over_budget(snap: Snapshot, leaving: Set[str]) -> List[Action]:
     """Sleeps that bring every GPU within its budget: idle models, least recently used
     first (on a tie, the later in the config first, as the lab places them)."""
@@ -124,11 +134,7 @@ def over_budget(snap: Snapshot, leaving: Set[str]) -> List[Action]:
         actions.append(Action("sleep", m.name, m.level,
                               f"GPU {','.join(sorted(set(m.gpus) & set(over)))} holds more "
                               "than its budget"))
-        for g in m.gpus:
-            if g in over:
-                over[g] -= m.footprint_gb / max(1, len(m.gpus))
-                if over[g] <= 1e-9:
-                    del over[g]
+        _free(over, m)
     return actions
 
 
@@ -244,12 +250,7 @@ def plan_room(snap: Snapshot, target: str, order: Callable[[ModelView], float] =
             continue
         why = f"GPU {','.join(sorted(over))}" if over else f"{max_loaded} models loaded"
         actions.append(Action("sleep", m.name, m.level, f"make room for {target} ({why})"))
-        share = m.footprint_gb / max(1, len(m.gpus))
-        for g in m.gpus:
-            if g in over:
-                over[g] -= share
-                if over[g] <= 1e-9:
-                    del over[g]
+        _free(over, m)
         crowded = max(0, crowded - 1)
         if not over and not crowded:
             break
