@@ -208,25 +208,33 @@ class Transitions:
     def make_room(self, entry: ModelEntry, wait: float = 0.0) -> Result:
         """Put idle models to sleep until ``entry`` fits its GPUs' budgets (refused: no room).
         While every model that could make room is busy, wait up to ``wait`` seconds (while
-        requests wait for the wake) for one to go idle, as Ollama queues such a request."""
+        requests wait for the wake) for one to go idle, as Ollama queues such a request. A
+        model chosen to make room that turns busy meanwhile (a request arrived while it
+        drained: its sleep is cancelled) sends it back to planning, within the same wait."""
         ctl = self.ctl
         deadline = ctl.clock() + wait
         while True:
             snap = ctl.snapshot()
             try:
-                actions = ctl.sleep_policy.plan_room(snap, entry.name)
-                break
+                why_not = self._evict(ctl.sleep_policy.plan_room(snap, entry.name))
             except policy.NoRoom as err:
-                if ctl.clock() >= deadline or not entry.waiters or \
-                        not policy.could_fit(snap, entry.name):
+                if not policy.could_fit(snap, entry.name):
                     return refused(str(err))
+                why_not = str(err)
+            if why_not is None:
+                return done()
+            if ctl.clock() >= deadline or not entry.waiters:
+                return refused(why_not)
             gevent.sleep(self.NOT_READY_POLL)
+
+    def _evict(self, actions) -> Optional[str]:
+        """Sleep each planned model; why one could not, or None."""
         for action in actions:
-            victim = ctl.entries[action.model]
+            victim = self.ctl.entries[action.model]
             result = self.sleep(victim, action.level, manual=False, reason=action.reason)
             if not result.ok:
-                return refused(f"could not make room ({victim.name}: {result.message})")
-        return done()
+                return f"could not make room ({victim.name}: {result.message})"
+        return None
 
     def wake(self, entry: ModelEntry, reason: str) -> Result:
         """Wake a sleeping model or start a stopped one, then warm it up."""

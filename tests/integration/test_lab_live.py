@@ -18,11 +18,11 @@ from tests.helpers import (
 MODELS = ["lab/a", "lab/b", "lab/c", "lab/d"]
 
 
-def _kvrouter(*args, timeout=300):
+def _kvrouter(*args, timeout=300, both=False):
     r = subprocess.run([PY, "-m", "kvrouter", *args], capture_output=True, text=True,
                        timeout=timeout)
     assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
+    return r.stdout + r.stderr if both else r.stdout
 
 
 def _replay_live(cfg, rp, trace, slo, tmp_path):
@@ -31,12 +31,14 @@ def _replay_live(cfg, rp, trace, slo, tmp_path):
     base = f"http://127.0.0.1:{rp}"
     (tmp_path / "run").mkdir()
     with supervised_stack(cfg, base, folder=str(tmp_path / "run")):
-        _kvrouter("bench", "trace", str(trace), "--base-url", base + "/v1",
+        out = _kvrouter("bench", "trace", str(trace), "--base-url", base + "/v1",
                   "--slo-ttft-ms", f"{slo['slo_ttft'] * 1000:.3f}",
                   "--slo-tpot-ms", f"{slo['slo_tpot'] * 1000:.3f}",
-                  "--output", str(tmp_path / "live.json"), timeout=400)
+                  "--output", str(tmp_path / "live.json"), timeout=400, both=True)
         status = get_json(base + "/model/sleep/status")[1]["models"]
-    return json.loads((tmp_path / "live.json").read_text()), status
+    live = json.loads((tmp_path / "live.json").read_text())
+    live["output"] = out
+    return live, status
 
 
 # lru sleeps after the configured 3 s; adaptive and slo learn from the traffic (gaps,
@@ -86,7 +88,7 @@ def test_live_replay_and_simulation_agree(tmp_path, policy, idle, budget):
               for m in MODELS}
     print(f"{policy}: attainment live/sim {report}; wakes live {live_wakes}, sim "
           f"{sim['wakes']}")
-    assert live["total"]["completed"] == len(rows)
+    assert live["total"]["completed"] == len(rows), (live["total"], live["output"][-2000:])
     for m, (a_live, a_sim) in report.items():
         assert abs(a_live - a_sim) <= 0.05, (m, report)
     # under a budget the learning policies' wakes differ by 3 or 4 of about 30 (10-13%):
@@ -134,6 +136,6 @@ def test_live_replay_and_simulation_agree_with_elastic_replicas(tmp_path):
     live_wakes = sum(m["wakes"] for m in status.values())
     print(f"replicas: attainment live {a_live:.3f} sim {slo['attainment']:.3f}; wakes live "
           f"{live_wakes} sim {sim['wakes']}; per engine sim {sim['per_engine']}")
-    assert live["total"]["completed"] == len(rows)
+    assert live["total"]["completed"] == len(rows), (live["total"], live["output"][-2000:])
     assert set(status) == {"rep-1", "rep-2", "rep-3"}
     assert abs(a_live - slo["attainment"]) <= 0.05

@@ -226,6 +226,31 @@ def test_a_wake_that_needs_room_waits_for_a_busy_model_to_go_idle():
     assert b.state is State.READY and ctl.entries["m/a"].state is State.SLEEPING
 
 
+def test_a_model_chosen_to_make_room_that_turns_busy_sends_the_wake_to_another():
+    """A request for the model chosen to be evicted arrives as it starts draining: its
+    sleep is cancelled and the wake evicts another idle model instead of failing (503)."""
+    ctl, _, traffic = make(extra_sleep=', gpu_memory_gb: {"0": 25}, room_wait_seconds: 5',
+                           instances=[(n, f"m/{n}", ", weights_gb: 10") for n in "abc"])
+    a, c = ctl.entries["m/a"], ctl.entries["m/c"]
+    ctl.sleep(c)
+    for name in ("m/a", "m/b"):        # a request each: a is least recently used
+        traffic.end(traffic.start(name), "success")
+        gevent.sleep(0.001)
+    sleep, tries = ctl.transitions.sleep, []
+
+    def a_request_arrives_as_a_drains(victim, *args, **kw):
+        tries.append(victim.name)
+        if victim is a:                # a request for m/a waits: its sleep is cancelled
+            a.waiters += 1
+            gevent.spawn_later(1, setattr, a, "waiters", 0)   # ... until it is served
+        return sleep(victim, *args, **kw)
+    ctl.transitions.sleep = a_request_arrives_as_a_drains
+    ctl.ensure_ready(c)
+    states = {n: e.state.value for n, e in ctl.entries.items()}
+    assert states == {"m/a": "ready", "m/b": "sleeping", "m/c": "ready"}
+    assert tries == ["m/a", "m/b"], tries
+
+
 def test_wake_that_hangs_is_abandoned_marked_failed_and_restarted():
     ctl, proc, _ = make(extra_sleep=", wake_timeout_seconds: 0.3")
     e = ctl.entries["m/a"]
