@@ -57,7 +57,7 @@ def _stream(base: str, model: str, prompt: str, max_tokens: int,
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "temperature": 0, "ignore_eos": True, "stream_options": {"include_usage": True}}
     started = time.monotonic()
-    tokens = prompt_tokens = 0
+    tokens = texts = prompt_tokens = 0
     try:
         with requests.post(f"{base}/v1/completions", json=body, stream=True,
                            timeout=timeout) as r:
@@ -69,11 +69,14 @@ def _stream(base: str, model: str, prompt: str, max_tokens: int,
                     continue
                 doc = json.loads(line[6:])
                 if doc.get("choices") and doc["choices"][0].get("text"):
-                    tokens += 1
+                    texts += 1
                 usage = doc.get("usage") or {}
                 prompt_tokens = usage.get("prompt_tokens") or prompt_tokens
+                tokens = usage.get("completion_tokens") or tokens
     except requests.RequestException as err:
         raise KvrouterError(f"{base}: {err}") from None
+    # the engine's count (a token that ends inside a character streams no text of its own)
+    tokens = tokens or texts
     if not tokens:
         raise KvrouterError(f"{base}/v1/completions streamed no token")
     return time.monotonic() - started, tokens, prompt_tokens

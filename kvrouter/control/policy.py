@@ -114,10 +114,12 @@ def _free(over: Dict[str, float], m: ModelView) -> None:
 
 def over_budget(snap: Snapshot, leaving: Set[str]) -> List[Action]:
     """Sleeps that bring every GPU within its budget: idle models, least recently used
-    first (on a tie, the later in the config first, as the lab places them)."""
+    first (on a tie, the later in the config first, as the lab places them). A model
+    draining is on its way to sleep: its memory counts as freed (else the next tick, while
+    its sleep still runs, would sleep another)."""
     if not snap.gpu_budget_gb:
         return []
-    staying = [m for m in snap.models if m.name not in leaving]
+    staying = [m for m in snap.models if m.name not in leaving and m.state is not State.DRAINING]
     used = gpu_usage(staying)
     over = {g: used.get(g, 0.0) - b for g, b in snap.gpu_budget_gb.items()
             if used.get(g, 0.0) - b > 1e-9}
