@@ -3,6 +3,7 @@
 attainment within 5 points and on the number of wakes within 10%."""
 import json
 import subprocess
+import uuid
 
 import pytest
 
@@ -44,14 +45,21 @@ def _replay_live(cfg, rp, trace, slo, tmp_path):
 # lru sleeps after the configured 3 s; adaptive and slo learn from the traffic (gaps,
 # arrival clumps, wake times) live as they do simulated, within the configured 6 s at most.
 # With a GPU budget three of the four models fit at once: waking the fourth evicts one, the
-# path that the lab's claims under memory pressure rest on.
+# path that the lab's claims under memory pressure rest on. With kvcached pools ("kv") each
+# engine's KV pool is steered by the router and counts what it holds (at least its floor):
+# 14 GB of weights each, 52 GB: three fit with their pools, the fourth evicts.
 @pytest.mark.parametrize("policy,idle,budget", [
     ("lru", 3, None), ("adaptive", 6, None),
-    ("lru", 3, 60), ("adaptive", 6, 60), ("slo", 6, 60)])
+    ("lru", 3, 60), ("adaptive", 6, 60), ("slo", 6, 60), ("slo", 6, "kv")])
 def test_live_replay_and_simulation_agree(tmp_path, policy, idle, budget):
     rp = free_port()
+    per = "    weights_gb: 16\n"
+    if budget == "kv":
+        budget, tag = 52, uuid.uuid4().hex[:8]
+        per = "    weights_gb: 14\n    kv_cache_gb: 6\n    gpus: 0\n" \
+              f"    kvcached_env: [ENABLE_KVCACHED=true, KVCACHED_IPC_NAME=kvr_lab_{tag}_NAME]\n"
     engines = "".join(
-        instance_yaml(f"m{i}", m, free_port(), "vllm", "    weights_gb: 16\n",
+        instance_yaml(f"m{i}", m, free_port(), "vllm", per.replace("NAME", str(i)),
                       sim="ttft_ms: 30, itl_ms: 10, startup_seconds: 0")
         for i, m in enumerate(MODELS))
     cfg = (f"router: {{router_host: 127.0.0.1, router_port: {rp}, access_log: false}}\n"
