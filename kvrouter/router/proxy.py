@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from collections import OrderedDict
@@ -33,6 +32,7 @@ from kvrouter.http import multipart
 from kvrouter.http.body import StreamBody
 from kvrouter.http.client import UpstreamError, UpstreamPool, UpstreamTimeout
 from kvrouter.http.messages import ClientGone, Request, Response, StreamResponse
+from kvrouter.router import request_id
 from kvrouter.router.auth import require_client_key
 from kvrouter.router.errors import (
     anthropic_path,
@@ -192,7 +192,7 @@ class Proxy:
              target: Optional[str] = None, key: RouteKey = EMPTY,
              pinned: Optional[ModelEntry] = None):
         """``pinned``: the one replica that may serve it (a response id's)."""
-        rid = req.headers.get("x-request-id") or os.urandom(16).hex()
+        rid = req.headers.get("x-request-id") or request_id.new()
         entries = group.entries
         if pinned is not None or len(entries) == 1:
             entry = pinned or entries[0]

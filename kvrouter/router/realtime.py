@@ -7,7 +7,6 @@ where no frame of the other's is half sent, then both connections close."""
 from __future__ import annotations
 
 import logging
-import os
 from typing import Callable, Optional
 from urllib.parse import parse_qsl, urlencode
 
@@ -18,6 +17,7 @@ from kvrouter.errors import ApiError, BadRequest, ServiceUnavailable
 from kvrouter.http.client import UpstreamError, UpstreamPool
 from kvrouter.http.messages import Request, Response, Upgraded
 from kvrouter.http.websocket import FrameCursor, close_frame, is_upgrade
+from kvrouter.router import request_id
 from kvrouter.router.auth import require_client_key
 from kvrouter.router.errors import error_response, normalize_error_body
 
@@ -136,7 +136,7 @@ class RealtimeRoute:
         except ApiError as err:
             p.traffic.unrouted += 1
             return error_response(err)
-        rid = req.headers.get("x-request-id") or os.urandom(16).hex()
+        rid = req.headers.get("x-request-id") or request_id.new()
         entry = group.entries[0] if len(group.entries) == 1 else \
             p.chooser.pick(group) or p.chooser.waiting_on(group)
         rec = p.traffic.start(entry.name)

@@ -28,10 +28,61 @@ def test_plain_lines_elsewhere():
 
 def test_access_lines_look_like_the_other_lines_and_carry_the_journal_priority():
     buf = io.StringIO()
-    logs.AccessLog(buf).write("POST /v1/completions model=m status=200")
+    access = logs.AccessLog(buf)
+    access.write("POST /v1/completions model=m status=200")
+    access.flush()
     line = buf.getvalue()
     assert line.endswith(" INFO kvrouter.access: POST /v1/completions model=m status=200\n")
     assert line[:4].isdigit() and line[4] == "-"          # a timestamp as logging writes it
     buf = io.StringIO()
-    logs.AccessLog(buf, journal=True).write("GET /x")
+    access = logs.AccessLog(buf, journal=True)
+    access.write("GET /x")
+    access.flush()
     assert buf.getvalue() == "<6>INFO kvrouter.access: GET /x\n"
+
+
+class Counting(io.StringIO):
+    """A stream like an unbuffered stdout (PYTHONUNBUFFERED=1): each write a syscall."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text):
+        self.writes += 1
+        return super().write(text)
+
+
+def test_access_lines_are_written_in_batches_not_one_write_each():
+    out = Counting()
+    access = logs.AccessLog(out)
+    for i in range(40):
+        access.write(f"POST /v1/completions model=m status=200 rid={i}")
+    assert out.writes == 0 and out.getvalue() == ""    # gathered: under 8 KB
+    access.flush()
+    assert out.writes == 1 and out.getvalue().count("\n") == 40
+    for i in range(400):                                # by size: about 45 lines a write
+        access.write(f"POST /v1/completions model=m status=200 rid={i:032d}")
+    assert 4 <= out.writes - 1 <= 12, out.writes
+    access.flush()
+    assert out.getvalue().count("\n") == 440
+
+
+def test_another_log_line_writes_the_access_lines_before_it(monkeypatch):
+    out = Counting()
+    monkeypatch.setattr(logs.ACCESS, "stream", out)
+    monkeypatch.setattr(logs.ACCESS, "journal", False)
+    handler = logs.OrderedHandler(out)
+    handler.setFormatter(logging.Formatter(logs.FORMAT))
+    log = logging.getLogger("kvrouter.test.order")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        logs.ACCESS.write("GET /first")
+        log.warning("then this")
+        logs.ACCESS.write("GET /second")
+        logs.ACCESS.flush()
+    finally:
+        log.removeHandler(handler)
+    text = out.getvalue()
+    assert text.index("GET /first") < text.index("then this") < text.index("GET /second")
