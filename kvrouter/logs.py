@@ -6,6 +6,7 @@ its syslog priority, ``<3>`` for an error ... ``<7>`` for debug, so that
 ``SyslogLevelPrefix=yes``, systemd's default)."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -95,6 +96,8 @@ def setup(level: str, environ: Optional[Mapping[str, str]] = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     ACCESS.stream, ACCESS.journal = None, journal
+    atexit.unregister(ACCESS.flush)
+    atexit.register(ACCESS.flush)   # the lines of requests that ended while shutting down
 
 
 def flushed(fn: Callable[[], object]) -> Callable[[], None]:

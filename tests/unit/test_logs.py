@@ -86,3 +86,16 @@ def test_another_log_line_writes_the_access_lines_before_it(monkeypatch):
         log.removeHandler(handler)
     text = out.getvalue()
     assert text.index("GET /first") < text.index("then this") < text.index("GET /second")
+
+
+def test_access_lines_gathered_at_exit_are_written_out():
+    """A request that ends while the router shuts down still gets its line."""
+    import subprocess
+    import sys
+
+    code = ("from kvrouter import logs; import sys; logs.setup('info', {}); "
+            "logs.ACCESS.write('GET /last-line'); sys.exit(0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"}, timeout=30,
+                         cwd=__file__.rsplit("/tests/", 1)[0])
+    assert out.returncode == 0 and out.stdout.endswith("INFO kvrouter.access: GET /last-line\n")
