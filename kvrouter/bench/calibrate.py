@@ -168,12 +168,27 @@ def sleep_wake(base: str, model: str, dialect: str, timeout: float) -> Tuple[flo
     return slept, time.monotonic() - started
 
 
+def _awake(base: str, timeout: float) -> None:
+    """Refuse an engine that is asleep (vLLM holds requests to a sleeping engine until it
+    wakes: calibrate would wait out its timeout), saying what to do."""
+    try:
+        r = requests.get(base + "/is_sleeping", timeout=min(timeout, 10))
+        asleep = r.ok and bool(r.json().get("is_sleeping"))
+    except (requests.RequestException, ValueError, AttributeError):
+        return   # no such route (SGLang, or vLLM without VLLM_SERVER_DEV_MODE)
+    if asleep:
+        raise KvrouterError(f"{base}: the engine is asleep; wake it first (a request through "
+                            "the router, or POST /wake_up), and keep the router from "
+                            "putting it back to sleep while calibrating (pin it)")
+
+
 def measure(base: str, model: str, dialect: str = "vllm", rounds: int = 5, short: int = 16,
             long: int = 1024, tokens: int = 64, concurrency: int = 4,
             with_sleep: bool = False, timeout: float = 120.0) -> dict:
     base = base.rstrip("/")
     if base.endswith("/v1"):
         base = base[:-3]
+    _awake(base, timeout)
     for _ in range(2):   # the first requests pay for compilation and warm caches
         _stream(base, model, _prompt(4), 2, timeout)
     ttft_ms, per_token = prefill(base, model, rounds, short, long, timeout)

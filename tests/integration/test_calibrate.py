@@ -64,3 +64,17 @@ def test_calibrate_measures_the_engine_and_the_lab_replays_with_it(tmp_path):
     bad.write_text("profiles: {other/m: {itl_ms: 3}}\n")
     r = _kvrouter("simulate", str(cfg), "--trace", str(trace), "--timing", str(bad))
     assert r.returncode == 2 and "lacks: other/m" in r.stderr
+
+
+def test_calibrate_refuses_an_engine_that_is_asleep_and_says_what_to_do(tmp_path):
+    import requests
+
+    engine = SimEngine("vllm", "cal/asleep", args=["--enable-sleep-mode"])
+    try:
+        assert requests.post(engine.base + "/sleep?level=1", timeout=10).ok
+        r = _kvrouter("bench", "calibrate", "--engine-url", engine.base, "--model",
+                      "cal/asleep", "--out", str(tmp_path / "p.yaml"))
+    finally:
+        engine.stop()
+    assert r.returncode != 0 and "the engine is asleep; wake it first" in r.stderr, r.stderr
+    assert not (tmp_path / "p.yaml").exists()
