@@ -238,18 +238,25 @@ def test_manual_sleep_and_request_held_across_wake(real):
     assert st["models"][model]["state"] == "ready" and st["models"][model]["wakes"] >= 1
 
 
-def test_automatic_sleep(real):
-    """Lower the idle threshold in the config and restart only the router: it adopts the
-    running engines (no sleep or wake sent), then sleeps the idle, unpinned one."""
+def _restart_router_with(real, old, new):
+    """The engine tier's config with ``old`` replaced by ``new``; only the router restarted
+    (it adopts the running engines)."""
     cfg = os.path.join(real["tmp"], "kvrouter.yaml")
     with open(cfg) as fh:
         text = fh.read()
+    assert old in text, (old, text)
     with open(cfg, "w") as fh:
-        fh.write(text.replace("idle_threshold_seconds: 600", "idle_threshold_seconds: 2"))
+        fh.write(text.replace(old, new))
     real["sup"].stop("kvrouter")
     real["sup"].start("kvrouter")
     wait_until(lambda: get_json(real["base"] + "/health", timeout=2)[0] == 200, 30,
                what="router back")
+
+
+def test_automatic_sleep(real):
+    """Lower the idle threshold in the config and restart only the router: it adopts the
+    running engines (no sleep or wake sent), then sleeps the idle, unpinned one."""
+    _restart_router_with(real, "idle_threshold_seconds: 600}", "idle_threshold_seconds: 2}")
     model = real["models"]["tiny-b"]
     wait_until(lambda: get_json(real["base"] + "/sleep/status")[1]["models"][model]["state"]
                == "sleeping", 60, interval=0.5, what="automatic sleep of tiny-b")
@@ -310,15 +317,10 @@ def test_lab_replay_with_calibrated_profiles_agrees_with_a_live_replay(real, tmp
 
     # earlier tests lowered tiny-b's idle threshold to 2 s: back to 600 (the router restarted
     # with it, as test_automatic_sleep does), and tiny-b woken by a request through the router
-    cfg = os.path.join(real["tmp"], "kvrouter.yaml")
-    with open(cfg) as fh:
-        text = fh.read()
-    with open(cfg, "w") as fh:
-        fh.write(text.replace("idle_threshold_seconds: 2}", "idle_threshold_seconds: 600}"))
-    real["sup"].stop("kvrouter")
-    real["sup"].start("kvrouter")
-    wait_until(lambda: get_json(real["base"] + "/health", timeout=2)[0] == 200, 30,
-               what="router back")
+    with open(os.path.join(real["tmp"], "kvrouter.yaml")) as fh:
+        lowered = "idle_threshold_seconds: 2}" in fh.read()
+    if lowered:
+        _restart_router_with(real, "idle_threshold_seconds: 2}", "idle_threshold_seconds: 600}")
     for model in real["engines"]:
         router_client(real).completions.create(model=model, prompt="awake", max_tokens=1)
     profiles = {}
