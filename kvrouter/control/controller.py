@@ -367,10 +367,15 @@ class Controller:
                 kv_wanted_gb=self.kv.wanted_gb.get(e.name, 0.0),
                 group=e.model if inst.replica_of > 1 else "",
                 min_ready=inst.min_ready if inst.min_ready is not None else
-                self.cfg.routing.min_ready))
-        recent, waited = self.traffic.wakes.totals(now) if self.traffic is not None else (0, 0)
+                self.cfg.routing.min_ready,
+                requests=t.arrived if t is not None else 0,
+                idle_arrivals=t.idle_arrivals if t is not None else 0,
+                ttft_slo=inst.ttft_slo_seconds,
+                ttfts=self.traffic.served_ttfts(e.name) if self.traffic is not None else ()))
+        recent, waited, late = self.traffic.wakes.totals(now) if self.traffic is not None \
+            else (0, 0, 0)
         return policy.Snapshot(tuple(views), sm.auto_sleep_enabled, dict(sm.gpu_memory_gb),
-                               recent, waited)
+                               recent, waited, late)
 
     def tick(self) -> List[policy.Action]:
         """Apply the policy once (the policy loop calls this every check interval)."""

@@ -32,6 +32,7 @@ A policy name may carry its parameter: ``lru:30`` and ``ttl:30`` (idle threshold
 """
 from __future__ import annotations
 
+import bisect
 import math
 from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
@@ -186,23 +187,38 @@ def misses_per_wake(m: ModelView) -> float:
     return 1.0 / (1.0 - min(p, 0.95))
 
 
+def late_share(m: ModelView, served: Sequence[float], wait: float) -> float:
+    """The chance that a request of ``m`` that waits ``wait`` seconds for a wake misses its
+    TTFT SLO: the share of its recent TTFTs as served (``served``, sorted) that the wait
+    would push past the SLO, with one more on each side (Laplace: a few samples on time do
+    not make a wake free). No SLO, or a wait longer than it: 1."""
+    slo = m.ttft_slo
+    if slo is None or wait > slo:
+        return 1.0
+    over = len(served) - bisect.bisect_right(served, slo - wait)
+    return (over + 1.0) / (len(served) + 2.0)
+
+
 def late_per_wake(m: ModelView) -> float:
     """Requests a wake makes late, counted on the model's recent arrivals: the one that
     starts it, and on average as many as followed an arrival within the wake time (clumped
-    arrivals count as clumped, Poisson ones as rate x wake time)."""
+    arrivals count as clumped, Poisson ones as rate x wake time). With a TTFT SLO each
+    counts as the chance that what is left of the wake pushes it past the SLO."""
+    served = sorted(m.ttfts) if m.ttft_slo is not None else ()
+    w = m.wake_seconds
+    first = late_share(m, served, w)
     gaps = m.arrival_gaps
     if not gaps:
-        return 1.0
-    w = m.wake_seconds
-    follow = 0
+        return first
+    follow = 0.0
     for i in range(len(gaps)):
         t = 0.0
         for g in gaps[i:]:
             t += g
             if t > w:
                 break
-            follow += 1
-    return 1.0 + follow / len(gaps)
+            follow += late_share(m, served, w - t)
+    return first + follow / len(gaps)
 
 
 class Adaptive(Policy):
@@ -294,7 +310,9 @@ class Adaptive(Policy):
 class Slo(Adaptive):
     """Sleep as much as an attainment target allows, and no more.
 
-    A late request is one that waits for a wake. The share of requests that may be late is
+    A late request is one that waits for a wake and, where the model states its TTFT SLO
+    (``ttft_slo_ms``), misses it for that wait (a wake shorter than the SLO's slack makes
+    few requests late, so such a model sleeps sooner). The share of requests that may be late is
     ``WAKE_SHARE`` of the target's error budget (1 - target); the rest is left for what sleep
     does not cause (queues, long prompts). For each model, a threshold T costs memory while
     it idles up to T in each of its recent idle gaps, and makes late the requests that end a
@@ -371,14 +389,14 @@ class Slo(Adaptive):
     def _plan(self, snap: Snapshot) -> None:
         learned = [m for m in snap.models if m.requests]
         total = sum(m.requests for m in snap.models)
-        key = (snap.recent_requests // 50, snap.recent_wake_waits,
+        key = (snap.recent_requests // 50, snap.recent_late_waits,
                tuple((m.name, len(m.gaps), m.gaps[-1:], m.idle_arrivals // 20) for m in learned))
         if key == self._plan_key:
             return
         self._plan_key = key
         if total >= self._corrected_at + 1 / self.budget:   # once per 1/budget requests
             self._corrected_at = total
-            measured = (snap.recent_wake_waits + 1) / (snap.recent_requests + 1 / self.budget)
+            measured = (snap.recent_late_waits + 1) / (snap.recent_requests + 1 / self.budget)
             self._correction = min(1.0, max(0.02, self._correction * math.sqrt(
                 self.budget / measured)))
         budget = self.budget * self._correction * total

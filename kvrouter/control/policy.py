@@ -40,6 +40,8 @@ class ModelView:
     min_ready: int = 1          # replicas of that model kept awake while it has traffic
     requests: int = 0           # requests it has had (since the router started)
     idle_arrivals: int = 0      # of them, those that found it idle (each ended an idle gap)
+    ttft_slo: Optional[float] = None   # seconds a request may take to its first token
+    ttfts: Tuple[float, ...] = ()      # its recent TTFTs as served (no wait for a wake)
 
     @property
     def footprint_gb(self) -> float:
@@ -53,6 +55,7 @@ class Snapshot:
     gpu_budget_gb: Dict[str, float]
     recent_requests: int = 0      # requests ended lately (traffic.WAKE_WINDOW), all models
     recent_wake_waits: int = 0    # of them, those that waited for a wake or a start
+    recent_late_waits: int = 0    # of those, the ones past their model's TTFT SLO (none: all)
 
 
 @dataclass(frozen=True)

@@ -158,6 +158,10 @@ TRAIN = {
                                   cv=3.0, seed=203),
     "train-off-600": _generated("train-off-600", "on 60 s / off 600 s", off_seconds=600.0,
                                 rate=10.0, seed=204),
+    # long prompts (retrieval, code): the TTFT SLO leaves room for a wake
+    "train-long-prompts": _generated("train-long-prompts", "prompts of ~2000 tokens, CV 2",
+                                     prompt_tokens=2000, output_tokens=200, rate=8.0,
+                                     seed=205),
 }
 TEST = {
     "cv1": _generated("cv1", "Poisson arrivals (CV 1)", cv=1.0, seed=101),

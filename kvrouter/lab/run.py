@@ -35,6 +35,15 @@ def slos_for(cfg: Config, rows: Sequence[dict], ttft_scale: float = outcome.TTFT
     return outcome.slos(timings, named, ttft_scale, tpot_scale)
 
 
+def stating_slos(cfg: Config, slo: Dict[str, outcome.Slo]) -> Config:
+    """``cfg`` with each engine stating the TTFT SLO it is judged by (``ttft_slo_ms``),
+    where it states none: what an operator who knows the SLO writes in the config."""
+    return dataclasses.replace(cfg, instances=tuple(
+        i if i.ttft_slo_seconds is not None or i.model not in slo
+        else dataclasses.replace(i, ttft_slo_seconds=slo[i.model].ttft)
+        for i in cfg.instances))
+
+
 def timings_from(cfg: Config, profiles: Dict[str, dict], where: str) -> Dict[str, Timing]:
     """Each engine's timing with its model's profile (by model or route name) laid over."""
     out: Dict[str, Timing] = {}

@@ -50,10 +50,11 @@ def _job(args) -> tuple:
     trace_name, policy = args
     case = _case(trace_name)
     slo = lab.slos_for(case.cfg, case.rows)
+    cfg = lab.stating_slos(case.cfg, slo)
     started = time.monotonic()
     try:
-        summary = lab.run(case.cfg, policy, case.rows, slo, timings=case.timings)[1]
-        curve = lab.max_rate(case.cfg, policy, case.rows, slo, scales=SCALES, refine=3,
+        summary = lab.run(cfg, policy, case.rows, slo, timings=case.timings)[1]
+        curve = lab.max_rate(cfg, policy, case.rows, slo, scales=SCALES, refine=3,
                              timings=case.timings, whole=True)
     except ValueError as err:   # static: the weights do not fit an even split
         return trace_name, policy, {"error": str(err)}

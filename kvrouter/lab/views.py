@@ -45,6 +45,8 @@ def snapshot(world: "World") -> Snapshot:
             group=inst.model if replica else "",
             min_ready=inst.min_ready if inst.min_ready is not None else
             world.cfg.routing.min_ready, requests=e.requests,
-            idle_arrivals=e.idle_arrivals))
-    recent, waited = world.wake_window.totals(now)
-    return Snapshot(tuple(views), world.sm.auto_sleep_enabled, world.budget, recent, waited)
+            idle_arrivals=e.idle_arrivals, ttft_slo=inst.ttft_slo_seconds,
+            ttfts=tuple(e.ttfts)))
+    recent, waited, late = world.wake_window.totals(now)
+    return Snapshot(tuple(views), world.sm.auto_sleep_enabled, world.budget, recent, waited,
+                    late)

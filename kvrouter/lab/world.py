@@ -94,6 +94,7 @@ class Engine:
         self.room_since = 0.0          # when its wake began to wait for room
         self.requests = 0              # arrivals, and those that found it idle
         self.idle_arrivals = 0
+        self.ttfts: Deque[float] = deque(maxlen=GAPS)   # served TTFTs (no wait)
         self.wakes = 0
         self.starts = 0
         self.sleeps = 0
@@ -298,7 +299,12 @@ class World:
         e = r.engine
         assert e is not None
         r.ok = True
-        self.wake_window.add(self.now, r.cause in ("wake", "cold start"))
+        ttft = (r.first or self.now) - r.t
+        waited = r.cause in ("wake", "cold start")
+        slo = e.inst.ttft_slo_seconds
+        self.wake_window.add(self.now, waited, waited and (slo is None or ttft > slo))
+        if not waited:
+            e.ttfts.append(ttft)
         e.running -= 1
         e.tokens -= r.need
         e.in_flight -= 1

@@ -92,6 +92,7 @@ class RouterContext:
             self.metrics.add_model(name)
         for name in report["removed"]:
             self.traffic.remove_model(name)
+        self.traffic.set_slos(cfg)
         self.routes.rebuild(self.controller.entries.values(), cfg.routing)
         self.proxy.configure(cfg)
         old, self.cfg = self.cfg, cfg

@@ -476,6 +476,9 @@ def test_the_configured_policy_decides_and_a_reload_switches_it():
     view = ctl.snapshot().models[0]
     assert len(view.gaps) == 2 and len(view.arrival_gaps) == 2 and view.wake_seconds > 0
     assert ctl.snapshot().recent_requests == 3
+    # and what the slo policy weighs them by (live, it once saw no request and kept the
+    # configured threshold: only the lab's snapshot counted them)
+    assert (view.requests, view.idle_arrivals) == (3, 2)
     sm = dataclasses.replace(ctl.cfg.sleep_manager, policy="seed")
     ctl.cfg = dataclasses.replace(ctl.cfg, sleep_manager=sm)
     assert ctl.sleep_policy.name == "seed" and ctl.tick() == []   # 300 s idle: not yet
@@ -514,3 +517,13 @@ def test_gpu_bars_show_measured_pools_and_declared_figures_labelled():
     finally:
         if os.path.exists(path):
             os.remove(path)
+
+
+def test_the_snapshot_carries_the_ttft_slo_and_the_ttfts_served():
+    ctl, _, traffic = make(extra_sleep=", ttft_slo_ms: 800")
+    rec = traffic.start("m/a")
+    rec.stream = True
+    rec.first_byte = rec.start + 0.05
+    traffic.end(rec, "success", now=rec.start + 0.2)
+    view = ctl.snapshot().models[0]
+    assert view.ttft_slo == 0.8 and view.ttfts == (pytest.approx(0.05),)

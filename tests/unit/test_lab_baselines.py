@@ -3,8 +3,8 @@ policies' parameters, timing profiles, and the slo policy's budget."""
 import pytest
 
 from kvrouter.control import policies
+from kvrouter.lab import outcome, sizing
 from kvrouter.lab import run as lab
-from kvrouter.lab import sizing
 from kvrouter.lab.heldout import deployment, diurnal, slower
 from tests.unit.test_lab import config, req
 from tests.unit.test_policy import snap, view
@@ -105,3 +105,40 @@ def test_diurnal_keeps_every_request_and_moves_them_to_the_peak():
     assert len(out) == 1000
     first_half = sum(1 for r in out if r["time"] < 500)
     assert first_half > 700          # the rate peaks in the first half of the period
+
+
+def test_a_wake_within_the_ttft_slo_makes_few_requests_late_so_slo_sleeps_sooner():
+    from kvrouter.control.policies import late_per_wake
+
+    gaps = tuple([1.0] * 48 + [100.0] * 16)
+    base = view("m", idle=0.0, gaps=gaps, wake=0.5, arrival_gaps=(0.2,) * 31, threshold=300,
+                weights=16, kv=4)
+    base = base.__class__(**{**base.__dict__, "requests": 640, "idle_arrivals": 64,
+                             "ttfts": (0.1,) * 62})
+    unstated = late_per_wake(base)
+    assert unstated == pytest.approx(1 + 2, rel=0.02)   # the first, two within the wake
+    roomy = base.__class__(**{**base.__dict__, "ttft_slo": 2.0})
+    # each on time: 1 in 64 (62 samples on time, plus one each way) for what it is worth
+    assert late_per_wake(roomy) == pytest.approx(unstated / 64)
+    tight = base.__class__(**{**base.__dict__, "ttft_slo": 0.45})
+    # the first waits 0.5 s (> 0.45): late; one arriving 0.2 s in waits 0.3 + 0.1: on time
+    assert 1 < late_per_wake(tight) < unstated
+    thresholds = []
+    for m in (base, roomy):
+        p = policies.get("slo:0.99")
+        p.decide(snap(m))
+        thresholds.append(p.threshold(m))
+    # with every wait late it stays awake through the pauses; with a wake that fits the
+    # SLO it sleeps in them (after at least 1 s and its wake time)
+    assert thresholds[0] >= 100 and 1.0 <= thresholds[1] < 100
+
+
+def test_the_lab_counts_a_wait_late_only_past_the_stated_slo(tmp_path):
+    cfg = config(tmp_path)
+    rows = [req(0.0), req(30.0)]            # the second wakes the model (idle 5 s)
+    slo = lab.slos_for(cfg, rows)
+    unstated, _ = lab.run(cfg, "lru", rows, slo)
+    assert unstated.wake_window.totals(31.0)[1:] == (1, 1)
+    roomy = {m: outcome.Slo(60.0, s.tpot) for m, s in slo.items()}
+    stated, _ = lab.run(lab.stating_slos(cfg, roomy), "lru", rows, slo)
+    assert stated.wake_window.totals(31.0)[1:] == (1, 0)

@@ -112,3 +112,38 @@ def test_percentiles_over_window(mon):
     s = mon.stats("a", window=3600)
     assert s["response_time"]["p50"] == pytest.approx(0.51)
     assert s["response_time"]["p99"] == pytest.approx(1.0)
+
+
+def test_waits_for_a_wake_count_late_only_past_the_models_ttft_slo(mon):
+    mon.models["a"].ttft_slo = 0.5
+
+    def woken(model, wait, first_byte_after):
+        rec = mon.start(model)
+        mon.waited(rec, wait)
+        mon.clock_obj.t += first_byte_after
+        rec.first_byte = mon.clock_obj.t
+        mon.clock_obj.t += 0.1
+        mon.end(rec, "success")
+
+    woken("a", 0.2, 0.3)     # waited, first byte 0.3 s after arrival: within 0.5 s
+    woken("a", 0.6, 0.7)     # the wait alone broke the SLO
+    req(mon, "a", 0.1)       # no wait
+    woken("b", 0.2, 0.3)     # no SLO stated: every wait is late
+    assert mon.wakes.totals(mon.clock_obj.t) == (4, 3, 2)
+    # every request is counted as it starts, and those that ended an idle gap
+    assert (mon.models["a"].arrived, mon.models["a"].idle_arrivals) == (3, 2)
+
+
+def test_slos_come_from_the_config_and_a_reload(tmp_path):
+    from kvrouter.config import parse_config_text
+
+    def cfg(slo):
+        return parse_config_text(
+            f"sleep_manager: {{ttft_slo_ms: {slo}}}\ninstances:\n"
+            "  - {name: a, model: m/a, engine: vllm, engine_args: ['--port 9001']}\n"
+            "  - {name: b, model: m/b, engine: vllm, engine_args: ['--port 9002'],"
+            " sleep: {ttft_slo_ms: 2000}}\n", base_dir=str(tmp_path))
+    mon = TrafficMonitor.for_config(cfg(250))
+    assert (mon.models["m/a"].ttft_slo, mon.models["m/b"].ttft_slo) == (0.25, 2.0)
+    mon.set_slos(cfg(400))
+    assert mon.models["m/a"].ttft_slo == 0.4
