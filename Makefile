@@ -114,7 +114,7 @@ bench: install
 	@test -x .venv-peer/bin/vllm-router || ($(PYTHON) -m venv .venv-peer && \
 	    .venv-peer/bin/pip install -q vllm-router) || echo "vllm-router not installable: no peer"
 	VLLM_ROUTER=$$(test -x .venv-peer/bin/vllm-router && echo $(CURDIR)/.venv-peer/bin/vllm-router) \
-	    $(PY) -m kvrouter.bench.speed --seconds 5 --out bench-results/speed.json
+	    $(PY) -m kvrouter.bench.speed --seconds 4 --runs 3 --out bench-results/speed.json
 	$(PY) -m kvrouter.bench.cluster --out bench-results/cluster.json
 
 ## the KV arbiter vs a static equal split of one simulated GPU (about 2.5 minutes; prints)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 from kvrouter.bench.backends import FIXED, MODELS
 from kvrouter.bench.harness import (
@@ -153,45 +153,6 @@ def _has_aiohttp() -> bool:
     except ImportError:
         return False
     return True
-
-
-def ratio(rows: Dict[str, dict], a: str, b: str, key: str) -> Optional[float]:
-    if a in rows and b in rows and rows[b].get(key):
-        return rows[a][key] / rows[b][key]
-    return None
-
-
-def report(r: dict) -> List[str]:
-    lines: List[str] = []
-    for backend, rows in r["non_stream"].items():
-        lines += ["", f"non-streamed, {backend} backend      req/s     p50 ms   p99 ms   errors"]
-        for name, v in rows.items():
-            lines.append(f"  {name:<28} {v['rps']:>8.0f} {v['p50_ms'] or 0:>9.3f} "
-                         f"{v['p99_ms'] or 0:>8.3f} {v['errors']:>8}")
-        direct = rows.get("direct c=1", {}).get("p50_ms") or 0
-        for name in [n[:-4] for n in rows if n.endswith(" c=1") and n != "direct c=1"]:
-            lines.append(f"  {name} added p50 at c=1: "
-                         f"{(rows[name + ' c=1']['p50_ms'] or 0) - direct:.3f} ms")
-        for a, b in (("kvrouter", "aiohttp"), ("kvrouter", "vllm-router")) + tuple(
-                (n[:-5], peer) for n in rows if " workers c=32" in n
-                for peer in ("kvrouter", "vllm-router")):
-            x = ratio(rows, f"{a} c=32", f"{b} c=32", "rps")
-            if x is not None:
-                lines.append(f"  {a} / {b} at c=32: {x:.2f}x")
-    for kind, key in (("stream", "spaced, 100 events"), ("stream_burst", "bursty, 64 events")):
-        rows = r.get(kind) or {}
-        if not rows:
-            continue
-        lines += ["", f"streamed ({key})    events/s  streams/s  errors  TTFB p50 ms (c=1)"]
-        for name, v in rows.items():
-            lines.append(f"  {name:<24} {v['events_per_s']:>10.0f} {v['streams_per_s']:>10.0f} "
-                         f"{v['errors']:>7} {v['ttfb_c1_p50_ms'] or 0:>18.3f}")
-        for name in [n for n in rows if n != "direct"]:
-            for peer in ("vllm-router", "kvrouter"):
-                x = ratio(rows, name, peer, "streams_per_s")
-                if x is not None and name != peer:
-                    lines.append(f"  {name} / {peer} streams/s: {x:.2f}x")
-    return lines
 
 
 def main_rows(bench: Bench, seconds: float, load: Callable[..., dict]) -> dict:

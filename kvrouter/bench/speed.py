@@ -28,7 +28,7 @@ import time  # noqa: E402
 
 import gevent  # noqa: E402
 
-from kvrouter.bench import sidebyside, uploads  # noqa: E402
+from kvrouter.bench import sidebyside, sidebyside_report, uploads  # noqa: E402
 from kvrouter.bench.harness import (  # noqa: E402
     PY,
     Child,
@@ -171,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--out", default="bench-results/speed.json")
     ap.add_argument("--skip-aiohttp", action="store_true")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="side-by-side passes; figures are their medians (default 1)")
     ap.add_argument("--workers", type=int, default=0,
                     help="router processes of the multi-worker run (default: CPU cores)")
     args = ap.parse_args(argv)
@@ -183,7 +185,8 @@ def main(argv=None) -> int:
         print(note)
     try:
         bench.wait()
-        results.update(sidebyside.main_rows(bench, secs, load))
+        results.update(sidebyside_report.medians(
+            [sidebyside.main_rows(bench, secs, load) for _ in range(max(1, args.runs))]))
         router = bench.router
         peak = {"rss_mb": 0.0}
 
@@ -213,7 +216,7 @@ def main(argv=None) -> int:
 def report(r: dict) -> str:
     lines = [f"kvrouter speed ({r['machine']['cpus']} CPUs, load tool: {r['load_tool']})"]
     lines += [f"  ({note})" for note in r.get("notes", [])]
-    lines += sidebyside.report(r)
+    lines += sidebyside_report.report(r)
     s = r["streams_1000"]
     lines += ["", f"1,000 concurrent streams through kvrouter: {s['streams']} done, "
               f"{s['errors']} errors, router RSS idle {r['router_rss_idle_mb']:.0f} MB, "
