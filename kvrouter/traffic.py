@@ -88,9 +88,9 @@ def arrival_gaps(arrivals: Sequence[float]) -> Tuple[float, ...]:
 
 
 class WakeWindow:
-    """Requests ended, those of them that waited for a wake, and those that waited and
-    missed their model's TTFT SLO (``late``), per second over the last WAKE_WINDOW seconds
-    (all models): how much of the traffic sleep is costing."""
+    """Requests ended, those of them that waited for a wake, and those that waited and were
+    late for it (``late``: see ``TrafficMonitor.end``), per second over the last
+    WAKE_WINDOW seconds (all models): how much of the traffic sleep is costing."""
 
     __slots__ = ("stamp", "requests", "waited", "late")
 
@@ -147,6 +147,7 @@ class ModelTraffic:
         self.wait: Deque[Tuple[float, float]] = deque(maxlen=SAMPLES)
         self.wait_total = 0.0
         self.ttft_slo: Optional[float] = None   # seconds (sleep ttft_slo_ms), None: none
+        self.last_wake_seconds = 0.0   # what its last wake took (``woke``)
         self.arrived = 0               # requests started (``total`` counts those ended)
         self.idle_arrivals = 0         # of them, those that found it idle (ended a gap)
 
@@ -176,13 +177,16 @@ class RequestRecord:
         return self.first_byte - self.start - self.wait
 
 
-def _late(m: ModelTraffic, rec: RequestRecord, now: float) -> bool:
-    """Whether a request that waited for a wake missed its model's TTFT SLO (no SLO: it
-    did). Time to its first byte, the wait included; a request with no byte yet ends now."""
-    slo = m.ttft_slo
-    if slo is None:
+def late_for_wake(slo: Optional[float], wake: float, ttft: Optional[float],
+                  wait: float) -> bool:
+    """Whether a request that waited ``wait`` seconds for a wake that took ``wake`` counts
+    as late for it: always with no TTFT SLO (``slo`` None); with one, when the wake alone
+    outlasted the SLO (all its waiters count, as the slo policy predicts them), or the
+    request's TTFT (``ttft``, waits included; None when no token was seen: its wait)
+    passed it."""
+    if slo is None or wake > slo:
         return True
-    return (rec.first_byte if rec.first_byte is not None else now) - rec.start > slo
+    return (wait if ttft is None else ttft) > slo
 
 
 def traffic_keys(cfg) -> Tuple[List[str], Dict[str, str]]:
@@ -292,6 +296,12 @@ class TrafficMonitor:
         m.arrivals.append(rec.start)
         rec.model = m
 
+    def woke(self, model: str, seconds: float) -> None:
+        """The model's wake (or start) took ``seconds``: its waiters end after this."""
+        m = self.models.get(model)
+        if m is not None:
+            m.last_wake_seconds = seconds
+
     def waited(self, rec: RequestRecord, seconds: float) -> None:
         rec.wait += seconds
 
@@ -312,7 +322,12 @@ class TrafficMonitor:
         if rec.group is not None:
             self._account(rec.group, rec, outcome, prompt_tokens, completion_tokens, itl, now,
                           wall, latency)
-        self.wakes.add(now, rec.wait > 0, rec.wait > 0 and _late(m, rec, now))
+        if rec.wait > 0:
+            self.wakes.add(now, True, late_for_wake(
+                m.ttft_slo, m.last_wake_seconds, rec.first_byte - rec.start
+                if rec.stream and rec.first_byte is not None else None, rec.wait))
+        else:
+            self.wakes.add(now, False)
         if self.on_end is not None and not remote:
             self.on_end(m.name, outcome, rec, latency, prompt_tokens, completion_tokens, itl)
 

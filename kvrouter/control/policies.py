@@ -202,23 +202,24 @@ def late_share(m: ModelView, served: Sequence[float], wait: float) -> float:
 def late_per_wake(m: ModelView) -> float:
     """Requests a wake makes late, counted on the model's recent arrivals: the one that
     starts it, and on average as many as followed an arrival within the wake time (clumped
-    arrivals count as clumped, Poisson ones as rate x wake time). With a TTFT SLO each
-    counts as the chance that what is left of the wake pushes it past the SLO."""
+    arrivals count as clumped, Poisson ones as rate x wake time). With a TTFT SLO, times
+    the chance that the whole wake pushes the first request past it (those that follow
+    wait less, but arrive together at an engine just woken)."""
     served = sorted(m.ttfts) if m.ttft_slo is not None else ()
     w = m.wake_seconds
-    first = late_share(m, served, w)
+    share = late_share(m, served, w)
     gaps = m.arrival_gaps
     if not gaps:
-        return first
-    follow = 0.0
+        return share
+    follow = 0
     for i in range(len(gaps)):
         t = 0.0
         for g in gaps[i:]:
             t += g
             if t > w:
                 break
-            follow += late_share(m, served, w - t)
-    return first + follow / len(gaps)
+            follow += 1
+    return share * (1.0 + follow / len(gaps))
 
 
 class Adaptive(Policy):
@@ -312,7 +313,8 @@ class Slo(Adaptive):
 
     A late request is one that waits for a wake and, where the model states its TTFT SLO
     (``ttft_slo_ms``), misses it for that wait (a wake shorter than the SLO's slack makes
-    few requests late, so such a model sleeps sooner). The share of requests that may be late is
+    few requests late, so such a model sleeps sooner; a wake longer than the SLO makes all
+    its waiters late, as without one). The share of requests that may be late is
     ``WAKE_SHARE`` of the target's error budget (1 - target); the rest is left for what sleep
     does not cause (queues, long prompts). For each model, a threshold T costs memory while
     it idles up to T in each of its recent idle gaps, and makes late the requests that end a
@@ -323,7 +325,7 @@ class Slo(Adaptive):
     threshold that costs least over its gaps); the price is the lowest at which the late
     requests predicted over all models' histories stay within the budget: memory goes
     where a late request costs least. What was measured over the last 10 minutes is fed
-    back once every 1/budget requests: more waited than budgeted, the budget tightens by
+    back once every 1/budget requests: more late than budgeted, the budget tightens by
     the square root of the excess, cumulatively (never looser than planned).
 
     Lower traffic lengthens gaps and lowers the budget in requests, so thresholds lengthen.

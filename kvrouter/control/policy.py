@@ -55,7 +55,7 @@ class Snapshot:
     gpu_budget_gb: Dict[str, float]
     recent_requests: int = 0      # requests ended lately (traffic.WAKE_WINDOW), all models
     recent_wake_waits: int = 0    # of them, those that waited for a wake or a start
-    recent_late_waits: int = 0    # of those, the ones past their model's TTFT SLO (none: all)
+    recent_late_waits: int = 0    # of those, late for it (traffic.late_for_wake; no SLO: all)
 
 
 @dataclass(frozen=True)

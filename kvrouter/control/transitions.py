@@ -295,6 +295,8 @@ class Transitions:
             return self._fail(entry, action, started, str(err) or "failed")
         lease.check()
         entry.last_wake_seconds = ctl.clock() - started
+        if ctl.traffic is not None:
+            ctl.traffic.woke(entry.name, entry.last_wake_seconds)
         entry.wakes += 1
         entry.slept_at = None
         entry.restart_failures = 0

@@ -33,7 +33,7 @@ from kvrouter.control.states import ASLEEP, RESIDENT, State
 from kvrouter.lab import sizing, views
 from kvrouter.lab.replicas import LabGroup, PrefixCache, cached_tokens, groups_of
 from kvrouter.timing import GB, WARM_UP_PROMPT_TOKENS, Timing
-from kvrouter.traffic import ARRIVALS, GAPS, WakeWindow
+from kvrouter.traffic import ARRIVALS, GAPS, WakeWindow, late_for_wake
 
 
 class Req:
@@ -301,8 +301,8 @@ class World:
         r.ok = True
         ttft = (r.first or self.now) - r.t
         waited = r.cause in ("wake", "cold start")
-        slo = e.inst.ttft_slo_seconds
-        self.wake_window.add(self.now, waited, waited and (slo is None or ttft > slo))
+        self.wake_window.add(self.now, waited, waited and late_for_wake(
+            e.inst.ttft_slo_seconds, e.last_wake_seconds, ttft, 0.0))
         if not waited:
             e.ttfts.append(ttft)
         e.running -= 1

@@ -117,21 +117,25 @@ def test_percentiles_over_window(mon):
 def test_waits_for_a_wake_count_late_only_past_the_models_ttft_slo(mon):
     mon.models["a"].ttft_slo = 0.5
 
-    def woken(model, wait, first_byte_after):
+    def woken(model, wait, first_byte_after, stream=True):
         rec = mon.start(model)
+        rec.stream = stream
+        mon.woke(model, wait)
         mon.waited(rec, wait)
         mon.clock_obj.t += first_byte_after
         rec.first_byte = mon.clock_obj.t
         mon.clock_obj.t += 0.1
         mon.end(rec, "success")
 
-    woken("a", 0.2, 0.3)     # waited, first byte 0.3 s after arrival: within 0.5 s
-    woken("a", 0.6, 0.7)     # the wait alone broke the SLO
+    woken("a", 0.2, 0.3)     # a wake of 0.2 s, first byte 0.3 s after arrival: on time
+    woken("a", 0.2, 0.7)     # the same wake, but its first byte came after 0.7 s: late
+    woken("a", 0.2, 0.7, stream=False)   # no token seen: its wait (0.2 s) was within it
+    woken("a", 0.6, 0.7)     # the wake alone outlasted the SLO: late
     req(mon, "a", 0.1)       # no wait
     woken("b", 0.2, 0.3)     # no SLO stated: every wait is late
-    assert mon.wakes.totals(mon.clock_obj.t) == (4, 3, 2)
+    assert mon.wakes.totals(mon.clock_obj.t) == (6, 5, 3)
     # every request is counted as it starts, and those that ended an idle gap
-    assert (mon.models["a"].arrived, mon.models["a"].idle_arrivals) == (3, 2)
+    assert (mon.models["a"].arrived, mon.models["a"].idle_arrivals) == (5, 4)
 
 
 def test_slos_come_from_the_config_and_a_reload(tmp_path):
