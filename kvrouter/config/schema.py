@@ -140,9 +140,9 @@ class SleepPolicy:
         None, "Deep sleep: stop the engine process after this long asleep (none: never).", min=0)
     ttft_slo_ms: Optional[float] = setting(
         None, "The time to first token a request may take, in ms (the SLO it is judged by). "
-        "The slo policy counts a request that waited for a wake as late only when its TTFT "
-        "went past it, so a model whose wake fits within it sleeps sooner; none: every request "
-        "that waited for a wake is late.", min=0)
+        "The slo policy counts a request that waited for a wake as late only when the wake "
+        "outlasted it or the request's TTFT went past it, so a model whose wake fits within "
+        "it sleeps sooner; none: every request that waited for a wake is late.", min=0)
     room_wait_seconds: float = setting(
         30.0, "With gpu_memory_gb: how long a wake that needs room waits for a busy model to "
         "go idle (to evict it) before the requests waiting for the wake get a 503 (0: at "
