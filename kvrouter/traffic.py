@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from typing import Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -89,7 +90,7 @@ def arrival_gaps(arrivals: Sequence[float]) -> Tuple[float, ...]:
 
 class WakeWindow:
     """Requests ended, those of them that waited for a wake, and those that waited and were
-    late for it (``late``: see ``TrafficMonitor.end``), per second over the last
+    late for it (``late``: ``late_for_wake``), per second over the last
     WAKE_WINDOW seconds (all models): how much of the traffic sleep is costing."""
 
     __slots__ = ("stamp", "requests", "waited", "late")
@@ -411,8 +412,8 @@ class TrafficMonitor:
 
     def served_ttfts(self, model: str, n: int = GAPS) -> Tuple[float, ...]:
         """The model's last ``n`` streamed TTFTs as the engine served them (waits left out)."""
-        samples = self.models[model].ttft
-        return tuple(v for _, v in list(samples)[-n:])
+        last = [v for _, v in itertools.islice(reversed(self.models[model].ttft), n)]
+        return tuple(reversed(last))
 
     def idle_seconds(self, model: str) -> float:
         m = self.models[model]
