@@ -2,6 +2,7 @@
 stated in, and the medians of several runs (``--runs``). Pure: no process, no socket."""
 from __future__ import annotations
 
+import statistics
 from typing import Dict, List, Optional
 
 
@@ -9,12 +10,6 @@ def ratio(rows: Dict[str, dict], a: str, b: str, key: str) -> Optional[float]:
     if a in rows and b in rows and rows[b].get(key):
         return rows[a][key] / rows[b][key]
     return None
-
-
-def _median(values: List[float]) -> float:
-    v = sorted(values)
-    n = len(v)
-    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
 
 
 def medians(runs: List[dict]) -> dict:
@@ -29,7 +24,7 @@ def medians(runs: List[dict]) -> dict:
                 out[key] = merge(values)
             elif all(isinstance(v, (int, float)) and not isinstance(v, bool)
                      for v in values):
-                out[key] = sum(values) if key == "errors" else _median(values)
+                out[key] = sum(values) if key == "errors" else statistics.median(values)
             else:
                 out[key] = values[0]
         return out
@@ -49,7 +44,7 @@ def _ratio_line(r: dict, section: str, group: Optional[str], a: str, b: str,
     if not each:
         return None
     runs = f" (runs: {', '.join(f'{x:.2f}' for x in each)})" if len(each) > 1 else ""
-    return f"{_median(each):.2f}x{runs}"
+    return f"{statistics.median(each):.2f}x{runs}"
 
 
 def report(r: dict) -> List[str]:

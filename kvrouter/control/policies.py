@@ -32,7 +32,6 @@ A policy name may carry its parameter: ``lru:30`` and ``ttl:30`` (idle threshold
 """
 from __future__ import annotations
 
-import bisect
 import math
 from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
@@ -187,16 +186,16 @@ def misses_per_wake(m: ModelView) -> float:
     return 1.0 / (1.0 - min(p, 0.95))
 
 
-def late_share(m: ModelView, served: Sequence[float], wait: float) -> float:
+def late_share(m: ModelView, wait: float) -> float:
     """The chance that a request of ``m`` that waits ``wait`` seconds for a wake misses its
-    TTFT SLO: the share of its recent TTFTs as served (``served``, sorted) that the wait
-    would push past the SLO, with one more on each side (Laplace: a few samples on time do
-    not make a wake free). No SLO, or a wait longer than it: 1."""
+    TTFT SLO: the share of its recent TTFTs as served that the wait would push past the
+    SLO, with one more on each side (Laplace: a few samples on time do not make a wake
+    free). No SLO, or a wait longer than it: 1."""
     slo = m.ttft_slo
     if slo is None or wait > slo:
         return 1.0
-    over = len(served) - bisect.bisect_right(served, slo - wait)
-    return (over + 1.0) / (len(served) + 2.0)
+    over = sum(1 for x in m.ttfts if x > slo - wait)
+    return (over + 1.0) / (len(m.ttfts) + 2.0)
 
 
 def late_per_wake(m: ModelView) -> float:
@@ -205,9 +204,8 @@ def late_per_wake(m: ModelView) -> float:
     arrivals count as clumped, Poisson ones as rate x wake time). With a TTFT SLO, times
     the chance that the whole wake pushes the first request past it (those that follow
     wait less, but arrive together at an engine just woken)."""
-    served = sorted(m.ttfts) if m.ttft_slo is not None else ()
     w = m.wake_seconds
-    share = late_share(m, served, w)
+    share = late_share(m, w)
     gaps = m.arrival_gaps
     if not gaps:
         return share
