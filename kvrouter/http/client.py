@@ -39,28 +39,44 @@ class UpstreamTimeout(UpstreamError):
 
 
 class _Parser:
-    __slots__ = ("status", "headers", "body", "headers_done", "complete", "keep", "_p")
+    """One connection's response parser, kept with it in the pool for its next response."""
+    __slots__ = ("status", "headers", "body", "headers_done", "complete", "keep", "extra",
+                 "_p")
 
     def __init__(self):
+        self._p = httptools.HttpResponseParser(self)
+        self.reset()
+
+    def reset(self) -> None:
         self.status = 0
         self.headers: List[Tuple[str, str]] = []
         self.body: List[bytes] = []
         self.headers_done = False
         self.complete = False
         self.keep = False
-        self._p = httptools.HttpResponseParser(self)
+        # bytes after the response (none may come unasked): not part of it, and the
+        # connection is not used again
+        self.extra = False
+
+    def on_message_begin(self):
+        if self.complete:
+            self.extra = True
 
     def on_header(self, name: bytes, value: bytes):
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        if not self.extra:
+            self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self):
+        if self.extra:
+            return
         self.headers_done = True
         self.status = self._p.get_status_code()
         # llhttp resets its flags after the message: read keep-alive now
         self.keep = self._p.should_keep_alive()
 
     def on_body(self, body: bytes):
-        self.body.append(body)
+        if not self.extra:
+            self.body.append(body)
 
     def on_message_complete(self):
         self.complete = True
@@ -69,7 +85,7 @@ class _Parser:
         self._p.feed_data(data)
 
     def keep_alive(self) -> bool:
-        return self.keep
+        return self.keep and not self.extra
 
 
 class UpstreamResponse:
@@ -138,7 +154,7 @@ class UpstreamResponse:
             return
         self.done = True
         if self.parser.keep_alive():
-            self.pool.put(self.sock)
+            self.pool.put(self.sock, self.parser)
         else:
             self.sock.close()
         self.sock = None
@@ -171,14 +187,15 @@ class UpstreamPool:
         self.host = host
         self.port = port
         self.max_idle = max_idle
-        self.idle: List[Tuple[socket.socket, float]] = []   # (socket, when it was pooled)
+        # (socket, its parser, when it was pooled)
+        self.idle: List[Tuple[socket.socket, _Parser, float]] = []
         # Resolve once: gevent resolves names in a thread pool, too slow per connection.
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         self.family, self.address = info[0], info[4]
 
-    def put(self, sock) -> None:
+    def put(self, sock, parser: _Parser) -> None:
         if len(self.idle) < self.max_idle:
-            self.idle.append((sock, time.monotonic()))
+            self.idle.append((sock, parser, time.monotonic()))
         else:
             sock.close()
 
@@ -187,18 +204,19 @@ class UpstreamPool:
         than ``CHECK_AFTER`` seconds is checked without blocking (a closed one reads EOF at
         once); a busy pool skips the check: engines close idle connections after seconds."""
         while self.idle:
-            sock, since = self.idle.pop()
+            sock, parser, since = self.idle.pop()
+            parser.reset()
             if time.monotonic() - since < self.CHECK_AFTER:
-                return sock
+                return sock, parser
             try:
                 sock.setblocking(False)
                 sock.recv(1, socket.MSG_PEEK)  # data or EOF: not a clean idle connection
             except BlockingIOError:
-                return sock            # nothing to read: open and idle
+                return sock, parser    # nothing to read: open and idle
             except OSError:
                 pass
             sock.close()               # EOF, reset, or bytes nobody asked for
-        return None
+        return None, None
 
     def refuses(self, timeout: float = 0.5, tries: int = 3, gap: float = 0.05) -> bool:
         """The engine's port refuses a connection now: its process is gone (what it was
@@ -310,11 +328,10 @@ class UpstreamPool:
         # is never resent (the engine may have read it: a generation billed twice, a sleep
         # done twice).
         for attempt in (0, 1):
-            sock = self._take_idle() if attempt == 0 else None
+            sock, parser = self._take_idle() if attempt == 0 else (None, None)
             reused = sock is not None
-            if sock is None:
-                sock = self._dial(connect_timeout)
-            parser = _Parser()
+            if sock is None or parser is None:
+                sock, parser = self._dial(connect_timeout), _Parser()
             written = False
             try:
                 sock.settimeout(first_byte_timeout)
