@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 import httptools
 
 from kvrouter.http.body import StreamBody
-from kvrouter.http.sockio import send_all
+from kvrouter.http.sockio import Deadline, send_all
 
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 
@@ -39,12 +39,14 @@ class UpstreamTimeout(UpstreamError):
 
 
 class _Parser:
-    """One connection's response parser, kept with it in the pool for its next response."""
+    """One connection's response parser and read timer, kept with it in the pool for its
+    next response."""
     __slots__ = ("status", "headers", "body", "headers_done", "complete", "keep", "extra",
-                 "_p")
+                 "deadline", "_p")
 
     def __init__(self):
         self._p = httptools.HttpResponseParser(self)
+        self.deadline = Deadline()
         self.reset()
 
     def reset(self) -> None:
@@ -117,10 +119,10 @@ class UpstreamResponse:
         if parser.complete:
             self._finish()
             return
-        sock.settimeout(self.idle_timeout)
+        deadline, idle = parser.deadline, self.idle_timeout
         while True:
             try:
-                data = sock.recv(65536)
+                data = deadline.recv(sock, 65536, idle)
             except socket.timeout:
                 self.close()
                 raise UpstreamTimeout("body", f"no data from the engine for "
@@ -343,7 +345,7 @@ class UpstreamPool:
                     _send_body(sock, body)
                 written = True
                 while not parser.headers_done:
-                    data = sock.recv(65536)
+                    data = parser.deadline.recv(sock, 65536, first_byte_timeout)
                     if not data:
                         raise ConnectionResetError("closed before the response")
                     parser.feed(data)

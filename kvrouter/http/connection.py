@@ -23,7 +23,7 @@ from kvrouter.http.messages import (
     StreamResponse,
     Upgraded,
 )
-from kvrouter.http.sockio import send_all
+from kvrouter.http.sockio import Deadline, send_all
 from kvrouter.http.websocket import is_upgrade
 
 log = logging.getLogger("kvrouter.http")
@@ -72,6 +72,7 @@ class Connection:
         self.watcher: Optional[gevent.Greenlet] = None
         self._serving: Optional[Request] = None
         self.loop = gevent.get_hub().loop
+        self.deadline = Deadline(self.loop)
 
     # --- httptools callbacks -------------------------------------------------------------
     def on_message_begin(self):
@@ -203,12 +204,14 @@ class Connection:
                     timeout = self._read_timeout()
                     if timeout <= 0:
                         return
-                    sock.settimeout(timeout)
                     waiting = self.cur is None  # between requests: may be closed to make room
-                    if waiting:
-                        self.idle[self] = self.loop.now()
                     try:
-                        data = sock.recv(65536)
+                        if waiting:   # keep-alive: a read of the same length every time
+                            self.idle[self] = self.loop.now()
+                            data = self.deadline.recv(sock, 65536, timeout)
+                        else:
+                            sock.settimeout(timeout)
+                            data = sock.recv(65536)
                     except (socket.timeout, OSError):
                         return
                     finally:
@@ -240,6 +243,7 @@ class Connection:
         finally:
             self.closed = True
             self.release()
+            self.deadline.close()
             try:
                 sock.close()
             except OSError:
