@@ -73,6 +73,7 @@ class Connection:
         self._serving: Optional[Request] = None
         self.loop = gevent.get_hub().loop
         self.deadline = Deadline(self.loop)
+        self.watch_timer = self.loop.timer(WATCH_AFTER)   # started per request served
 
     # --- httptools callbacks -------------------------------------------------------------
     def on_message_begin(self):
@@ -244,6 +245,7 @@ class Connection:
             self.closed = True
             self.release()
             self.deadline.close()
+            self.watch_timer.close()
             try:
                 sock.close()
             except OSError:
@@ -342,8 +344,8 @@ class Connection:
         self._serving = req
         # Watch for the client going away only once the handler has run a while: a quick
         # request then costs no extra syscalls (the watcher's read registers the socket),
-        # and only a libev timer, not a greenlet.
-        timer = self.loop.timer(WATCH_AFTER)
+        # and only the start and stop of the connection's libev timer, not a greenlet.
+        timer = self.watch_timer
         timer.start(self._start_watch, gevent.getcurrent())
         resp = None
         try:
@@ -374,7 +376,6 @@ class Connection:
         finally:
             self.release()
             timer.stop()
-            timer.close()
             if self.watcher is not None:
                 self.watcher.kill(block=True)
                 self.watcher = None

@@ -69,9 +69,17 @@ LIFECYCLE_PATHS = frozenset({
 
 
 def _usage(data: bytes):
-    p = _PROMPT_RE.findall(data)
-    c = _COMPLETION_RE.findall(data)
-    return (int(p[-1]) if p else 0), (int(c[-1]) if c else 0)
+    """(prompt, completion) tokens: the last counts in ``data``. They are read from its last
+    ``"usage"`` on (the end of a body; no scan of all of it), unless a count is not there
+    (Anthropic's stream counts input in its first event, output in its last)."""
+    at = data.rfind(b'"usage"')
+    p = _PROMPT_RE.search(data, at) if at >= 0 else None
+    c = _COMPLETION_RE.search(data, at) if at >= 0 else None
+    if p is not None and c is not None:
+        return int(p.group(1)), int(c.group(1))
+    ps = _PROMPT_RE.findall(data)
+    cs = _COMPLETION_RE.findall(data)
+    return (int(ps[-1]) if ps else 0), (int(cs[-1]) if cs else 0)
 
 
 def _shaped(req: Request, resp: Response) -> Response:
