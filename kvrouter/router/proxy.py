@@ -73,13 +73,27 @@ def _usage(data: bytes):
     ``"usage"`` on (the end of a body; no scan of all of it), unless a count is not there
     (Anthropic's stream counts input in its first event, output in its last)."""
     at = data.rfind(b'"usage"')
-    p = _PROMPT_RE.search(data, at) if at >= 0 else None
-    c = _COMPLETION_RE.search(data, at) if at >= 0 else None
+    if at < 0:
+        return 0, 0
+    p = _PROMPT_RE.search(data, at)
+    c = _COMPLETION_RE.search(data, at)
     if p is not None and c is not None:
         return int(p.group(1)), int(c.group(1))
     ps = _PROMPT_RE.findall(data)
     cs = _COMPLETION_RE.findall(data)
     return (int(ps[-1]) if ps else 0), (int(cs[-1]) if cs else 0)
+
+
+def _json(data: bytes):
+    """A request body's JSON. One that starts as an object does in UTF-8 is read as UTF-8
+    (as HTTP's JSON is, RFC 8259) without json.loads's sniffing for UTF-16 and 32 and a
+    byte order mark; any other goes through that sniffing."""
+    if data[:1] == b"{":
+        try:
+            return json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+    return json.loads(data)
 
 
 def _shaped(req: Request, resp: Response) -> Response:
@@ -127,7 +141,7 @@ class Proxy:
             return parse_upload(req, self.routes,
                                 int(self.cfg.router.max_upload_mb * 1024 * 1024))
         try:
-            body = json.loads(req.body) if req.body else None
+            body = _json(req.body) if req.body else None
         except ValueError as err:
             raise BadRequest(f"request body is not valid JSON: {err}", code="invalid_json") \
                 from None
@@ -400,7 +414,7 @@ class Proxy:
                                  else "upstream_error")
                 return error_response(BadGateway(f"model {entry.name!r}: {err}",
                                                  code="upstream_broken"))
-            prompt, completion = _usage(body) if b'"usage"' in body else (0, 0)
+            prompt, completion = _usage(body)
             self.traffic.end(rec, "success", prompt, completion)
             if req.path == "/v1/responses":
                 found = _RESPONSE_ID_RE.search(body)
