@@ -73,13 +73,16 @@ def peer_router() -> Optional[str]:
     return path if path and os.access(path, os.X_OK) else None
 
 
-def wait_port(port: int, path: str = "/health", timeout: float = 20.0) -> None:
+def wait_port(port: int, path: str = "/health", timeout: float = 20.0,
+              answer: bytes = b"HTTP/1.1 200") -> None:
+    """Until ``GET path`` on the port is answered with a response that starts ``answer``
+    (RuntimeError after ``timeout`` seconds)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             s = socket.create_connection(("127.0.0.1", port), timeout=1)
             s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            if s.recv(100).startswith(b"HTTP/1.1 200"):
+            if s.recv(100).startswith(answer):
                 s.close()
                 return
             s.close()

@@ -95,7 +95,7 @@ class Bench:
         for name, port in self.ports.items():
             try:
                 if name.startswith("aiohttp"):
-                    wait_port(port, "/")   # any answer
+                    wait_port(port, "/", answer=b"HTTP/1.1 ")   # any answer (the backend's 404)
                 elif name.startswith("vllm-router"):
                     wait_port(port, "/health", timeout=60)
                 else:
