@@ -282,6 +282,33 @@ def test_upstream_timeout_is_504(tmp_path):
         eng.stop()
 
 
+def test_a_stream_the_engine_stops_sending_ends_with_an_error_event(tmp_path):
+    """``stream_idle_timeout_seconds`` between two pieces of an engine's stream: the client
+    gets what came, then an error event, and the engine's connection is closed."""
+    eng = SimEngine("vllm", model="m", args=["--ttft-ms", "10", "--itl-ms", "3000"])
+    port = free_port()
+    cfg = ("router: {router_host: 127.0.0.1, router_port: %d, stream_idle_timeout_seconds: 0.5}"
+           "\ninstances:\n%s") % (port, instance_yaml("m", "m", eng.port, "vllm"))
+    r = Router(cfg, str(tmp_path))
+    try:
+        r.wait_models_ready()
+        start = time.monotonic()
+        status, _, body = http("POST", r.base + "/v1/completions",
+                               {"model": "m", "prompt": "x", "max_tokens": 5, "stream": True},
+                               timeout=10)
+        took = time.monotonic() - start
+        events = [json.loads(line[6:]) for line in body.decode().split("\n\n")
+                  if line.startswith("data: {")]
+        assert status == 200 and took < 2.5
+        assert events[0]["choices"]                      # the first token came through
+        assert events[-1]["error"]["code"] == "upstream_timeout"
+        _, stats = get_json(r.base + "/traffic/stats/m")
+        assert stats["failures"]["timeout"] == 1
+    finally:
+        r.stop()
+        eng.stop()
+
+
 def test_api_keys(tmp_path):
     eng = SimEngine("sglang", model="m")
     port = free_port()
