@@ -10,7 +10,34 @@ from kvrouter.http.client import UpstreamError, UpstreamPool
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
-class ClosingServer:
+class _Server:
+    """A loopback server: each connection served by ``_serve`` in a thread of its own."""
+
+    def __init__(self):
+        self.connections = 0
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(16)
+        self.port = self.srv.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _serve(self, conn):
+        raise NotImplementedError
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def close(self):
+        self.srv.close()
+
+
+class ClosingServer(_Server):
     """Answers the first request on each connection; what it does with the second is
     ``second``: "close" (read it, close without answering) or "close-idle" (close the
     connection right after the first answer). Counts every request it reads."""
@@ -19,11 +46,7 @@ class ClosingServer:
         self.second = second
         self.requests = 0
         self.lock = threading.Lock()
-        self.srv = socket.socket()
-        self.srv.bind(("127.0.0.1", 0))
-        self.srv.listen(16)
-        self.port = self.srv.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
     def _read_request(self, conn):
         data = b""
@@ -53,17 +76,6 @@ class ClosingServer:
             if self._read_request(conn):
                 return  # read it, then close without an answer
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def close(self):
-        self.srv.close()
-
 
 @pytest.fixture
 def server(request):
@@ -90,18 +102,13 @@ def test_a_connection_the_engine_closed_while_idle_is_not_reused(server):
     assert server.requests == 2
 
 
-class CountingServer:
+class CountingServer(_Server):
     """Keep-alive: answers each request on a connection with its number there (``n=1``,
     ``n=2``...), the answer to ``extra_after`` followed by bytes nobody asked for."""
 
     def __init__(self, extra_after=None):
         self.extra_after = extra_after
-        self.connections = 0
-        self.srv = socket.socket()
-        self.srv.bind(("127.0.0.1", 0))
-        self.srv.listen(16)
-        self.port = self.srv.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
     def _serve(self, conn):
         with conn:
@@ -120,15 +127,6 @@ class CountingServer:
                     answer += b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale"
                 conn.sendall(answer)
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.srv.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
 
 def test_each_keep_alive_answer_is_parsed_afresh_on_a_reused_connection():
     srv = CountingServer()
@@ -136,7 +134,7 @@ def test_each_keep_alive_answer_is_parsed_afresh_on_a_reused_connection():
     got = [pool.request("POST", "/x", {}, b"{}").read() for _ in range(4)]
     assert got == [b"n=1", b"n=2", b"n=3", b"n=4"]
     assert srv.connections == 1
-    srv.srv.close()
+    srv.close()
 
 
 def test_a_connection_that_sent_bytes_nobody_asked_for_is_not_reused():
@@ -147,4 +145,4 @@ def test_a_connection_that_sent_bytes_nobody_asked_for_is_not_reused():
     assert first.read() == b"n=1"
     assert pool.request("POST", "/x", {}, b"{}").read() == b"n=1"   # a new connection's first
     assert srv.connections == 2
-    srv.srv.close()
+    srv.close()
