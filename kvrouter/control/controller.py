@@ -366,6 +366,7 @@ class Controller:
                 arrival_gaps=self.traffic.arrival_gaps(e.name) if self.traffic is not None else (),
                 kv_wanted_gb=self.kv.wanted_gb.get(e.name, 0.0),
                 group=e.model if inst.replica_of > 1 else "",
+                reserved=e.making_room,
                 min_ready=inst.min_ready if inst.min_ready is not None else
                 self.cfg.routing.min_ready,
                 requests=t.arrived if t is not None else 0,

@@ -11,7 +11,7 @@ evicted first, how many may be resident on a GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import AbstractSet, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from kvrouter.control.states import RESIDENT, State
 
@@ -42,6 +42,7 @@ class ModelView:
     idle_arrivals: int = 0      # of them, those that found it idle (each ended an idle gap)
     ttft_slo: Optional[float] = None   # seconds a request may take to its first token
     ttfts: Tuple[float, ...] = ()      # its recent TTFTs as served (no wait for a wake)
+    reserved: bool = False      # asleep, its room being made for a wake: its memory is spoken for
 
     @property
     def footprint_gb(self) -> float:
@@ -119,11 +120,11 @@ def over_budget(snap: Snapshot, leaving: Set[str]) -> List[Action]:
     """Sleeps that bring every GPU within its budget: idle models, least recently used
     first (on a tie, the later in the config first, as the lab places them). A model
     draining is on its way to sleep: its memory counts as freed (else the next tick, while
-    its sleep still runs, would sleep another)."""
+    its sleep still runs, would sleep another); one being woken holds its own."""
     if not snap.gpu_budget_gb:
         return []
-    staying = [m for m in snap.models if m.name not in leaving and m.state is not State.DRAINING]
-    used = gpu_usage(staying)
+    staying = [m for m in snap.models if m.name not in leaving]
+    used = gpu_usage(staying, holds_planned)
     over = {g: used.get(g, 0.0) - b for g, b in snap.gpu_budget_gb.items()
             if used.get(g, 0.0) - b > 1e-9}
     if not over:
@@ -203,14 +204,41 @@ def wake_for_load(states: Sequence[State], loads: Sequence[int], min_ready: int,
     return None
 
 
-def gpu_usage(models: Sequence[ModelView]) -> Dict[str, float]:
+def holds_now(m: ModelView) -> bool:
+    """Holds its GPU memory now (every resident state, draining included)."""
+    return m.state in RESIDENT
+
+
+def holds_planned(m: ModelView) -> bool:
+    """Holds memory as a plan counts it: a draining model's is freed (its sleep is under
+    way: a wake that counts on it waits for it, ``room_held``), a model being woken
+    (``reserved``) holds its own."""
+    return (m.state in RESIDENT and m.state is not State.DRAINING) or m.reserved
+
+
+def gpu_usage(models: Sequence[ModelView],
+              holds: Callable[[ModelView], bool] = holds_now) -> Dict[str, float]:
+    """GB per GPU that the models for which ``holds`` is true hold."""
     used: Dict[str, float] = {}
     for m in models:
-        if m.state in RESIDENT:
+        if holds(m):
             share = m.footprint_gb / max(1, len(m.gpus))
             for g in m.gpus:
                 used[g] = used.get(g, 0.0) + share
     return used
+
+
+def room_held(snap: Snapshot, target: str, freed: AbstractSet[str] = frozenset()) -> bool:
+    """Whether ``target`` fits its GPUs' budgets with the memory the other models hold now
+    (a draining one's until its sleep ends) or are being woken into, but those in ``freed``
+    (asleep by then): a wake whose plan counted on a draining model's memory waits until
+    this holds."""
+    t = next(m for m in snap.models if m.name == target)
+    used = gpu_usage([m for m in snap.models if m.name != target and m.name not in freed],
+                     lambda m: holds_now(m) or m.reserved)
+    share = t.footprint_gb / max(1, len(t.gpus))
+    return all(used.get(g, 0.0) + share <= snap.gpu_budget_gb[g] + 1e-9
+               for g in t.gpus if g in snap.gpu_budget_gb)
 
 
 def could_fit(snap: Snapshot, target: str) -> bool:
@@ -235,13 +263,14 @@ def plan_room(snap: Snapshot, target: str, order: Callable[[ModelView], float] =
     over: Dict[str, float] = {}
     if snap.gpu_budget_gb:
         need = t.footprint_gb / max(1, len(t.gpus))
-        used = gpu_usage(others)
+        used = gpu_usage(others, holds_planned)
         over = {g: used.get(g, 0.0) + need - snap.gpu_budget_gb[g]
                 for g in t.gpus if g in snap.gpu_budget_gb}
         over = {g: v for g, v in over.items() if v > 1e-9}
     crowded = 0
     if max_loaded is not None:
-        crowded = max(0, sum(1 for m in others if m.state in RESIDENT) - max_loaded + 1)
+        crowded = max(0, sum(1 for m in others if m.state in RESIDENT or m.reserved) -
+                      max_loaded + 1)
     if not over and not crowded:
         return []
     idle = sorted((m for m in others if evictable(m)), key=order)

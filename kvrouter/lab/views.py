@@ -46,7 +46,7 @@ def snapshot(world: "World") -> Snapshot:
             min_ready=inst.min_ready if inst.min_ready is not None else
             world.cfg.routing.min_ready, requests=e.requests,
             idle_arrivals=e.idle_arrivals, ttft_slo=inst.ttft_slo_seconds,
-            ttfts=tuple(e.ttfts)))
+            ttfts=tuple(e.ttfts), reserved=e.making_room))
     recent, waited, late = world.wake_window.totals(now)
     return Snapshot(tuple(views), world.sm.auto_sleep_enabled, world.budget, recent, waited,
                     late)

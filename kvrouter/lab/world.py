@@ -28,7 +28,7 @@ from kvrouter.config.schema import Config, Instance
 from kvrouter.control import kvplan
 from kvrouter.control.kvplan import FLOOR_FRACTION
 from kvrouter.control.policies import Policy
-from kvrouter.control.policy import NoRoom, Snapshot, could_fit, keep_min_ready
+from kvrouter.control.policy import NoRoom, Snapshot, could_fit, keep_min_ready, room_held
 from kvrouter.control.states import ASLEEP, RESIDENT, State
 from kvrouter.lab import sizing, views
 from kvrouter.lab.replicas import LabGroup, PrefixCache, cached_tokens, groups_of
@@ -91,6 +91,7 @@ class Engine:
         self.arrivals: Deque[float] = deque(maxlen=ARRIVALS)
         self.last_wake_seconds = 0.0
         self.making_room = False       # its wake waits for the models it evicts to sleep
+        self.asleep_at = 0.0           # while draining: when its sleep ends
         self.room_since = 0.0          # when its wake began to wait for room
         self.requests = 0              # arrivals, and those that found it idle
         self.idle_arrivals = 0
@@ -360,7 +361,12 @@ class World:
             victim = self.engines[a.model]
             delay += victim.t.sleep_seconds(a.level)
             self._sleep(victim, a.level, done_at=self.now + delay)
-        if delay:   # as live: the model stays asleep (its memory not counted) meanwhile
+        if not room_held(snap, e.name, {a.model for a in actions}):
+            # the plan counted on the memory of models already going to sleep: as live,
+            # the wake waits for their sleeps to end
+            delay = max([delay] + [o.asleep_at - self.now for o in self.engines.values()
+                                   if o.state is State.DRAINING and set(o.gpus) & set(e.gpus)])
+        if delay:   # as live: the model stays asleep (its memory reserved) meanwhile
             e.making_room = True
             self.at(self.now + delay, "room_made", e, delay)
         else:
@@ -405,8 +411,8 @@ class World:
     def _sleep(self, e: Engine, level: int, done_at: Optional[float] = None) -> None:
         self._set(e, State.DRAINING)
         e.level = level
-        self.at(done_at if done_at is not None else self.now + e.t.sleep_seconds(level),
-                "slept", e, e.version)
+        e.asleep_at = done_at if done_at is not None else self.now + e.t.sleep_seconds(level)
+        self.at(e.asleep_at, "slept", e, e.version)
 
     def _on_slept(self, e: Engine, version: int) -> None:
         if e.version != version:

@@ -1,18 +1,27 @@
 """The sleep policy is a pure function of a snapshot."""
 import pytest
 
-from kvrouter.control.policy import Action, ModelView, NoRoom, Snapshot, decide, plan_room
+from kvrouter.control.policy import (
+    Action,
+    ModelView,
+    NoRoom,
+    Snapshot,
+    decide,
+    plan_room,
+    room_held,
+)
 from kvrouter.control.states import State
 
 
 def view(name, state="ready", idle=0.0, in_flight=0, waiting=0, pinned=False, threshold=300.0,
          stop_after=None, state_seconds=0.0, gpus=("0",), weights=10.0, kv=5.0, last_used=0.0,
-         gaps=(), wake=0.0, arrival_gaps=(), kv_wanted=0.0):
+         gaps=(), wake=0.0, arrival_gaps=(), kv_wanted=0.0, reserved=False):
     return ModelView(name=name, state=State(state), in_flight=in_flight, waiting=waiting,
                      idle_seconds=idle, state_seconds=state_seconds, pinned=pinned,
                      idle_threshold=threshold, stop_after=stop_after, level=1, gpus=gpus,
                      weights_gb=weights, kv_cache_gb=kv, last_used=last_used, gaps=gaps,
-                     wake_seconds=wake, arrival_gaps=arrival_gaps, kv_wanted_gb=kv_wanted)
+                     wake_seconds=wake, arrival_gaps=arrival_gaps, kv_wanted_gb=kv_wanted,
+                     reserved=reserved)
 
 
 def snap(*models, auto=True, budget=None):
@@ -106,3 +115,29 @@ def test_no_room_is_worth_waiting_for_only_when_the_model_could_fit():
     assert could_fit(s, "t")               # once "busy" goes idle
     pinned = snap(view("t", state="sleeping"), view("p", pinned=True), budget={"0": 20.0})
     assert not could_fit(pinned, "t")      # a pinned model never leaves
+
+
+def test_a_model_going_to_sleep_makes_room_a_wake_waits_for_not_another_eviction():
+    """Room for two (15 GB each): ``idle`` drains for an idle sleep while ``target`` wakes.
+    Counting the draining model's memory as held evicted ``other`` as well."""
+    draining = view("idle", state="draining", last_used=1.0)
+    s = snap(draining, view("other", last_used=2.0), view("target", state="sleeping"),
+             budget={"0": 30})
+    assert plan_room(s, "target") == []
+    assert not room_held(s, "target")   # the wake waits for that sleep to end
+    slept = snap(view("idle", state="sleeping"), view("other", last_used=2.0),
+                 view("target", state="sleeping"), budget={"0": 30})
+    assert room_held(slept, "target")
+
+
+def test_a_wake_making_room_holds_its_memory_for_the_next_plan():
+    """``a`` is being woken (asleep, its room planned): a second wake plans around it."""
+    s = snap(view("a", state="sleeping", reserved=True), view("x", last_used=1.0),
+             view("y", last_used=2.0), view("b", state="sleeping"), budget={"0": 45})
+    assert [act.model for act in plan_room(s, "b")] == ["x"]
+    assert not room_held(s, "b", freed=set())
+    assert room_held(s, "b", freed={"x"})
+    # and the tick's budget check does not count it as room to spare either
+    over = snap(view("a", state="sleeping", reserved=True), view("x", last_used=1.0),
+                view("y", last_used=2.0), view("z", last_used=3.0), budget={"0": 45})
+    assert [act.model for act in decide(over)] == ["x"]
