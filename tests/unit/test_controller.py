@@ -6,6 +6,7 @@ import os
 import tempfile
 
 import gevent
+import gevent.event
 import pytest
 
 from kvrouter.config import parse_config_text
@@ -249,6 +250,35 @@ def test_a_model_chosen_to_make_room_that_turns_busy_sends_the_wake_to_another()
     states = {n: e.state.value for n, e in ctl.entries.items()}
     assert states == {"m/a": "ready", "m/b": "sleeping", "m/c": "ready"}
     assert tries == ["m/a", "m/b"], tries
+
+
+def test_a_wake_while_another_model_goes_to_sleep_waits_for_it_and_evicts_no_one():
+    """Room for two of three 10 GB models: ``a`` is going to sleep (idle) when a request
+    wakes ``c``. The wake counts on a's memory and waits for its sleep to end; before, it
+    put ``b`` to sleep too."""
+    ctl, _, _ = make(extra_sleep=', gpu_memory_gb: {"0": 25}',
+                     instances=[(n, f"m/{n}", ", weights_gb: 10") for n in "abc"])
+    a, b, c = (ctl.entries[f"m/{n}"] for n in "abc")
+    ctl.sleep(c)
+    slept = gevent.event.Event()
+    plain_sleep = a.adapter.sleep
+
+    def slow_sleep(level):
+        slept.wait()
+        plain_sleep(level)
+    a.adapter.sleep = slow_sleep
+    going = gevent.spawn(ctl.sleep, a)
+    gevent.sleep(0.05)
+    assert a.state is State.DRAINING
+    waking = gevent.spawn(ctl.ensure_ready, c)
+    gevent.sleep(0.3)
+    assert c.state is State.SLEEPING and c.adapter.wakes == 0   # waits: a holds its memory
+    assert b.state is State.READY
+    slept.set()
+    waking.get(timeout=5)
+    going.get(timeout=5)
+    states = {n: e.state.value for n, e in ctl.entries.items()}
+    assert states == {"m/a": "sleeping", "m/b": "ready", "m/c": "ready"}
 
 
 def test_wake_that_hangs_is_abandoned_marked_failed_and_restarted():
