@@ -269,8 +269,7 @@ def plan_room(snap: Snapshot, target: str, order: Callable[[ModelView], float] =
         over = {g: v for g, v in over.items() if v > 1e-9}
     crowded = 0
     if max_loaded is not None:
-        crowded = max(0, sum(1 for m in others if m.state in RESIDENT or m.reserved) -
-                      max_loaded + 1)
+        crowded = max(0, sum(1 for m in others if holds_planned(m)) - max_loaded + 1)
     if not over and not crowded:
         return []
     idle = sorted((m for m in others if evictable(m)), key=order)

@@ -141,3 +141,14 @@ def test_a_wake_making_room_holds_its_memory_for_the_next_plan():
     over = snap(view("a", state="sleeping", reserved=True), view("x", last_used=1.0),
                 view("y", last_used=2.0), view("z", last_used=3.0), budget={"0": 45})
     assert [act.model for act in decide(over)] == ["x"]
+
+
+def test_a_cap_on_loaded_models_counts_them_as_a_plan_does():
+    """Ollama's cap (3 loaded): one unloading frees its slot; one loading holds one."""
+    unloading = snap(view("x", last_used=1.0), view("y", last_used=2.0),
+                     view("z", state="draining"), view("b", state="sleeping"))
+    assert plan_room(unloading, "b", max_loaded=3) == []
+    loading = snap(view("x", last_used=1.0), view("y", last_used=2.0),
+                   view("z", state="draining"), view("a", state="sleeping", reserved=True),
+                   view("b", state="sleeping"))
+    assert [act.model for act in plan_room(loading, "b", max_loaded=3)] == ["x"]
