@@ -211,33 +211,40 @@ class Transitions:
         requests wait for the wake) for one to go idle, as Ollama queues such a request. A
         model chosen to make room that turns busy meanwhile (a request arrived while it
         drained: its sleep is cancelled) sends it back to planning, within the same wait.
-        From its first plan the model's memory is reserved (``making_room``: other wakes
-        plan around it); a plan that counted on the memory of a model already going to
-        sleep waits for that sleep to end (``policy.room_held``), and plans again if it was
-        cancelled."""
+        Once its room is planned the model's memory is reserved (``making_room``: other
+        wakes plan around it), not while it waits for a busy model; a plan that counted on
+        the memory of a model already going to sleep waits for that sleep to end
+        (``policy.room_held``), and plans again if it was cancelled."""
         ctl = self.ctl
         now = ctl.clock()
         deadline = now + wait
         # a plan counts a draining model's memory as freed: the wake waits for its sleep
         drained_by = now + ctl.cfg.sleep_manager.sleep_timeout_seconds + self.DRAIN_TIMEOUT
-        entry.making_room = True   # from its first plan, what it needs is spoken for
         try:
             while True:
                 snap = ctl.snapshot()
                 try:
-                    why_not = self._evict(ctl.sleep_policy.plan_room(snap, entry.name))
+                    actions = ctl.sleep_policy.plan_room(snap, entry.name)
                 except policy.NoRoom as err:
                     if not policy.could_fit(snap, entry.name):
                         return refused(str(err))
-                    why_not = str(err)
-                if why_not is None:
-                    if policy.room_held(ctl.snapshot(), entry.name):
-                        return done()
-                    if ctl.clock() >= drained_by:
-                        return refused("a model going to sleep on its GPUs still holds "
-                                       "its memory")
-                elif ctl.clock() >= deadline or not entry.waiters:
-                    return refused(why_not)
+                    why_not: Optional[str] = str(err)
+                else:
+                    entry.making_room = True   # its room is planned: spoken for from now
+                    why_not = self._evict(actions)
+                    if why_not is None:
+                        if policy.room_held(ctl.snapshot(), entry.name):
+                            return done()
+                        if ctl.clock() >= drained_by:
+                            return refused("a model going to sleep on its GPUs still holds "
+                                           "its memory")
+                        gevent.sleep(self.NOT_READY_POLL)
+                        continue
+                # waiting for a busy model to go idle: it holds no room meanwhile (two
+                # wakes that each held theirs would wait for each other)
+                entry.making_room = False
+                if ctl.clock() >= deadline or not entry.waiters:
+                    return refused(why_not or "no room")
                 gevent.sleep(self.NOT_READY_POLL)
         finally:
             entry.making_room = False
