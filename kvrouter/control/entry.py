@@ -43,7 +43,7 @@ class ModelEntry:
         self.last_sleep_seconds: Optional[float] = None
         self.last_wake_seconds: Optional[float] = None
         self.wake_task: Optional[gevent.Greenlet] = None  # its value: a transitions.Result
-        self.making_room = False   # its wake plans and waits for room: its memory is spoken for
+        self.making_room = False   # its room is planned, it is not WAKING yet: memory spoken for
         self.sleeps = 0
         self.wakes = 0
         self.restart_failures = 0

@@ -42,7 +42,7 @@ class ModelView:
     idle_arrivals: int = 0      # of them, those that found it idle (each ended an idle gap)
     ttft_slo: Optional[float] = None   # seconds a request may take to its first token
     ttfts: Tuple[float, ...] = ()      # its recent TTFTs as served (no wait for a wake)
-    reserved: bool = False      # asleep, its room being made for a wake: its memory is spoken for
+    reserved: bool = False      # asleep, its room planned for a wake: its memory is spoken for
 
     @property
     def footprint_gb(self) -> float:

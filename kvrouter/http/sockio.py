@@ -41,17 +41,17 @@ class Deadline:
     reads of one length (keep-alive, first byte, between body pieces); a socket timeout
     builds a new ``gevent.Timeout``, a watcher and an exception, at every read that waits,
     6% of the router's time under load. A plain socket (no hub runs to time it, e.g. the
-    client in a test without gevent) gets ``seconds`` as its own timeout instead."""
+    client in a test without gevent), or no time at all, is the socket's own timeout."""
 
     __slots__ = ("_loop", "_timer", "_seconds")
 
     def __init__(self, loop=None):
-        self._loop = loop if loop is not None else gevent.get_hub().loop
+        self._loop = loop   # (the hub's, when first needed)
         self._timer = None
         self._seconds = -1.0
 
     def recv(self, sock, n: int, seconds: float) -> bytes:
-        if not isinstance(sock, _GeventSocket):
+        if seconds <= 0 or not isinstance(sock, _GeventSocket):
             sock.settimeout(seconds)
             return sock.recv(n)
         if sock.timeout is not None:
@@ -60,6 +60,8 @@ class Deadline:
         if timer is None or seconds != self._seconds:
             if timer is not None:
                 timer.close()
+            if self._loop is None:
+                self._loop = gevent.get_hub().loop
             timer = self._timer = self._loop.timer(seconds, seconds)
             self._seconds = seconds
         timer.again(_time_out, gevent.getcurrent())
