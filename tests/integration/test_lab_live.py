@@ -31,7 +31,9 @@ def _replay_live(cfg, rp, trace, slo, tmp_path):
     engine's sleep status at the end."""
     base = f"http://127.0.0.1:{rp}"
     (tmp_path / "run").mkdir()
-    with supervised_stack(cfg, base, folder=str(tmp_path / "run")):
+    # (with a budget over the four, the router sleeps one as soon as they are up)
+    with supervised_stack(cfg, base, folder=str(tmp_path / "run"),
+                          up=("ready", "draining", "sleeping")):
         out = _kvrouter("bench", "trace", str(trace), "--base-url", base + "/v1",
                   "--slo-ttft-ms", f"{slo['slo_ttft'] * 1000:.3f}",
                   "--slo-tpot-ms", f"{slo['slo_tpot'] * 1000:.3f}",
