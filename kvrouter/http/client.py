@@ -336,16 +336,18 @@ class UpstreamPool:
                 sock, parser = self._dial(connect_timeout), _Parser()
             written = False
             try:
-                sock.settimeout(first_byte_timeout)
-                send_all(sock, payload)
+                send_all(sock, payload, first_byte_timeout)
                 if isinstance(body, StreamBody):
                     if body.started:   # its first pieces went on a connection that broke
                         raise UpstreamError("first_byte", "engine connection failed while "
                                             "the request body was sent")
+                    sock.settimeout(first_byte_timeout)
                     _send_body(sock, body)
                 written = True
+                wait = True   # (the engine cannot have answered yet)
                 while not parser.headers_done:
-                    data = parser.deadline.recv(sock, 65536, first_byte_timeout)
+                    data = parser.deadline.recv(sock, 65536, first_byte_timeout, wait)
+                    wait = False
                     if not data:
                         raise ConnectionResetError("closed before the response")
                     parser.feed(data)

@@ -73,7 +73,10 @@ class Connection:
         self._serving: Optional[Request] = None
         self.loop = gevent.get_hub().loop
         self.deadline = Deadline(self.loop)
-        self.watch_timer = self.loop.timer(WATCH_AFTER)   # started per request served
+        # armed per request served; repeating, so that ``again`` arms it for WATCH_AFTER
+        # every time (``start`` after it once fired would fire at once: libev keeps what
+        # was left of the period, 0, as the next one)
+        self.watch_timer = self.loop.timer(WATCH_AFTER, WATCH_AFTER)
 
     # --- httptools callbacks -------------------------------------------------------------
     def on_message_begin(self):
@@ -209,7 +212,7 @@ class Connection:
                     try:
                         if waiting:   # keep-alive: a read of the same length every time
                             self.idle[self] = self.loop.now()
-                            data = self.deadline.recv(sock, 65536, timeout)
+                            data = self.deadline.recv(sock, 65536, timeout, wait=True)
                         else:
                             sock.settimeout(timeout)
                             data = sock.recv(65536)
@@ -271,6 +274,10 @@ class Connection:
         """The handler has the whole body: from now on, watch for the client leaving."""
         if self.watcher is None and not self.closed:
             self._start_watch(gevent.getcurrent())
+
+    def _watch_due(self, target) -> None:
+        self.watch_timer.stop()   # (a repeating timer: once is enough)
+        self._start_watch(target)
 
     def _start_watch(self, target) -> None:
         if self.watcher is not None:
@@ -346,7 +353,7 @@ class Connection:
         # request then costs no extra syscalls (the watcher's read registers the socket),
         # and only the start and stop of the connection's libev timer, not a greenlet.
         timer = self.watch_timer
-        timer.start(self._start_watch, gevent.getcurrent())
+        timer.again(self._watch_due, gevent.getcurrent())
         resp = None
         try:
             try:
@@ -397,8 +404,8 @@ class Connection:
     def _write_fixed(self, req: Request, resp: Response, keep: bool) -> None:
         body = resp.body
         head = self._head(resp.status, resp.headers, keep, f"Content-Length: {len(body)}\r\n")
-        self.sock.settimeout(self.limits.write_timeout)
-        send_all(self.sock, head + body if req.method != "HEAD" else head)
+        send_all(self.sock, head + body if req.method != "HEAD" else head,
+                 self.limits.write_timeout)
 
     def _write_stream(self, req: Request, resp: StreamResponse, keep: bool) -> bool:
         sock = self.sock

@@ -179,6 +179,81 @@ def test_client_gone_while_handler_waits(server):
     s.close()
 
 
+def test_only_a_request_served_a_while_has_its_client_watched(monkeypatch):
+    """A request answered within WATCH_AFTER costs no watcher greenlet (nor its read of
+    the socket); one that runs longer gets one, the first time and every time after (the
+    connection's timer, once it fired, must still wait the whole period)."""
+    import gevent
+    import gevent.socket
+
+    from kvrouter.http.connection import WATCH_AFTER, Connection
+    from kvrouter.http.messages import Response
+    from kvrouter.http.server import HTTPServer
+
+    watched = []
+    real_watch = Connection._watch
+    monkeypatch.setattr(Connection, "_watch",
+                        lambda self, target: (watched.append(self.served),
+                                              real_watch(self, target)))
+
+    def handle(req):
+        # (each waits, as on an engine: the hub runs while it does)
+        gevent.sleep(WATCH_AFTER * 3 if req.path == "/slow" else 0.001)
+        return Response(200, [("Content-Type", "text/plain")], b"ok")
+
+    server = HTTPServer(("127.0.0.1", 0), handle)
+    server.start()
+    try:
+        s = gevent.socket.create_connection(server.address, timeout=5)
+        paths = ["/slow", "/fast", "/fast", "/fast", "/slow", "/fast", "/fast"]
+        for path in paths:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head, body, _ = read_response(s)
+            assert head.startswith(b"HTTP/1.1 200") and body == b"ok"
+            gevent.sleep(0.005)
+        s.close()
+    finally:
+        server.stop()
+    assert watched == [1, 5]   # the two slow requests, by their number on the connection
+
+
+def test_a_client_that_never_reads_its_answer_is_cut_at_the_write_timeout():
+    """A response bigger than the socket buffers to a client that reads nothing: the
+    server gives up after ``write_timeout`` and closes, and serves the next client."""
+    import gevent
+    import gevent.socket
+
+    from kvrouter.http.limits import ServerLimits
+    from kvrouter.http.messages import Response
+    from kvrouter.http.server import HTTPServer
+
+    big = b"x" * (64 * 1024 * 1024)
+    server = HTTPServer(("127.0.0.1", 0), lambda req: Response(
+        200, [("Content-Type", "text/plain")], big if req.path == "/big" else b"ok"),
+        limits=ServerLimits(write_timeout=0.3))
+    server.start()
+    try:
+        stuck = gevent.socket.create_connection(server.address)
+        stuck.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        gevent.sleep(1.5)               # reads nothing meanwhile
+        other = gevent.socket.create_connection(server.address, timeout=5)
+        other.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, body, _ = read_response(other)
+        assert head.startswith(b"HTTP/1.1 200") and body == b"ok"
+        other.close()
+        got, stuck_timeout = 0, gevent.Timeout(10)
+        with stuck_timeout:
+            while True:
+                data = stuck.recv(1 << 20)
+                if not data:
+                    break
+                got += len(data)
+        assert got < len(big)           # closed short: the rest was never sent
+        stuck.close()
+    finally:
+        server.stop()
+
+
 def test_idle_and_slow_header_clients_are_dropped(server):
     port, base = server
     idle = conn(port)

@@ -33,3 +33,20 @@ def test_a_plain_socket_is_timed_by_its_own_timeout():
     assert a.gettimeout() == 0.05
     a.close()
     b.close()
+
+
+def test_a_read_that_waits_first_gets_bytes_already_there_or_still_to_come():
+    a, b = gevent.socket.socketpair()
+    deadline = Deadline()
+    b.sendall(b"there")
+    assert deadline.recv(a, 100, 1.0, wait=True) == b"there"
+    gevent.spawn_later(0.05, b.sendall, b"later")
+    assert deadline.recv(a, 100, 1.0, wait=True) == b"later"
+    with pytest.raises(socket.timeout):
+        deadline.recv(a, 100, 0.05, wait=True)
+    b.close()
+    assert deadline.recv(a, 100, 1.0, wait=True) == b""   # the peer's EOF
+    a.close()
+    with pytest.raises(OSError):
+        deadline.recv(a, 100, 1.0, wait=True)          # (not a gevent usage error)
+    deadline.close()
