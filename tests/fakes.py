@@ -139,14 +139,16 @@ class MockPool:
     def __init__(self, handler):
         self.handler = handler
         self.requests = []
+        self.whole = []      # per request: its answer is not streamed (asked of the pool)
         self.dead = False    # its engine's port refuses connections
 
     def refuses(self, timeout=0.5):
         return self.dead
 
     def request(self, method, path, headers, body=b"", connect_timeout=5.0,
-                first_byte_timeout=600.0, idle_timeout=300.0):
+                first_byte_timeout=600.0, idle_timeout=300.0, whole=False):
         self.requests.append((method, path, dict(headers), body))
+        self.whole.append(whole)
         out = self.handler(method, path, headers, body)
         if isinstance(out, BaseException):
             raise out

@@ -309,9 +309,14 @@ class UpstreamPool:
     def request(self, method: str, path: str, headers: Dict[str, str],
                 body: Union[bytes, StreamBody] = b"", connect_timeout: float = 5.0,
                 first_byte_timeout: float = 600.0,
-                idle_timeout: float = 300.0) -> UpstreamResponse:
+                idle_timeout: float = 300.0, whole: bool = False) -> UpstreamResponse:
         """``body``: bytes, or a StreamBody sent as it is read (Content-Length when its
-        length is known, else chunked)."""
+        length is known, else chunked). ``whole``: the answer is not streamed, so nothing
+        of it can come before the engine has generated all of it: the first read waits for
+        the socket before reading (one read that finds nothing saved: +10% non-streamed
+        req/s at c=32). A streamed answer is read first, as gevent does: waiting first
+        measured 10% fewer events/s on streams, for no cause found (it almost never finds
+        bytes there: 4-8% of first reads under load)."""
         lines = [f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"]
         for k, v in headers.items():
             lines.append(f"{k}: {v}\r\n")
@@ -344,7 +349,7 @@ class UpstreamPool:
                     sock.settimeout(first_byte_timeout)
                     _send_body(sock, body)
                 written = True
-                wait = True   # (the engine cannot have answered yet)
+                wait = whole
                 while not parser.headers_done:
                     data = parser.deadline.recv(sock, 65536, first_byte_timeout, wait)
                     wait = False

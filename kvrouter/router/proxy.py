@@ -96,6 +96,11 @@ def _json(data: bytes):
     return json.loads(data)
 
 
+def answered_whole(body) -> bool:
+    """A request whose answer is not streamed (``stream`` absent or false)."""
+    return isinstance(body, dict) and body.get("stream") not in (True, "true")
+
+
 def _shaped(req: Request, resp: Response) -> Response:
     """An error on /v1/messages in the shape Anthropic's clients parse."""
     if resp.status >= 400 and anthropic_path(req.path):
@@ -170,9 +175,11 @@ class Proxy:
                 logs.ACCESS.write(f"{req.method} {req.path} model=- status={err.status} "
                                   f"rid=- outcome=unrouted ({err.code or err.type})")
             return _shaped(req, error_response(err))
+        whole = answered_whole(body)
         if len(group.entries) == 1:   # the common case: no replica to choose
-            return self._run(req, group, payload)
-        return self._run(req, group, payload, key=self.route_key(group, req, body))
+            return self._run(req, group, payload, whole=whole)
+        return self._run(req, group, payload, key=self.route_key(group, req, body),
+                         whole=whole)
 
     def route_key(self, group: ModelGroup, req: Request, body) -> RouteKey:
         """What the model's routing policy needs of the request (nothing for most)."""
@@ -212,8 +219,9 @@ class Proxy:
 
     def _run(self, req: Request, group: ModelGroup, payload: Union[bytes, StreamBody],
              target: Optional[str] = None, key: RouteKey = EMPTY,
-             pinned: Optional[ModelEntry] = None):
-        """``pinned``: the one replica that may serve it (a response id's)."""
+             pinned: Optional[ModelEntry] = None, whole: bool = False):
+        """``pinned``: the one replica that may serve it (a response id's); ``whole``: its
+        answer is not streamed (``UpstreamPool.request``)."""
         rid = req.headers.get("x-request-id") or request_id.new()
         entries = group.entries
         if pinned is not None or len(entries) == 1:
@@ -225,7 +233,7 @@ class Proxy:
             self.controller.scale(group, self.chooser)
         try:
             resp = self._forward(req, group, entry, payload, rid, rec, target, key,
-                                 pinned is not None)
+                                 pinned is not None, whole)
         except ClientGone:
             self.traffic.end(rec, "disconnect")
             self.access(req, group.model, 499, 0, rec, rid)
@@ -302,7 +310,7 @@ class Proxy:
         return None, waited
 
     def _forward(self, req, group, entry, payload, rid, rec, target=None, key=EMPTY,
-                 pinned=False):
+                 pinned=False, whole=False):
         """``target``: a passthrough's path on the engine (its content type and error
         bodies kept as they are). Until a byte reached the engine, or while an engine
         answers an error that another replica may not, the request may go to another
@@ -339,7 +347,7 @@ class Proxy:
                     self.traffic.move(rec, entry.name)
             try:
                 resp = self.pool_for(entry).request(req.method, path, headers, payload,
-                                                    connect, first_byte, idle)
+                                                    connect, first_byte, idle, whole)
             except UpstreamTimeout as err:
                 chooser.outcome(group, entry, False, "timeout")
                 self.traffic.end(rec, "timeout")

@@ -38,7 +38,7 @@ from kvrouter.http.websocket import is_upgrade
 from kvrouter.ports import EXIT_NO_PORT, cannot_listen
 from kvrouter.router.errors import error_response
 from kvrouter.router.listening import SECRET_HEADER, reuseport_listener, router_http_server
-from kvrouter.router.proxy import Proxy
+from kvrouter.router.proxy import Proxy, answered_whole
 from kvrouter.router.realtime import REALTIME_PATH, forward_upgrade
 from kvrouter.router.routes import RouteTable, model_route
 from kvrouter.router.shared import SharedState
@@ -201,7 +201,8 @@ class Worker:
             # so a sleep never starts under a request a worker let through
             if any(self.shared.ready(e.name) for e in group.entries):
                 return self.proxy._run(req, group, payload,
-                                       key=self.proxy.route_key(group, req, body))
+                                       key=self.proxy.route_key(group, req, body),
+                                       whole=answered_whole(body))
             if len(group.entries) > 1:
                 self.gate.scale(group)
         return self.forward(req)

@@ -66,6 +66,16 @@ def test_alias_is_rewritten_to_the_engine_name_and_other_names_pass_unchanged():
     assert sent == {"model": "a-up", "prompt": "x"}
 
 
+def test_the_pool_is_told_which_answers_come_whole():
+    """Only a request that asks for no stream has its answer waited for before the first
+    read (the pool's ``whole``); a stream, or a body the router does not read, is read first."""
+    proxy, pools, _, _ = make(lambda *a: ok())
+    for body in ({"model": "org/b", "prompt": "x"}, {"model": "org/b", "stream": False},
+                 {"model": "org/b", "stream": True}):
+        assert proxy.handle(request(body)).status == 200
+    assert pools["org/b"].whole == [True, True, False]
+
+
 def test_connection_refused_waits_for_readiness_and_sends_once_more():
     answers = [UpstreamError("connect", "cannot connect: refused"), ok()]
     proxy, pools, traffic, gate = make(lambda *a: answers.pop(0))
