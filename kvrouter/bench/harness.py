@@ -22,8 +22,6 @@ from typing import Callable, Optional, Tuple  # noqa: E402
 import gevent  # noqa: E402
 import httptools  # noqa: E402
 
-from kvrouter.http.sse import SSEDecoder  # noqa: E402
-
 PY = sys.executable
 
 
@@ -204,19 +202,29 @@ def save_results(path: str, results: dict, text: str) -> None:
 
 # --- streams -----------------------------------------------------------------------------------
 class _EventCounter:
-    """httptools callbacks: de-chunk the body and count its SSE events ([DONE] apart)."""
+    """httptools callbacks: count the de-chunked body's SSE events ([DONE] apart) by the
+    blank lines that end them, in C (``bytes.count``). The load tool must cost less than
+    what it measures: decoding each event in Python made it the bottleneck of the bursty
+    rows (direct 5.2k streams/s, one router process 4.6k). The bench's engines and
+    backends end events with ``\\n\\n``."""
 
     def __init__(self):
-        self.decoder = SSEDecoder()
-        self.events = 0
+        self.ends = 0
+        self.tail = b""
+        self.finished = False   # [DONE] seen
         self.done = False
 
     def on_body(self, data: bytes) -> None:
-        for event in self.decoder.feed(data):
-            if event.data == "[DONE]":
-                self.done = True
-            else:
-                self.events += 1
+        self.ends += data.count(b"\n\n")
+        if self.tail.endswith(b"\n") and data.startswith(b"\n"):
+            self.ends += 1      # a blank line split between two reads
+        if not self.finished and b"[DONE]" in self.tail[-8:] + data:
+            self.finished = self.done = True
+        self.tail = data[-8:]
+
+    @property
+    def events(self) -> int:
+        return self.ends - (1 if self.finished else 0)
 
     def on_message_complete(self) -> None:
         self.done = True

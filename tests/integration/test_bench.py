@@ -153,3 +153,37 @@ def test_the_upload_benchmark_runs_and_reports_time_and_memory():
     assert figures["direct_s"] > 0 and figures["router_s"] > 0
     assert figures["router_hwm_after_mb"] >= figures["router_rss_rest_mb"] > 0
     assert "2 MB upload (median of 1)" in out.stdout
+
+
+COUNT_STREAMS = r"""
+import json, sys
+from kvrouter.bench import harness
+port, tokens = int(sys.argv[1]), int(sys.argv[2])
+body = json.dumps({"model": "m", "prompt": "x", "max_tokens": tokens, "stream": True,
+                   "ignore_eos": True}).encode()
+r = harness.sse_streams(port, 2, streams_each=3, expect_events=tokens, body=body)
+whole = b"".join(b'data: {"n": %d}\n\n' % i for i in range(tokens)) + b"data: [DONE]\n\n"
+split = []
+for cut in range(1, len(whole)):    # every place a read can end
+    c = harness._EventCounter()
+    c.on_body(whole[:cut])
+    c.on_body(whole[cut:])
+    split.append((c.events, c.done))
+print(json.dumps({"run": r, "split": sorted(set(map(tuple, split)))}))
+"""
+
+
+def test_the_stream_load_counts_every_event_wherever_reads_split_them():
+    """``make bench``'s stream load counts events in C by their blank lines: as many as the
+    engine sent, [DONE] apart, however the reads cut the body."""
+    eng = SimEngine("vllm", model="m", args=["--ttft-ms", "1", "--itl-ms", "1"])
+    try:
+        out = subprocess.run([PY, "-c", COUNT_STREAMS, str(eng.port), "12"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got = json.loads(out.stdout)
+        assert got["run"]["streams"] == 6 and got["run"]["errors"] == 0
+        assert got["run"]["events_per_s"] > 0
+        assert got["split"] == [[12, True]]
+    finally:
+        eng.stop()
