@@ -120,6 +120,12 @@ class FakeResponse:
                 return v
         return default
 
+    def at_hand(self):
+        return False
+
+    def complete(self):
+        return False
+
     def chunks(self):
         yield from self._chunks
         if self.fail_after is not None:

@@ -109,6 +109,14 @@ class UpstreamResponse:
                 return v
         return default
 
+    def at_hand(self) -> bool:
+        """Body bytes came with the head: the first of ``chunks()`` needs no read."""
+        return bool(self.parser.body)
+
+    def complete(self) -> bool:
+        """The whole response is read (so the piece ``chunks()`` gave last is its last)."""
+        return self.parser.complete
+
     def chunks(self) -> Iterator[bytes]:
         """Body bytes as they arrive. Raises UpstreamError if the engine breaks off."""
         parser = self.parser

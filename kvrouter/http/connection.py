@@ -415,18 +415,29 @@ class Connection:
             keep = False
         head = self._head(resp.status, resp.headers, keep,
                           "Transfer-Encoding: chunked\r\n" if chunked else "")
-        send_all(sock, head)
         if req.method == "HEAD":
+            send_all(sock, head)
             return keep
+        pending = head   # sent with the first piece when that is at hand, else now
+        if not resp.first_ready:
+            send_all(sock, head)
+            pending = b""
+        ended = resp.ended
+        terminated = not chunked
         for chunk in resp.chunks:
             if not chunk:
                 continue
             if chunked:
-                send_all(sock, b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                out = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+                if ended is not None and ended():   # the last piece: the body's end with it
+                    out += b"0\r\n\r\n"
+                    terminated = True
             else:
-                send_all(sock, chunk)
-        if chunked:
-            send_all(sock, b"0\r\n\r\n")
+                out = chunk
+            send_all(sock, pending + out if pending else out)
+            pending = b""
+        if pending or not terminated:
+            send_all(sock, pending + (b"" if terminated else b"0\r\n\r\n"))
         return keep
 
     def _send_error(self, err: ApiError) -> None:

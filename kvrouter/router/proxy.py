@@ -434,7 +434,7 @@ class Proxy:
         return StreamResponse(resp.status, out_headers, self._relay(
             req, rid, resp, rec, entry, track_id=req.path == "/v1/responses",
             sse=target is None or (resp.header("content-type") or "").startswith(
-                "text/event-stream")))
+                "text/event-stream")), resp.at_hand(), resp.complete)
 
     def _relay(self, req, rid, resp, rec, entry, track_id=False, sse=True):
         outcome = "disconnect"
