@@ -218,8 +218,8 @@ class _EventCounter:
         self.ends += data.count(b"\n\n")
         if self.tail.endswith(b"\n") and data.startswith(b"\n"):
             self.ends += 1      # a blank line split between two reads
-        if not self.finished and b"[DONE]" in self.tail[-8:] + data:
-            self.finished = self.done = True
+        if not self.finished and (b"[DONE]" in data or b"[DONE]" in self.tail + data[:8]):
+            self.finished = self.done = True   # (the second: one split between two reads)
         self.tail = data[-8:]
 
     @property
