@@ -363,8 +363,7 @@ class Proxy:
                 self.controller.upstream_failed(entry, str(err))
                 chooser.outcome(group, entry, False, str(err))
                 resendable = not (isinstance(payload, StreamBody) and payload.started)
-                if err.phase == "connect" or several and resendable and \
-                        self.pool_for(entry).refuses():
+                if err.phase == "connect" or resendable and self.pool_for(entry).refuses():
                     # Nothing reached the engine (it died or is restarting), or the engine
                     # that had it is gone (so is all it did with it): another replica, else
                     # wait until this one is ready again, bounded like any wait, and send

@@ -85,6 +85,19 @@ def test_connection_refused_waits_for_readiness_and_sends_once_more():
     assert traffic.models["org/a"].outcomes["success"] == 1
 
 
+def test_a_request_whose_engine_died_with_it_waits_for_the_restart_and_is_sent_once_more():
+    """The engine's connection broke after the request was written, and its port refuses
+    now: the process is gone with all it read (a request that came as it was killed), so
+    the request waits until the engine is ready again and is sent once more."""
+    answers = [UpstreamError("first_byte", "engine connection failed: closed"), ok()]
+    proxy, pools, traffic, gate = make(lambda *a: answers.pop(0))
+    pools["org/a"].dead = True
+    resp = proxy.handle(request({"model": "org/a", "prompt": "x"}))
+    assert resp.status == 200 and len(pools["org/a"].requests) == 2
+    assert gate.ready_calls == 2
+    assert traffic.models["org/a"].outcomes["success"] == 1
+
+
 def test_a_request_the_engine_may_have_read_is_never_sent_twice():
     proxy, pools, traffic, gate = make(
         lambda *a: UpstreamError("first_byte", "engine connection failed: reset"))
